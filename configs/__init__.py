@@ -1,0 +1,1 @@
+"""ml-collections config files, one `get_config()` each."""

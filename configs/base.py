@@ -1,0 +1,86 @@
+"""Defaults for every config key; variants import this and override a few fields.
+
+Every key is documented where it is declared. `lock_config=True` in the scripts makes an
+unknown key (for example a typo on the command line) an error that names it.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = 'base'  # Shown in logs; the default workdir is runs/<name>.
+  c.workdir = 'runs/base'  # Run folder: config, tokenizer, metrics, checkpoints, tb.
+  c.seed = 0  # Seeds parameter init, dropout and data order.
+  c.steps = 1000  # Optimizer steps to train for.
+  c.batch_size = 8  # Global batch, in sequences (summed over all hosts and devices).
+  c.seq_len = 128  # Tokens per sequence fed to the model.
+  c.log_every = 10  # Steps between metric lines on stdout and in metrics.jsonl.
+  c.eval_every = 0  # Steps between held-out evaluations; 0 = only at the end.
+  c.eval_batches = 4  # Held-out batches per evaluation.
+  c.checkpoint_every = 500  # Steps between checkpoints (one is always written at the end).
+  c.keep_checkpoints = 2  # How many recent checkpoints to keep.
+  c.init_from = ''  # A run folder or checkpoint to fine-tune from; empty = none.
+
+  # Device mesh. The product must equal the number of devices; -1 takes what remains.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Pure data parallelism (parameters replicated).
+  c.mesh.fsdp = 1  # Data parallelism with parameters and optimizer state sharded.
+  c.mesh.tensor = 1  # Tensor (model) parallelism over heads, MLP width and vocab.
+  # Logical axis name -> mesh axes. A dimension that a mesh axis does not divide is
+  # replicated over that axis instead of failing.
+  c.mesh.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('embed', 'fsdp'),
+      ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),
+      ('mlp', 'tensor'),
+      ('vocab', 'tensor'),
+      ('length', None),
+      ('head_dim', None),
+      ('layers', None),
+  )
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 4096  # Must be >= the tokenizer's vocabulary.
+  c.model.d_model = 256  # Residual stream width.
+  c.model.num_layers = 4  # Transformer blocks.
+  c.model.num_heads = 8  # Query heads.
+  c.model.num_kv_heads = 4  # Key/value heads (grouped-query); must divide num_heads.
+  c.model.head_dim = 0  # Per-head width; 0 = d_model // num_heads.
+  c.model.d_ff = 768  # SwiGLU hidden width.
+  c.model.dtype = 'float32'  # Compute dtype (bfloat16 on accelerators).
+  c.model.param_dtype = 'float32'  # Storage dtype of parameters and optimizer state.
+  c.model.tie_embeddings = True  # Output head reuses the token embedding.
+  c.model.dropout = 0.0  # Dropout on attention and MLP outputs.
+  c.model.remat = False  # Recompute block activations in the backward pass.
+  c.model.remat_policy = 'nothing_saveable'  # A jax.checkpoint_policies name.
+  c.model.scan_layers = False  # One compiled block scanned over layers (fast compile).
+  c.model.rope_theta = 10000.0  # RoPE base frequency.
+  c.model.norm_eps = 1e-5  # RMSNorm epsilon.
+  c.model.attention = 'auto'  # 'auto' (cuDNN on GPU in 16-bit, else XLA), 'xla', 'cudnn'.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 3e-3  # Peak learning rate.
+  c.optimizer.min_lr = 3e-4  # Final learning rate of the cosine / WSD decay.
+  c.optimizer.warmup_steps = 50  # Linear warmup from 0.
+  c.optimizer.schedule = 'cosine'  # 'cosine' | 'wsd' | 'constant'.
+  c.optimizer.decay_fraction = 0.2  # WSD: fraction of steps spent decaying at the end.
+  c.optimizer.weight_decay = 0.1  # AdamW decay, applied to matrices and embeddings only.
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.clip_norm = 1.0  # Global gradient-norm clip; 0 = off.
+  c.optimizer.grad_accum = 1  # Micro-batches per step (the batch is split, not grown).
+  c.optimizer.z_loss = 0.0  # Weight of the log(Z)^2 auxiliary loss (PaLM uses 1e-4).
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'stdlib'  # 'stdlib' | 'files' | 'hub'.
+  c.data.files = ''  # 'files': comma-separated globs of .txt/.jsonl/.jsonl.gz/.parquet.
+  c.data.name = ''  # 'hub': dataset name for datasets.load_dataset(streaming=True).
+  c.data.config_name = ''  # 'hub': dataset config (subset), if any.
+  c.data.split = 'train'  # 'hub': split to stream.
+  c.data.text_key = 'text'  # Column holding the text (jsonl, parquet, hub).
+  c.data.tokenizer = ''  # sentencepiece model path; empty = train one into the run folder.
+  c.data.eval_fraction = 0.01  # Share of documents held out (stable hash of their key).
+  return c

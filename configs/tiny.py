@@ -1,0 +1,18 @@
+"""A few-million-parameter model that trains in minutes on a 2-core CPU."""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = base.get_config()
+  c.name = 'tiny'
+  c.workdir = 'runs/tiny'
+  c.steps = 300
+  c.batch_size = 8
+  c.seq_len = 128
+  c.log_every = 25
+  c.eval_every = 100
+  c.checkpoint_every = 100
+  return c

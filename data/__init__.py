@@ -1,0 +1,22 @@
+"""Input pipeline: sources, tokenizer, packing, per-host sharding, resumable state.
+
+This package never imports jax or flax: it hands out numpy batches, and its state is a
+small JSON-able dict that the trainer stores next to its checkpoints.
+"""
+
+from data.config import DataConfig
+from data.packing import Packer
+from data.pipeline import TrainBatches, eval_batches
+from data.tokenizer import Tokenizer, check_vocab, load_or_train, train_tokenizer, training_texts
+
+__all__ = [
+    'DataConfig',
+    'Packer',
+    'TrainBatches',
+    'Tokenizer',
+    'check_vocab',
+    'eval_batches',
+    'load_or_train',
+    'train_tokenizer',
+    'training_texts',
+]

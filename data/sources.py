@@ -1,0 +1,247 @@
+"""Document sources: deterministic streams of (key, text), resumable from a Position.
+
+A source is a list of shards (a stdlib file, a data file, a hub split), each a sequence
+of rows. A `Position` (epoch, shard, row) names one document, so resuming re-opens one
+shard and skips rows in it instead of replaying the whole stream.
+"""
+
+import dataclasses
+import glob
+import hashlib
+import os
+import pathlib
+import tempfile
+from typing import Any, Iterator
+
+import datasets
+
+from data import stdlib
+from data.config import DataConfig
+
+# File suffix -> `datasets` packaged builder. Compressed files are read on the fly.
+_BUILDERS = (
+    ('.jsonl.gz', 'json'),
+    ('.jsonl', 'json'),
+    ('.json.gz', 'json'),
+    ('.json', 'json'),
+    ('.parquet', 'parquet'),
+    ('.txt.gz', 'text'),
+    ('.txt', 'text'),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+  """Where a document sits in the stream; resuming from it yields that document first."""
+
+  epoch: int = 0
+  shard: int = 0  # Index into this epoch's shard order.
+  row: int = 0  # Row within that shard.
+  index: int = 0  # Documents before this one in the epoch (all hosts, held-out included).
+
+  def next(self) -> 'Position':
+    """The row after this one; past a shard's end, reading moves on to the next shard."""
+    return dataclasses.replace(self, row=self.row + 1, index=self.index + 1)
+
+  def to_dict(self) -> dict[str, int]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'Position':
+    return cls(**{f.name: int(d[f.name]) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  position: Position
+  key: str  # Stable name; the held-out split hashes it.
+  text: str
+
+
+class Source:
+  """A fixed list of shards; `rows` streams one shard's (key, text) from a row."""
+
+  shard_names: tuple[str, ...] = ()
+
+  def rows(self, shard: int, start: int) -> Iterator[tuple[str, str]]:
+    raise NotImplementedError
+
+
+class StdlibSource(Source):
+  """One document per standard-library file; the key is its relative path."""
+
+  def __init__(self, root: str | None = None):
+    self._root = root or stdlib.stdlib_root()
+    self.shard_names = stdlib.list_files(self._root)
+
+  def rows(self, shard: int, start: int) -> Iterator[tuple[str, str]]:
+    if start == 0:
+      name = self.shard_names[shard]
+      yield name, stdlib.read(name, self._root)
+
+
+class FileSource(Source):
+  """Local .txt/.jsonl(.gz)/.parquet files, read through `datasets` streaming.
+
+  A .txt file yields one document per paragraph (blank-line separated), so a single
+  large text file still has documents to hold out. The key of a row is
+  '<file>:<row>', with <file> relative to the glob's fixed leading folders, so the
+  held-out split does not change when the data moves or the working directory does.
+  """
+
+  def __init__(self, files: str, text_key: str):
+    self._text_key = text_key
+    self._files = resolve_files(files)
+    self.shard_names = tuple(name for name, _ in self._files)
+
+  def rows(self, shard: int, start: int) -> Iterator[tuple[str, str]]:
+    name, path = self._files[shard]
+    builder = _builder(path)
+    kwargs = {'sample_by': 'paragraph', 'encoding_errors': 'replace'} if builder == 'text' else {}
+    _quiet()
+    ds = datasets.load_dataset(
+        builder, data_files=[path], split='train', streaming=True,
+        cache_dir=_local_cache_dir(), **kwargs)
+    text_key = 'text' if builder == 'text' else self._text_key
+    yield from _rows(ds, text_key, start, name, path)
+
+
+class HubSource(Source):
+  """A dataset split streamed by `datasets.load_dataset(name, config, split=...)`."""
+
+  def __init__(self, name: str, config_name: str, split: str, text_key: str):
+    self._name, self._config_name = name, config_name or None
+    self._split, self._text_key = split, text_key
+    self.shard_names = (name,)
+
+  def rows(self, shard: int, start: int) -> Iterator[tuple[str, str]]:
+    _quiet()
+    try:
+      ds = datasets.load_dataset(
+          self._name, self._config_name, split=self._split, streaming=True)
+    except Exception as e:  # The hub raises many types; the user needs one line.
+      raise ValueError(
+          f'data.name: cannot stream {self._name!r} (config {self._config_name!r}, '
+          f'split {self._split!r}): {type(e).__name__}: {e}') from e
+    yield from _rows(ds, self._text_key, start, self._name, f'dataset {self._name!r}')
+
+
+def open_source(cfg: DataConfig) -> Source:
+  cfg.validate()
+  if cfg.source == 'stdlib':
+    return StdlibSource()
+  if cfg.source == 'files':
+    return FileSource(cfg.files, cfg.text_key)
+  return HubSource(cfg.name, cfg.config_name, cfg.split, cfg.text_key)
+
+
+def shard_order(source: Source, epoch: int, seed: int | None) -> list[int]:
+  """The order shards are read in an epoch: as listed, or shuffled per (seed, epoch).
+
+  Sorting by a digest of the name keeps the order stable across numpy versions and
+  independent of which other shards exist.
+  """
+  n = len(source.shard_names)
+  if seed is None:
+    return list(range(n))
+
+  def rank(i: int) -> bytes:
+    msg = f'{seed}:{epoch}:{source.shard_names[i]}'.encode('utf-8')
+    return hashlib.blake2b(msg, digest_size=16).digest()
+
+  return sorted(range(n), key=rank)
+
+
+def documents(
+    source: Source,
+    start: Position = Position(),
+    *,
+    repeat: bool,
+    seed: int | None = None,
+) -> Iterator[Document]:
+  """Every document from `start` on; with `repeat`, epochs follow each other forever."""
+  pos = start
+  while True:
+    order = shard_order(source, pos.epoch, seed)
+    index = pos.index
+    for s in range(pos.shard, len(order)):
+      first_row = pos.row if s == pos.shard else 0
+      for row, (key, text) in enumerate(source.rows(order[s], first_row), first_row):
+        yield Document(Position(pos.epoch, s, row, index), key, text)
+        index += 1
+    if not repeat:
+      return
+    if index == 0:  # A whole epoch without a document: repeating would spin forever.
+      raise ValueError('the data source holds no documents (check data.source and data.files)')
+    pos = Position(epoch=pos.epoch + 1)
+
+
+def shard_name(source: Source, pos: Position, seed: int | None) -> str:
+  """The name of the shard `pos` points into ('' past the last shard)."""
+  order = shard_order(source, pos.epoch, seed)
+  return source.shard_names[order[pos.shard]] if pos.shard < len(order) else ''
+
+
+def resolve_files(spec: str) -> list[tuple[str, str]]:
+  """(name, absolute path) of every file the comma-separated globs match, sorted by name."""
+  by_path: dict[str, str] = {}
+  for pattern in [p.strip() for p in spec.split(',') if p.strip()]:
+    expanded = os.path.expanduser(pattern)
+    matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+    if not matches:
+      raise ValueError(f'data.files: glob {pattern!r} matched no files')
+    base = _glob_base(expanded)
+    for path in matches:
+      if _builder(path) is None:
+        suffixes = ', '.join(s for s, _ in _BUILDERS)
+        raise ValueError(f'data.files: {path} is not one of {suffixes}')
+      name = pathlib.Path(os.path.relpath(path, base)).as_posix()
+      by_path.setdefault(os.path.abspath(path), name)
+  return sorted((name, path) for path, name in by_path.items())
+
+
+def _glob_base(pattern: str) -> str:
+  """The leading folders of a glob that hold no wildcard (a plain path: its folder)."""
+  parts = pathlib.PurePath(pattern).parts
+  fixed = []
+  for part in parts:
+    if any(c in part for c in '*?['):
+      break
+    fixed.append(part)
+  if len(fixed) == len(parts):
+    fixed = fixed[:-1]
+  return os.path.join(*fixed) if fixed else '.'
+
+
+def _builder(path: str) -> str | None:
+  for suffix, builder in _BUILDERS:
+    if path.endswith(suffix):
+      return builder
+  return None
+
+
+def _rows(ds: Any, text_key: str, start: int, name: str, label: str) -> Iterator[tuple[str, str]]:
+  if start:
+    ds = ds.skip(start)
+  for row, example in enumerate(ds, start):
+    if text_key not in example:
+      raise ValueError(
+          f'data.text_key: column {text_key!r} not found in {label} '
+          f'(columns: {", ".join(sorted(example))})')
+    text = example[text_key]
+    if text is None:
+      text = ''
+    elif not isinstance(text, str):
+      raise ValueError(
+          f'data.text_key: column {text_key!r} in {label} holds '
+          f'{type(text).__name__}, not text')
+    yield f'{name}:{row}', text
+
+
+def _local_cache_dir() -> str:
+  # Streaming local files only leaves lock files behind; keep them out of ~ and the repo.
+  return os.path.join(tempfile.gettempdir(), 'lm-data-datasets-cache')
+
+
+def _quiet() -> None:
+  datasets.disable_progress_bars()

@@ -1,0 +1,1 @@
+"""A Llama-style decoder-only Transformer, its sharding, optimizer and training loop."""

@@ -1,0 +1,263 @@
+"""A Llama-style decoder-only Transformer in Flax Linen.
+
+Pre-RMSNorm blocks of causal self-attention (RoPE, grouped-query heads) and a SwiGLU MLP.
+Tensor names carry their shapes so each einsum can be checked by eye:
+  B batch, T length (queries), S length (keys), D d_model, N query heads, K kv heads,
+  G = N // K query heads per kv head, H head_dim, F d_ff, V vocab, L layers.
+Every parameter and main activation carries logical axis names; `lm/sharding.py` maps
+them onto the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.sharding import AxisRules, constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 4096
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 8
+  num_kv_heads: int = 4
+  head_dim: int = 0  # 0 = d_model // num_heads
+  d_ff: int = 768
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  tie_embeddings: bool = True
+  dropout: float = 0.0
+  remat: bool = False
+  remat_policy: str = 'nothing_saveable'
+  scan_layers: bool = False
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  attention: str = 'auto'
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+    cfg = cls(**dict(d))
+    cfg.validate()
+    return cfg
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  def validate(self) -> None:
+    def bad(key, why):
+      raise ValueError(f'model.{key}: {why}')
+
+    for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'd_ff'):
+      if getattr(self, key) <= 0:
+        bad(key, f'must be positive, got {getattr(self, key)}')
+    if self.num_heads % self.num_kv_heads:
+      bad('num_kv_heads', f'{self.num_kv_heads} does not divide num_heads={self.num_heads}')
+    if not self.head_dim and self.d_model % self.num_heads:
+      bad('num_heads', f'{self.num_heads} does not divide d_model={self.d_model}')
+    if self.head_size % 2:
+      bad('head_dim', f'RoPE needs an even head size, got {self.head_size}')
+    for key in ('dtype', 'param_dtype'):
+      if getattr(self, key) not in ('float32', 'bfloat16', 'float16'):
+        bad(key, f'expected float32, bfloat16 or float16, got {getattr(self, key)!r}')
+    if self.attention not in ('auto', 'xla', 'cudnn'):
+      bad('attention', f"expected 'auto', 'xla' or 'cudnn', got {self.attention!r}")
+    if not 0.0 <= self.dropout < 1.0:
+      bad('dropout', f'must be in [0, 1), got {self.dropout}')
+    if not hasattr(jax.checkpoint_policies, self.remat_policy):
+      bad('remat_policy', f'unknown jax.checkpoint_policies name {self.remat_policy!r}')
+
+
+def _init(names: tuple[str, ...], scale: float = 1.0, *, ones: bool = False):
+  """A logically-partitioned initialiser: N(0, scale^2 / fan_in) or ones."""
+  if ones:
+    base = nn.initializers.ones_init()
+  else:
+    base = nn.initializers.variance_scaling(scale, 'fan_in', 'truncated_normal')
+  return nn.with_logical_partitioning(base, names)
+
+
+def _dense_init(names: tuple[str, ...], fan_in_axes: tuple[int, ...], scale: float = 1.0):
+  base = nn.initializers.variance_scaling(
+      scale, 'fan_in', 'truncated_normal', in_axis=fan_in_axes,
+      out_axis=tuple(i for i in range(len(names)) if i not in fan_in_axes))
+  return nn.with_logical_partitioning(base, names)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    scale_D = self.param('scale', _init(('embed',), ones=True), (x_BxTxD.shape[-1],),
+                         self.param_dtype)
+    # Statistics in float32: bf16 mean-of-squares loses too much precision.
+    x = x_BxTxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * scale_D.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the rotate-half layout (the one Hugging Face Llama uses)."""
+  h = x_BxTxNxH.shape[-1]
+  freq_h = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angle_BxTxh = positions_BxT[..., None].astype(jnp.float32) * freq_h
+  sin = jnp.sin(angle_BxTxh)[:, :, None, :]
+  cos = jnp.cos(angle_BxTxh)[:, :, None, :]
+  x = x_BxTxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+def attention_impl(setting: str, dtype: Any) -> str | None:
+  """cuDNN flash attention where it applies (GPU, 16-bit), XLA otherwise."""
+  if setting != 'auto':
+    return setting
+  on_gpu = jax.default_backend() == 'gpu'
+  return 'cudnn' if on_gpu and jnp.dtype(dtype).itemsize == 2 else 'xla'
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  rules: AxisRules | None
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    c = self.cfg
+    D, N, K, H = c.d_model, c.num_heads, c.num_kv_heads, c.head_size
+    dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    w_q_DxNxH = self.param('q', _dense_init(('embed', 'heads', 'head_dim'), (0,)), (D, N, H), pdt)
+    w_k_DxKxH = self.param('k', _dense_init(('embed', 'kv_heads', 'head_dim'), (0,)), (D, K, H), pdt)
+    w_v_DxKxH = self.param('v', _dense_init(('embed', 'kv_heads', 'head_dim'), (0,)), (D, K, H), pdt)
+    # Output projections start small so each residual branch begins near identity.
+    out_scale = 1.0 / (2 * c.num_layers)
+    w_o_NxHxD = self.param('o', _dense_init(('heads', 'head_dim', 'embed'), (0, 1), out_scale),
+                           (N, H, D), pdt)
+
+    q_BxTxNxH = jnp.einsum('btd,dnh->btnh', x_BxTxD, w_q_DxNxH.astype(dt))
+    k_BxSxKxH = jnp.einsum('bsd,dkh->bskh', x_BxTxD, w_k_DxKxH.astype(dt))
+    v_BxSxKxH = jnp.einsum('bsd,dkh->bskh', x_BxTxD, w_v_DxKxH.astype(dt))
+    q_BxTxNxH = constrain(q_BxTxNxH, ('batch', 'length', 'heads', 'head_dim'), self.rules)
+    k_BxSxKxH = constrain(k_BxSxKxH, ('batch', 'length', 'kv_heads', 'head_dim'), self.rules)
+    v_BxSxKxH = constrain(v_BxSxKxH, ('batch', 'length', 'kv_heads', 'head_dim'), self.rules)
+    q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, c.rope_theta)
+    k_BxSxKxH = rope(k_BxSxKxH, positions_BxT, c.rope_theta)
+
+    # Grouped-query attention is native here: K kv heads serve N query heads.
+    out_BxTxNxH = jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True,
+        implementation=attention_impl(c.attention, dt))
+    out_BxTxNxH = constrain(out_BxTxNxH, ('batch', 'length', 'heads', 'head_dim'), self.rules)
+    out_BxTxD = jnp.einsum('btnh,nhd->btd', out_BxTxNxH, w_o_NxHxD.astype(dt))
+    return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+  rules: AxisRules | None
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    c = self.cfg
+    dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    w_gate_DxF = self.param('gate', _dense_init(('embed', 'mlp'), (0,)), (c.d_model, c.d_ff), pdt)
+    w_up_DxF = self.param('up', _dense_init(('embed', 'mlp'), (0,)), (c.d_model, c.d_ff), pdt)
+    w_down_FxD = self.param('down', _dense_init(('mlp', 'embed'), (0,), 1.0 / (2 * c.num_layers)),
+                            (c.d_ff, c.d_model), pdt)
+    gate_BxTxF = jnp.einsum('btd,df->btf', x_BxTxD, w_gate_DxF.astype(dt))
+    up_BxTxF = jnp.einsum('btd,df->btf', x_BxTxD, w_up_DxF.astype(dt))
+    h_BxTxF = constrain(nn.silu(gate_BxTxF) * up_BxTxF, ('batch', 'length', 'mlp'), self.rules)
+    out_BxTxD = jnp.einsum('btf,fd->btd', h_BxTxF, w_down_FxD.astype(dt))
+    return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+  rules: AxisRules | None
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array):
+    c = self.cfg
+    norm = functools.partial(RMSNorm, c.norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype))
+    h = norm(name='attn_norm')(x_BxTxD)
+    x_BxTxD = x_BxTxD + Attention(c, self.rules, self.deterministic, name='attn')(h, positions_BxT)
+    h = norm(name='mlp_norm')(x_BxTxD)
+    x_BxTxD = x_BxTxD + MLP(c, self.rules, self.deterministic, name='mlp')(h)
+    x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'embed'), self.rules)
+    # (carry, output) so the same module works under nn.scan.
+    return x_BxTxD, None
+
+
+class Transformer(nn.Module):
+  """tokens (B, T) int -> logits (B, T, V) in the compute dtype."""
+
+  cfg: ModelConfig
+  rules: AxisRules | None = None
+
+  @nn.compact
+  def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None, *,
+               train: bool = False) -> jax.Array:
+    c = self.cfg
+    dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    embed_VxD = self.param('embed', _init(('vocab', 'embed')), (c.vocab_size, c.d_model), pdt)
+    # Gather the vocab shards before the lookup: a gather from a vocab-sharded table
+    # makes the partitioner replicate the activations instead.
+    table_VxD = constrain(embed_VxD.astype(dt), (None, 'embed'), self.rules)
+    x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0)
+    x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'embed'), self.rules)
+    x_BxTxD = nn.Dropout(c.dropout)(x_BxTxD, deterministic=not train)
+
+    block = Block
+    if c.remat:
+      # Under scan, CSE across iterations is impossible anyway; prevent_cse only costs.
+      block = nn.remat(block, policy=getattr(jax.checkpoint_policies, c.remat_policy),
+                       prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      blocks = nn.scan(
+          block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+          in_axes=nn.broadcast, length=c.num_layers,
+          metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BxTxD, _ = blocks(c, self.rules, not train, name='blocks')(x_BxTxD, positions_BxT)
+    else:
+      for i in range(c.num_layers):
+        x_BxTxD, _ = block(c, self.rules, not train, name=f'block_{i}')(x_BxTxD, positions_BxT)
+
+    x_BxTxD = RMSNorm(c.norm_eps, dt, pdt, name='final_norm')(x_BxTxD)
+    if c.tie_embeddings:
+      head_DxV = embed_VxD.T
+    else:
+      head_DxV = self.param('head', _init(('embed', 'vocab')), (c.d_model, c.vocab_size), pdt)
+    logits_BxTxV = jnp.einsum('btd,dv->btv', x_BxTxD, head_DxV.astype(dt))
+    return constrain(logits_BxTxV, ('batch', 'length', 'vocab'), self.rules)
+
+
+def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+  """Unscanned params (block_0 ... block_{L-1}) -> scanned layout (blocks, leading L)."""
+  out = {k: v for k, v in params.items() if not k.startswith('block_')}
+  layers = [params[f'block_{i}'] for i in range(num_layers)]
+  out['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return out
+
+
+def unstack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+  """Scanned params -> one subtree per layer."""
+  out = {k: v for k, v in params.items() if k != 'blocks'}
+  for i in range(num_layers):
+    out[f'block_{i}'] = jax.tree.map(lambda x, i=i: x[i], params['blocks'])
+  return out

@@ -1,0 +1,147 @@
+"""The device mesh and the mapping of logical axis names onto it.
+
+The model names the axes of every parameter and main activation (`embed`, `heads`,
+`vocab`, ...). The config maps those names onto mesh axes (`data`, `fsdp`, `tensor`).
+Nothing else in `lm/` writes a PartitionSpec by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+Rules = tuple[tuple[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  rules: Rules = ()
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> MeshConfig:
+    rules = tuple((name, _as_axes(axes)) for name, axes in d.get('rules', ()))
+    return cls(data=d['data'], fsdp=d['fsdp'], tensor=d['tensor'], rules=rules)
+
+  def shape(self, num_devices: int) -> tuple[int, int, int]:
+    """Resolves -1 entries to the devices that remain; errors name the bad key."""
+    sizes = {'data': self.data, 'fsdp': self.fsdp, 'tensor': self.tensor}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+      raise ValueError(f'mesh: only one of mesh.{free[0]}, mesh.{free[1]} may be -1')
+    for k, v in sizes.items():
+      if v == 0 or v < -1:
+        raise ValueError(f'mesh.{k} must be positive or -1, got {v}')
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+      if num_devices % fixed:
+        raise ValueError(
+            f'mesh: {num_devices} devices cannot be split with '
+            + ', '.join(f'mesh.{k}={v}' for k, v in sizes.items()))
+      sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+      raise ValueError(
+          f'mesh: data*fsdp*tensor = {fixed} but there are {num_devices} devices')
+    return sizes['data'], sizes['fsdp'], sizes['tensor']
+
+
+def _as_axes(axes: Any) -> tuple[str, ...]:
+  if axes is None:
+    return ()
+  if isinstance(axes, str):
+    return (axes,)
+  return tuple(axes)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axes, as Linen's logical sharding expects."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = cfg.shape(len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisRules:
+  """Logical axis names -> mesh axes, bound to one mesh."""
+
+  mesh: Mesh
+  rules: Rules
+
+  def spec(self, names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` whose axes carry `names`.
+
+    A mesh axis that does not divide its dimension (say 4 kv heads on 8-way tensor
+    parallelism) is dropped, so that dimension is replicated over it instead of failing.
+    Each mesh axis is used at most once per array.
+    """
+    table = dict(self.rules)
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(names, shape, strict=True):
+      axes = []
+      size = 1
+      for ax in _as_axes(table.get(name)) if name else ():
+        n = self.mesh.shape[ax]
+        if ax in used or n == 1 or dim % (size * n):
+          continue
+        axes.append(ax)
+        size *= n
+      used.update(axes)
+      out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return PartitionSpec(*out)
+
+  def sharding(self, names: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+    return NamedSharding(self.mesh, self.spec(names, shape))
+
+  def constrain(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x, self.sharding(names, x.shape))
+
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules: AxisRules | None) -> jax.Array:
+  """Sharding constraint on an activation; a no-op without a mesh."""
+  return x if rules is None else rules.constrain(x, names)
+
+
+def _is_box(x: Any) -> bool:
+  return isinstance(x, nn.LogicallyPartitioned)
+
+
+def tree_shardings(abstract_tree: Any, rules: AxisRules) -> Any:
+  """Shardings for a tree whose leaves may be Linen `LogicallyPartitioned` boxes.
+
+  Boxed leaves are sharded by their logical names; anything else (step counters,
+  RNG keys, optimizer counts) is replicated. The result has the unboxed structure.
+  """
+
+  def one(x):
+    if _is_box(x):
+      return rules.sharding(x.names, x.value.shape)
+    return rules.replicated()
+
+  return jax.tree.map(one, abstract_tree, is_leaf=_is_box)
+
+
+def batch_sharding(rules: AxisRules, shape: Sequence[int]) -> NamedSharding:
+  """Token batches: rows over the batch axes, positions replicated."""
+  return rules.sharding(('batch', 'length'), shape)
+
+
+def global_batch(local_rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """Assembles each process's rows into one global array (single- or multi-host)."""
+  global_shape = (local_rows.shape[0] * jax.process_count(),) + local_rows.shape[1:]
+  return jax.make_array_from_process_local_data(sharding, local_rows, global_shape)

@@ -1,0 +1,124 @@
+"""The train state, the loss, sharded initialisation and the pure train step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from lm.model import Transformer
+from lm.optimizer import global_norm
+from lm.sharding import AxisRules, batch_sharding, tree_shardings
+
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key; dropout keys are folded from it and the step
+
+
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
+                  z_loss: float = 0.0) -> tuple[jax.Array, Metrics]:
+  """Mean next-token cross-entropy in float32, plus z_loss · mean(log Z ^ 2)."""
+  logits = logits_BxTxV.astype(jnp.float32)
+  log_z_BxT = jax.nn.logsumexp(logits, axis=-1)
+  target_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+  nll = jnp.mean(log_z_BxT - target_BxT)
+  z = jnp.mean(jnp.square(log_z_BxT))
+  return nll + z_loss * z, {'loss': nll, 'z_loss': z}
+
+
+def _boxed_state_fn(model: Transformer, tx: optax.GradientTransformation, seq_len: int):
+  """key -> TrainState whose params still carry Linen's logical-axis boxes."""
+
+  def boxed(key):
+    params = model.init({'params': key}, jnp.zeros((1, seq_len), jnp.int32))['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=jax.random.fold_in(key, 1))
+
+  return boxed
+
+
+def init_state(model: Transformer, tx: optax.GradientTransformation, seq_len: int,
+               rules: AxisRules, seed: int) -> tuple[TrainState, Any]:
+  """Initialises the state directly in its sharded layout.
+
+  `jax.eval_shape` gives the abstract state with its logical axis names; the shardings
+  derived from it become the jitted initialiser's out_shardings, so no device ever holds
+  the whole model.
+  """
+  boxed = _boxed_state_fn(model, tx, seq_len)
+  key = jax.random.PRNGKey(seed)
+  shardings = tree_shardings(jax.eval_shape(boxed, key), rules)
+  state = jax.jit(lambda k: nn.meta.unbox(boxed(k)), out_shardings=shardings)(key)
+  return state, shardings
+
+
+def abstract_state(model: Transformer, tx: optax.GradientTransformation, seq_len: int,
+                   rules: AxisRules) -> Any:
+  """ShapeDtypeStructs (with shardings) of the state: an Orbax restore target."""
+  abstract = jax.eval_shape(_boxed_state_fn(model, tx, seq_len), jax.random.PRNGKey(0))
+  shardings = tree_shardings(abstract, rules)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.meta.unbox(abstract), shardings)
+
+
+def _microbatches(tokens_BxT1: jax.Array, n: int, rules: AxisRules) -> jax.Array:
+  # Row r goes to micro-batch r % n, so each device keeps its own rows: no reshuffle.
+  b, t1 = tokens_BxT1.shape
+  micro_AxMxT1 = tokens_BxT1.reshape(b // n, n, t1).swapaxes(0, 1)
+  return rules.constrain(micro_AxMxT1, (None, 'batch', 'length'))
+
+
+def make_train_step(model: Transformer, tx: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule, *, grad_accum: int = 1,
+                    z_loss: float = 0.0, rules: AxisRules) -> Callable[..., Any]:
+  """Returns the pure `(state, tokens) -> (state, metrics)`; tokens are (B, T + 1)."""
+
+  def loss_fn(params, tokens_BxT1, key):
+    logits = model.apply({'params': params}, tokens_BxT1[:, :-1], train=True,
+                         rngs={'dropout': key})
+    return cross_entropy(logits, tokens_BxT1[:, 1:], z_loss)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, tokens_BxT1: jax.Array) -> tuple[TrainState, Metrics]:
+    key = jax.random.fold_in(state.rng, state.step)
+    if grad_accum == 1:
+      (_, aux), grads = grad_fn(state.params, tokens_BxT1, key)
+    else:
+      def accumulate(carry, xs):
+        i, micro = xs
+        (_, aux), g = grad_fn(state.params, micro, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (g, aux)), None
+
+      micro = _microbatches(tokens_BxT1, grad_accum, rules)
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      zero_aux = {'loss': jnp.zeros(()), 'z_loss': jnp.zeros(())}
+      (grads, aux), _ = jax.lax.scan(accumulate, (zeros, zero_aux),
+                                     (jnp.arange(grad_accum), micro))
+      grads, aux = jax.tree.map(lambda x: x / grad_accum, (grads, aux))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**aux, 'grad_norm': global_norm(grads), 'lr': lr_schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def jit_train_step(step_fn: Callable[..., Any], state_shardings: Any, rules: AxisRules,
+                   batch_shape: tuple[int, int]) -> Callable[..., Any]:
+  """Compiles once: explicit shardings, the old state's buffers donated to the new one."""
+  return jax.jit(step_fn,
+                 in_shardings=(state_shardings, batch_sharding(rules, batch_shape)),
+                 out_shardings=(state_shardings, rules.replicated()),
+                 donate_argnums=(0,))

@@ -1,0 +1,35 @@
+"""Trains a model: python scripts/train.py --config=configs/tiny.py [--config.KEY=VALUE ...]
+
+Running the same command again in the same workdir resumes from its latest checkpoint.
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'HOST:PORT of process 0, for multi-process runs.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0-based.')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from lm import distributed, trainer  # After flag parsing, so --help stays fast.
+
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    result = trainer.train(_CONFIG.value)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

@@ -1,0 +1,68 @@
+"""Every config file loads, validates, and builds an abstract model of the expected size."""
+
+import glob
+import importlib
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from lm import flops
+from lm.config import parse
+from lm.model import Transformer
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, '*.py'))
+               if not p.endswith('__init__.py'))
+
+# Published sizes of the shapes these configs copy.
+EXPECTED_PARAMS = {
+    'gpt2_small': 124e6,
+    'gpt2_medium': 355e6,
+    'llama_1b': 1.1e9,
+    'llama_7b': 6.74e9,
+}
+
+
+def test_every_config_is_listed():
+  assert {'base', 'tiny', 'gpt2_small', 'gpt2_medium', 'llama_1b', 'llama_7b'} <= set(NAMES)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_config_loads_and_builds_an_abstract_model(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  cfgs = parse(config)
+  assert cfgs.run.workdir == f'runs/{name}'
+  model = Transformer(cfgs.model)
+  # eval_shape: shapes only, so even the 7B model costs no memory here.
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  n = flops.count_params(nn.meta.unbox(abstract)['params'])
+  assert n == flops.num_params(cfgs.model)
+  if name in EXPECTED_PARAMS:
+    assert n == pytest.approx(EXPECTED_PARAMS[name], rel=0.02)
+
+
+def test_tiny_is_small_and_divides_every_test_mesh():
+  cfgs = parse(importlib.import_module('configs.tiny').get_config())
+  m = cfgs.model
+  assert 1e6 < flops.num_params(m) < 10e6
+  for size in (m.vocab_size, m.d_model, m.num_heads, m.d_ff):
+    assert size % 8 == 0
+  assert cfgs.run.batch_size % 8 == 0
+
+
+def test_unknown_and_bad_keys_are_named():
+  config = importlib.import_module('configs.tiny').get_config()
+  config.lock()  # as scripts/ load it (lock_config=True)
+  with pytest.raises(AttributeError, match='modle'):
+    config.modle = 1
+  config.unlock()
+  config.model.flash = True
+  with pytest.raises(ValueError, match='model.flash'):
+    parse(config)
+  config = importlib.import_module('configs.tiny').get_config()
+  config.optimizer.schedule = 'linear'
+  with pytest.raises(ValueError, match='optimizer.schedule'):
+    parse(config)

@@ -1,0 +1,97 @@
+"""Meshes: the same training steps on any layout, and parameters sharded as the rules say."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import base
+from lm.model import ModelConfig, Transformer
+from lm.optimizer import OptimizerConfig, make_optimizer, schedule
+from lm.sharding import AxisRules, MeshConfig, make_mesh
+from lm.train_step import init_state, jit_train_step, make_train_step
+
+RULES = MeshConfig.from_dict(base.get_config().mesh).rules
+MODEL = ModelConfig(vocab_size=256, d_model=64, num_layers=2, num_heads=8, num_kv_heads=4,
+                    d_ff=128)
+OPT = OptimizerConfig(lr=1e-2, warmup_steps=0, schedule='constant')
+BATCH, SEQ = 8, 32
+
+
+def _rules(shape):
+  devices = jax.devices()[:int(np.prod(shape))]
+  return AxisRules(make_mesh(MeshConfig(*shape, rules=RULES), devices), RULES)
+
+
+def _train(shape, steps=3, model=MODEL, opt=OPT):
+  rules = _rules(shape)
+  net = Transformer(model, rules)
+  tx = make_optimizer(opt, 100)
+  state, shardings = init_state(net, tx, SEQ, rules, seed=0)
+  step = jit_train_step(make_train_step(net, tx, schedule(opt, 100), grad_accum=opt.grad_accum,
+                                        z_loss=opt.z_loss, rules=rules),
+                        shardings, rules, (BATCH, SEQ + 1))
+  data = np.random.default_rng(0).integers(0, model.vocab_size, (steps, BATCH, SEQ + 1))
+  losses = []
+  for tokens in data:
+    state, metrics = step(state, tokens.astype(np.int32))
+    losses.append(float(metrics['loss']))
+  return losses, state
+
+
+@pytest.fixture(scope='module')
+def reference():
+  return _train((1, 1, 1))
+
+
+@pytest.mark.parametrize('shape', [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)])
+def test_same_losses_on_every_mesh(reference, shape):
+  losses, _ = _train(shape)
+  np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
+  assert losses[0] != losses[-1]  # the steps really updated the model
+
+
+def test_parameters_are_sharded_as_the_rules_say():
+  _, state = _train((2, 2, 2), steps=1)
+  p = state.params
+  assert p['embed'].sharding.spec == P('tensor', 'fsdp')
+  assert p['block_0']['attn']['q'].sharding.spec == P('fsdp', 'tensor', None)
+  assert p['block_0']['mlp']['down'].sharding.spec == P('tensor', 'fsdp')
+  assert p['block_0']['attn_norm']['scale'].sharding.spec == P('fsdp')
+  # Each device really holds only its shard: (vocab/2, d/2).
+  assert p['embed'].addressable_shards[0].data.shape == (128, 32)
+  # Adam's moments follow their parameters.
+  mu = state.opt_state[1][0].mu
+  assert mu['embed'].sharding.spec == P('tensor', 'fsdp')
+
+
+def test_a_dimension_the_mesh_does_not_divide_is_replicated():
+  rules = _rules((1, 1, 8))
+  # 4 kv heads cannot be split 8 ways: replicated over tensor rather than an error.
+  assert rules.spec(('embed', 'kv_heads', 'head_dim'), (64, 4, 8)) == P(None, None, None)
+  assert rules.spec(('embed', 'heads', 'head_dim'), (64, 8, 8)) == P(None, 'tensor', None)
+  rules = _rules((2, 2, 2))
+  assert rules.spec(('batch', 'length'), (8, 33)) == P(('data', 'fsdp'), None)
+  assert rules.spec(('batch', 'length'), (2, 33)) == P('data', None)
+
+
+def test_grad_accumulation_matches_the_full_batch():
+  full, _ = _train((2, 2, 2))
+  accum, _ = _train((2, 2, 2), opt=OptimizerConfig(**{**OPT.__dict__, 'grad_accum': 2}))
+  np.testing.assert_allclose(accum, full, rtol=1e-5)
+
+
+@pytest.mark.parametrize('mesh,message', [
+    (MeshConfig(3, 1, 1), 'data\\*fsdp\\*tensor = 3'),
+    (MeshConfig(-1, -1, 1), 'only one of'),
+    (MeshConfig(-1, 3, 1), 'cannot be split'),
+    (MeshConfig(0, 1, 1), 'mesh.data'),
+])
+def test_bad_mesh_names_the_problem(mesh, message):
+  with pytest.raises(ValueError, match=message):
+    mesh.shape(8)
+
+
+def test_minus_one_takes_the_remaining_devices():
+  assert MeshConfig(-1, 2, 1).shape(8) == (4, 2, 1)
+  assert MeshConfig(2, 1, -1).shape(8) == (2, 1, 4)
