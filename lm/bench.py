@@ -1,0 +1,164 @@
+"""Throughput, MFU, compile time and memory of a config's train step.
+
+Synthetic tokens, so the figures are the model's and not the input pipeline's (which is
+measured separately as `data_tokens_per_sec`). `aot=True` compiles from abstract shapes
+without allocating the state: it says whether a config fits its mesh before any hardware
+is rented.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lm import flops
+from lm.config import Configs, parse
+from lm.model import Transformer
+from lm.optimizer import make_optimizer, schedule
+from lm.sharding import AxisRules, batch_sharding, make_mesh
+from lm.train_step import abstract_state, init_state, jit_train_step, make_train_step
+
+
+def _setup(cfgs: Configs):
+  mesh = make_mesh(cfgs.mesh)
+  rules = AxisRules(mesh, cfgs.mesh.rules)
+  model = Transformer(cfgs.model, rules)
+  tx = make_optimizer(cfgs.optimizer, cfgs.run.steps)
+  step_fn = make_train_step(model, tx, schedule(cfgs.optimizer, cfgs.run.steps),
+                            grad_accum=cfgs.optimizer.grad_accum, z_loss=cfgs.optimizer.z_loss,
+                            rules=rules)
+  return rules, model, tx, step_fn
+
+
+def memory_per_device(compiled: Any) -> int | None:
+  """Peak bytes one device needs for the step: live arguments, outputs and temporaries.
+
+  Donated inputs alias their outputs, so aliased bytes are counted once.
+  """
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+             - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+
+
+def memory_breakdown(compiled: Any) -> dict[str, int]:
+  """The train state's share (arguments) and the step's temporaries, per device."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
+  return {'state_bytes_per_device': int(stats.argument_size_in_bytes),
+          'temp_bytes_per_device': int(stats.temp_size_in_bytes)}
+
+
+def xla_flops(compiled: Any) -> float | None:
+  """XLA's own count of the step's FLOPs on one device (None where not reported)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def _model_figures(cfgs: Configs, tokens_per_sec: float | None) -> dict[str, Any]:
+  seq = cfgs.run.seq_len
+  peak = flops.device_peak_flops()
+  out: dict[str, Any] = {
+      'params': flops.num_params(cfgs.model),
+      'flops_per_token': flops.flops_per_token(cfgs.model, seq),
+      'flops_per_token_causal': flops.flops_per_token(cfgs.model, seq, causal=True),
+      'device_kind': jax.devices()[0].device_kind,
+      'peak_flops_per_device': peak,
+  }
+  if tokens_per_sec is not None:
+    n = jax.device_count()
+    out['mfu'] = flops.mfu(tokens_per_sec, cfgs.model, seq, n, peak)
+    out['mfu_causal'] = (None if peak is None else tokens_per_sec *
+                         out['flops_per_token_causal'] / (peak * n))
+    out['tflops_per_sec'] = tokens_per_sec * out['flops_per_token'] / 1e12
+  return out
+
+
+def run_aot(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Compiles the train step for the config's mesh from shapes alone."""
+  cfgs = parse(config)
+  rules, model, tx, step_fn = _setup(cfgs)
+  state = abstract_state(model, tx, cfgs.run.seq_len, rules)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  shape = (cfgs.run.batch_size, cfgs.run.seq_len + 1)
+  batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(rules, shape))
+  t0 = time.perf_counter()
+  compiled = jit_train_step(step_fn, shardings, rules, shape).lower(state, batch).compile()
+  return {'config': cfgs.run.name, 'devices': jax.device_count(),
+          'mesh': dict(rules.mesh.shape), 'tokens_per_sec': None, 'step_ms': None,
+          'mfu': None, 'tflops_per_sec': None,
+          'compile_s': time.perf_counter() - t0,
+          'memory_bytes_per_device': memory_per_device(compiled),
+          'xla_flops_per_device': xla_flops(compiled),
+          'data_tokens_per_sec': None,
+          **memory_breakdown(compiled), **_model_figures(cfgs, None)}
+
+
+def run_steps(config: ml_collections.ConfigDict, *, steps: int = 20,
+              warmup: int = 3) -> dict[str, Any]:
+  """Times `steps` train steps after `warmup` untimed ones, on synthetic tokens."""
+  cfgs = parse(config)
+  rules, model, tx, step_fn = _setup(cfgs)
+  state, shardings = init_state(model, tx, cfgs.run.seq_len, rules, cfgs.run.seed)
+  shape = (cfgs.run.batch_size, cfgs.run.seq_len + 1)
+  sharding = batch_sharding(rules, shape)
+  rng = np.random.default_rng(0)
+  # A few distinct batches already on the device, so the host does no work in the loop.
+  batches = [jax.device_put(rng.integers(0, cfgs.model.vocab_size, shape, np.int32), sharding)
+             for _ in range(4)]
+  t0 = time.perf_counter()
+  compiled = jit_train_step(step_fn, shardings, rules, shape).lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t0
+  for i in range(warmup):
+    state, metrics = compiled(state, batches[i % 4])
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for i in range(steps):
+    state, metrics = compiled(state, batches[i % 4])
+  jax.block_until_ready((state, metrics))
+  elapsed = time.perf_counter() - t0
+  tokens_per_sec = steps * cfgs.run.batch_size * cfgs.run.seq_len / elapsed
+  out = {'config': cfgs.run.name, 'devices': jax.device_count(),
+         'mesh': dict(rules.mesh.shape), 'tokens_per_sec': tokens_per_sec,
+         'step_ms': 1000 * elapsed / steps, 'mfu': None, 'tflops_per_sec': None,
+         'compile_s': compile_s, 'memory_bytes_per_device': memory_per_device(compiled),
+         'xla_flops_per_device': xla_flops(compiled), 'data_tokens_per_sec': None,
+         'loss': float(metrics['loss'])}
+  out.update(memory_breakdown(compiled))
+  out.update(_model_figures(cfgs, tokens_per_sec))
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:  # Live allocator peak: GPUs and TPUs report it.
+    out['peak_bytes_in_use'] = int(stats['peak_bytes_in_use'])
+  return out
+
+
+def data_throughput(config: ml_collections.ConfigDict, *, batches: int = 20) -> dict[str, Any]:
+  """Tokens/s of the real input pipeline (read, tokenise, pack) for the config."""
+  from data.pipeline import TrainBatches
+  from data.tokenizer import Tokenizer, load_or_train
+
+  cfgs = parse(config)
+  if cfgs.data.tokenizer:
+    tokenizer = Tokenizer(cfgs.data.tokenizer)
+  else:
+    # A throwaway run folder: the benchmark must not write into a real run.
+    tokenizer = load_or_train(cfgs.data, tempfile.mkdtemp(prefix='bench-tok-'),
+                              cfgs.model.vocab_size)
+  with TrainBatches(cfgs.data, tokenizer, cfgs.run.batch_size, cfgs.run.seq_len,
+                    seed=cfgs.run.seed) as it:
+    next(it)  # Start-up (opening sources, the first tokenisation) is not throughput.
+    t0 = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    elapsed = time.perf_counter() - t0
+  return {'data_tokens_per_sec': batches * cfgs.run.batch_size * cfgs.run.seq_len / elapsed}

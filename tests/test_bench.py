@@ -1,0 +1,73 @@
+"""The benchmark's figures agree with the compiler and respond to the mesh as they should."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from lm import bench, flops
+from lm.config import parse
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _small(**mesh):
+  c = tiny.get_config()
+  c.model.num_layers = 2
+  c.model.d_model = 128
+  c.model.d_ff = 256
+  c.model.vocab_size = 1024
+  c.seq_len = 64
+  for k, v in mesh.items():
+    c.mesh[k] = v
+  return c
+
+
+def test_palm_flops_match_the_compilers_count():
+  config = _small(data=8)
+  result = bench.run_steps(config, steps=2, warmup=1)
+  cfgs = parse(config)
+  tokens = cfgs.run.batch_size * cfgs.run.seq_len
+  # XLA counts every multiply-add of the step, elementwise work included, per device.
+  ratio = result['xla_flops_per_device'] * result['devices'] / (
+      flops.flops_per_token(cfgs.model, cfgs.run.seq_len) * tokens)
+  assert 0.9 < ratio < 1.3, ratio
+  assert result['tokens_per_sec'] > 0 and result['step_ms'] > 0
+  assert result['mfu'] is None  # CPU: no known peak
+
+
+def test_aot_memory_shrinks_with_fsdp():
+  replicated = bench.run_aot(_small(data=8))
+  sharded = bench.run_aot(_small(data=1, fsdp=8))
+  assert replicated['tokens_per_sec'] is None
+  params = flops.num_params(parse(_small()).model)
+  # Replicated: every device holds params + two Adam moments (float32) at least.
+  assert replicated['memory_bytes_per_device'] > 3 * 4 * params
+  # FSDP splits the state (params and Adam moments) 8 ways.
+  ratio = sharded['state_bytes_per_device'] / replicated['state_bytes_per_device']
+  assert ratio == pytest.approx(1 / 8, rel=0.05)
+  assert sharded['memory_bytes_per_device'] < replicated['memory_bytes_per_device']
+
+
+def test_bench_script_prints_the_spec_keys():
+  cmd = [sys.executable, 'scripts/bench.py', '--config=configs/tiny.py', '--aot',
+         '--config.model.num_layers=1']
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert {'config', 'devices', 'tokens_per_sec', 'step_ms', 'mfu', 'tflops_per_sec',
+          'compile_s', 'memory_bytes_per_device', 'data_tokens_per_sec'} <= set(result)
+  assert result['devices'] == 8 and result['memory_bytes_per_device'] > 0
+
+
+@pytest.mark.parametrize('kind,peak', [('NVIDIA H100 80GB HBM3', 989e12),
+                                       ('NVIDIA H100 PCIe', 756e12),
+                                       ('NVIDIA A100-SXM4-80GB', 312e12),
+                                       ('TPU v5 lite', 197e12), ('cpu', None)])
+def test_peak_table(kind, peak):
+  class Dev:
+    device_kind = kind
+  assert flops.device_peak_flops(Dev()) == peak
