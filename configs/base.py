@@ -19,8 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 0  # Steps between held-out evaluations; 0 = only at the end.
   c.eval_batches = 4  # Held-out batches per evaluation.
   c.checkpoint_every = 500  # Steps between checkpoints (one is always written at the end).
-  c.keep_checkpoints = 2  # How many recent checkpoints to keep.
-  c.init_from = ''  # A run folder or checkpoint to fine-tune from; empty = none.
+  c.keep_checkpoints = 2  # Recent checkpoints kept; at least 2, so a corrupt one has a fallback.
+  # Fine-tune from: a run folder, RUN/checkpoints/<step>, or hf:PATH; empty = none.
+  c.init_from = ''
+  c.max_nonfinite_steps = 10  # Abort after this many NaN/inf (skipped) steps in a row; 0 = never.
 
   # Device mesh. The product must equal the number of devices; -1 takes what remains.
   c.mesh = ml_collections.ConfigDict()
@@ -83,4 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.text_key = 'text'  # Column holding the text (jsonl, parquet, hub).
   c.data.tokenizer = ''  # sentencepiece model path; empty = train one into the run folder.
   c.data.eval_fraction = 0.01  # Share of documents held out (stable hash of their key).
+  c.data.mixture = ''  # Weighted sources 'KIND[:ARG]:WEIGHT;...' (data/mixture.py); '' = off.
+  c.data.streams = 0  # Packing streams per host: row r of a batch is stream r's; 0 = one per row.
+  c.data.min_chars = 0  # Drop documents shorter than this (blank ones are always dropped).
+  c.data.dedup = False  # Drop exact duplicate documents within an epoch of each source.
+  c.data.segment_ids = False  # Batches become {'tokens', 'segment_ids'} dicts (document ids).
+  c.data.encode_threads = 0  # Threads for batched sentencepiece encoding; 0 = every core.
   return c

@@ -3,12 +3,15 @@
 import dataclasses
 from typing import Any, Mapping
 
-SOURCES = ('stdlib', 'files', 'hub')
+from data import mixture
+
+SOURCES = mixture.KINDS
+_KINDS = {str: 'a string', int: 'an integer', float: 'a number', bool: 'a bool'}
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Where training text comes from and how it is split; see configs/base.py."""
+  """Where training text comes from, how it is cleaned and batched; see configs/base.py."""
 
   source: str = 'stdlib'
   """'stdlib' (the Python standard library's own .py files) | 'files' | 'hub'."""
@@ -26,6 +29,18 @@ class DataConfig:
   """sentencepiece model path; empty = train one into the run folder."""
   eval_fraction: float = 0.01
   """Share of documents held out, chosen by a stable hash of their key."""
+  mixture: str = ''
+  """Weighted sources 'KIND[:ARG]:WEIGHT;...' (see data/mixture.py); empty = data.source."""
+  streams: int = 0
+  """Packing streams per process (row r of a batch is stream r's next window); 0 = rows."""
+  min_chars: int = 0
+  """Drop documents shorter than this many characters; 0 = keep all non-blank ones."""
+  dedup: bool = False
+  """Drop exact duplicate texts within an epoch of a source (see data/cleaning.py)."""
+  segment_ids: bool = False
+  """Batches are {'tokens', 'segment_ids'} dicts instead of plain token arrays."""
+  encode_threads: int = 0
+  """Threads for batched sentencepiece encoding; 0 = every core."""
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'DataConfig':
@@ -43,21 +58,29 @@ class DataConfig:
     """Raises ValueError naming the first bad key."""
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
-      if f.name == 'eval_fraction':
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-          raise ValueError(f'data.eval_fraction must be a number, got {value!r}')
-      elif not isinstance(value, str):
-        raise ValueError(f'data.{f.name} must be a string, got {value!r}')
+      # bool is an int in Python, but a flag given as a count (or vice versa) is a typo.
+      if f.type is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+      else:
+        ok = isinstance(value, f.type) and (f.type is bool or not isinstance(value, bool))
+      if not ok:
+        raise ValueError(f'data.{f.name} must be {_KINDS[f.type]}, got {value!r}')
     if self.source not in SOURCES:
       raise ValueError(
           f'data.source must be one of {", ".join(SOURCES)}; got {self.source!r}')
-    if self.source == 'files' and not [g for g in self.files.split(',') if g.strip()]:
-      raise ValueError("data.files must name at least one glob when data.source='files'")
-    if self.source == 'hub' and not self.name:
-      raise ValueError("data.name must name a dataset when data.source='hub'")
+    if not self.mixture:  # With a mixture, each entry names its own source.
+      if self.source == 'files' and not [g for g in self.files.split(',') if g.strip()]:
+        raise ValueError("data.files must name at least one glob when data.source='files'")
+      if self.source == 'hub' and not self.name:
+        raise ValueError("data.name must name a dataset when data.source='hub'")
     if self.source == 'hub' and not self.split:
       raise ValueError("data.split must not be empty when data.source='hub'")
     if self.source != 'stdlib' and not self.text_key:
       raise ValueError('data.text_key must not be empty')
     if not 0.0 <= self.eval_fraction < 1.0:
       raise ValueError(f'data.eval_fraction must be in [0, 1); got {self.eval_fraction!r}')
+    for key in ('streams', 'min_chars', 'encode_threads'):
+      if getattr(self, key) < 0:
+        raise ValueError(f'data.{key} must be >= 0; got {getattr(self, key)!r}')
+    if self.mixture:
+      mixture.parse(self.mixture)

@@ -37,14 +37,14 @@ class Packer:
   def wrap(self, ids: Sequence[int]) -> list[int]:
     """A document's tokens as they enter the stream."""
     head = [] if self.bos_id is None else [self.bos_id]
-    return head + [int(i) for i in ids] + [self.eos_id]
+    return head + _ints(ids) + [self.eos_id]
 
   def add_document(self, ids: Sequence[int]) -> None:
     self.add(self.wrap(ids))
 
   def add(self, tokens: Sequence[int]) -> None:
-    """Appends raw stream tokens (already wrapped)."""
-    self._buffer.extend(int(t) for t in tokens)
+    """Appends raw stream tokens (already wrapped): Python ints or a numpy array."""
+    self._buffer.extend(_ints(tokens))
 
   def pop(self) -> np.ndarray | None:
     """The next full window as int32 [seq_len + 1], or None if there is not one yet."""
@@ -63,3 +63,25 @@ class Packer:
   def load_state_dict(self, state: dict[str, Any]) -> None:
     self._buffer = [int(t) for t in state['buffer']]
     self._start = 0
+
+
+def _ints(ids: Sequence[int] | np.ndarray) -> list[int]:
+  # Token ids are Python ints (as sentencepiece returns them) or a numpy array; either
+  # becomes a list of Python ints in C, not per token in Python, and the state stays
+  # JSON-able.
+  if isinstance(ids, np.ndarray):
+    return ids.tolist()
+  return list(ids)
+
+
+def segment_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+  """Which document each token of a row belongs to, numbered from 1 in every row.
+
+  A document's EOS belongs to it and the next token starts a new segment. sentencepiece
+  never emits the EOS id for text, so EOS marks every document end and nothing else;
+  the ids follow from the tokens alone and need no state.
+  """
+  ends = (tokens == eos_id).astype(np.int32)
+  out = np.ones(tokens.shape, np.int32)
+  out[..., 1:] += np.cumsum(ends[..., :-1], axis=-1, dtype=np.int32)
+  return out

@@ -3,18 +3,24 @@
 A source is a list of shards (a stdlib file, a data file, a hub split), each a sequence
 of rows. A `Position` (epoch, shard, row) names one document, so resuming re-opens one
 shard and skips rows in it instead of replaying the whole stream.
+
+Reading errors (an unreadable or corrupt file, a missing column) are raised as one
+`DataError` (a ValueError) that names the file or dataset and the config key.
 """
 
 import dataclasses
 import glob
 import hashlib
+import itertools
 import os
 import pathlib
 import tempfile
 from typing import Any, Iterator
 
 import datasets
+import datasets.distributed
 
+from data import cleaning
 from data import stdlib
 from data.config import DataConfig
 
@@ -28,6 +34,10 @@ _BUILDERS = (
     ('.txt.gz', 'text'),
     ('.txt', 'text'),
 )
+
+
+class DataError(ValueError):
+  """Bad input data, with a message naming the file, column or source."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +54,8 @@ class Position:
     return dataclasses.replace(self, row=self.row + 1, index=self.index + 1)
 
   def to_dict(self) -> dict[str, int]:
-    return dataclasses.asdict(self)
+    # Written out: dataclasses.asdict deep-copies, and this runs once per document.
+    return {'epoch': self.epoch, 'shard': self.shard, 'row': self.row, 'index': self.index}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> 'Position':
@@ -62,6 +73,10 @@ class Source:
   """A fixed list of shards; `rows` streams one shard's (key, text) from a row."""
 
   shard_names: tuple[str, ...] = ()
+  label: str = ''  # Names the source in error messages.
+  # True when the source itself gives each process its own rows (so Position.index
+  # counts this process's documents and the pipeline must not split them again).
+  splits_by_host: bool = False
 
   def rows(self, shard: int, start: int) -> Iterator[tuple[str, str]]:
     raise NotImplementedError
@@ -73,6 +88,7 @@ class StdlibSource(Source):
   def __init__(self, root: str | None = None):
     self._root = root or stdlib.stdlib_root()
     self.shard_names = stdlib.list_files(self._root)
+    self.label = 'data.source=stdlib'
 
   def rows(self, shard: int, start: int) -> Iterator[tuple[str, str]]:
     if start == 0:
@@ -93,26 +109,47 @@ class FileSource(Source):
     self._text_key = text_key
     self._files = resolve_files(files)
     self.shard_names = tuple(name for name, _ in self._files)
+    self.label = f'data.files={files!r}'
 
   def rows(self, shard: int, start: int) -> Iterator[tuple[str, str]]:
     name, path = self._files[shard]
     builder = _builder(path)
-    kwargs = {'sample_by': 'paragraph', 'encoding_errors': 'replace'} if builder == 'text' else {}
-    _quiet()
-    ds = datasets.load_dataset(
-        builder, data_files=[path], split='train', streaming=True,
-        cache_dir=_local_cache_dir(), **kwargs)
+    # Undecodable bytes become U+FFFD instead of failing the run. The json builder only
+    # decodes (with these errors) when the encoding is not spelled 'utf-8'; 'utf-8-sig'
+    # is UTF-8 that also drops a leading byte-order mark.
+    kwargs = {'encoding_errors': 'replace'}
+    if builder == 'text':
+      kwargs['sample_by'] = 'paragraph'
+    elif builder == 'json':
+      kwargs['encoding'] = 'utf-8-sig'
+    else:
+      kwargs = {}
     text_key = 'text' if builder == 'text' else self._text_key
-    yield from _rows(ds, text_key, start, name, path)
+    _quiet()
+    try:
+      ds = datasets.load_dataset(
+          builder, data_files=[path], split='train', streaming=True,
+          cache_dir=_local_cache_dir(), **kwargs)
+      yield from _rows(ds, text_key, start, name, path)
+    except Exception as e:  # pyarrow, json and OS errors: the user needs the file.
+      # Only builtins in the except clause: at interpreter exit a suspended generator is
+      # closed after module globals such as DataError are gone.
+      if isinstance(e, DataError):
+        raise
+      raise DataError(f'data.files: cannot read {path}: {type(e).__name__}: {e}') from e
 
 
 class HubSource(Source):
   """A dataset split streamed by `datasets.load_dataset(name, config, split=...)`."""
 
-  def __init__(self, name: str, config_name: str, split: str, text_key: str):
+  def __init__(self, name: str, config_name: str, split: str, text_key: str,
+               process_index: int = 0, process_count: int = 1):
     self._name, self._config_name = name, config_name or None
     self._split, self._text_key = split, text_key
+    self._host = (process_index, process_count)
     self.shard_names = (name,)
+    self.label = f'data.name={name!r}'
+    self.splits_by_host = process_count > 1
 
   def rows(self, shard: int, start: int) -> Iterator[tuple[str, str]]:
     _quiet()
@@ -120,19 +157,38 @@ class HubSource(Source):
       ds = datasets.load_dataset(
           self._name, self._config_name, split=self._split, streaming=True)
     except Exception as e:  # The hub raises many types; the user needs one line.
-      raise ValueError(
+      raise DataError(
           f'data.name: cannot stream {self._name!r} (config {self._config_name!r}, '
           f'split {self._split!r}): {type(e).__name__}: {e}') from e
-    yield from _rows(ds, self._text_key, start, self._name, f'dataset {self._name!r}')
+    if self.splits_by_host:
+      # Whole shards per host when their count divides evenly, else every n-th row:
+      # either way no row is read by two hosts and none is lost.
+      ds = datasets.distributed.split_dataset_by_node(
+          ds, rank=self._host[0], world_size=self._host[1])
+    label = f'dataset {self._name!r}'
+    try:
+      # After a split by rows, datasets applies skip() before the split: skip here.
+      yield from _rows(ds, self._text_key, start, self._name, label,
+                       fast_skip=not self.splits_by_host)
+    except Exception as e:  # As in FileSource.rows.
+      if isinstance(e, DataError):
+        raise
+      raise DataError(f'data.name: cannot read {label}: {type(e).__name__}: {e}') from e
 
 
-def open_source(cfg: DataConfig) -> Source:
+def open_source(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> Source:
+  """The source of a single-source config (see data/mixture.py for several).
+
+  Only hub sources use the process arguments: they split the stream per host. Other
+  sources are read whole by every process, which keeps its share (Position.index).
+  """
   cfg.validate()
   if cfg.source == 'stdlib':
     return StdlibSource()
   if cfg.source == 'files':
     return FileSource(cfg.files, cfg.text_key)
-  return HubSource(cfg.name, cfg.config_name, cfg.split, cfg.text_key)
+  return HubSource(cfg.name, cfg.config_name, cfg.split, cfg.text_key,
+                   process_index, process_count)
 
 
 def shard_order(source: Source, epoch: int, seed: int | None) -> list[int]:
@@ -172,7 +228,7 @@ def documents(
     if not repeat:
       return
     if index == 0:  # A whole epoch without a document: repeating would spin forever.
-      raise ValueError('the data source holds no documents (check data.source and data.files)')
+      raise DataError(f'{source.label or "the data source"} holds no documents')
     pos = Position(epoch=pos.epoch + 1)
 
 
@@ -189,12 +245,14 @@ def resolve_files(spec: str) -> list[tuple[str, str]]:
     expanded = os.path.expanduser(pattern)
     matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
     if not matches:
-      raise ValueError(f'data.files: glob {pattern!r} matched no files')
+      raise DataError(f'data.files: glob {pattern!r} matched no files')
     base = _glob_base(expanded)
     for path in matches:
       if _builder(path) is None:
         suffixes = ', '.join(s for s, _ in _BUILDERS)
-        raise ValueError(f'data.files: {path} is not one of {suffixes}')
+        raise DataError(f'data.files: {path} is not one of {suffixes}')
+      if not os.access(path, os.R_OK):
+        raise DataError(f'data.files: cannot read {path}: permission denied')
       name = pathlib.Path(os.path.relpath(path, base)).as_posix()
       by_path.setdefault(os.path.abspath(path), name)
   return sorted((name, path) for path, name in by_path.items())
@@ -220,22 +278,25 @@ def _builder(path: str) -> str | None:
   return None
 
 
-def _rows(ds: Any, text_key: str, start: int, name: str, label: str) -> Iterator[tuple[str, str]]:
-  if start:
+def _rows(ds: Any, text_key: str, start: int, name: str, label: str, *,
+          fast_skip: bool = True) -> Iterator[tuple[str, str]]:
+  if start and fast_skip:  # skip() drops whole Arrow tables without making rows.
     ds = ds.skip(start)
+  elif start:
+    ds = itertools.islice(ds, start, None)
   for row, example in enumerate(ds, start):
     if text_key not in example:
-      raise ValueError(
+      raise DataError(
           f'data.text_key: column {text_key!r} not found in {label} '
           f'(columns: {", ".join(sorted(example))})')
     text = example[text_key]
     if text is None:
       text = ''
     elif not isinstance(text, str):
-      raise ValueError(
+      raise DataError(
           f'data.text_key: column {text_key!r} in {label} holds '
           f'{type(text).__name__}, not text')
-    yield f'{name}:{row}', text
+    yield f'{name}:{row}', cleaning.fix_text(text)
 
 
 def _local_cache_dir() -> str:

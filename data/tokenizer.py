@@ -9,8 +9,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from data import sources
-from data import split
+from data import reader
 from data.config import DataConfig
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -77,9 +76,9 @@ class Tokenizer:
       return self._encode_with_marks(text)
     return self._sp.encode(text)
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+  def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
     """Encodes on several threads; sentencepiece releases the GIL while it works."""
-    out = self._sp.encode(list(texts), num_threads=self._num_threads)
+    out = self._sp.encode(list(texts), num_threads=num_threads or self._num_threads)
     for i, text in enumerate(texts):
       if _SPACE_MARK in text and self._mark_ids:
         out[i] = self._encode_with_marks(text)
@@ -179,11 +178,12 @@ def load_or_train(cfg: DataConfig, workdir: str, vocab_size: int) -> Tokenizer:
 
 
 def training_texts(cfg: DataConfig) -> Iterable[str]:
-  """The training split's documents, one pass in listed order (no held-out text)."""
-  source = sources.open_source(cfg)
-  for doc in sources.documents(source, repeat=False):
-    if doc.text and not split.is_heldout(doc.key, cfg.eval_fraction):
-      yield doc.text
+  """The training split's documents, cleaned, one pass in listed order (no held-out text).
+
+  A mixture interleaves its sources by weight, so a capped sample still covers each.
+  """
+  for doc in reader.single_pass(cfg, heldout=False):
+    yield doc.text
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:

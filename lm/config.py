@@ -36,12 +36,13 @@ class RunConfig:
   checkpoint_every: int = 500
   keep_checkpoints: int = 2
   init_from: str = ''
+  max_nonfinite_steps: int = 10
 
   def validate(self) -> None:
     for key in ('steps', 'batch_size', 'seq_len', 'log_every', 'keep_checkpoints'):
       if getattr(self, key) <= 0:
         raise ValueError(f'{key} must be positive, got {getattr(self, key)}')
-    for key in ('eval_every', 'eval_batches', 'checkpoint_every'):
+    for key in ('eval_every', 'eval_batches', 'checkpoint_every', 'max_nonfinite_steps'):
       if getattr(self, key) < 0:
         raise ValueError(f'{key} must be >= 0, got {getattr(self, key)}')
 

@@ -1,5 +1,6 @@
 """Tests for the data/ package: sources, split, tokenizer, packing, resume, sharding."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -18,8 +19,13 @@ import pandas as pd
 import pytest
 
 from configs import base
+from data import cleaning
+from data import mixture
+from data import packing
+from data import reader as reader_lib
 from data import sources
 from data import stdlib
+from data import throughput
 from data.config import DataConfig
 from data.packing import Packer
 from data.pipeline import TrainBatches, eval_batches
@@ -283,7 +289,8 @@ def test_resume_is_exact_stdlib(tok, prefetch):
   rest, _ = _batches(cfg, tok, 6, state=states[3], **kw)
   for a, b in zip(full[4:], rest):
     np.testing.assert_array_equal(a, b)
-  assert states[3]['offset'] > 0  # Resumed inside a document.
+  assert all(s['offset'] > 0 for s in states[3]['streams'])  # Resumed inside documents.
+  assert len(json.dumps(states[3])) < 20000  # Small: positions and leftovers only.
 
 
 def test_resume_is_exact_files_across_epochs(tok, corpus):
@@ -291,7 +298,7 @@ def test_resume_is_exact_files_across_epochs(tok, corpus):
   kw = dict(batch_size=4, seq_len=64, seed=1, prefetch=0)
   n = 40
   full, states = _batches(cfg, tok, n, **kw)
-  epochs = [s['position']['epoch'] for s in states]
+  epochs = [_reader_position(s)['epoch'] for s in states]
   assert epochs[-1] >= 1, 'the test should cross an epoch'
   assert len({json.dumps(s) for s in states}) == n
   crossing = epochs.index(epochs[-1])
@@ -323,9 +330,17 @@ def test_resume_rejects_changed_files(tok, corpus, tmp_path):
     TrainBatches(other, tok, 2, 16, prefetch=0).load_state_dict(states[-1])
 
 
-def _stream_docs(tok, batches):
-  """Decodes the documents wholly contained in consecutive batches."""
-  stream = [t for b in batches for row in b for t in row[:-1].tolist()]
+def _reader_position(state, source=0):
+  return state['reader']['sources'][source]['position']
+
+
+def _streams(batches):
+  """Each packing stream's tokens: row r of consecutive batches, edge tokens once."""
+  return [[t for b in batches for t in b[r][:-1].tolist()] for r in range(len(batches[0]))]
+
+
+def _split_docs(tok, stream):
+  """The documents wholly contained in a token stream, decoded."""
   docs, cur = [], None
   for t in stream:
     if t == tok.bos_id:
@@ -339,15 +354,69 @@ def _stream_docs(tok, batches):
   return docs
 
 
+def _stream_docs(tok, batches, by_row=True):
+  """Decodes the documents of training batches (per stream) or eval batches (row-major)."""
+  if by_row:
+    return [d for stream in _streams(batches) for d in _split_docs(tok, stream)]
+  return _split_docs(tok, [t for b in batches for row in b for t in row[:-1].tolist()])
+
+
 def test_batches_are_documents_separated_by_eos(tok, tmp_path):
   texts = [_doc_text(i) for i in range(12)]
   _write_jsonl(tmp_path / 'x.jsonl', texts)
   cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.0)
-  batches, _ = _batches(cfg, tok, 40, batch_size=2, seq_len=32, prefetch=0)
-  stream = [t for b in batches for row in b for t in row[:-1].tolist()]
   expected = [t for text in texts for t in [tok.bos_id] + tok.encode(text) + [tok.eos_id]]
-  assert stream[:len(expected)] == expected  # In order, then the next epoch.
+  # One stream: the documents in order, cut into consecutive windows, then the next epoch.
+  batches, _ = _batches(dataclasses.replace(cfg, streams=1), tok, 40, batch_size=2,
+                        seq_len=32, prefetch=0)
+  stream = [t for b in batches for row in b for t in row[:-1].tolist()]
+  assert stream[:len(expected)] == expected
   assert stream[len(expected):len(expected) + 5] == expected[:5]
+  # Two streams (the default for two rows): each stream is whole documents in reader
+  # order, and between them they hold every document of the epoch once.
+  batches, _ = _batches(cfg, tok, 30, batch_size=2, seq_len=32, prefetch=0)
+  per_stream = [_split_docs(tok, s) for s in _streams(batches)]
+  for docs in per_stream:
+    order = [texts.index(d) for d in docs]
+    assert len(order) > 3 and sum(b < a for a, b in zip(order, order[1:])) <= 1  # Epochs.
+  assert set(per_stream[0]) | set(per_stream[1]) == set(texts)
+
+
+def _token_docs(tok, stream):
+  """The document number ('docNNN' in its text) of every token of a stream."""
+  bos = [i for i, t in enumerate(stream) if t == tok.bos_id] + [len(stream)]
+  out = [None] * bos[0]
+  for start, end in zip(bos, bos[1:]):
+    name = tok.decode(stream[start + 1:end])[3:6]
+    out += [int(name) if name.isdigit() else ('cut', start)] * (end - start)
+  return out
+
+
+def test_rows_of_a_batch_come_from_different_documents(tok, tmp_path):
+  texts = [_doc_text(i) for i in range(200)]
+  _write_jsonl(tmp_path / 'x.jsonl', texts)
+  cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.0)
+  seq_len, rows = 32, 8
+  for streams in (0, 1):
+    batches, _ = _batches(dataclasses.replace(cfg, streams=streams), tok, 12,
+                          batch_size=rows, seq_len=seq_len, prefetch=0)
+    if streams == 0:  # Row r of every batch continues row r of the batch before.
+      docs = [_token_docs(tok, s + [batches[-1][r][-1]])
+              for r, s in enumerate(_streams(batches))]
+      row_docs = [[set(docs[r][b * seq_len:(b + 1) * seq_len + 1]) for r in range(rows)]
+                  for b in range(len(batches))]
+    else:  # The old layout: one stream cut into consecutive rows.
+      flat = [t for b in batches for row in b for t in row[:-1].tolist()]
+      docs = _token_docs(tok, flat + [batches[-1][-1][-1]])
+      row_docs = [[set(docs[(b * rows + r) * seq_len:(b * rows + r + 1) * seq_len + 1])
+                   for r in range(rows)] for b in range(len(batches))]
+    shared = sum(bool(rd[r] & rd[r + 1]) for rd in row_docs for r in range(rows - 1))
+    if streams == 0:
+      # No document has tokens in two rows of one batch: each batch mixes 8+ documents.
+      for rd in row_docs:
+        assert sum(len(d) for d in rd) == len(set().union(*rd)) >= rows
+    else:
+      assert shared == len(batches) * (rows - 1)  # Neighbouring rows share their edge.
 
 
 def test_two_hosts_read_disjoint_documents(tok, tmp_path):
@@ -359,7 +428,7 @@ def test_two_hosts_read_disjoint_documents(tok, tmp_path):
   for host in range(2):
     it = TrainBatches(cfg, tok, 2, 32, process_index=host, process_count=2, prefetch=0)
     batches = [next(it) for _ in range(5)]
-    while it.state_dict()['position']['epoch'] < 1:  # All of epoch 0, and a bit more.
+    while _reader_position(it.state_dict())['epoch'] < 1:  # All of epoch 0, and a bit more.
       batches.append(next(it))
     seen.append(set(_stream_docs(tok, batches + [next(it) for _ in range(5)])))
   assert seen[0] and seen[1] and not seen[0] & seen[1]
@@ -383,6 +452,219 @@ def test_hub_source_reads_a_local_dataset_folder(tok, tmp_path):
                       prefetch=0))
 
 
+def _resume_matches(cfg, tok, n=10, k=3, **kw):
+  """Takes n batches; a pipeline restored after batch k + 1 gives batches k + 2 .. n."""
+  full, states = _batches(cfg, tok, n, **kw)
+  rest, _ = _batches(cfg, tok, n - 1 - k, state=states[k], **kw)
+  assert len(rest) == n - 1 - k
+  for a, b in zip(full[k + 1:], rest):
+    np.testing.assert_array_equal(a, b)
+  return states
+
+
+def test_resume_is_exact_shuffled_mixture_with_cleaning(tok, corpus, tmp_path):
+  cfg, _ = corpus
+  # Texts 0, 0, 1, 0, 2, 1, 3, 1, ...: deduplication drops the later copies.
+  _write_jsonl(tmp_path / 'dup.jsonl', [_doc_text(j) for i in range(30) for j in (i, i // 2)])
+  mix = DataConfig(mixture=f'stdlib:1; files:{cfg.files}:2; files:{tmp_path}/dup.jsonl:3',
+                   eval_fraction=0.1, dedup=True, min_chars=120)
+  states = _resume_matches(mix, tok, n=16, k=5, batch_size=4, seq_len=64, seed=5, prefetch=2)
+  at, end = states[5]['reader'], states[-1]['reader']
+  assert at['counter'] > 5 and all(s['position']['index'] > 0 for s in at['sources'])
+  # Duplicates were dropped before the resume point and after it (so the resumed
+  # pipeline had to rebuild the set of texts already seen).
+  dups = [s['sources'][2]['counts']['duplicate'] for s in (at, end)]
+  assert 0 < dups[0] < dups[1]
+  assert end['sources'][1]['counts']['short'] > 0
+
+
+def test_resume_with_segment_ids_and_more_streams_than_rows(tok, corpus):
+  cfg, _ = corpus
+  cfg = dataclasses.replace(cfg, streams=3, segment_ids=True)
+  full, states = _batches(cfg, tok, 8, batch_size=2, seq_len=16, prefetch=0)
+  rest, _ = _batches(cfg, tok, 4, state=states[3], batch_size=2, seq_len=16, prefetch=1)
+  for a, b in zip(full[4:], rest):
+    assert set(a) == {'tokens', 'segment_ids'}
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  assert [s['next_stream'] for s in states[:3]] == [2, 1, 0]  # Rows go round 3 streams.
+
+
+def test_segment_ids(tok, corpus):
+  tokens = np.array([[3, 2, 10, 3, 2, 20], [2, 5, 6, 7, 8, 9], [2, 3, 3, 2, 4, 3]])
+  np.testing.assert_array_equal(packing.segment_ids(tokens, eos_id=3), [
+      [1, 2, 2, 2, 3, 3], [1, 1, 1, 1, 1, 1], [1, 1, 2, 3, 3, 3]])
+  cfg, _ = corpus
+  plain, _ = _batches(cfg, tok, 3, prefetch=0)
+  with_ids, _ = _batches(dataclasses.replace(cfg, segment_ids=True), tok, 3, prefetch=0)
+  for p, d in zip(plain, with_ids):
+    np.testing.assert_array_equal(p, d['tokens'])
+    seg = d['segment_ids']
+    assert seg.shape == p.shape and seg.dtype == np.int32 and (seg[:, 0] == 1).all()
+    np.testing.assert_array_equal(np.diff(seg, axis=1), p[:, :-1] == tok.eos_id)
+  ev = eval_batches(dataclasses.replace(cfg, segment_ids=True), tok, 2, 16, 1)
+  assert set(ev[0]) == {'tokens', 'segment_ids'}
+
+
+def test_loads_a_version_1_state(tok, corpus):
+  cfg, _ = corpus
+  src = sources.open_source(cfg)
+  doc = next(d for d in sources.documents(src, repeat=False, seed=1)
+             if len(tok.encode(d.text)) > 30)
+  v1 = {'version': 1, 'position': doc.position.to_dict(), 'offset': 5,
+        'packer': {'buffer': [7, 8]}, 'batches': 3,
+        'shard_name': sources.shard_name(src, doc.position, 1)}
+  it = TrainBatches(cfg, tok, 2, 16, seed=1, prefetch=0)
+  it.load_state_dict(v1)
+  stream = [tok.bos_id] + tok.encode(doc.text) + [tok.eos_id]
+  assert next(it)[0].tolist() == [7, 8] + stream[5:20]
+  state = it.state_dict()
+  assert state['version'] == 2 and state['batches'] == 4
+  with pytest.raises(ValueError, match='data.files'):
+    it.load_state_dict(dict(v1, shard_name='other.jsonl'))
+
+
+# Cleaning.
+
+CLEANING_TEXTS = [
+    'the first real document, long enough',  # kept
+    '',  # empty
+    '   \n\t  ',  # empty: whitespace only
+    'tiny',  # short
+    'the first real document, long enough',  # duplicate
+    'a second real document, also long',  # kept
+    '\n\n',  # empty
+    'a second real document, also long',  # duplicate
+    'ok',  # short
+    'the third and last real document',  # kept
+]
+KEPT = [CLEANING_TEXTS[i] for i in (0, 5, 9)]
+
+
+def test_cleaning_counts(tok, tmp_path):
+  _write_jsonl(tmp_path / 'c.jsonl', CLEANING_TEXTS)
+  base_cfg = DataConfig(source='files', files=str(tmp_path / 'c.jsonl'), eval_fraction=0.0)
+  cfg = dataclasses.replace(base_cfg, min_chars=10, dedup=True)
+  r = reader_lib.SourceReader(cfg, seed=0)
+  assert [r.next().text for _ in range(3)] == KEPT
+  assert r.counts == {'kept': 3, 'heldout': 0, 'empty': 3, 'short': 2, 'duplicate': 2}
+  # The next epoch starts a new dedup set, so it keeps the same three.
+  assert [r.next().text for _ in range(3)] == KEPT
+  assert r.counts == {'kept': 6, 'heldout': 0, 'empty': 6, 'short': 4, 'duplicate': 4}
+  # By default only blank documents go.
+  r = reader_lib.SourceReader(base_cfg, seed=0)
+  assert [r.next().text for _ in range(7)] == [t for t in CLEANING_TEXTS if t.strip()]
+  assert r.counts == {'kept': 7, 'heldout': 0, 'empty': 3, 'short': 0, 'duplicate': 0}
+  # The tokenizer's sample and the training batches follow the same rules.
+  assert list(training_texts(cfg)) == KEPT
+  it = TrainBatches(cfg, tok, 2, 8, prefetch=0)
+  stats = [it.stats()]
+  for _ in range(30):
+    next(it)
+  stats.append(it.stats())
+  it.close()
+  assert stats[0]['total'] == dict.fromkeys(stats[0]['total'], 0)
+  assert stats[1]['total']['kept'] >= 4 and stats[1]['total']['duplicate'] >= 2
+  assert stats[1]['sources'][0]['source'].startswith('data.files=')
+
+
+def test_dedup_spans_hosts_and_splits(tmp_path):
+  texts = [_doc_text(i % 10) for i in range(40)]
+  _write_jsonl(tmp_path / 'x.jsonl', texts)
+  cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.3, dedup=True)
+  # Over one epoch every distinct text is kept exactly once: by one host, in one split.
+  heldout = [d.text for d in reader_lib.single_pass(cfg, heldout=True)]
+  train = []
+  for host in range(2):
+    r = reader_lib.SourceReader(cfg, seed=0, process_index=host, process_count=2)
+    while (doc := r.next()).position.epoch == 0:
+      train.append(doc.text)
+  assert heldout and train and sorted(heldout + train) == sorted(set(texts))
+  assert sorted(train) == sorted(d.text for d in reader_lib.single_pass(cfg, heldout=False))
+
+
+def test_invalid_text_is_replaced(tok, tmp_path):
+  (tmp_path / 'a.jsonl').write_bytes(b'{"text": "caf\xe9 \xff"}\n{"text": "fine"}\n')
+  (tmp_path / 'b.txt').write_bytes(b'para \xff one\n\npara two\n')
+  cfg = DataConfig(source='files', files=f'{tmp_path}/*.jsonl,{tmp_path}/*.txt')
+  got = [d.text for d in sources.documents(sources.open_source(cfg), repeat=False)]
+  assert got == ['caf\ufffd \ufffd', 'fine', 'para \ufffd one', 'para two\n']
+  # Lone surrogates (not valid Unicode, so not encodable) go the same way.
+  assert cleaning.fix_text('lone \ud800 and \udfff') == 'lone \ufffd and \ufffd'
+  for text in got:
+    assert tok.decode(tok.encode(text)) == text
+
+
+# Mixtures.
+
+
+def test_mixture_syntax():
+  spec = 'stdlib:0.3; files:/a/*.jsonl,/b/*.txt:0.6;hub:org/ds:sub:1.2;'
+  assert mixture.parse(spec) == [
+      mixture.Entry('stdlib', '', 0.3), mixture.Entry('files', '/a/*.jsonl,/b/*.txt', 0.6),
+      mixture.Entry('hub', 'org/ds:sub', 1.2)]
+  parts = mixture.components(DataConfig(mixture=spec, split='validation'))
+  assert [round(w, 6) for w, _ in parts] == [0.142857, 0.285714, 0.571429]
+  assert [c.source for _, c in parts] == ['stdlib', 'files', 'hub']
+  assert parts[1][1].files == '/a/*.jsonl,/b/*.txt'
+  assert (parts[2][1].name, parts[2][1].config_name, parts[2][1].split) == (
+      'org/ds', 'sub', 'validation')
+  assert mixture.components(DataConfig()) == [(1.0, DataConfig())]
+
+
+@pytest.mark.parametrize('spec', [
+    'stdlib', 'stdlib:0', 'stdlib:-1', 'stdlib:nan', 'web:1', 'files:1', 'stdlib:x:1', ' ; '])
+def test_mixture_syntax_errors(spec):
+  with pytest.raises(ValueError, match='data.mixture'):
+    DataConfig(mixture=spec).validate()
+
+
+def test_mixture_proportions_follow_weights_and_seed(tmp_path):
+  weights = [0.2, 0.5, 0.3]
+  picks = [mixture.Chooser(weights, seed=7)(n) for n in range(20000)]
+  np.testing.assert_allclose(np.bincount(picks) / len(picks), weights, atol=0.015)
+  assert picks == [mixture.Chooser(weights, seed=7)(n) for n in range(20000)]
+  assert picks != [mixture.Chooser(weights, seed=8)(n) for n in range(20000)]
+  # The reader takes each document from the source chosen for it.
+  _write_jsonl(tmp_path / 'a.jsonl', [f'a{i} ' + _doc_text(i) for i in range(60)])
+  _write_jsonl(tmp_path / 'b.jsonl', [f'b{i} ' + _doc_text(i) for i in range(60)])
+  cfg = DataConfig(mixture=f'files:{tmp_path}/a.jsonl:1;files:{tmp_path}/b.jsonl:3',
+                   eval_fraction=0.0)
+  runs = []
+  for _ in range(2):
+    r = reader_lib.MixtureReader(cfg, seed=3)
+    runs.append([r.next() for _ in range(200)])
+  assert [(i, d.text) for i, d in runs[0]] == [(i, d.text) for i, d in runs[1]]
+  assert all(d.text[0] == 'ab'[i] for i, d in runs[0])
+  share = sum(i for i, _ in runs[0]) / 200
+  assert 0.65 < share < 0.85
+
+
+# Hub sources on several hosts.
+
+
+@pytest.mark.parametrize('num_files', [2, 3])  # By shards; by rows (3 files, 2 hosts).
+def test_hub_hosts_read_disjoint_rows(tok, tmp_path, num_files):
+  texts = [_doc_text(i) for i in range(30)]
+  for f in range(num_files):
+    _write_jsonl(tmp_path / f'part{f}.jsonl', texts[f::num_files])
+  cfg = DataConfig(source='hub', name=str(tmp_path), eval_fraction=0.0)
+  got = []
+  for host in range(2):
+    src = sources.open_source(cfg, host, 2)
+    assert src.splits_by_host
+    got.append([d.text for d in sources.documents(src, repeat=False)])
+  assert got[0] and got[1] and not set(got[0]) & set(got[1])
+  assert sorted(got[0] + got[1]) == sorted(texts)
+  # The pipeline trains each host on its own rows, and resumes exactly there.
+  kw = dict(batch_size=2, seq_len=32, prefetch=0, process_index=1, process_count=2)
+  full, states = _batches(cfg, tok, 6, **kw)
+  assert set(_stream_docs(tok, full)) <= set(got[1])
+  rest, _ = _batches(cfg, tok, 3, state=states[2], **kw)
+  for a, b in zip(full[3:], rest):
+    np.testing.assert_array_equal(a, b)
+
+
 # Held-out batches.
 
 
@@ -394,7 +676,7 @@ def test_eval_batches_repeatable_and_heldout_only(tok, corpus):
   assert len(again) == len(ev) and all((a == b).all() for a, b in zip(ev, again))
   docs = list(sources.documents(sources.open_source(cfg), repeat=False))
   held = {d.text for d in docs if is_heldout(d.key, cfg.eval_fraction)}
-  got = set(_stream_docs(tok, ev))
+  got = set(_stream_docs(tok, ev, by_row=False))
   assert got and got <= held
   train, _ = _batches(cfg, tok, 80, prefetch=0)
   assert not set(_stream_docs(tok, train)) & held
@@ -440,6 +722,47 @@ def test_no_training_documents(tok, tmp_path):
   cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.0)
   with pytest.raises(ValueError, match='no training documents'):
     next(TrainBatches(cfg, tok, 2, 16, process_index=1, process_count=2, prefetch=0))
+
+
+@pytest.mark.parametrize('name,content', [
+    ('x.parquet', b'not a parquet file'),
+    ('x.jsonl', b'{"text": "fine"}\n{not json\n'),
+])
+def test_unreadable_file(tok, tmp_path, name, content):
+  (tmp_path / name).write_bytes(content)
+  cfg = DataConfig(source='files', files=str(tmp_path / name), eval_fraction=0.0)
+  with pytest.raises(ValueError, match='cannot read') as e:
+    for _ in range(3):
+      next(TrainBatches(cfg, tok, 2, 16, prefetch=1))
+  assert str(tmp_path / name) in str(e.value)
+
+
+def test_empty_corpus_after_cleaning(tok, tmp_path):
+  _write_jsonl(tmp_path / 'x.jsonl', ['', '  \n', '\t', 'short'])
+  cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.0,
+                   min_chars=10)
+  with pytest.raises(ValueError, match='no training documents') as e:
+    next(TrainBatches(cfg, tok, 2, 16, prefetch=0))
+  assert str(tmp_path / 'x.jsonl') in str(e.value) and '3 empty, 1 short' in str(e.value)
+  with pytest.raises(ValueError, match='no text'):
+    train_tokenizer(training_texts(cfg), 300, str(tmp_path / 'x.model'))
+
+
+def test_mixture_names_its_bad_source(tok, tmp_path):
+  with pytest.raises(ValueError, match='/no/where/[*].jsonl'):
+    TrainBatches(DataConfig(mixture='stdlib:1;files:/no/where/*.jsonl:1'), tok, 2, 16)
+  _write_jsonl(tmp_path / 'x.jsonl', ['hello world, a document'], key='body')
+  cfg = DataConfig(mixture=f'files:{tmp_path}/x.jsonl:1')
+  with pytest.raises(ValueError, match="column 'text' not found") as e:
+    next(TrainBatches(cfg, tok, 2, 16, prefetch=0))
+  assert str(tmp_path / 'x.jsonl') in str(e.value)
+
+
+def test_throughput_measure(tok, corpus):
+  cfg, _ = corpus
+  out = throughput.measure(cfg, tok, 2, 32, batches=3, num_threads=2)
+  assert out['pipeline_tokens_per_sec'] > 0 and out['sentencepiece_tokens_per_sec'] > 0
+  assert out['ratio'] > 0 and out['threads'] == 2 and out['documents'] > 0
 
 
 # The entry point.

@@ -1,0 +1,190 @@
+"""Documents for training, from one source or a weighted mixture: cleaned, resumable.
+
+A reader's state is where the next document to examine sits in each source, the
+mixture's document counter and the cleaning counters: a few integers per source.
+"""
+
+import logging
+from typing import Any, Iterator
+
+from data import cleaning
+from data import mixture
+from data import sources
+from data import split
+from data.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+class SourceReader:
+  """One source's training documents for this process, cleaned, in a fixed order.
+
+  Sources that do not split themselves per host (stdlib, files) are read whole by every
+  process, which keeps documents whose epoch index is process_index modulo
+  process_count. Held-out documents and those cleaning drops are skipped and counted.
+  """
+
+  def __init__(self, cfg: DataConfig, *, seed: int, process_index: int = 0,
+               process_count: int = 1):
+    self.cfg = cfg
+    self.source = sources.open_source(cfg, process_index, process_count)
+    self._seed = seed  # Shuffles the shard (file) order of each epoch.
+    self._process = (process_index, process_count)
+    self._share = (0, 1) if self.source.splits_by_host else self._process
+    self.load_state_dict({'position': sources.Position().to_dict(),
+                          'counts': cleaning.zero_counts()})
+
+  @property
+  def label(self) -> str:
+    return self.source.label
+
+  @property
+  def counts(self) -> dict[str, int]:
+    """This process's documents so far (all epochs): kept, held out, dropped by reason."""
+    return dict(self._counts)
+
+  def state_dict(self) -> dict[str, Any]:
+    return {'position': self._pos.to_dict(), 'counts': dict(self._counts)}
+
+  def load_state_dict(self, state: dict[str, Any]) -> None:
+    self._pos = sources.Position.from_dict(state['position'])
+    self._counts = cleaning.zero_counts()
+    self._counts.update({k: int(v) for k, v in state['counts'].items()})
+    self._cleaner = cleaning.Cleaner(self.cfg.min_chars, self.cfg.dedup)
+    self._docs: Iterator[sources.Document] | None = None
+    self._epoch = self._pos.epoch
+    # Documents kept in this epoch; unknown (None) when resuming inside one.
+    self._kept_in_epoch: int | None = 0 if self._pos.index == 0 else None
+
+  def shard_name(self, pos: sources.Position | None = None) -> str:
+    return sources.shard_name(self.source, pos or self._pos, self._seed)
+
+  def next(self) -> sources.Document:
+    """The next training document of this process; raises if an epoch holds none."""
+    if self._docs is None:
+      self._replay_dedup()
+      self._docs = sources.documents(self.source, self._pos, repeat=True, seed=self._seed)
+    for doc in self._docs:
+      if doc.position.epoch != self._epoch:
+        self._end_epoch()
+        self._epoch = doc.position.epoch
+      self._pos = doc.position.next()
+      reason = self._cleaner.verdict(doc.text, doc.position.epoch)
+      if doc.position.index % self._share[1] != self._share[0]:
+        continue  # Another process's document (still seen by the dedup set above).
+      if reason is None and split.is_heldout(doc.key, self.cfg.eval_fraction):
+        reason = 'heldout'
+      if reason is not None:
+        self._counts[reason] += 1
+        continue
+      self._counts['kept'] += 1
+      if self._kept_in_epoch is not None:
+        self._kept_in_epoch += 1
+      return doc
+    raise AssertionError('documents(repeat=True) never ends')
+
+  def fetch(self, positions: list[sources.Position]) -> list[sources.Document]:
+    """The documents at `positions` (to restore packing streams), raising if one is gone.
+
+    They were taken not long before the reader's position, so one pass per epoch from
+    the earliest reads them all, instead of re-opening (and skipping into) a shard each.
+    """
+    found: dict[sources.Position, sources.Document] = {}
+    for epoch in sorted({p.epoch for p in positions}):
+      wanted = sorted({p for p in positions if p.epoch == epoch}, key=lambda p: p.index)
+      for doc in sources.documents(self.source, wanted[0], repeat=False, seed=self._seed):
+        if doc.position.index > wanted[-1].index:
+          break
+        found[doc.position] = doc
+    for p in positions:
+      if p not in found:
+        raise sources.DataError(
+            f'data state does not match the data: {self.label} has no document at {p} '
+            '(did the data change?)')
+    return [found[p] for p in positions]
+
+  def _end_epoch(self) -> None:
+    i, n = self._process
+    if self._kept_in_epoch == 0:
+      raise sources.DataError(
+          f'{self.label}: process {i} of {n} has no training documents in epoch '
+          f'{self._epoch} (so far: {cleaning.describe(self._counts)}); the source has too '
+          'few, data.eval_fraction holds them all out, or cleaning (blank documents, '
+          'data.min_chars, data.dedup) drops them')
+    log.info('%s: epoch %d done on process %d of %d; documents so far: %s', self.label,
+             self._epoch, i, n, cleaning.describe(self._counts))
+    self._kept_in_epoch = 0
+
+  def _replay_dedup(self) -> None:
+    """Rebuilds the dedup set of the epoch up to the resume point (no tokenising)."""
+    if not self._cleaner.dedup or self._pos.index == 0:
+      return
+    start = sources.Position(epoch=self._pos.epoch)
+    for doc in sources.documents(self.source, start, repeat=False, seed=self._seed):
+      if doc.position.index >= self._pos.index:
+        break
+      self._cleaner.verdict(doc.text, doc.position.epoch)
+
+
+class MixtureReader:
+  """Training documents drawn from several sources by weight (or from one source).
+
+  Document n comes from the source `mixture.Chooser(weights, seed)(n)` picks, so the
+  choice needs no saved RNG; each source keeps its own position and epochs.
+  """
+
+  def __init__(self, cfg: DataConfig, *, seed: int, process_index: int = 0,
+               process_count: int = 1):
+    parts = mixture.components(cfg)
+    self.readers = [SourceReader(c, seed=seed, process_index=process_index,
+                                 process_count=process_count) for _, c in parts]
+    self._choose = mixture.Chooser([w for w, _ in parts], seed)
+    self._counter = 0
+
+  def next(self) -> tuple[int, sources.Document]:
+    """(source index, document) of the next training document."""
+    i = self._choose(self._counter)
+    doc = self.readers[i].next()
+    self._counter += 1
+    return i, doc
+
+  def state_dict(self) -> dict[str, Any]:
+    return {'counter': self._counter, 'sources': [r.state_dict() for r in self.readers]}
+
+  def load_state_dict(self, state: dict[str, Any]) -> None:
+    if len(state['sources']) != len(self.readers):
+      raise ValueError(
+          f'data state has {len(state["sources"])} sources but the config names '
+          f'{len(self.readers)}; did data.mixture change?')
+    self._counter = int(state['counter'])
+    for r, s in zip(self.readers, state['sources']):
+      r.load_state_dict(s)
+
+
+def single_pass(cfg: DataConfig, *, heldout: bool) -> Iterator[sources.Document]:
+  """One pass over the training (or held-out) documents in listed order, cleaned.
+
+  With a mixture, sources are interleaved by weight (seed 0) until each runs out.
+  """
+  parts = mixture.components(cfg)
+  streams = [_one_pass(c, heldout) for _, c in parts]
+  live = list(range(len(parts)))
+  choose = mixture.Chooser([w for w, _ in parts], 0)
+  counter = 0
+  while live:
+    i = live[choose(counter)]
+    counter += 1
+    doc = next(streams[i], None)
+    if doc is None:  # Spent: share its weight out among the others from here on.
+      live.remove(i)
+      choose = mixture.Chooser([parts[j][0] for j in live], 0)
+      continue
+    yield doc
+
+
+def _one_pass(cfg: DataConfig, heldout: bool) -> Iterator[sources.Document]:
+  cleaner = cleaning.Cleaner(cfg.min_chars, cfg.dedup)
+  for doc in sources.documents(sources.open_source(cfg), repeat=False):
+    if (cleaner.verdict(doc.text) is None
+        and split.is_heldout(doc.key, cfg.eval_fraction) == heldout):
+      yield doc
