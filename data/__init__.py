@@ -1,9 +1,11 @@
-"""Input pipeline: sources, cleaning, mixtures, tokenizer, packing, per-host sharding.
+"""Input pipeline: sources, cleaning, mixtures, tokenizer, packing, process sharding.
 
 sources.py reads documents (stdlib, files, hub); cleaning.py drops blank, short and
-duplicate ones; mixture.py weighs several sources; reader.py turns them into this
-process's resumable stream of training documents; pipeline.py tokenises and packs it
-into batches whose rows come from different documents; throughput.py measures it.
+duplicate ones; mixture.py weighs several sources; reader.py turns them into one
+resumable sequence of training documents; pipeline.py deals that sequence out to packing
+streams and packs them into batches whose rows come from different documents, the same
+global batches for any process count (each process tokenises only its own streams);
+throughput.py measures it.
 
 This package never imports jax or flax: it hands out numpy batches, and its state is a
 small JSON-able dict that the trainer stores next to its checkpoints.

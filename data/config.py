@@ -32,7 +32,12 @@ class DataConfig:
   mixture: str = ''
   """Weighted sources 'KIND[:ARG]:WEIGHT;...' (see data/mixture.py); empty = data.source."""
   streams: int = 0
-  """Packing streams per process (row r of a batch is stream r's next window); 0 = rows."""
+  """Packing streams of all processes together; 0 = the global batch's rows (one per row).
+
+  Training document n is packed into stream n % streams, and global row r of batch b is
+  the next window of stream (b * rows + r) % streams. Several processes need a multiple
+  of the global rows; next to a hub source split per host, a multiple of the processes.
+  """
   min_chars: int = 0
   """Drop documents shorter than this many characters; 0 = keep all non-blank ones."""
   dedup: bool = False

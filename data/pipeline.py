@@ -1,25 +1,39 @@
 """Training and held-out batches: read, clean, tokenise, pack; resumable exactly.
 
-The rows of a training batch come from K packing streams (K = data.streams, by default
-the batch's row count): row r of a batch is the next window of stream (r + offset) % K,
-so one batch holds windows of K different documents rather than K consecutive windows
-of one. A stream that runs out of tokens takes the next document from the one shared
-reader (data/reader.py), which documents are read ahead from and encoded in batches.
+Layout. The training documents form one sequence, numbered n = 0, 1, 2, ... across
+epochs (in a mixture, n alone picks the source: data/mixture.py). Document n belongs to
+packing stream n % K, where K = data.streams or, by default, the global row count
+G = batch_size * process_count. A stream is its documents ([BOS] ids EOS) end to end,
+cut into windows of seq_len + 1 tokens that share their edge token. Global row r of
+batch b is the next window of stream (b * G + r) % K, and process p hands out the
+global rows [p * batch_size, (p + 1) * batch_size). So the rows of a batch come from
+different streams, not consecutive windows of one document, and the global batch (every
+process's rows in process order) is the same for every process count that divides G.
+Each process reads and cleans the whole sequence but tokenises only the documents of its
+own streams, a chunk at a time on several threads; a document for a stream still busy
+with a long one waits in that stream's queue.
 
-The state is small and JSON-able: the reader's state at the first document no stream
-has taken yet (per source a position and counters, plus the mixture's counter), and per
-stream the position of the document it is packing, how many of that document's tokens
-are already packed, and the packer's leftover (fewer than one window). Restoring re-reads
-each stream's document and skips the packed part, so batches continue bit for bit.
+State. Per stream, where its next window starts: a document number and a token offset
+into that document. And the reader's state (per source a position and counters, and the
+mixture's counter) at a document no later than any the streams still need. Restoring
+reads on from there and skips what the streams had already taken, so batches continue
+bit for bit. A process's state_dict() holds its own streams; TrainBatches.merge_states
+joins every process's into one global state, which any process count restores.
+
+Hub sources split across hosts are the exception: each host streams its own rows
+(data/sources.py), so with several processes and a hub source each process numbers its
+own documents and packs them into K / process_count streams of its own. Its batches then
+depend on the process count, and its state resumes only with the same process count.
 """
 
 import collections
 import copy
+import dataclasses
 import logging
 import os
 import queue
 import threading
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -31,87 +45,232 @@ from data.config import DataConfig
 from data.packing import Packer
 from data.tokenizer import Tokenizer
 
-_STATE_VERSION = 2
+_STATE_VERSION = 3
+# How documents are numbered: one sequence read by every process, or one per process
+# (next to a hub source split per host).
+_GLOBAL, _PER_PROCESS = 'global', 'per_process'
 _T = TypeVar('_T')
 Batch = np.ndarray | dict[str, np.ndarray]
 log = logging.getLogger(__name__)
 
 
-class _Feed:
-  """The shared reader, read ahead a chunk at a time and encoded as one batch."""
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Which packing stream feeds each row, and which streams this process owns."""
 
-  def __init__(self, reader: reader_lib.MixtureReader,
-               encode: Callable[[list[str]], list[list[int]]], chunk: int):
-    self.reader = reader
-    self.encode = encode
+  kind: str  # _GLOBAL or _PER_PROCESS.
+  num_streams: int  # K: document n belongs to stream n % K.
+  rows: int  # G: the rows of a batch in this numbering (all processes', or its own).
+  first_row: int  # This process's first row among them.
+  batch_size: int  # This process's rows.
+
+  @classmethod
+  def make(cls, cfg: DataConfig, batch_size: int, process_index: int, process_count: int,
+           per_process: bool) -> '_Layout':
+    if per_process:
+      if cfg.streams % process_count:
+        raise ValueError(
+            f'data.streams={cfg.streams} must be a multiple of the {process_count} '
+            'processes: next to a hub source split per host, each process packs its own '
+            'documents into data.streams / process_count streams')
+      k = cfg.streams // process_count or batch_size
+      return cls(_PER_PROCESS, k, batch_size, 0, batch_size)
+    rows = batch_size * process_count
+    k = cfg.streams or rows
+    # A stream must feed the rows of one process only: K a multiple of G puts stream j
+    # on global row j % G in every batch.
+    if process_count > 1 and k % rows:
+      raise ValueError(
+          f'data.streams={cfg.streams} must be 0 or a multiple of the global batch rows '
+          f'({batch_size} per process x {process_count} processes = {rows}) so that each '
+          'packing stream feeds one process')
+    return cls(_GLOBAL, k, rows, process_index * batch_size, batch_size)
+
+  def owned(self) -> list[int]:
+    """This process's streams, in order."""
+    if self.rows == self.batch_size:
+      return list(range(self.num_streams))
+    return [j for j in range(self.num_streams)
+            if self.first_row <= j % self.rows < self.first_row + self.batch_size]
+
+  def stream(self, batch: int, row: int) -> int:
+    """The stream of this process's row `row` in batch number `batch`."""
+    return (batch * self.rows + self.first_row + row) % self.num_streams
+
+
+@dataclasses.dataclass(eq=False)
+class _Doc:
+  """A document of this process's streams, from when it is read until it is packed."""
+
+  n: int  # Its number in the document sequence; its stream is n % K.
+  key: str
+  text: str | None  # Dropped once encoded.
+  before: dict[str, Any]  # The reader's state just before it: restoring there reads it.
+  tokens: np.ndarray | None = None  # int32 [BOS] ids EOS; None until encoded.
+
+
+class _Scanner:
+  """Reads the document sequence and queues this process's documents by stream.
+
+  Documents of other processes' streams are read (the reader's positions, counters and
+  dedup set must see them) and dropped without tokenising. Encoding waits until a
+  stream needs a document, then covers a chunk of queued ones in one threaded call.
+  """
+
+  def __init__(self, reader: reader_lib.MixtureReader, num_streams: int,
+               encode: Callable[[list[str]], list[np.ndarray]], chunk: int):
+    self._reader = reader
+    self._k = num_streams
+    self._encode = encode
     self._chunk = max(chunk, 1)
-    # (reader state before the document, source index, document, token ids).
-    self._pending: collections.deque[tuple[dict[str, Any], int, sources.Document, list[int]]]
-    self._pending = collections.deque()
+    self._queues: dict[int, collections.deque[_Doc]] = {}
+    self._first: dict[int, int] = {}
+    self._unencoded = 0  # Queued documents not encoded yet.
 
-  def take(self) -> tuple[int, sources.Document, list[int]]:
-    if not self._pending:
-      items = []
-      for _ in range(self._chunk):
-        before = self.reader.state_dict()
-        items.append((before, *self.reader.next()))
-      ids = self.encode([doc.text for _, _, doc in items])
-      self._pending.extend((*item, i) for item, i in zip(items, ids))
-    _, source, doc, ids = self._pending.popleft()
-    return source, doc, ids
+  def restart(self, reader_state: dict[str, Any], first: dict[int, int]) -> None:
+    """Reads on from `reader_state`; stream j takes documents from number first[j] on."""
+    self._reader.load_state_dict(reader_state)
+    self._first = dict(first)
+    self._queues = {j: collections.deque() for j in first}
+    self._unencoded = 0
 
-  def state_dict(self) -> dict[str, Any]:
-    """The reader's state as if no document had been read ahead."""
-    return self._pending[0][0] if self._pending else self.reader.state_dict()
+  def take(self, stream: int) -> _Doc:
+    """The stream's next document, encoded."""
+    waiting = self._queues[stream]
+    while not waiting:
+      self._read()
+    doc = waiting.popleft()
+    if doc.tokens is None:
+      self._encode_chunk(doc)
+    return doc
 
-  def load_state_dict(self, state: dict[str, Any]) -> None:
-    self._pending.clear()
-    self.reader.load_state_dict(state)
+  def checkpoint(self, held: Iterable[_Doc]) -> dict[str, Any]:
+    """A reader state no later than any document in `held` or in the queues.
+
+    The streams pass their first documents; a stream that holds none needs either its
+    queue's first or one not read yet.
+    """
+    docs = list(held) + [q[0] for q in self._queues.values() if q]
+    if not docs:
+      return self._reader.state_dict()
+    return min(docs, key=lambda d: d.n).before
+
+  def _read(self) -> None:
+    n = self._reader.counter
+    j = n % self._k
+    if j in self._queues and n >= self._first[j]:
+      before = self._reader.state_dict()
+      _, read = self._reader.next()
+      doc = _Doc(n, read.key, read.text, before)
+      self._queues[j].append(doc)
+      self._unencoded += 1
+    else:  # Another process's, or one its stream took before the state was saved.
+      self._reader.next()
+
+  def _encode_chunk(self, doc: _Doc) -> None:
+    while self._unencoded < self._chunk:  # Read ahead: one call encodes a chunk.
+      self._read()
+    # With it go the streams' next documents; those queued far behind a long document
+    # wait as text until their stream nears them.
+    depth = max(2, -(-self._chunk // len(self._queues)))
+    soon = [(level, d.n, d) for q in self._queues.values()
+            for level, d in zip(range(depth), q) if d.tokens is None]
+    soon.sort(key=lambda item: item[:2])
+    chunk = [doc] + [d for _, _, d in soon[:self._chunk - 1]]
+    for d, tokens in zip(chunk, self._encode([d.text for d in chunk])):
+      d.tokens, d.text = tokens, None
+    self._unencoded -= len(chunk)
 
 
 class _Stream:
-  """One packing stream: a packer and the document it is cutting into windows."""
+  """One packing stream: documents j, j + K, j + 2K, ... end to end, cut into windows."""
 
-  def __init__(self, packer: Packer):
-    self.packer = packer
-    self.source = 0
-    self.doc: sources.Document | None = None
-    self.tokens: list[int] = []  # The document as it enters the stream ([BOS] ids EOS).
-    self.offset = 0  # Tokens of it already in the packer.
+  def __init__(self, index: int, num_streams: int, seq_len: int):
+    self.index = index
+    self._k = num_streams
+    self._seq_len = seq_len
+    self.next = index  # The document the next window starts in ...
+    self.offset = 0  # ... and the token of it (counting BOS) that it starts at.
+    self._key: str | None = None  # That document's key, while resuming inside it.
+    self._docs: collections.deque[_Doc] = collections.deque()  # Taken, from `next` on.
+    self._held = 0  # Tokens in self._docs.
 
-  def start(self, source: int, doc: sources.Document, ids: list[int], offset: int = 0) -> None:
-    self.source, self.doc, self.tokens, self.offset = source, doc, self.packer.wrap(ids), offset
-
-  def window(self, feed: _Feed) -> np.ndarray:
-    while (window := self.packer.pop()) is None:
-      if self.doc is None:
-        self.start(*feed.take())
-      # Feed at most one window's worth, so the leftover (and the state) stays small.
-      end = min(self.offset + self.packer.window - self.packer.buffered, len(self.tokens))
-      self.packer.add(self.tokens[self.offset:end])
-      self.offset = end
-      if end == len(self.tokens):
-        self.doc, self.tokens, self.offset = None, [], 0
-    return window
+  @property
+  def first(self) -> _Doc | None:
+    return self._docs[0] if self._docs else None
 
   def state_dict(self) -> dict[str, Any]:
-    return {
-        'source': self.source if self.doc else 0,
-        'position': self.doc.position.to_dict() if self.doc else None,
-        'offset': self.offset,
-        'buffer': self.packer.state_dict()['buffer'],
-    }
+    out: dict[str, Any] = {'next': self.next, 'offset': self.offset}
+    if self.offset:  # Names the document, so a resume onto changed data fails.
+      out['key'] = self._docs[0].key if self._docs else self._key
+    return out
+
+  def load_state_dict(self, state: dict[str, Any]) -> None:
+    self.next, self.offset = int(state['next']), int(state['offset'])
+    if self.next % self._k != self.index or self.offset < 0:
+      raise ValueError(f'data state: stream {self.index} of {self._k} cannot start at '
+                       f'document {self.next}, token {self.offset}')
+    self._key = state.get('key')
+    self._docs.clear()
+    self._held = 0
+
+  def fill(self, take: Callable[[int], _Doc], size: int) -> None:
+    """Takes documents until `size` tokens are held from the next window's start on."""
+    while self._held - self.offset < size:
+      doc = take(self.index)
+      want = self._docs[-1].n + self._k if self._docs else self.next
+      if doc.n != want:
+        raise AssertionError(f'stream {self.index} expected document {want}, got {doc.n}')
+      if not self._docs and self.offset:
+        self._check_resumed(doc)
+      self._docs.append(doc)
+      self._held += len(doc.tokens)
+
+  def window(self, take: Callable[[int], _Doc]) -> np.ndarray:
+    """The next int32 [seq_len + 1] window; the next one starts at its last token."""
+    size = self._seq_len + 1
+    self.fill(take, size)
+    parts, start, left = [], self.offset, size
+    for d in self._docs:
+      part = d.tokens[start:start + left]
+      parts.append(part)
+      left -= len(part)
+      start = 0
+      if not left:
+        break
+    self.offset += self._seq_len
+    while self.offset >= len(self._docs[0].tokens):  # The last token is always held.
+      done = self._docs.popleft()
+      self.offset -= len(done.tokens)
+      self._held -= len(done.tokens)
+      self.next = done.n + self._k
+    self._key = None
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+  def _check_resumed(self, doc: _Doc) -> None:
+    if (self._key is not None and doc.key != self._key) or self.offset >= len(doc.tokens):
+      raise sources.DataError(
+          f'data state does not match the data: document {doc.n} is {doc.key!r} '
+          f'({len(doc.tokens)} tokens), the state has {self.offset} tokens of '
+          f'{self._key!r} packed (did the data change?)')
 
 
 class TrainBatches:
-  """Endless int32 batches [batch_size, seq_len + 1] of this process's training documents.
+  """Endless int32 batches [batch_size, seq_len + 1]: this process's rows of each global batch.
 
   With data.segment_ids each batch is a dict {'tokens', 'segment_ids'} of that shape
-  instead (see packing.segment_ids). Hosts read disjoint documents (data/reader.py);
-  held-out and cleaned-out documents are skipped. `state_dict()` describes the batches
-  handed out so far, never prefetched ones. With prefetch > 0 a background thread
-  reads, encodes and packs that many batches ahead; call `close()` (or use `with`) to
-  stop it early.
+  instead (see packing.segment_ids). The global batch, every process's rows in process
+  order, does not depend on the process count (see the module docstring for the layout
+  and the one exception, hub sources). No document is tokenised into two processes'
+  rows; held-out and cleaned-out documents are skipped. `state_dict()` describes the
+  batches handed out so far, never prefetched ones. With prefetch > 0 a background
+  thread reads, encodes and packs that many batches ahead; call `close()` (or use
+  `with`) to stop it early.
+
+  Saving and restoring: single process, `state_dict()` and `load_state_dict(state)`.
+  Several processes: gather every process's `state_dict()`, store
+  `TrainBatches.merge_states(states)`, and on restore give that merged state to
+  `load_state_dict` on every process, whatever their number.
   """
 
   def __init__(
@@ -132,29 +291,24 @@ class TrainBatches:
     self._cfg = cfg
     self._reader = reader_lib.MixtureReader(
         cfg, seed=seed, process_index=process_index, process_count=process_count)
+    self._layout = _Layout.make(cfg, batch_size, process_index, process_count,
+                                self._reader.per_process)
     self._tokenizer = tokenizer
     self._batch_size = batch_size
-    self._num_streams = cfg.streams or batch_size
     self._seq_len = seq_len
     self._process_index = process_index
     self._process_count = process_count
     self._seed = seed
-    self._bos_id = tokenizer.bos_id if add_bos else None
+    self._head = [tokenizer.bos_id] if add_bos else []
     self._prefetch = prefetch
-    threads = cfg.encode_threads or os.cpu_count() or 1
-    self._feed = _Feed(self._reader, lambda t: tokenizer.encode_batch(t, num_threads=threads),
-                       encode_docs)
+    self._threads = cfg.encode_threads or os.cpu_count() or 1
+    self._scanner = _Scanner(self._reader, self._layout.num_streams, self._encode, encode_docs)
+    self._streams: dict[int, _Stream] = {}
     self._thread: threading.Thread | None = None
     self._stop = threading.Event()
     self._queue: queue.Queue = queue.Queue()
     self._error: BaseException | None = None
-    self._reset({
-        'version': _STATE_VERSION,
-        'reader': self._reader.state_dict(),
-        'streams': [_Stream(self._packer()).state_dict() for _ in range(self._num_streams)],
-        'next_stream': 0,
-        'batches': 0,
-    })
+    self._reset(self._fresh(self._reader.state_dict(), 0))
 
   # Iteration.
 
@@ -193,12 +347,15 @@ class TrainBatches:
   # State.
 
   def state_dict(self) -> dict[str, Any]:
-    """JSON-serialisable state after the last batch handed out."""
+    """JSON-serialisable state after the last batch handed out: this process's part.
+
+    With several processes, TrainBatches.merge_states of every process's part is the
+    state to store. Keys: 'version', 'layout', 'num_streams', 'batches' (global batches
+    handed out), 'streams' ({stream index as a string: {'next', 'offset'[, 'key']}}),
+    'reader' (the reader state to read on from), and for checks and readers
+    'shard_names', 'seed', 'process_index', 'process_count'.
+    """
     state = copy.deepcopy(self._state)
-    for s in state['streams']:
-      if s['position'] is not None:
-        pos = sources.Position.from_dict(s['position'])
-        s['shard_name'] = self._reader.readers[s['source']].shard_name(pos)
     readers = zip(self._reader.readers, state['reader']['sources'])
     state.update(
         shard_names=[r.shard_name(sources.Position.from_dict(s['position']))
@@ -209,32 +366,112 @@ class TrainBatches:
     )
     return state
 
-  def load_state_dict(self, state: dict[str, Any]) -> None:
-    """Continues from `state`: the next batch is the one after it was taken."""
-    state = self._upgrade(state)
-    if state.get('version') != _STATE_VERSION:
-      raise ValueError(f'data state has version {state.get("version")!r}, '
-                       f'expected {_STATE_VERSION}')
-    if len(state['reader']['sources']) != len(self._reader.readers):
+  @staticmethod
+  def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One state from every process's state_dict(), in any order: what to store.
+
+    It holds every packing stream and the earliest reader state among them, so any
+    number of processes restores it with load_state_dict (each keeps its own streams).
+    A per-process state (a hub source split per host) becomes the list of all of them,
+    which restores with the same process count only.
+    """
+    states = [copy.deepcopy(dict(s)) for s in states]
+    if not states:
+      raise ValueError('merge_states needs the state of every process; got none')
+    if len(states) == 1:
+      return states[0]
+    first = states[0]
+    for s in states:
+      if s.get('version') != _STATE_VERSION:
+        raise ValueError(f'merge_states takes version-{_STATE_VERSION} data states; got '
+                         f'version {s.get("version")!r}')
+    n = len(states)
+    indices = sorted(int(s['process_index']) for s in states)
+    if indices != list(range(n)) or {int(s['process_count']) for s in states} != {n}:
       raise ValueError(
-          f'data state has {len(state["reader"]["sources"])} sources but the config names '
+          f'merge_states needs the state of each of the processes once; got process '
+          f'indices {indices} of process counts '
+          f'{sorted({s["process_count"] for s in states})}')
+    for key in ('layout', 'num_streams', 'batches', 'seed'):
+      if len({s.get(key) for s in states}) != 1:
+        raise ValueError(f'data states of different processes disagree on {key!r}: '
+                         f'{[s.get(key) for s in states]}')
+    states.sort(key=lambda s: int(s['process_index']))
+    if first['layout'] == _PER_PROCESS:
+      return {'version': _STATE_VERSION, 'layout': _PER_PROCESS, 'process_count': n,
+              'processes': states}
+    streams: dict[str, Any] = {}
+    for s in states:
+      for j, stream in s['streams'].items():
+        if j in streams:
+          raise ValueError(f'data states of two processes both hold packing stream {j}')
+        streams[j] = stream
+    if len(streams) != int(first['num_streams']):
+      raise ValueError(f'data states hold {len(streams)} of {first["num_streams"]} packing '
+                       'streams; merge the state of every process')
+    earliest = min(states, key=lambda s: int(s['reader']['counter']))
+    merged = dict(earliest, process_count=n,
+                  streams=dict(sorted(streams.items(), key=lambda item: int(item[0]))))
+    del merged['process_index']
+    return merged
+
+  def load_state_dict(self, state: dict[str, Any]) -> None:
+    """Continues from `state`: the next batch is the one after it was taken.
+
+    `state` is a merged state (TrainBatches.merge_states) or a single process's
+    state_dict() that holds this process's streams (one saved by a single process, or
+    by this process with the same process count).
+    """
+    state = self._own_part(self._upgrade(state))
+    if state.get('layout') != self._layout.kind:
+      raise ValueError(
+          f'data state numbers documents {_LAYOUT_WORDS.get(state.get("layout"), "?")}, '
+          f'this run {_LAYOUT_WORDS[self._layout.kind]}: a hub source split per host '
+          '(several processes) resumes only with the process count it was saved with')
+    reader_state = state['reader']
+    if len(reader_state['sources']) != len(self._reader.readers):
+      raise ValueError(
+          f'data state has {len(reader_state["sources"])} sources but the config names '
           f'{len(self._reader.readers)}; did data.mixture change?')
-    for s in state['streams']:
-      if s['position'] is not None:
-        self._check_shard(s['source'], s['position'], s.get('shard_name'))
-    reader_states = state['reader']['sources']
-    names = state.get('shard_names') or [None] * len(reader_states)
-    for i, (s, name) in enumerate(zip(reader_states, names)):
+    names = state.get('shard_names') or [None] * len(reader_state['sources'])
+    for i, (s, name) in enumerate(zip(reader_state['sources'], names)):
       self._check_shard(i, s['position'], name)
+    saved = state['streams']
+    counter, batches = int(reader_state['counter']), int(state['batches'])
+    if int(state['num_streams']) != self._layout.num_streams:
+      # Another data.streams or global batch size: fresh streams start after the last
+      # document any stream had started, rather than failing the resume.
+      start = max([int(s['next']) for s in saved.values()] + [counter])
+      log.warning('data state has %s packing streams, resuming with %d from document %d',
+                  state['num_streams'], self._layout.num_streams, start)
+      new = self._fresh(reader_state, batches, start)
+    else:
+      owned = self._layout.owned()
+      missing = [j for j in owned if str(j) not in saved]
+      if missing:
+        raise ValueError(
+            f'data state lacks {len(missing)} packing streams of process '
+            f'{self._process_index} (first: {missing[0]}); restore from '
+            "TrainBatches.merge_states of every process's state_dict()")
+      new = self._fresh(reader_state, batches)
+      new['streams'] = {str(j): dict(saved[str(j)]) for j in owned}
+      late = min(owned, key=lambda j: int(saved[str(j)]['next']))
+      if int(saved[str(late)]['next']) < counter:
+        raise ValueError(
+            f'data state reads on from document {counter}, after document '
+            f'{saved[str(late)]["next"]} that stream {late} still needs; restore from '
+            "TrainBatches.merge_states of every process's state_dict()")
     self.close()
-    self._reset(state)
+    self._reset(new)
     self._build()  # Now, so that a state that does not match the data fails here.
 
   def stats(self) -> dict[str, Any]:
     """Document counts of the batches handed out: per source and summed over sources.
 
-    Each count is of this process's documents read so far (every epoch): 'kept',
-    'heldout', and the cleaning drops 'empty', 'short', 'duplicate'.
+    The counts are of every process's documents (except next to a hub source split per
+    host: this process's), over every epoch, up to the earliest document this process's
+    streams still use: 'kept', 'heldout', and the cleaning drops 'empty', 'short',
+    'duplicate'.
     """
     per_source = [dict(s['counts']) for s in self._state['reader']['sources']]
     total = {k: sum(c.get(k, 0) for c in per_source) for k in cleaning.zero_counts()}
@@ -248,29 +485,73 @@ class TrainBatches:
           f'data state points into {name!r} but the data now has {expected!r} there; '
           'did data.files or the data change?')
 
-  def _upgrade(self, state: dict[str, Any]) -> dict[str, Any]:
-    """Reads a version-1 state (one packing stream) as a version-2 one."""
-    if state.get('version') != 1:
+  def _own_part(self, state: dict[str, Any]) -> dict[str, Any]:
+    """This process's state out of a merged per-process one; checks a single one."""
+    if state.get('layout') != _PER_PROCESS or self._layout.kind != _PER_PROCESS:
       return state
-    pos = sources.Position.from_dict(state['position'])
-    self._check_shard(0, state['position'], state.get('shard_name'))
-    offset = int(state['offset'])
-    streams = [_Stream(self._packer()).state_dict() for _ in range(self._num_streams)]
-    streams[0] = {'source': 0, 'position': pos.to_dict() if offset else None,
-                  'offset': offset, 'buffer': state['packer']['buffer']}
-    reader_pos = pos.next() if offset else pos
-    return {
-        'version': _STATE_VERSION,
-        'reader': {'counter': 0, 'sources': [{'position': reader_pos.to_dict(), 'counts': {}}]},
-        'streams': streams,
-        'next_stream': 0,
-        'batches': int(state['batches']),
-    }
+    saved = int(state.get('process_count', self._process_count))
+    if saved != self._process_count:
+      raise ValueError(
+          f'data state was saved by {saved} processes that each read their own rows of a '
+          f'hub source (data/sources.py); it resumes only on {saved} processes, not '
+          f'{self._process_count}')
+    if 'processes' in state:
+      return state['processes'][self._process_index]
+    if int(state.get('process_index', self._process_index)) != self._process_index:
+      raise ValueError(
+          f'data state of process {state["process_index"]} given to process '
+          f'{self._process_index}; restore from TrainBatches.merge_states of every '
+          "process's state_dict()")
+    return state
+
+  def _upgrade(self, state: dict[str, Any]) -> dict[str, Any]:
+    """Reads a version-1 or -2 state (streams filled on demand) as a version-3 one.
+
+    Those layouts cannot be continued exactly: fresh streams start at the first
+    document no stream had taken, and the rest of the documents in progress is lost.
+    """
+    version = state.get('version')
+    if version not in (1, 2):
+      return state
+    if version == 1:
+      pos = sources.Position.from_dict(state['position'])
+      if int(state['offset']):
+        pos = pos.next()
+      reader_state = {'counter': 0, 'sources': [{'position': pos.to_dict(), 'counts': {}}]}
+      names = [state.get('shard_name')]
+    else:
+      reader_state = state['reader']
+      names = state.get('shard_names')
+    log.warning('data state version %d: resuming at the first document its streams had '
+                'not taken; the documents they were packing are not finished', version)
+    return dict(self._fresh(reader_state, int(state['batches']), int(reader_state['counter'])),
+                shard_names=names)
 
   # Producing batches.
 
-  def _packer(self) -> Packer:
-    return Packer(self._seq_len, self._tokenizer.eos_id, self._bos_id)
+  def _fresh(self, reader_state: dict[str, Any], batches: int, start: int = 0) -> dict[str, Any]:
+    """A state whose streams each start with their first document from number `start` on."""
+    k = self._layout.num_streams
+    return {
+        'version': _STATE_VERSION,
+        'layout': self._layout.kind,
+        'num_streams': k,
+        'batches': batches,
+        'streams': {str(j): {'next': start + (j - start) % k, 'offset': 0}
+                    for j in self._layout.owned()},
+        'reader': reader_state,
+    }
+
+  def _encode(self, texts: list[str]) -> list[np.ndarray]:
+    """Documents as they enter a stream: int32 [BOS] ids EOS."""
+    out = []
+    for ids in self._tokenizer.encode_batch(texts, num_threads=self._threads):
+      tokens = np.empty(len(self._head) + len(ids) + 1, np.int32)
+      tokens[:len(self._head)] = self._head
+      tokens[len(self._head):-1] = ids
+      tokens[-1] = self._tokenizer.eos_id
+      out.append(tokens)
+    return out
 
   def _reset(self, state: dict[str, Any]) -> None:
     """Sets what is handed out next; the streams are rebuilt from it on the next batch."""
@@ -281,54 +562,34 @@ class TrainBatches:
 
   def _build(self) -> None:
     state = self._state
-    self._feed.load_state_dict(state['reader'])
-    saved = list(state['streams'])
-    if len(saved) != self._num_streams:
-      # A new batch size or process count: streams past the new count give up the rest
-      # of their documents rather than failing the resume.
-      log.warning('data state has %d packing streams, resuming with %d', len(saved),
-                  self._num_streams)
-      saved = (saved + [_Stream(self._packer()).state_dict()] * self._num_streams)
-      saved = saved[:self._num_streams]
-    self._streams = [_Stream(self._packer()) for _ in saved]
-    reopen: list[tuple[_Stream, int, sources.Position, int]] = []
-    for stream, s in zip(self._streams, saved):
-      stream.packer.load_state_dict({'buffer': s['buffer']})
-      if s['position'] is not None:
-        reopen.append((stream, int(s['source']), sources.Position.from_dict(s['position']),
-                       int(s['offset'])))
-    for source, reader in enumerate(self._reader.readers):
-      mine = [r for r in reopen if r[1] == source]
-      if not mine:
-        continue
-      docs = reader.fetch([pos for _, _, pos, _ in mine])
-      for (stream, _, _, offset), doc, ids in zip(
-          mine, docs, self._feed.encode([d.text for d in docs])):
-        stream.start(source, doc, ids, offset)
-        if not 0 <= offset < len(stream.tokens):
-          raise sources.DataError(
-              f'data state does not match the data: the document at {doc.position} has '
-              f'{len(stream.tokens)} tokens, the state has {offset} of them packed')
-    self._next_stream = int(state['next_stream']) % self._num_streams
+    self._streams = {}
+    for j, saved in state['streams'].items():
+      stream = _Stream(int(j), self._layout.num_streams, self._seq_len)
+      stream.load_state_dict(saved)
+      self._streams[int(j)] = stream
+    self._scanner.restart(state['reader'], {j: s.next for j, s in self._streams.items()})
+    for stream in self._streams.values():
+      if stream.offset:  # Re-reads the document now: a changed one fails here.
+        stream.fill(self._scanner.take, 1)
     self._batches = int(state['batches'])
     self._built = True
 
   def _snapshot(self) -> dict[str, Any]:
+    held = [s.first for s in self._streams.values() if s.first is not None]
     return {
         'version': _STATE_VERSION,
-        'reader': self._feed.state_dict(),
-        'streams': [s.state_dict() for s in self._streams],
-        'next_stream': self._next_stream,
+        'layout': self._layout.kind,
+        'num_streams': self._layout.num_streams,
         'batches': self._batches,
+        'streams': {str(j): s.state_dict() for j, s in self._streams.items()},
+        'reader': self._scanner.checkpoint(held),
     }
 
   def _produce(self) -> tuple[Batch, dict[str, Any]]:
     if not self._built:
       self._build()
-    rows = []
-    for _ in range(self._batch_size):
-      rows.append(self._streams[self._next_stream].window(self._feed))
-      self._next_stream = (self._next_stream + 1) % self._num_streams
+    rows = [self._streams[self._layout.stream(self._batches, i)].window(self._scanner.take)
+            for i in range(self._batch_size)]
     self._batches += 1
     return self._batch(np.stack(rows)), self._snapshot()
 
@@ -361,6 +622,10 @@ class TrainBatches:
           return
         except queue.Full:
           pass
+
+
+_LAYOUT_WORDS = {_GLOBAL: 'in one sequence for all processes',
+                 _PER_PROCESS: 'per process (a hub source split per host)'}
 
 
 def eval_batches(

@@ -2,6 +2,11 @@
 
 A reader's state is where the next document to examine sits in each source, the
 mixture's document counter and the cleaning counters: a few integers per source.
+
+Normally every process reads the same sequence of training documents (data/pipeline.py
+decides which of them each process tokenises), so all processes agree on every reader
+state and count. Only a hub source split across hosts (data/sources.py) gives each
+process its own sequence; then the other sources of the mixture are split by process too.
 """
 
 import logging
@@ -19,9 +24,10 @@ log = logging.getLogger(__name__)
 class SourceReader:
   """One source's training documents for this process, cleaned, in a fixed order.
 
-  Sources that do not split themselves per host (stdlib, files) are read whole by every
-  process, which keeps documents whose epoch index is process_index modulo
-  process_count. Held-out documents and those cleaning drops are skipped and counted.
+  With process_count > 1, a source that does not split itself per host (stdlib, files)
+  is read whole and this process keeps documents whose epoch index is process_index
+  modulo process_count (MixtureReader asks for that only next to a hub source split per
+  host). Held-out documents and those cleaning drops are skipped and counted.
   """
 
   def __init__(self, cfg: DataConfig, *, seed: int, process_index: int = 0,
@@ -83,31 +89,12 @@ class SourceReader:
       return doc
     raise AssertionError('documents(repeat=True) never ends')
 
-  def fetch(self, positions: list[sources.Position]) -> list[sources.Document]:
-    """The documents at `positions` (to restore packing streams), raising if one is gone.
-
-    They were taken not long before the reader's position, so one pass per epoch from
-    the earliest reads them all, instead of re-opening (and skipping into) a shard each.
-    """
-    found: dict[sources.Position, sources.Document] = {}
-    for epoch in sorted({p.epoch for p in positions}):
-      wanted = sorted({p for p in positions if p.epoch == epoch}, key=lambda p: p.index)
-      for doc in sources.documents(self.source, wanted[0], repeat=False, seed=self._seed):
-        if doc.position.index > wanted[-1].index:
-          break
-        found[doc.position] = doc
-    for p in positions:
-      if p not in found:
-        raise sources.DataError(
-            f'data state does not match the data: {self.label} has no document at {p} '
-            '(did the data change?)')
-    return [found[p] for p in positions]
-
   def _end_epoch(self) -> None:
     i, n = self._process
     if self._kept_in_epoch == 0:
+      who = f'process {i} of {n} has' if self._share[1] > 1 else 'has'
       raise sources.DataError(
-          f'{self.label}: process {i} of {n} has no training documents in epoch '
+          f'{self.label}: {who} no training documents in epoch '
           f'{self._epoch} (so far: {cleaning.describe(self._counts)}); the source has too '
           'few, data.eval_fraction holds them all out, or cleaning (blank documents, '
           'data.min_chars, data.dedup) drops them')
@@ -131,15 +118,27 @@ class MixtureReader:
 
   Document n comes from the source `mixture.Chooser(weights, seed)(n)` picks, so the
   choice needs no saved RNG; each source keeps its own position and epochs.
+
+  Every process reads the same documents, unless `per_process`: with several processes
+  and a hub source (which streams each host its own rows), each process reads only its
+  share of every source, and n counts this process's documents.
   """
 
   def __init__(self, cfg: DataConfig, *, seed: int, process_index: int = 0,
                process_count: int = 1):
     parts = mixture.components(cfg)
+    self.per_process = process_count > 1 and any(c.source == 'hub' for _, c in parts)
+    if not self.per_process:
+      process_index, process_count = 0, 1
     self.readers = [SourceReader(c, seed=seed, process_index=process_index,
                                  process_count=process_count) for _, c in parts]
     self._choose = mixture.Chooser([w for w, _ in parts], seed)
     self._counter = 0
+
+  @property
+  def counter(self) -> int:
+    """The number of the next document (documents handed out so far)."""
+    return self._counter
 
   def next(self) -> tuple[int, sources.Document]:
     """(source index, document) of the next training document."""

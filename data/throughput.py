@@ -36,7 +36,8 @@ def measure(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, seq_len: int
     for _ in range(batches):
       next(it)
     pipeline_s = time.perf_counter() - start
-    taken = it.stats()['total']['kept']
+    # Documents up to the last one a packing stream started (one process: all of them).
+    taken = max(s['next'] for s in it.state_dict()['streams'].values()) + 1
   reader = reader_lib.MixtureReader(cfg, seed=seed)
   texts = [reader.next()[1].text for _ in range(taken)]
   sp = spm.SentencePieceProcessor(model_file=tokenizer.path)

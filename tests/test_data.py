@@ -289,8 +289,10 @@ def test_resume_is_exact_stdlib(tok, prefetch):
   rest, _ = _batches(cfg, tok, 6, state=states[3], **kw)
   for a, b in zip(full[4:], rest):
     np.testing.assert_array_equal(a, b)
-  assert all(s['offset'] > 0 for s in states[3]['streams'])  # Resumed inside documents.
-  assert len(json.dumps(states[3])) < 20000  # Small: positions and leftovers only.
+  # Resumed inside documents; small: a document number and an offset per stream.
+  assert len(states[3]['streams']) == 8
+  assert all(s['offset'] > 0 for s in states[3]['streams'].values())
+  assert len(json.dumps(states[3])) < 2000
 
 
 def test_resume_is_exact_files_across_epochs(tok, corpus):
@@ -374,7 +376,7 @@ def test_batches_are_documents_separated_by_eos(tok, tmp_path):
   assert stream[len(expected):len(expected) + 5] == expected[:5]
   # Two streams (the default for two rows): each stream is whole documents in reader
   # order, and between them they hold every document of the epoch once.
-  batches, _ = _batches(cfg, tok, 30, batch_size=2, seq_len=32, prefetch=0)
+  batches, _ = _batches(cfg, tok, 40, batch_size=2, seq_len=32, prefetch=0)
   per_stream = [_split_docs(tok, s) for s in _streams(batches)]
   for docs in per_stream:
     order = [texts.index(d) for d in docs]
@@ -419,21 +421,92 @@ def test_rows_of_a_batch_come_from_different_documents(tok, tmp_path):
       assert shared == len(batches) * (rows - 1)  # Neighbouring rows share their edge.
 
 
-def test_two_hosts_read_disjoint_documents(tok, tmp_path):
+def test_two_hosts_tokenise_disjoint_documents(tok, tmp_path):
   texts = [_doc_text(i) for i in range(40)]
   _write_jsonl(tmp_path / 'one.jsonl', texts)
   cfg = DataConfig(source='files', files=str(tmp_path / 'one.jsonl'), eval_fraction=0.25)
-  train = {t for i, t in enumerate(texts) if not is_heldout(f'one.jsonl:{i}', 0.25)}
-  seen = []
+  train = [t for i, t in enumerate(texts) if not is_heldout(f'one.jsonl:{i}', 0.25)]
+  assert 0 < 40 - len(train) < 20
+  # Training document n (n = 0, 1, ... over epochs) is packed into global stream n % 4,
+  # which is process n % 4 // 2's local row n % 2.
+  epoch0 = []
   for host in range(2):
     it = TrainBatches(cfg, tok, 2, 32, process_index=host, process_count=2, prefetch=0)
-    batches = [next(it) for _ in range(5)]
-    while _reader_position(it.state_dict())['epoch'] < 1:  # All of epoch 0, and a bit more.
+    batches = [next(it)]
+    while _reader_position(it.state_dict())['epoch'] < 1:  # Every stream is past epoch 0.
       batches.append(next(it))
-    seen.append(set(_stream_docs(tok, batches + [next(it) for _ in range(5)])))
-  assert seen[0] and seen[1] and not seen[0] & seen[1]
-  assert seen[0] | seen[1] == train
-  assert 0 < 40 - len(train) < 20
+    it.close()
+    for row, stream in enumerate(_streams(batches)):
+      for i, text in enumerate(_split_docs(tok, stream)):
+        n = 2 * host + row + 4 * i
+        if n < len(train):
+          assert text == train[n], (host, row, i)
+          epoch0.append((host, text))
+  # So in an epoch no document is tokenised into two processes' rows, and each is once.
+  assert sorted(text for _, text in epoch0) == sorted(train)
+  assert {host for host, _ in epoch0} == {0, 1}
+
+
+def _global_batches(cfg, tok, n, processes, state=None, rows=8, **kw):
+  """n global batches of `rows` rows from `processes` processes, and their merged states."""
+  its = [TrainBatches(cfg, tok, rows // processes, 32, process_index=p,
+                      process_count=processes, seed=2, encode_docs=8, **kw)
+         for p in range(processes)]
+  for it in its:
+    if state is not None:
+      it.load_state_dict(state)
+  out, states = [], []
+  for _ in range(n):
+    out.append(np.concatenate([next(it) for it in its]))
+    merged = TrainBatches.merge_states([it.state_dict() for it in its])
+    states.append(json.loads(json.dumps(merged)))
+  for it in its:
+    it.close()
+  return out, states
+
+
+@pytest.mark.parametrize('kind', ['stdlib', 'files', 'mixture', 'more_streams'])
+def test_global_batches_do_not_depend_on_process_count(tok, corpus, kind):
+  files, _ = corpus
+  cfg = {'stdlib': DataConfig(), 'files': files,
+         'mixture': DataConfig(mixture=f'stdlib:1;files:{files.files}:3', dedup=True,
+                               eval_fraction=0.2),
+         'more_streams': dataclasses.replace(files, streams=16)}[kind]
+  full, _ = _global_batches(cfg, tok, 10, 1)
+  for processes in (4, 2):
+    got, states = _global_batches(cfg, tok, 10, processes, prefetch=processes - 2)
+    for a, b in zip(full, got):
+      np.testing.assert_array_equal(a, b)
+  # Elastic resume: the merged state after 4 batches on 2 processes continues on 1 or 4.
+  assert sorted(states[3]['streams'], key=int) == [str(j) for j in range(cfg.streams or 8)]
+  for processes in (1, 4):
+    rest, _ = _global_batches(cfg, tok, 6, processes, state=states[3], prefetch=1)
+    for a, b in zip(full[4:], rest):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_merge_states_checks_its_input(tok, corpus):
+  cfg, _ = corpus
+  its = [TrainBatches(cfg, tok, 2, 16, process_index=p, process_count=2, prefetch=0)
+         for p in range(2)]
+  for it in its:
+    next(it)
+  parts = [it.state_dict() for it in its]
+  with pytest.raises(ValueError, match='each of the processes once'):
+    TrainBatches.merge_states([parts[0], parts[0]])
+  with pytest.raises(ValueError, match='batches'):
+    TrainBatches.merge_states([parts[0], dict(parts[1], batches=7)])
+  # A process's own part does not restore another process, nor a different count.
+  with pytest.raises(ValueError, match='merge_states'):
+    its[1].load_state_dict(parts[0])
+  with pytest.raises(ValueError, match='merge_states'):
+    TrainBatches(cfg, tok, 4, 16, prefetch=0).load_state_dict(parts[0])
+  its[0].load_state_dict(parts[0])  # Its own part restores it.
+  merged = TrainBatches.merge_states(parts[::-1])
+  assert merged == TrainBatches.merge_states(parts) and 'process_index' not in merged
+  # Several processes need streams that each feed one process.
+  with pytest.raises(ValueError, match='data.streams'):
+    TrainBatches(dataclasses.replace(cfg, streams=2), tok, 2, 16, process_count=2)
 
 
 def test_hub_source_reads_a_local_dataset_folder(tok, tmp_path):
@@ -465,17 +538,26 @@ def _resume_matches(cfg, tok, n=10, k=3, **kw):
 def test_resume_is_exact_shuffled_mixture_with_cleaning(tok, corpus, tmp_path):
   cfg, _ = corpus
   # Texts 0, 0, 1, 0, 2, 1, 3, 1, ...: deduplication drops the later copies.
-  _write_jsonl(tmp_path / 'dup.jsonl', [_doc_text(j) for i in range(30) for j in (i, i // 2)])
+  rows = [_doc_text(j) for i in range(30) for j in (i, i // 2)]
+  _write_jsonl(tmp_path / 'dup.jsonl', rows)
   mix = DataConfig(mixture=f'stdlib:1; files:{cfg.files}:2; files:{tmp_path}/dup.jsonl:3',
                    eval_fraction=0.1, dedup=True, min_chars=120)
   states = _resume_matches(mix, tok, n=16, k=5, batch_size=4, seq_len=64, seed=5, prefetch=2)
-  at, end = states[5]['reader'], states[-1]['reader']
-  assert at['counter'] > 5 and all(s['position']['index'] > 0 for s in at['sources'])
-  # Duplicates were dropped before the resume point and after it (so the resumed
-  # pipeline had to rebuild the set of texts already seen).
-  dups = [s['sources'][2]['counts']['duplicate'] for s in (at, end)]
-  assert 0 < dups[0] < dups[1]
-  assert end['sources'][1]['counts']['short'] > 0
+  # The resumed pipeline reads on from the first document a stream still needs (a long
+  # stdlib file holds it back), inside an epoch of the duplicated file.
+  at = states[5]['reader']
+  start = at['sources'][2]['position']['index']
+  assert at['counter'] > 0 and start > 0
+  # Up to the last document a stream started, it dropped copies of texts seen before
+  # that point (so it had to rebuild the set of texts already seen).
+  reader = reader_lib.MixtureReader(mix, seed=5)
+  while reader.counter <= max(s['next'] for s in states[-1]['streams'].values()):
+    reader.next()
+  end = reader.state_dict()['sources']
+  seen = {t for t in rows[:start] if len(t) >= 120}
+  assert seen & set(rows[start:end[2]['position']['index']])
+  assert at['sources'][2]['counts']['duplicate'] < end[2]['counts']['duplicate']
+  assert end[1]['counts']['short'] > 0
 
 
 def test_resume_with_segment_ids_and_more_streams_than_rows(tok, corpus):
@@ -487,7 +569,10 @@ def test_resume_with_segment_ids_and_more_streams_than_rows(tok, corpus):
     assert set(a) == {'tokens', 'segment_ids'}
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
-  assert [s['next_stream'] for s in states[:3]] == [2, 1, 0]  # Rows go round 3 streams.
+  # Rows go round the 3 streams: batch 0 takes streams 0 and 1, batch 1 streams 2 and 0.
+  fresh = {'next': 2, 'offset': 0}
+  assert states[0]['streams']['2'] == fresh and states[1]['streams']['2'] != fresh
+  assert states[0]['streams']['0']['offset'] == 16 and states[1]['streams']['0']['offset'] == 32
 
 
 def test_segment_ids(tok, corpus):
@@ -509,17 +594,22 @@ def test_segment_ids(tok, corpus):
 def test_loads_a_version_1_state(tok, corpus):
   cfg, _ = corpus
   src = sources.open_source(cfg)
-  doc = next(d for d in sources.documents(src, repeat=False, seed=1)
-             if len(tok.encode(d.text)) > 30)
+  docs = [d for d in sources.documents(src, repeat=False, seed=1)
+          if not is_heldout(d.key, cfg.eval_fraction)]
+  doc = next(d for d in docs if len(tok.encode(d.text)) > 30)
   v1 = {'version': 1, 'position': doc.position.to_dict(), 'offset': 5,
         'packer': {'buffer': [7, 8]}, 'batches': 3,
         'shard_name': sources.shard_name(src, doc.position, 1)}
   it = TrainBatches(cfg, tok, 2, 16, seed=1, prefetch=0)
   it.load_state_dict(v1)
-  stream = [tok.bos_id] + tok.encode(doc.text) + [tok.eos_id]
-  assert next(it)[0].tolist() == [7, 8] + stream[5:20]
+  # The old layout cannot continue exactly: the streams start afresh with the documents
+  # after the one it was packing.
+  after = docs[docs.index(doc) + 1:]
+  batch = next(it)
+  for row, text in enumerate(after[:2]):
+    assert batch[row].tolist() == ([tok.bos_id] + tok.encode(text.text) + [tok.eos_id])[:17]
   state = it.state_dict()
-  assert state['version'] == 2 and state['batches'] == 4
+  assert state['version'] == 3 and state['batches'] == 4
   with pytest.raises(ValueError, match='data.files'):
     it.load_state_dict(dict(v1, shard_name='other.jsonl'))
 
@@ -656,11 +746,20 @@ def test_hub_hosts_read_disjoint_rows(tok, tmp_path, num_files):
     got.append([d.text for d in sources.documents(src, repeat=False)])
   assert got[0] and got[1] and not set(got[0]) & set(got[1])
   assert sorted(got[0] + got[1]) == sorted(texts)
-  # The pipeline trains each host on its own rows, and resumes exactly there.
-  kw = dict(batch_size=2, seq_len=32, prefetch=0, process_index=1, process_count=2)
-  full, states = _batches(cfg, tok, 6, **kw)
+  # The pipeline trains each host on its own rows, and resumes exactly there, from the
+  # merged state of both hosts as from its own (but with no other process count).
+  kw = dict(batch_size=2, seq_len=32, prefetch=0, process_count=2)
+  full, states = _batches(cfg, tok, 6, process_index=1, **kw)
   assert set(_stream_docs(tok, full)) <= set(got[1])
-  rest, _ = _batches(cfg, tok, 3, state=states[2], **kw)
+  if num_files == 3:
+    _, other = _batches(cfg, tok, 3, process_index=0, **kw)
+    merged = TrainBatches.merge_states([states[2], other[2]])
+    assert merged['layout'] == 'per_process' and len(merged['processes']) == 2
+    with pytest.raises(ValueError, match='only on 2 processes'):
+      TrainBatches(cfg, tok, 2, 32, process_count=4, prefetch=0).load_state_dict(merged)
+  else:
+    merged = states[2]
+  rest, _ = _batches(cfg, tok, 3, state=merged, process_index=1, **kw)
   for a, b in zip(full[3:], rest):
     np.testing.assert_array_equal(a, b)
 
@@ -717,11 +816,16 @@ def test_unknown_source(tok):
     TrainBatches(DataConfig(source='web'), tok, 2, 16)
 
 
-def test_no_training_documents(tok, tmp_path):
+def test_one_document_feeds_every_process(tok, tmp_path):
+  # Documents are numbered over epochs and dealt to streams in turn, so even a single
+  # document reaches every process's rows (its copies of later epochs).
   _write_jsonl(tmp_path / 'x.jsonl', ['only one'])
   cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.0)
-  with pytest.raises(ValueError, match='no training documents'):
-    next(TrainBatches(cfg, tok, 2, 16, process_index=1, process_count=2, prefetch=0))
+  it = TrainBatches(cfg, tok, 2, 16, process_index=1, process_count=2, prefetch=0)
+  stream = [tok.bos_id] + tok.encode('only one') + [tok.eos_id]
+  assert next(it).tolist() == [(stream * 17)[:17]] * 2
+  assert sorted(it.state_dict()['streams']) == ['2', '3']  # Of global streams 0 to 3.
+  it.close()
 
 
 @pytest.mark.parametrize('name,content', [
