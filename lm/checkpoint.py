@@ -1,57 +1,195 @@
-"""Orbax checkpoints of the train state and the data pipeline's position.
+"""Orbax checkpoints of the train state, the data position and what they were made with.
 
-RUN/checkpoints/<step>/ holds `state` (params, optimizer state, step, RNG) and `data`
-(the pipeline's JSON state), so a resumed run continues with the very next batch.
-Saves are asynchronous: the step loop goes on while the arrays are written.
+RUN/checkpoints/<step>/ holds three items:
+  state  params, optimizer state, step and RNG; restored onto any mesh's shardings
+  data   the pipeline's JSON state, so a resumed run continues with the very next batch
+  meta   JSON: the model keys, the tokenizer's sha256 and vocabulary size and the whole
+         resolved config, so a resume or a fine-tune can refuse an incompatible
+         checkpoint before it touches anything
+Saves are asynchronous. Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it
+when every file is written, so a process killed mid-save leaves no step folder that
+could pass for a good one; such temporary folders are never listed as steps and are
+replaced when that step is saved again. Unreadable checkpoints are moved to
+RUN/checkpoints.corrupt/, never deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+META_VERSION = 1
+# At least two checkpoints are kept, whatever `keep_checkpoints` says, so that a corrupt
+# latest one always has a predecessor to fall back to.
+MIN_KEEP = 2
+# Model keys that change how the same parameters are computed with, not what they are:
+# a resume or a fine-tune may change them. Every other model key must match.
+RUNTIME_MODEL_KEYS = frozenset(
+    {'dtype', 'param_dtype', 'remat', 'remat_policy', 'attention', 'dropout'})
+_ITEMS = ('state', 'data', 'meta')
+
+
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def make_metadata(model: Mapping[str, Any], tokenizer_sha256: str, tokenizer_vocab_size: int,
+                  config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The `meta` item: what a checkpoint's parameters mean and how they were trained."""
+  return {'version': META_VERSION, 'model': dict(model),
+          'tokenizer': {'sha256': tokenizer_sha256, 'vocab_size': tokenizer_vocab_size},
+          'config': dict(config or {})}
+
+
+def _show(value: Any) -> str:
+  return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def incompatibilities(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+  """`key: X in checkpoint, Y now` for each model or tokenizer key that differs.
+
+  Keys recorded on only one side (an older checkpoint, a newer config key) are skipped.
+  """
+  out = []
+  for section, skip in (('model', RUNTIME_MODEL_KEYS), ('tokenizer', frozenset())):
+    before, after = saved.get(section) or {}, now.get(section) or {}
+    for key in sorted((set(before) & set(after)) - skip):
+      if before[key] != after[key]:
+        out.append(f'{section}.{key}: {_show(before[key])} in checkpoint, '
+                   f'{_show(after[key])} now')
+  return out
 
 
 class Checkpointer:
-  """A thin wrapper over `ocp.CheckpointManager` with the items this project saves."""
+  """A thin wrapper over `ocp.CheckpointManager` with the items this project saves.
 
-  def __init__(self, workdir: str, *, keep: int = 2, metadata: dict[str, Any] | None = None):
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-    options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), create=True,
-                                           enable_async_checkpointing=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'data'),
-                                          metadata=metadata or {})
+  Creating one creates RUN/checkpoints. `read_only` opens no manager at all and never
+  writes: for checks made before a run commits to anything, evaluation, and the runs
+  that others fine-tune from.
+  """
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+  def __init__(self, workdir: str, *, keep: int = MIN_KEEP,
+               metadata: Mapping[str, Any] | None = None, read_only: bool = False):
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, 'checkpoints')
+    self._metadata = dict(metadata) if metadata is not None else None
+    self._manager = None
+    if not read_only:
+      options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, MIN_KEEP), create=True,
+                                             enable_async_checkpointing=True)
+      self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                            item_names=_ITEMS)
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    """Committed steps, oldest first; temporary (uncommitted) folders are not steps."""
+    if self._manager is None:
+      return committed_steps(self.workdir)
+    return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: dict[str, Any], *, force: bool = False) -> bool:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state))
-    return self._manager.save(step, args=args, force=force)
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def save(self, step: int, state: Any, data_state: dict[str, Any], *,
+           force: bool = False) -> bool:
+    """Starts an asynchronous save; `wait()` blocks until it is committed."""
+    items = {'state': ocp.args.StandardSave(state), 'data': ocp.args.JsonSave(data_state)}
+    if self._metadata is not None:
+      items['meta'] = ocp.args.JsonSave(self._metadata)
+    return self._writer().save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores onto the shardings carried by `abstract_state` (any mesh)."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=ocp.args.JsonRestore())
-    restored = self._manager.restore(step, args=args)
-    return restored['state'], restored['data']
+    """State and data position, onto the shardings of `abstract_state` (any mesh)."""
+    step_dir = self.step_dir(step)
+    with ocp.StandardCheckpointer() as reader:
+      state = reader.restore(os.path.join(step_dir, 'state'), abstract_state)
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+      data_state = reader.restore(os.path.join(step_dir, 'data'))
+    return state, data_state
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
-    """Just the parameters (for fine-tuning from another run)."""
-    target = {'params': abstract_params}
-    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, partial_restore=True,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
-    return self._manager.restore(step, args=args)['state']['params']
+    """Just the parameters (fine-tuning, evaluation, export)."""
+    return read_params(self.step_dir(step), abstract_params)
+
+  def metadata(self, step: int) -> dict[str, Any] | None:
+    return read_metadata(self.step_dir(step))
+
+  def move_aside(self, step: int) -> str:
+    """Renames an unreadable step folder into RUN/checkpoints.corrupt/; returns the path.
+
+    Process 0 renames; every process waits for it and then forgets the step.
+    """
+    target = os.path.join(self.workdir, 'checkpoints.corrupt', str(step))
+    n = 1
+    while os.path.exists(target):  # The same step may go bad more than once.
+      target = os.path.join(self.workdir, 'checkpoints.corrupt', f'{step}-{n}')
+      n += 1
+    _barrier(f'checkpoint_move_aside_{step}_named')  # Every process names the same target.
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.rename(self.step_dir(step), target)
+    _barrier(f'checkpoint_move_aside_{step}_moved')
+    self._writer().reload()
+    return target
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    if self._manager is not None:
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    if self._manager is not None:
+      self._manager.close()
+
+  def _writer(self) -> ocp.CheckpointManager:
+    if self._manager is None:
+      raise ValueError(f'{self.directory} was opened read-only')
+    return self._manager
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+# Readers: they open nothing for writing.
+
+
+def committed_steps(workdir: str) -> list[int]:
+  """RUN/checkpoints' committed steps, oldest first (temporary folders are skipped)."""
+  return sorted(ocp.path.step.checkpoint_steps(os.path.join(workdir, 'checkpoints')))
+
+
+def read_metadata(step_dir: str) -> dict[str, Any] | None:
+  """A step's `meta` item; None for a checkpoint written before it existed."""
+  path = os.path.join(step_dir, 'meta')
+  if not os.path.isdir(path):
+    return None
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+    return reader.restore(path)
+
+
+def read_params(step_dir: str, abstract_params: Any) -> Any:
+  """Just the parameters of a step, onto `abstract_params`' shardings (fine-tuning)."""
+  target = {'params': abstract_params}
+  args = ocp.args.PyTreeRestore(
+      item=target, partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+    return reader.restore(os.path.join(step_dir, 'state'), args=args)['params']

@@ -72,6 +72,26 @@ def abstract_state(model: Transformer, tx: optax.GradientTransformation, seq_len
                       nn.meta.unbox(abstract), shardings)
 
 
+def state_from_params(params: Any, tx: optax.GradientTransformation, seed: int,
+                      shardings: Any) -> TrainState:
+  """A fresh state around given parameters (fine-tuning): step 0, a new optimizer state.
+
+  The RNG is the one `init_state` would derive from `seed`.
+  """
+
+  def fresh(p):
+    key = jax.random.PRNGKey(seed)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                      rng=jax.random.fold_in(key, 1))
+
+  return jax.jit(fresh, out_shardings=shardings)(params)
+
+
+def _keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+  """`new` where `finite`, else `old`: a select on the device, no host sync."""
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def _microbatches(tokens_BxT1: jax.Array, n: int, rules: AxisRules) -> jax.Array:
   # Row r goes to micro-batch r % n, so each device keeps its own rows: no reshuffle.
   b, t1 = tokens_BxT1.shape
@@ -82,7 +102,11 @@ def _microbatches(tokens_BxT1: jax.Array, n: int, rules: AxisRules) -> jax.Array
 def make_train_step(model: Transformer, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, *, grad_accum: int = 1,
                     z_loss: float = 0.0, rules: AxisRules) -> Callable[..., Any]:
-  """Returns the pure `(state, tokens) -> (state, metrics)`; tokens are (B, T + 1)."""
+  """Returns the pure `(state, tokens) -> (state, metrics)`; tokens are (B, T + 1).
+
+  metrics: loss, z_loss, grad_norm (0 on a skipped step), lr, and nonfinite (1 when the
+  loss or the gradients were NaN/inf and the update was skipped, else 0).
+  """
 
   def loss_fn(params, tokens_BxT1, key):
     logits = model.apply({'params': params}, tokens_BxT1[:, :-1], train=True,
@@ -109,7 +133,16 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
       grads, aux = jax.tree.map(lambda x: x / grad_accum, (grads, aux))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**aux, 'grad_norm': global_norm(grads), 'lr': lr_schedule(state.step)}
+    # One NaN or inf would poison the parameters and Adam's moments for good, so such a
+    # step is skipped: both stay as they were, only the step (and the data) move on.
+    grad_norm = global_norm(grads)
+    finite = jnp.isfinite(aux['loss']) & jnp.isfinite(grad_norm)
+    params, opt_state = _keep_if_finite(finite, (params, opt_state),
+                                        (state.params, state.opt_state))
+    # Skipped steps report zeros, so sums over a log interval stay finite.
+    metrics = {**jax.tree.map(lambda x: jnp.where(finite, x, 0.0), aux),
+               'grad_norm': jnp.where(finite, grad_norm, 0.0), 'lr': lr_schedule(state.step),
+               'nonfinite': (~finite).astype(jnp.int32)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

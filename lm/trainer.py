@@ -1,7 +1,8 @@
 """The training loop, split into named pieces: setup, restore-or-init, step, log, save.
 
 `train(config)` is what `scripts/train.py` calls. The loop dispatches step n and only then
-reads step n-1's metrics, so the host never waits for the device between steps.
+reads step n-1's metrics, so the host never waits for the device between steps. Where
+the run starts (resume, fine-tune, init) is `lm/resume.py`'s business.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import time
 from typing import Any
@@ -18,35 +18,101 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from data.pipeline import TrainBatches, eval_batches
 from data.tokenizer import Tokenizer, check_vocab, load_or_train
-from lm import flops
-from lm.checkpoint import Checkpointer
+from lm import flops, resume
+from lm.checkpoint import Checkpointer, file_sha256, make_metadata
 from lm.config import Configs, parse, write_config
 from lm.evaluation import evaluate, make_eval_step
 from lm.metrics import MetricsWriter
 from lm.model import Transformer
 from lm.optimizer import make_optimizer, schedule
 from lm.sharding import AxisRules, batch_sharding, global_batch, make_mesh
-from lm.train_step import TrainState, abstract_state, init_state, jit_train_step, make_train_step
+from lm.train_step import TrainState, jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
 
 
-class StopRequest:
-  """Set by SIGTERM/SIGINT; the loop finishes its step, saves and returns."""
+class TrainingAborted(Exception):
+  """The run cannot go on (e.g. too many non-finite steps in a row); nothing was saved."""
 
-  def __init__(self) -> None:
+
+class StopRequest:
+  """SIGTERM / SIGINT: finish the current step, save, wait for the save, return.
+
+  One process: a Python handler sets a flag that the loop reads between steps.
+  Several processes (jax.distributed): the signal reaches hosts at different steps, yet
+  all must save the same step. `jax.distributed.initialize` starts JAX's preemption sync
+  manager, whose notifier catches SIGTERM and agrees on a step with the other hosts;
+  installing a Python SIGTERM handler then would replace that notifier, so none is
+  installed and the loop asks `reached_preemption_sync_point(step)` instead. (Ctrl-C
+  keeps its default there: one host interrupted alone could not agree on a step.)
+  """
+
+  def __init__(self, multiprocess: bool = False) -> None:
+    self.multiprocess = multiprocess
     self.requested = False
+    self._previous: dict[int, Any] = {}
 
   def __call__(self, signum, frame) -> None:
-    log.warning('signal %d: stopping after this step and saving', signum)
+    log.warning('signal %d: stopping after this step and saving (signal again to kill)',
+                signum)
     self.requested = True
+    self.uninstall()  # A second signal takes the default action: stop now, unsaved.
 
   def install(self) -> None:
+    if self.multiprocess:
+      return
     for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self)
+      self._previous[sig] = signal.signal(sig, self)
+
+  def uninstall(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+  def should_stop(self, step: int) -> bool:
+    """Called by every process once per step, with the steps taken so far."""
+    if self.multiprocess and not self.requested:
+      try:
+        self.requested = multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # JAX's preemption service is off: nothing will ever arrive.
+        self.multiprocess = False
+    return self.requested
+
+
+class _NonFiniteGuard:
+  """Counts skipped (NaN/inf) steps in a row from each step's flag, read one step late."""
+
+  def __init__(self, limit: int) -> None:
+    self.limit = limit  # 0: skip forever, never abort
+    self.in_a_row = 0
+    self._unread: tuple[int, jax.Array] | None = None
+
+  def push(self, step: int, nonfinite: jax.Array) -> None:
+    """Records step `step`'s flag and reads the previous one (done by now, or nearly)."""
+    previous, self._unread = self._unread, (step, nonfinite)
+    if previous is not None:
+      self._observe(*previous)
+
+  def flush(self) -> None:
+    """Reads the last step's flag too (waits for that step)."""
+    if self._unread is not None:
+      previous, self._unread = self._unread, None
+      self._observe(*previous)
+
+  def _observe(self, step: int, nonfinite: jax.Array) -> None:
+    if not int(nonfinite):
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    log.warning('step %d: loss or gradients are not finite; update skipped', step)
+    if self.limit and self.in_a_row >= self.limit:
+      raise TrainingAborted(
+          f'{self.in_a_row} non-finite steps in a row (steps {step - self.in_a_row + 1}-'
+          f'{step}, max_nonfinite_steps={self.limit}): stopped without saving')
 
 
 @dataclasses.dataclass
@@ -80,65 +146,43 @@ def _local_rows(batch_size: int) -> int:
   return batch_size // jax.process_count()
 
 
-def _init_or_restore(cfgs: Configs, model: Transformer, tx, rules: AxisRules,
-                     checkpointer: Checkpointer) -> tuple[TrainState, Any, dict | None, int]:
-  run = cfgs.run
-  state, shardings = init_state(model, tx, run.seq_len, rules, run.seed)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    log.info('resuming from %s/%d', checkpointer.directory, latest)
-    target = abstract_state(model, tx, run.seq_len, rules)
-    restored, data_state = checkpointer.restore(latest, target)
-    return restored, shardings, data_state, int(restored.step)
-  if run.init_from:
-    state = state.replace(params=_params_from(run.init_from, state.params))
-  return state, shardings, None, 0
-
-
-def _params_from(init_from: str, params: Any) -> Any:
-  """Parameters of another run (its latest checkpoint) or of one checkpoint folder."""
-  path = os.path.abspath(init_from)
-  step_dir = os.path.basename(path.rstrip('/'))
-  if step_dir.isdigit():
-    workdir, step = os.path.dirname(os.path.dirname(path)), int(step_dir)
-  else:
-    workdir, step = path, None
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise ValueError(f'init_from: no checkpoints under {init_from}')
-  source = Checkpointer(workdir)
-  step = source.latest_step() if step is None else step
-  if step is None:
-    raise ValueError(f'init_from: no checkpoint found in {init_from}')
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          params)
-  log.info('initialising parameters from %s step %d', init_from, step)
-  return source.restore_params(step, abstract)
+def _with_tokenizer(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
+  """A copy of `config` naming the tokenizer chosen for it, so config.json records it."""
+  config = config.copy_and_resolve_references()
+  config.data.tokenizer = path
+  return config
 
 
 def build(config: ml_collections.ConfigDict) -> Experiment:
+  """Checks, then sets up: tokenizer, mesh, model, optimizer, state, data, checkpoints."""
   cfgs = parse(config)
+  plan = resume.preflight(cfgs)  # Reads only: a refused resume leaves no trace.
+  if plan.tokenizer != cfgs.data.tokenizer:
+    config = _with_tokenizer(config, plan.tokenizer)
+    cfgs = cfgs._replace(data=dataclasses.replace(cfgs.data, tokenizer=plan.tokenizer))
   run = cfgs.run
+  rules = AxisRules(make_mesh(cfgs.mesh), cfgs.mesh.rules)  # A bad mesh, too, writes nothing.
   if jax.process_index() == 0:
     write_config(config, run.workdir)
   tokenizer = load_or_train(cfgs.data, run.workdir, cfgs.model.vocab_size)
   check_vocab(tokenizer, cfgs.model.vocab_size)
-  mesh = make_mesh(cfgs.mesh)
-  rules = AxisRules(mesh, cfgs.mesh.rules)
   model = Transformer(cfgs.model, rules)
   lr = schedule(cfgs.optimizer, run.steps)
   tx = make_optimizer(cfgs.optimizer, run.steps)
-  checkpointer = Checkpointer(run.workdir, keep=run.keep_checkpoints)
-  state, shardings, data_state, start = _init_or_restore(cfgs, model, tx, rules, checkpointer)
+  metadata = make_metadata(dataclasses.asdict(cfgs.model), file_sha256(tokenizer.path),
+                           tokenizer.vocab_size, config.to_dict())
+  checkpointer = Checkpointer(run.workdir, keep=run.keep_checkpoints, metadata=metadata)
+  start = resume.start_state(cfgs, model, tx, rules, checkpointer, plan.source)
   step_fn = make_train_step(model, tx, lr, grad_accum=cfgs.optimizer.grad_accum,
                             z_loss=cfgs.optimizer.z_loss, rules=rules)
   batches = TrainBatches(cfgs.data, tokenizer, _local_rows(run.batch_size), run.seq_len,
                          process_index=jax.process_index(),
                          process_count=jax.process_count(), seed=run.seed)
-  if data_state is not None:
-    batches.load_state_dict(data_state)
-  compiled = jit_train_step(step_fn, shardings, rules, (run.batch_size, run.seq_len + 1))
-  return Experiment(cfgs, rules, model, tokenizer, state, shardings, compiled, batches,
-                    checkpointer, start)
+  if start.data_state is not None:
+    batches.load_state_dict(start.data_state)
+  compiled = jit_train_step(step_fn, start.shardings, rules, (run.batch_size, run.seq_len + 1))
+  return Experiment(cfgs, rules, model, tokenizer, start.state, start.shardings, compiled,
+                    batches, checkpointer, start.step)
 
 
 class _Throughput:
@@ -166,12 +210,6 @@ class _Throughput:
                              jax.device_count(), self.peak)}
 
 
-def _eval_record(exp: Experiment, eval_step, held_out: list[np.ndarray], step: int) -> dict:
-  result = evaluate(eval_step, exp.state.params, held_out, exp.rules)
-  return {'step': step, 'eval_loss': result['loss'], 'eval_perplexity': result['perplexity'],
-          'eval_bits_per_byte': result['bits_per_byte']}
-
-
 def _held_out(exp: Experiment) -> list[np.ndarray]:
   run = exp.cfgs.run
   if not run.eval_batches or not exp.cfgs.data.eval_fraction:
@@ -182,58 +220,109 @@ def _held_out(exp: Experiment) -> list[np.ndarray]:
 
 
 def train(config: ml_collections.ConfigDict, *, handle_signals: bool = True) -> dict[str, Any]:
-  """Trains (or resumes) the run described by `config`; returns the last metrics."""
-  exp = build(config)
-  run = exp.cfgs.run
-  stop = StopRequest()
+  """Trains (or resumes) the run described by `config`; returns the last metrics.
+
+  handle_signals: stop cleanly on SIGTERM / SIGINT (off for in-process callers such as
+  tests that keep their own handlers). The previous handlers are restored on return.
+  """
+  stop = StopRequest(multiprocess=jax.process_count() > 1)
   if handle_signals:
-    stop.install()
-  writer = MetricsWriter(run.workdir, total_steps=run.steps, start_step=exp.start_step,
-                         enabled=jax.process_index() == 0)
-  held_out = _held_out(exp)
-  eval_step = None
-  if held_out:
-    eval_step = make_eval_step(exp.model, exp.rules, (run.batch_size, run.seq_len + 1),
-                               exp.state_shardings.params,
-                               token_byte_lengths(exp.tokenizer, exp.cfgs.model.vocab_size))
-  bsharding = batch_sharding(exp.rules, (run.batch_size, run.seq_len + 1))
-  throughput = _Throughput(exp.cfgs, exp.start_step)
-  log_z = exp.cfgs.optimizer.z_loss > 0
-  last: dict[str, Any] = {}
-  interval = _Interval()  # metrics summed on the device since the last log line
-  pending = None  # (step, summed metrics, count) waiting to be read one step late
-  step = exp.start_step
+    stop.install()  # Before build, so a signal during compilation also stops cleanly.
   try:
-    while step < run.steps and not stop.requested:
-      tokens = global_batch(next(exp.batches), bsharding)
-      exp.state, metrics = exp.train_step(exp.state, tokens)
-      interval.add(metrics)
-      step += 1
-      if pending is not None:
-        last = _log_train(writer, throughput, *pending, log_z=log_z)
-        pending = None
-      if step % run.log_every == 0 or step == run.steps:
-        pending = (step, *interval.take())
-      writer.advance(step)
-      if eval_step is not None and run.eval_every and step % run.eval_every == 0:
-        with throughput.paused():
-          writer.write(_eval_record(exp, eval_step, held_out, step))
-      if run.checkpoint_every and step % run.checkpoint_every == 0:
-        with throughput.paused():
-          exp.checkpointer.save(step, exp.state, exp.batches.state_dict())
-    if pending is not None:
-      last = _log_train(writer, throughput, *pending, log_z=log_z)
-    final_eval_done = run.eval_every and step % run.eval_every == 0
-    if eval_step is not None and step == run.steps and not final_eval_done:
-      writer.write(_eval_record(exp, eval_step, held_out, step))
-    if step > exp.start_step and step not in exp.checkpointer.all_steps():
-      exp.checkpointer.save(step, exp.state, exp.batches.state_dict(), force=True)
+    return _Loop(build(config), stop if handle_signals else StopRequest()).run()
   finally:
-    exp.batches.close()
-    exp.checkpointer.wait()
-    exp.checkpointer.close()
-    writer.close()
-  return {'step': step, 'stopped_early': step < run.steps, **last}
+    stop.uninstall()
+
+
+class _Loop:
+  """The step loop, split into named pieces: step, log, evaluate, save, finish."""
+
+  def __init__(self, exp: Experiment, stop: StopRequest) -> None:
+    self.exp, self.stop, self.run_cfg = exp, stop, exp.cfgs.run
+    run = self.run_cfg
+    self.writer = MetricsWriter(run.workdir, total_steps=run.steps, start_step=exp.start_step,
+                                enabled=jax.process_index() == 0)
+    self.held_out = _held_out(exp)
+    self.eval_step = None
+    if self.held_out:
+      self.eval_step = make_eval_step(
+          exp.model, exp.rules, (run.batch_size, run.seq_len + 1), exp.state_shardings.params,
+          token_byte_lengths(exp.tokenizer, exp.cfgs.model.vocab_size))
+    self.bsharding = batch_sharding(exp.rules, (run.batch_size, run.seq_len + 1))
+    self.throughput = _Throughput(exp.cfgs, exp.start_step)
+    self.interval = _Interval()  # metrics summed on the device since the last log line
+    self.pending = None  # (step, sums, last, count) waiting to be read one step late
+    self.guard = _NonFiniteGuard(run.max_nonfinite_steps)
+    self.step = exp.start_step
+    self.last: dict[str, Any] = {}
+
+  def run(self) -> dict[str, Any]:
+    run = self.run_cfg
+    try:
+      while self.step < run.steps and not self.stop.should_stop(self.step):
+        self._train_step()
+        if self.eval_step is not None and run.eval_every and self.step % run.eval_every == 0:
+          self._evaluate()
+        if run.checkpoint_every and self.step % run.checkpoint_every == 0:
+          self._save(final=False)
+      self._finish()
+    except TrainingAborted:
+      self._write_pending()  # The metrics up to the abort, for the post-mortem.
+      raise
+    finally:
+      self.exp.batches.close()
+      self.exp.checkpointer.wait()  # An exit leaves only committed checkpoints behind.
+      self.exp.checkpointer.close()
+      self.writer.close()
+    return {'step': self.step, 'stopped_early': self.step < run.steps, **self.last}
+
+  def _train_step(self) -> None:
+    """Dispatches one step, then reads the previous step's metrics (never this one's)."""
+    exp = self.exp
+    tokens = global_batch(next(exp.batches), self.bsharding)
+    exp.state, metrics = exp.train_step(exp.state, tokens)
+    self.interval.add(metrics)
+    self.step += 1
+    self.guard.push(self.step, metrics['nonfinite'])
+    self._write_pending()
+    if self.step % self.run_cfg.log_every == 0 or self.step == self.run_cfg.steps:
+      self.pending = (self.step, *self.interval.take())
+    self.writer.advance(self.step)
+
+  def _write_pending(self) -> None:
+    if self.pending is not None:
+      self.last = _log_train(self.writer, self.throughput, *self.pending,
+                             log_z=self.exp.cfgs.optimizer.z_loss > 0)
+      self.pending = None
+
+  def _evaluate(self) -> None:
+    exp = self.exp
+    with self.throughput.paused():
+      result = evaluate(self.eval_step, exp.state.params, self.held_out, exp.rules)
+      self.writer.write({'step': self.step, 'eval_loss': result['loss'],
+                         'eval_perplexity': result['perplexity'],
+                         'eval_bits_per_byte': result['bits_per_byte']})
+
+  def _save(self, *, final: bool) -> None:
+    """An asynchronous save; none while the latest steps were skipped as non-finite."""
+    self.guard.flush()  # The save waits for this step anyway; may abort instead.
+    if self.guard.in_a_row:
+      log.warning('step %d: not saving during %d non-finite steps in a row', self.step,
+                  self.guard.in_a_row)
+      return
+    exp = self.exp
+    with self.throughput.paused():
+      exp.checkpointer.save(self.step, exp.state, exp.batches.state_dict(), force=final)
+
+  def _finish(self) -> None:
+    """Last log line, final evaluation, and a save unless this step is saved already."""
+    self._write_pending()
+    run = self.run_cfg
+    evaluated = run.eval_every and self.step % run.eval_every == 0
+    if self.eval_step is not None and self.step == run.steps and not evaluated:
+      self._evaluate()
+    if self.step > self.exp.start_step and self.step not in self.exp.checkpointer.all_steps():
+      self._save(final=True)
 
 
 class _Interval:
@@ -256,11 +345,15 @@ class _Interval:
 def _log_train(writer: MetricsWriter, throughput: _Throughput, step: int,
                sums: dict[str, jax.Array], last: dict[str, jax.Array], count: int, *,
                log_z: bool) -> dict[str, Any]:
-  """One line per log interval: loss and grad norm averaged over it, lr at its end."""
+  """One line per log interval: loss and grad norm averaged over the steps not skipped."""
   sums, last = jax.device_get((sums, last))
-  record = {'step': step, 'loss': float(sums['loss']) / count, 'lr': float(last['lr']),
-            'grad_norm': float(sums['grad_norm']) / count, **throughput.update(step)}
+  skipped = int(sums['nonfinite'])
+  good = count - skipped
+  mean = lambda key: float(sums[key]) / good if good else None
+  record = {'step': step, 'loss': mean('loss'), 'lr': float(last['lr']),
+            'grad_norm': mean('grad_norm'), **throughput.update(step),
+            'skipped_steps': skipped}
   if log_z:
-    record['z_loss'] = float(sums['z_loss']) / count
+    record['z_loss'] = mean('z_loss')
   writer.write(record)
   return record

@@ -1,6 +1,7 @@
 """Trains a model: python scripts/train.py --config=configs/tiny.py [--config.KEY=VALUE ...]
 
 Running the same command again in the same workdir resumes from its latest checkpoint.
+SIGTERM or Ctrl-C: finish the step, save, exit 0. Errors: one line on stderr, exit 1.
 """
 
 import json
@@ -24,7 +25,7 @@ def main(argv):
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     result = trainer.train(_CONFIG.value)
-  except ValueError as e:
+  except (ValueError, trainer.TrainingAborted) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   print(json.dumps(result))

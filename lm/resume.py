@@ -1,0 +1,214 @@
+"""Where a run starts: its own latest good checkpoint, another run's parameters, or init.
+
+`preflight` runs first and only reads: an incompatible checkpoint or a bad `init_from`
+stops the run before it writes a single file. `start_state` then restores (moving
+unreadable checkpoints aside), fine-tunes from a source, or initialises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from data.tokenizer import Tokenizer
+from lm import checkpoint
+from lm.checkpoint import Checkpointer, committed_steps
+from lm.config import Configs
+from lm.model import ModelConfig, Transformer
+from lm.sharding import AxisRules
+from lm.train_step import TrainState, abstract_state, init_state, state_from_params
+
+log = logging.getLogger(__name__)
+
+HF_PREFIX = 'hf:'
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One committed checkpoint of another run, to fine-tune from."""
+
+  workdir: str
+  step: int
+
+  @property
+  def path(self) -> str:
+    return os.path.join(self.workdir, 'checkpoints', str(self.step))
+
+  @property
+  def tokenizer(self) -> str:
+    return os.path.join(self.workdir, 'tokenizer.model')
+
+
+class Plan(NamedTuple):
+  """What `preflight` decided: the fine-tuning source (if any) and the tokenizer file."""
+
+  source: Source | None
+  tokenizer: str  # data.tokenizer to use: as configured, or the source run's
+
+
+class Start(NamedTuple):
+  state: TrainState
+  shardings: Any
+  data_state: dict[str, Any] | None  # None: the pipeline starts from the beginning
+  step: int
+
+
+def resolve_init_from(init_from: str) -> Source:
+  """A run folder (its latest checkpoint) or one checkpoint folder RUN/checkpoints/<step>."""
+  path = os.path.abspath(init_from)
+  if not os.path.isdir(path):
+    raise ValueError(f'init_from: no such folder: {init_from}')
+  parent = os.path.dirname(path)
+  if os.path.basename(path).isdigit() and os.path.basename(parent) == 'checkpoints':
+    source = Source(os.path.dirname(parent), int(os.path.basename(path)))
+    if source.step not in committed_steps(source.workdir):
+      raise ValueError(f'init_from: {init_from} is not a committed checkpoint')
+    return source
+  steps = committed_steps(path)
+  if not steps:
+    raise ValueError(f'init_from: no checkpoint in {init_from} (expected a run folder '
+                     'or a checkpoint folder RUN/checkpoints/<step>)')
+  return Source(path, steps[-1])
+
+
+def fingerprint(model: ModelConfig, tokenizer_path: str | None) -> dict[str, Any]:
+  """The metadata a checkpoint of this model and tokenizer would carry."""
+  if tokenizer_path is None:
+    return {'model': dataclasses.asdict(model)}
+  return checkpoint.make_metadata(dataclasses.asdict(model),
+                                  checkpoint.file_sha256(tokenizer_path),
+                                  Tokenizer(tokenizer_path).vocab_size)
+
+
+def preflight(cfgs: Configs) -> Plan:
+  """Refuses an incompatible resume or fine-tune with one line naming what differs.
+
+  Reads only. The run resumes when its own folder has checkpoints (init_from is then
+  ignored); otherwise init_from names the source, whose tokenizer the new run uses
+  unless data.tokenizer says otherwise.
+  """
+  run, tokenizer = cfgs.run, cfgs.data.tokenizer
+  if tokenizer and not os.path.isfile(tokenizer):
+    raise ValueError(f'data.tokenizer: no such file: {tokenizer}')
+  own_tokenizer = os.path.join(run.workdir, 'tokenizer.model')
+  current = tokenizer or (own_tokenizer if os.path.isfile(own_tokenizer) else None)
+  steps = committed_steps(run.workdir)
+  if steps:
+    _check(run.workdir, steps, cfgs.model, current,
+           'use a new workdir, or fine-tune from it with init_from')
+    return Plan(None, tokenizer)
+  if not run.init_from or run.init_from.startswith(HF_PREFIX):
+    return Plan(None, tokenizer)
+  source = resolve_init_from(run.init_from)
+  if current is None and os.path.isfile(source.tokenizer):
+    current = tokenizer = source.tokenizer
+  _check(source.workdir, [source.step], cfgs.model, current,
+         f'init_from={run.init_from} needs the same model and tokenizer')
+  return Plan(source, tokenizer)
+
+
+def _check(workdir: str, steps: list[int], model: ModelConfig, tokenizer_path: str | None,
+           hint: str) -> None:
+  """One line: the checkpoint, each key that differs, what to do about it."""
+  saved, step_dir = _newest_metadata(workdir, steps)
+  if saved is None:
+    return  # Written before checkpoints carried metadata: nothing to compare.
+  if tokenizer_path is None and saved.get('tokenizer'):
+    raise ValueError(f'{step_dir} was trained with a tokenizer, but '
+                     f'{workdir}/tokenizer.model is missing and data.tokenizer is empty')
+  diffs = checkpoint.incompatibilities(saved, fingerprint(model, tokenizer_path))
+  if diffs:
+    raise ValueError(f'{step_dir} does not match this config: {"; ".join(diffs)} ({hint})')
+
+
+def _newest_metadata(workdir: str, steps: list[int]) -> tuple[dict[str, Any] | None, str]:
+  for step in sorted(steps, reverse=True):
+    step_dir = os.path.join(workdir, 'checkpoints', str(step))
+    try:
+      return checkpoint.read_metadata(step_dir), step_dir
+    except Exception as e:  # noqa: BLE001  Any failure to read means unreadable.
+      # start_state moves it aside; judge by the one before.
+      log.info('cannot read the metadata of %s: %s', step_dir, _first_line(e))
+  return None, ''
+
+
+def start_state(cfgs: Configs, model: Transformer, tx: optax.GradientTransformation,
+                rules: AxisRules, checkpointer: Checkpointer, source: Source | None) -> Start:
+  """The run's latest readable checkpoint, else init_from's parameters, else a fresh init."""
+  run = cfgs.run
+  abstract = abstract_state(model, tx, run.seq_len, rules)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  restored = restore_latest(checkpointer, abstract)
+  if restored is not None:
+    step, state, data_state = restored
+    log.info('resumed from %s', checkpointer.step_dir(step))
+    return Start(state, shardings, data_state, step)
+  if source is not None:
+    params = _source_params(source, abstract.params)
+  elif run.init_from.startswith(HF_PREFIX):
+    params = _hf_params(run.init_from[len(HF_PREFIX):], cfgs.model, abstract.params)
+  else:
+    state, shardings = init_state(model, tx, run.seq_len, rules, run.seed)
+    return Start(state, shardings, None, 0)
+  # Fine-tuning: the parameters only; a fresh optimizer, step 0, this run's seed.
+  return Start(state_from_params(params, tx, run.seed, shardings), shardings, None, 0)
+
+
+def restore_latest(checkpointer: Checkpointer,
+                   abstract: Any) -> tuple[int, TrainState, dict[str, Any]] | None:
+  """Restores the newest readable checkpoint; unreadable ones are moved aside, with a warning.
+
+  Newest first, so a healthy run pays for one restore. With several processes, all must
+  have read the step, or all move on to the one before together.
+  """
+  moved = []
+  for step in reversed(checkpointer.all_steps()):
+    try:
+      state, data_state = checkpointer.restore(step, abstract)
+      error = None
+    except Exception as e:  # noqa: BLE001  Truncated or missing files, bad JSON, ...
+      error = e
+    if _everywhere(error is None):
+      return step, state, data_state
+    path = checkpointer.step_dir(step)
+    moved.append(checkpointer.move_aside(step))
+    log.warning('checkpoint %s is unreadable (%s); moved it to %s and falling back to the '
+                'one before', path, _first_line(error) if error else 'on another process',
+                moved[-1])
+  if moved:
+    raise ValueError(f'no readable checkpoint in {checkpointer.directory}; moved '
+                     f'{", ".join(moved)} aside (run again to start from scratch)')
+  return None
+
+
+def _everywhere(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _source_params(source: Source, abstract_params: Any) -> Any:
+  log.info('initialising parameters from %s', source.path)
+  try:
+    return checkpoint.read_params(source.path, abstract_params)
+  except Exception as e:  # Reported as one line naming the folder.
+    raise ValueError(f'init_from: cannot read the parameters in {source.path}: '
+                     f'{_first_line(e)}') from e
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f'{type(e).__name__}: {text.splitlines()[0] if text else ""}'
+
+
+def _hf_params(path: str, model_cfg: ModelConfig, abstract_params: Any) -> Any:
+  """Parameters converted from a Hugging Face Llama folder, placed on this run's mesh."""
+  from lm import hf  # Imported only when asked for: it pulls in the conversion code.
+  return hf.load_hf(path, model_cfg, like=abstract_params)
