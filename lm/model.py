@@ -6,6 +6,10 @@ Tensor names carry their shapes so each einsum can be checked by eye:
   G = N // K query heads per kv head, H head_dim, F d_ff, V vocab, L layers.
 Every parameter and main activation carries logical axis names; `lm/sharding.py` maps
 them onto the mesh.
+
+`decode=True` runs the same parameters incrementally for sampling: keys and values live
+in a fixed-size `cache` collection (S slots), each call writes its T new tokens at the
+cache index, and attention reads the cache under a mask of the slots filled so far.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -128,13 +133,39 @@ def attention_impl(setting: str, dtype: Any) -> str | None:
   return 'cudnn' if on_gpu and jnp.dtype(dtype).itemsize == 2 else 'xla'
 
 
+@flax.struct.dataclass
+class DecodeState:
+  """What every layer needs to read and write its cache in one decode call."""
+
+  index: jax.Array  # int32 scalar: the cache slot of the first of the T new tokens.
+  mask_Bx1xTxS: jax.Array  # bool: query t may attend to cache slot s.
+
+
+def decode_mask(positions_BxS: jax.Array, index: jax.Array, t: int) -> jax.Array:
+  """Which filled cache slots each of the T new tokens attends to: B x 1 x T x S.
+
+  Slots hold tokens in order, so causality is `slot <= the query's slot`; a negative
+  position marks padding (left-padded prompts), which nothing attends to. Each token
+  still sees its own slot, so no row is empty and padding rows stay finite.
+  """
+  slot_S = jnp.arange(positions_BxS.shape[1])
+  query_slot_T = index + jnp.arange(t)
+  causal_TxS = slot_S[None, :] <= query_slot_T[:, None]
+  own_TxS = slot_S[None, :] == query_slot_T[:, None]
+  real_BxS = positions_BxS >= 0
+  mask_BxTxS = (causal_TxS[None] & real_BxS[:, None, :]) | own_TxS[None]
+  return mask_BxTxS[:, None]
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   rules: AxisRules | None
   deterministic: bool
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+               cache: DecodeState | None = None) -> jax.Array:
     c = self.cfg
     D, N, K, H = c.d_model, c.num_heads, c.num_kv_heads, c.head_size
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
@@ -156,12 +187,27 @@ class Attention(nn.Module):
     k_BxSxKxH = rope(k_BxSxKxH, positions_BxT, c.rope_theta)
 
     # Grouped-query attention is native here: K kv heads serve N query heads.
-    out_BxTxNxH = jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True,
-        implementation=attention_impl(c.attention, dt))
+    if self.decode:
+      k_BxSxKxH = self._cached('k', k_BxSxKxH, cache.index)
+      v_BxSxKxH = self._cached('v', v_BxSxKxH, cache.index)
+      out_BxTxNxH = jax.nn.dot_product_attention(
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=cache.mask_Bx1xTxS, implementation='xla')
+    else:
+      out_BxTxNxH = jax.nn.dot_product_attention(
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True,
+          implementation=attention_impl(c.attention, dt))
     out_BxTxNxH = constrain(out_BxTxNxH, ('batch', 'length', 'heads', 'head_dim'), self.rules)
     out_BxTxD = jnp.einsum('btnh,nhd->btd', out_BxTxNxH, w_o_NxHxD.astype(dt))
     return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
+
+  def _cached(self, name: str, new_BxTxKxH: jax.Array, index: jax.Array) -> jax.Array:
+    """Writes the T new keys (or values) at slot `index`; returns all S slots.
+
+    The cache is created at init with the length of the init input: that is S.
+    """
+    slots = self.variable('cache', name, jnp.zeros, new_BxTxKxH.shape, new_BxTxKxH.dtype)
+    slots.value = jax.lax.dynamic_update_slice(slots.value, new_BxTxKxH, (0, index, 0, 0))
+    return slots.value
 
 
 class MLP(nn.Module):
@@ -188,13 +234,16 @@ class Block(nn.Module):
   cfg: ModelConfig
   rules: AxisRules | None
   deterministic: bool
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array):
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+               cache: DecodeState | None = None):
     c = self.cfg
     norm = functools.partial(RMSNorm, c.norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype))
     h = norm(name='attn_norm')(x_BxTxD)
-    x_BxTxD = x_BxTxD + Attention(c, self.rules, self.deterministic, name='attn')(h, positions_BxT)
+    attn = Attention(c, self.rules, self.deterministic, self.decode, name='attn')
+    x_BxTxD = x_BxTxD + attn(h, positions_BxT, cache)
     h = norm(name='mlp_norm')(x_BxTxD)
     x_BxTxD = x_BxTxD + MLP(c, self.rules, self.deterministic, name='mlp')(h)
     x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'embed'), self.rules)
@@ -203,16 +252,25 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """tokens (B, T) int -> logits (B, T, V) in the compute dtype."""
+  """tokens (B, T) int -> logits (B, T, V) in the compute dtype.
+
+  With `decode=True` (and the `cache` collection mutable) the T tokens continue what
+  the cache holds; their `positions_BxT` are required, and -1 marks left padding.
+  """
 
   cfg: ModelConfig
   rules: AxisRules | None = None
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None, *,
-               train: bool = False) -> jax.Array:
+               train: bool = False, decode: bool = False) -> jax.Array:
     c = self.cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    cache = None
+    if decode:
+      if train or positions_BxT is None:
+        raise ValueError('decode=True needs positions_BxT and train=False')
+      cache = self._decode_state(positions_BxT)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     embed_VxD = self.param('embed', _init(('vocab', 'embed')), (c.vocab_size, c.d_model), pdt)
@@ -230,13 +288,16 @@ class Transformer(nn.Module):
                        prevent_cse=not c.scan_layers)
     if c.scan_layers:
       blocks = nn.scan(
-          block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+          block, variable_axes={'params': 0, 'cache': 0},
+          split_rngs={'params': True, 'dropout': True},
           in_axes=nn.broadcast, length=c.num_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxTxD, _ = blocks(c, self.rules, not train, name='blocks')(x_BxTxD, positions_BxT)
+      x_BxTxD, _ = blocks(c, self.rules, not train, decode, name='blocks')(
+          x_BxTxD, positions_BxT, cache)
     else:
       for i in range(c.num_layers):
-        x_BxTxD, _ = block(c, self.rules, not train, name=f'block_{i}')(x_BxTxD, positions_BxT)
+        x_BxTxD, _ = block(c, self.rules, not train, decode, name=f'block_{i}')(
+            x_BxTxD, positions_BxT, cache)
 
     x_BxTxD = RMSNorm(c.norm_eps, dt, pdt, name='final_norm')(x_BxTxD)
     if c.tie_embeddings:
@@ -245,6 +306,18 @@ class Transformer(nn.Module):
       head_DxV = self.param('head', _init(('embed', 'vocab')), (c.d_model, c.vocab_size), pdt)
     logits_BxTxV = jnp.einsum('btd,dv->btv', x_BxTxD, head_DxV.astype(dt))
     return constrain(logits_BxTxV, ('batch', 'length', 'vocab'), self.rules)
+
+  def _decode_state(self, positions_BxT: jax.Array) -> DecodeState:
+    """Advances the shared cache bookkeeping by T tokens; layers keep their own k, v."""
+    t = positions_BxT.shape[1]
+    # Created at init with the init input's shape: its length is the cache size S.
+    positions = self.variable('cache', 'positions', jnp.zeros, positions_BxT.shape, jnp.int32)
+    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    start = index.value
+    positions.value = jax.lax.dynamic_update_slice(
+        positions.value, positions_BxT.astype(jnp.int32), (0, start))
+    index.value = start + t
+    return DecodeState(start, decode_mask(positions.value, start, t))
 
 
 def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:

@@ -1,0 +1,157 @@
+"""Scores a trained run: its held-out split, or local files one by one.
+
+Text is packed as training packs it ([BOS] ids EOS per document, windows of seq_len + 1
+sharing one token) into global batches of the run's batch size. A short last window
+or batch is padded, and a mask keeps padding out of the loss, token and byte counts.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from data import sources
+from data.packing import Packer
+from data.pipeline import eval_batches
+from data.tokenizer import Tokenizer
+from lm.evaluation import evaluate, make_eval_step, summarize
+from lm.run_folder import Run, load_run
+from lm.trainer import token_byte_lengths
+
+Batch = tuple[np.ndarray, np.ndarray]  # tokens (B, T + 1) int32, target mask (B, T) int32
+
+
+def pack_texts(texts: Iterable[str], tokenizer: Tokenizer, seq_len: int,
+               max_tokens: int = 0) -> Batch:
+  """All rows of the texts' token stream, with a mask of the targets to score.
+
+  Every token but the stream's first is a target once; with max_tokens > 0 only the
+  first max_tokens targets are kept.
+  """
+  packer = Packer(seq_len, tokenizer.eos_id, tokenizer.bos_id)
+  stream: list[int] = []
+  for chunk in _chunks(texts, 16):
+    for ids in tokenizer.encode_batch(chunk):
+      stream.extend(packer.wrap(ids))
+    if max_tokens and len(stream) > max_tokens:
+      break
+  if max_tokens:
+    stream = stream[:max_tokens + 1]
+  num_rows = math.ceil(max(len(stream) - 1, 0) / seq_len)
+  tokens = np.zeros((num_rows, seq_len + 1), np.int32)
+  mask = np.zeros((num_rows, seq_len), np.int32)
+  for r in range(num_rows):
+    window = stream[r * seq_len:r * seq_len + seq_len + 1]
+    tokens[r, :len(window)] = window
+    mask[r, :len(window) - 1] = 1
+  return tokens, mask
+
+
+def global_batches(rows: Batch, batch_size: int) -> list[Batch]:
+  """Rows grouped into batches of batch_size; the last is filled with masked-out rows."""
+  tokens, mask = rows
+  pad = -len(tokens) % batch_size
+  tokens = np.concatenate([tokens, np.zeros((pad, tokens.shape[1]), np.int32)])
+  mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), np.int32)])
+  return [(tokens[i:i + batch_size], mask[i:i + batch_size])
+          for i in range(0, len(tokens), batch_size)]
+
+
+def local_rows(batch: Batch) -> Batch:
+  """This process's share of a global batch (the rows `global_batch` expects)."""
+  n = batch[0].shape[0] // jax.process_count()
+  start = jax.process_index() * n
+  return batch[0][start:start + n], batch[1][start:start + n]
+
+
+def heldout(run: Run, max_tokens: int = 0) -> list[Batch]:
+  """This process's rows of the held-out batches: run.eval_batches, or max_tokens' worth."""
+  b, t = run.cfgs.run.batch_size, run.cfgs.run.seq_len
+  local = b // jax.process_count()
+  num = math.ceil(max_tokens / (b * t)) if max_tokens else run.cfgs.run.eval_batches
+  out = []
+  for i, tokens in enumerate(eval_batches(
+      run.cfgs.data, run.tokenizer, local, t, num,
+      process_index=jax.process_index(), process_count=jax.process_count())):
+    if isinstance(tokens, dict):  # data.segment_ids: the model reads the tokens only.
+      tokens = tokens['tokens']
+    # Index of each target in the global stream of targets, to cut at max_tokens.
+    row_B = i * b + jax.process_index() * local + np.arange(local)
+    target_BxT = row_B[:, None] * t + np.arange(t)
+    keep = target_BxT < max_tokens if max_tokens else np.ones_like(target_BxT, bool)
+    out.append((tokens, keep.astype(np.int32)))
+  return out
+
+
+def file_texts(spec: str, text_key: str) -> Iterator[tuple[str, Iterator[str]]]:
+  """(name, its documents) for each file the comma-separated globs match."""
+  for pattern in [p.strip() for p in spec.split(',') if p.strip()]:
+    if not glob.glob(os.path.expanduser(pattern), recursive=True):
+      raise ValueError(f'--files: {pattern!r} matched no files')
+  source = sources.FileSource(spec, text_key)
+  for i, name in enumerate(source.shard_names):
+    yield name, (text for _, text in source.rows(i, 0) if text)
+
+
+def score(run: Run, batches: list[Batch], eval_step: Any = None) -> dict[str, Any]:
+  """Loss, perplexity, bits per byte, tokens and bytes over the masked targets."""
+  if eval_step is None:
+    eval_step = make_step(run)
+  return evaluate(eval_step, run.params, batches, run.rules)
+
+
+def make_step(run: Run) -> Any:
+  shape = (run.cfgs.run.batch_size, run.cfgs.run.seq_len + 1)
+  shardings = jax.tree.map(lambda x: x.sharding, run.params)
+  token_bytes = token_byte_lengths(run.tokenizer, run.cfgs.model.vocab_size)
+  return make_eval_step(run.model, run.rules, shape, shardings, token_bytes, masked=True)
+
+
+def evaluate_run(workdir: str, *, step: int | None = None, files: str = '',
+                 max_tokens: int = 0) -> dict[str, Any]:
+  """{"step", "loss", "perplexity", "bits_per_byte", "tokens", "bytes"}, plus "files"
+  (one such record per file, without "step") when `files` matches several.
+
+  `max_tokens` > 0 caps the tokens scored from the held-out split, or from each file.
+  """
+  if max_tokens < 0:
+    raise ValueError(f'--max_tokens must be >= 0, got {max_tokens}')
+  run = load_run(workdir, step)
+  if not files:
+    return {'step': run.step, **score(run, heldout(run, max_tokens))}
+  eval_step = make_step(run)
+  per_file = {}
+  for name, texts in file_texts(files, run.cfgs.data.text_key):
+    rows = pack_texts(texts, run.tokenizer, run.cfgs.run.seq_len, max_tokens)
+    if not rows[1].sum():
+      raise ValueError(f'--files: no text to score in {name}')
+    batches = [local_rows(b) for b in global_batches(rows, run.cfgs.run.batch_size)]
+    per_file[name] = score(run, batches, eval_step)
+  total = sum(r['loss'] * r['tokens'] for r in per_file.values())
+  result = {'step': run.step, **summarize(total, sum(r['tokens'] for r in per_file.values()),
+                                          sum(r['bytes'] for r in per_file.values()))}
+  if len(per_file) > 1:
+    result['files'] = per_file
+  return result
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+  """Human-readable lines: one per file when there are several, then the total."""
+  def line(name: str, r: dict[str, Any]) -> str:
+    return (f'{name}: loss={r["loss"]:.4f} perplexity={r["perplexity"]:.3f} '
+            f'bits_per_byte={r["bits_per_byte"]:.4f} tokens={r["tokens"]} bytes={r["bytes"]}')
+
+  lines = [line(name, r) for name, r in result.get('files', {}).items()]
+  return lines + [line(f'step {result["step"]}', result)]
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+  it = iter(items)
+  while chunk := [x for _, x in zip(range(size), it)]:
+    yield chunk

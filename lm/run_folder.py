@@ -1,0 +1,106 @@
+"""Reads a run folder back for evaluation and sampling: config, tokenizer, parameters.
+
+Errors are ValueErrors naming the missing path or step, for the scripts to print.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from data.tokenizer import Tokenizer, check_vocab
+from lm.checkpoint import Checkpointer
+from lm.config import Configs, parse
+from lm.model import Transformer
+from lm.sharding import AxisRules, MeshConfig, make_mesh, tree_shardings
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run, its parameters restored onto `rules.mesh`."""
+
+  workdir: str
+  cfgs: Configs
+  tokenizer: Tokenizer
+  rules: AxisRules
+  model: Transformer
+  params: Any
+  step: int
+
+
+def load_config(workdir: str) -> Configs:
+  """RUN/config.json, validated as training validated it."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isdir(workdir):
+    raise ValueError(f'no run folder at {workdir}')
+  if not os.path.isfile(path):
+    raise ValueError(f'no config.json in {workdir}: not a run folder')
+  with open(path, encoding='utf-8') as f:
+    return parse(ml_collections.ConfigDict(json.load(f)))
+
+
+def eval_mesh_rules(cfgs: Configs) -> AxisRules:
+  """The run's mesh on the devices present; all data-parallel if its sizes do not fit."""
+  try:
+    mesh = make_mesh(cfgs.mesh)
+  except ValueError as e:
+    log.warning('%s; evaluating with a data-parallel mesh instead', e)
+    mesh = make_mesh(dataclasses.replace(cfgs.mesh, data=-1, fsdp=1, tensor=1))
+  return AxisRules(mesh, cfgs.mesh.rules)
+
+
+def single_device_rules(cfgs: Configs) -> AxisRules:
+  """A one-device mesh, for sampling."""
+  cfg = MeshConfig(data=1, fsdp=1, tensor=1, rules=cfgs.mesh.rules)
+  return AxisRules(make_mesh(cfg, jax.devices()[:1]), cfgs.mesh.rules)
+
+
+def abstract_params(model: Transformer, rules: AxisRules) -> Any:
+  """ShapeDtypeStructs of the parameters with their shardings: a restore target."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  boxed = jax.eval_shape(lambda k: model.init({'params': k}, tokens), jax.random.PRNGKey(0))
+  boxed = boxed['params']
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.meta.unbox(boxed), tree_shardings(boxed, rules))
+
+
+def load_run(workdir: str, step: int | None = None, *, single_device: bool = False) -> Run:
+  """Config, tokenizer and the parameters of checkpoint `step` (default: the latest).
+
+  The parameters land on the run's mesh (`eval_mesh_rules`), or on one device.
+  """
+  cfgs = load_config(workdir)
+  tok_path = os.path.join(workdir, 'tokenizer.model')
+  if not os.path.isfile(tok_path):
+    raise ValueError(f'no tokenizer.model in {workdir}')
+  tokenizer = Tokenizer(tok_path)
+  check_vocab(tokenizer, cfgs.model.vocab_size)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(ckpt_dir):
+    raise ValueError(f'no checkpoints in {ckpt_dir}')
+  rules = single_device_rules(cfgs) if single_device else eval_mesh_rules(cfgs)
+  model = Transformer(cfgs.model, rules)
+  checkpointer = Checkpointer(workdir, read_only=True)
+  try:
+    steps = sorted(checkpointer.all_steps())
+    if not steps:
+      raise ValueError(f'no checkpoints in {ckpt_dir}')
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise ValueError(f'no checkpoint for step {step} in {ckpt_dir} '
+                       f'(steps: {", ".join(map(str, steps))})')
+    params = checkpointer.restore_params(step, abstract_params(model, rules))
+  finally:
+    checkpointer.close()
+  return Run(workdir, cfgs, tokenizer, rules, model, params, step)

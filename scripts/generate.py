@@ -1,0 +1,45 @@
+"""Samples from a trained run: python scripts/generate.py --workdir=RUN --prompt=TEXT
+[--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]
+
+Prints the generated text, then as the last line JSON {"prompt_ids", "ids", "text"}.
+--temperature=0 is greedy.
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The run folder.')
+_PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate at most.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 = greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens; 0 = all.')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass; 1 = all.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
+    sys.exit(1)
+  logging.set_verbosity(logging.ERROR)
+  from lm import run_folder, sampling  # After flag parsing, so --help stays fast.
+
+  try:
+    cfg = sampling.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                                  top_k=_TOP_K.value, top_p=_TOP_P.value)
+    cfg.validate()
+    run = run_folder.load_run(_WORKDIR.value, _STEP.value, single_device=True)
+    result = sampling.complete(run, _PROMPT.value, cfg, _SEED.value)
+  except ValueError as e:
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(1)
+  print(_PROMPT.value + result['text'])
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)

@@ -1,0 +1,274 @@
+"""Evaluation, scripts/eval.py, scripts/generate.py and scripts/plot.py.
+
+The script tests share one tiny run trained here for 2 steps.
+"""
+
+import glob
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from data import stdlib
+from data.tokenizer import Tokenizer, train_tokenizer
+from lm import eval_run
+from lm.config import parse
+from lm.evaluation import make_eval_step
+from lm.model import Transformer
+from lm.run_folder import Run, abstract_params, load_run
+from lm.sharding import AxisRules, make_mesh
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ['def f(x):\n    return x + 1\n', 'import os\nprint(os.getcwd())  # où ça ? ✓\n',
+        'class A:\n    pass\n' * 5]
+
+
+@pytest.fixture(scope='module')
+def tokenizer_path(tmp_path_factory) -> str:
+  path = str(tmp_path_factory.mktemp('tok') / 'tok.model')
+  train_tokenizer((stdlib.read(p) for p in stdlib.list_files()), 512, path, max_bytes=1 << 20)
+  return path
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory, tokenizer_path) -> str:
+  """A 2-step tiny run (smaller than configs/tiny.py, to keep the test fast)."""
+  workdir = str(tmp_path_factory.mktemp('run') / 'tiny')
+  _script('train.py', '--config=configs/tiny.py', '--config.steps=2',
+          '--config.model.vocab_size=512', f'--config.data.tokenizer={tokenizer_path}',
+          f'--config.workdir={workdir}', '--config.model.num_layers=2', '--config.seq_len=64',
+          '--config.eval_every=2', '--config.eval_batches=1', '--config.data.eval_fraction=0.05')
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def text_files(tmp_path_factory) -> str:
+  folder = tmp_path_factory.mktemp('texts')
+  with open(folder / 'a.jsonl', 'w', encoding='utf-8') as f:
+    for doc in DOCS[:2]:
+      f.write(json.dumps({'text': doc}) + '\n')
+  (folder / 'b.txt').write_text(DOCS[2], encoding='utf-8')  # One paragraph: one document.
+  return str(folder)
+
+
+def _script(name, *args, check=True):
+  proc = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', name), *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _last_json(proc):
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# In-process scoring with hand-derivable numbers.
+
+
+def _zero_run(tokenizer_path, batch_size=8, seq_len=16):
+  """A run whose parameters are all zero: every logit is 0, so each token costs ln V."""
+  config = tiny.get_config()
+  config.model.vocab_size = 512
+  config.model.num_layers = 1
+  config.batch_size, config.seq_len = batch_size, seq_len
+  cfgs = parse(config)
+  rules = AxisRules(make_mesh(cfgs.mesh), cfgs.mesh.rules)
+  model = Transformer(cfgs.model, rules)
+  params = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding),
+                        abstract_params(model, rules))
+  return Run('', cfgs, Tokenizer(tokenizer_path), rules, model, params, 0)
+
+
+def test_zero_model_costs_ln_v_per_token_and_bytes_are_the_texts_bytes(tokenizer_path):
+  run = _zero_run(tokenizer_path)
+  rows = eval_run.pack_texts(DOCS, run.tokenizer, run.cfgs.run.seq_len)
+  stream = sum(([2] + run.tokenizer.encode(d) + [3] for d in DOCS), [])
+  # Every stream token but the first (BOS) is scored once; padding is not.
+  assert rows[1].sum() == len(stream) - 1 < rows[1].size
+  batches = eval_run.global_batches(rows, run.cfgs.run.batch_size)
+  assert len(batches) == 1 and batches[0][0].shape == (8, 17)  # padded to a full batch
+  result = eval_run.score(run, batches)
+  v = 512
+  assert result['tokens'] == len(stream) - 1
+  assert result['bytes'] == sum(len(d.encode('utf-8')) for d in DOCS)
+  assert result['loss'] == pytest.approx(math.log(v), rel=1e-6)
+  assert result['perplexity'] == pytest.approx(v, rel=1e-5)
+  assert result['bits_per_byte'] == pytest.approx(
+      result['tokens'] * math.log2(v) / result['bytes'], rel=1e-6)
+  # The byte count also equals the UTF-8 bytes of the scored tokens, decoded.
+  scored = rows[0][:, 1:][rows[1] > 0]
+  assert len(run.tokenizer.decode(scored.tolist()).encode('utf-8')) == result['bytes']
+
+  capped = eval_run.score(run, eval_run.global_batches(
+      eval_run.pack_texts(DOCS, run.tokenizer, run.cfgs.run.seq_len, max_tokens=21), 8))
+  assert capped['tokens'] == 21
+  assert capped['bytes'] == len(run.tokenizer.decode(stream[1:22]).encode('utf-8'))
+
+
+def test_held_out_batches_are_cut_at_max_tokens(tokenizer_path):
+  run = _zero_run(tokenizer_path, batch_size=2, seq_len=8)
+  (tokens, mask), = eval_run.heldout(run, max_tokens=11)
+  assert tokens.shape == (2, 9)
+  assert mask.tolist() == [[1] * 8, [1] * 3 + [0] * 5]  # the first 11 targets, in order
+  full = eval_run.heldout(run)
+  assert len(full) == run.cfgs.run.eval_batches and all(m.all() for _, m in full)
+  np.testing.assert_array_equal(full[0][0], tokens)
+
+
+def test_masked_eval_step_matches_a_numpy_sum_over_the_unmasked_targets(tokenizer_path):
+  run = _zero_run(tokenizer_path)
+  rng = np.random.default_rng(0)  # numpy: op-by-op jax.random would compile per shape
+  params = jax.tree.map(
+      lambda a: jax.device_put(rng.normal(0, 0.3, a.shape).astype(np.float32), a.sharding),
+      run.params)
+  tokens = rng.integers(4, 300, (8, 17)).astype(np.int32)
+  mask = (rng.random((8, 16)) < 0.6).astype(np.int32)
+  token_bytes = np.arange(512) % 5
+  shardings = jax.tree.map(lambda a: a.sharding, run.params)
+  step = make_eval_step(run.model, run.rules, (8, 17), shardings, token_bytes, masked=True)
+  nll, n, b = step(params, tokens, mask)
+  logits = np.asarray(jax.jit(run.model.apply)({'params': params}, tokens[:, :-1]), np.float64)
+  log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  target = np.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
+  assert float(nll) == pytest.approx(((log_z - target) * mask).sum(), rel=1e-5)
+  assert int(n) == mask.sum()
+  assert int(b) == (token_bytes[tokens[:, 1:]] * mask).sum()
+
+
+# The scripts, on a real run.
+
+
+def test_eval_script_scores_the_held_out_split_as_training_did(run_dir):
+  result = _last_json(_script('eval.py', f'--workdir={run_dir}'))
+  assert set(result) == {'step', 'loss', 'perplexity', 'bits_per_byte', 'tokens', 'bytes'}
+  assert result['step'] == 2
+  assert result['tokens'] == 8 * 64  # eval_batches=1 batch of 8 x 64 targets
+  assert result['perplexity'] == pytest.approx(math.exp(result['loss']), rel=1e-9)
+  assert result['bits_per_byte'] == pytest.approx(
+      result['loss'] * result['tokens'] / math.log(2) / result['bytes'], rel=1e-9)
+  with open(os.path.join(run_dir, 'metrics.jsonl'), encoding='utf-8') as f:
+    logged = [json.loads(line) for line in f if 'eval_loss' in line]
+  assert logged[-1]['step'] == 2
+  assert result['loss'] == pytest.approx(logged[-1]['eval_loss'], rel=1e-5)
+  assert result['bits_per_byte'] == pytest.approx(logged[-1]['eval_bits_per_byte'], rel=1e-5)
+
+
+def test_eval_script_scores_files_one_by_one(run_dir, text_files):
+  proc = _script('eval.py', f'--workdir={run_dir}', '--step=2',
+                 f'--files={text_files}/*.jsonl,{text_files}/*.txt')
+  result = _last_json(proc)
+  files = result['files']
+  assert sorted(files) == ['a.jsonl', 'b.txt']
+  assert files['a.jsonl']['bytes'] == sum(len(d.encode('utf-8')) for d in DOCS[:2])
+  assert files['b.txt']['bytes'] == len(DOCS[2].encode('utf-8'))
+  assert result['tokens'] == sum(f['tokens'] for f in files.values())
+  assert result['bytes'] == sum(f['bytes'] for f in files.values())
+  total = sum(f['loss'] * f['tokens'] for f in files.values())
+  assert result['loss'] == pytest.approx(total / result['tokens'], rel=1e-9)
+  for r in (result, *files.values()):
+    assert r['perplexity'] == pytest.approx(math.exp(r['loss']), rel=1e-9)
+  assert result['step'] == 2
+  assert 'a.jsonl: loss=' in proc.stdout and 'b.txt: loss=' in proc.stdout
+
+
+def test_eval_script_errors_are_one_line_naming_the_cause(run_dir):
+  proc = _script('eval.py', f'--workdir={run_dir}', '--step=5', check=False)
+  assert proc.returncode == 1
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'step 5' in lines[0] and run_dir in lines[0], proc.stderr
+  with pytest.raises(ValueError, match='/no/such/dir/'):
+    list(eval_run.file_texts('/no/such/dir/*.txt', 'text'))
+
+
+def test_load_errors_name_the_missing_path(tmp_path, run_dir):
+  with pytest.raises(ValueError, match='no run folder at .*nowhere'):
+    load_run(str(tmp_path / 'nowhere'))
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with pytest.raises(ValueError, match='no config.json'):
+    load_run(str(empty))
+  for name in ('config.json', 'tokenizer.model'):
+    (empty / name).write_bytes(open(os.path.join(run_dir, name), 'rb').read())
+  with pytest.raises(ValueError, match='no checkpoints in .*empty/checkpoints'):
+    load_run(str(empty))
+  assert not (empty / 'checkpoints').exists()  # Looking did not create it.
+
+
+def test_generate_script_is_greedy_at_temperature_zero(run_dir):
+  args = (f'--workdir={run_dir}', '--prompt=def main(', '--max_new_tokens=5', '--temperature=0')
+  proc = _script('generate.py', *args)
+  result = _last_json(proc)
+  tok = Tokenizer(os.path.join(run_dir, 'tokenizer.model'))
+  assert result['prompt_ids'] == [tok.bos_id] + tok.encode('def main(')
+  ids = result['ids']
+  assert 1 <= len(ids) <= 5 and (len(ids) == 5 or ids[-1] == tok.eos_id)
+  assert all(0 <= i < tok.vocab_size for i in ids)
+  assert result['text'] == tok.decode(ids)
+  assert proc.stdout.splitlines()[0].startswith('def main(')
+
+  missing = _script('generate.py', f'--workdir={run_dir}/nope', '--prompt=x', check=False)
+  assert missing.returncode == 1 and f'{run_dir}/nope' in missing.stderr.strip()
+
+
+def _tb_scalars(tb_dir):
+  """(tag, step) -> value from TensorBoard event files (TFRecord framing, Event protos)."""
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for path in glob.glob(os.path.join(tb_dir, 'events.out.tfevents.*')):
+    data = open(path, 'rb').read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack('<Q', data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4  # length, its CRC, the record, its CRC
+      for value in event.summary.value:
+        out[(value.tag, event.step)] = value.simple_value
+  return out
+
+
+def test_eval_metrics_land_in_tensorboard(run_dir):
+  scalars = _tb_scalars(os.path.join(run_dir, 'tb'))
+  with open(os.path.join(run_dir, 'metrics.jsonl'), encoding='utf-8') as f:
+    evals = [json.loads(line) for line in f if 'eval_loss' in line]
+  for key in ('eval_loss', 'eval_perplexity', 'eval_bits_per_byte'):
+    assert scalars[(key, 2)] == pytest.approx(evals[-1][key], rel=1e-6)
+  assert ('loss', 2) in scalars
+
+
+def test_plot_script_writes_a_png_of_several_runs(tmp_path):
+  for name, scale in (('run_a', 1.0), ('run_b', 0.8)):
+    folder = tmp_path / name
+    folder.mkdir()
+    lines = [{'step': s, 'loss': scale * 6 / s, 'lr': 1e-3} for s in range(1, 11)]
+    lines += [{'step': s, 'eval_loss': scale * 7 / s} for s in (5, 10)]
+    (folder / 'metrics.jsonl').write_text(''.join(json.dumps(x) + '\n' for x in lines))
+  out = tmp_path / 'loss.png'
+  _script('plot.py', str(tmp_path / 'run_a'), str(tmp_path / 'run_b'), f'--out={out}')
+  from matplotlib import image
+  pixels = image.imread(out)
+  assert pixels.shape[:2] == (450, 1200)
+  assert pixels[..., :3].std() > 0.05  # not a blank canvas
+
+  bad = _script('plot.py', str(tmp_path / 'run_a'), str(tmp_path / 'nope'),
+                f'--out={tmp_path / "x.png"}', check=False)
+  assert bad.returncode == 1 and 'nope' in bad.stderr
+  assert not (tmp_path / 'x.png').exists()
+
+
+def test_plot_curves_keep_the_last_value_of_a_repeated_step(tmp_path):
+  from lm.plotting import read_curves, run_names
+  lines = [{'step': 1, 'loss': 5.0}, {'step': 2, 'loss': 4.0}, {'step': 2, 'eval_loss': 4.5},
+           {'step': 2, 'loss': 3.5}, {'step': 3, 'loss': 3.0}]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(x) + '\n' for x in lines))
+  curves = read_curves(str(tmp_path))
+  assert curves == {'loss': [(1, 5.0), (2, 3.5), (3, 3.0)], 'eval_loss': [(2, 4.5)]}
+  assert run_names(['a/x', 'b/x', 'c/y']) == ['a/x', 'b/x', 'y']
