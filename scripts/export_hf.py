@@ -1,0 +1,37 @@
+"""Exports a run as a Hugging Face Llama folder.
+
+python scripts/export_hf.py --workdir=RUN --out=DIR [--step=N] [--dtype=float32|bfloat16]
+
+DIR then loads with transformers.AutoModelForCausalLM / AutoTokenizer, lm-evaluation-harness
+and vLLM. DIR must not exist or be empty. The last stdout line is JSON:
+{"out", "step", "params"}.
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (holds config.json, checkpoints/).')
+_OUT = flags.DEFINE_string('out', None, 'Output folder; must not exist or be empty.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16', 'float16'],
+                           'Dtype of the saved weights.')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from lm import hf  # After flag parsing, so --help stays fast.
+
+  try:
+    result = hf.export(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir', 'out'])
+  app.run(main)

@@ -1,0 +1,377 @@
+"""Hugging Face interop, checked against transformers' own LlamaForCausalLM and tokenizer."""
+
+import dataclasses
+import functools
+import io
+import json
+import os
+import subprocess
+import sys
+
+os.environ['HF_HUB_OFFLINE'] = '1'  # Everything here is local; never reach the Hub.
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from data import hf_tokenizer, stdlib
+from data.tokenizer import Tokenizer, train_tokenizer
+from lm import hf
+from lm.model import ModelConfig, Transformer
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = {'vocab_size': 128, 'd_model': 64, 'num_layers': 2, 'num_heads': 4, 'num_kv_heads': 2,
+         'd_ff': 96}
+CONFIGS = {
+    'gqa_untied': ModelConfig(**SMALL, tie_embeddings=False, rope_theta=500.0, norm_eps=1e-6),
+    # head_dim * num_heads != d_model: the projections' reshapes must use head_dim.
+    'tied_head_dim': ModelConfig(**SMALL, tie_embeddings=True, head_dim=24),
+    'scan': ModelConfig(**SMALL, tie_embeddings=False, scan_layers=True),
+}
+
+
+@functools.cache
+def _params(cfg: ModelConfig, seed: int = 0):
+  """Random params (numpy, no compile) in which no two norms or heads are alike."""
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(
+      Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    z = rng.standard_normal(x.shape)
+    if path[-1].key == 'scale':  # RMSNorm gains around 1.
+      z = 1 + 0.2 * z
+    elif path[-1].key != 'embed':
+      z = z / np.sqrt(cfg.d_model)
+    return z.astype(x.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.cache
+def _apply(cfg: ModelConfig):
+  return jax.jit(lambda params, ids: Transformer(cfg).apply({'params': params}, ids))
+
+
+def _our_logits(cfg, params, ids):
+  return np.asarray(_apply(cfg)(params, jnp.asarray(ids)))
+
+
+def _hf_model(path):
+  model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation='eager')
+  return model.float().eval()
+
+
+def _hf_logits(model, ids):
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(ids))).logits.numpy()
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.shape == y.shape and x.dtype == y.dtype
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize('name', list(CONFIGS))
+def test_transformers_reproduces_our_logits(tmp_path, name):
+  cfg = CONFIGS[name]
+  params = _params(cfg)
+  hf.write_model(str(tmp_path), params, cfg)
+  model = _hf_model(str(tmp_path))
+  assert type(model).__name__ == 'LlamaForCausalLM'
+  ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (3, 24))
+  ours = _our_logits(cfg, params, ids)
+  np.testing.assert_allclose(_hf_logits(model, ids), ours, atol=1e-4, rtol=0)
+  assert np.abs(ours).max() > 0.5  # Not trivially small.
+  # The file holds a head only when untied, and the config says which.
+  config = json.loads((tmp_path / 'config.json').read_text())
+  assert config['tie_word_embeddings'] == cfg.tie_embeddings
+  assert ('lm_head.weight' in hf.read_safetensors(str(tmp_path))) != cfg.tie_embeddings
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+  cfg = CONFIGS['gqa_untied']
+  params = _params(cfg, seed=3)
+  hf.write_model(str(tmp_path), params, cfg, eos_id=-1)  # No EOS: both run to the end.
+  prompt, new = [5, 17, 42, 9, 77], 12
+  # Recomputes the whole sequence each step, no cache to get wrong; a fixed-size buffer
+  # compiles once, and causality makes the padding after the last token irrelevant.
+  buf = np.zeros((1, len(prompt) + new), np.int32)
+  buf[0, :len(prompt)] = prompt
+  for t in range(len(prompt), len(prompt) + new):
+    buf[0, t] = np.argmax(_our_logits(cfg, params, buf)[0, t - 1])
+  ids = buf[0].tolist()
+  with torch.no_grad():
+    out = _hf_model(str(tmp_path)).generate(torch.tensor([prompt]), do_sample=False,
+                                            max_new_tokens=12, pad_token_id=0)
+  assert out[0].tolist() == ids
+  assert len(set(ids[len(prompt):])) > 1  # A degenerate repeat would prove little.
+
+
+@pytest.mark.parametrize('name', list(CONFIGS))
+def test_round_trip_is_exact(tmp_path, name):
+  cfg = CONFIGS[name]
+  params = _params(cfg)
+  _assert_trees_equal(hf.from_hf(hf.to_hf(params, cfg), cfg), params)
+  hf.write_model(str(tmp_path), params, cfg)
+  _assert_trees_equal(hf.load_hf(str(tmp_path), cfg), params)
+  # hf_model_config recovers the architecture from config.json alone.
+  arch = hf.hf_model_config(str(tmp_path))
+  rebuilt = ModelConfig(**{**arch, 'scan_layers': cfg.scan_layers})
+  assert rebuilt == cfg
+
+
+def test_to_hf_layout():
+  """q (D, N, H) -> (N·H, D): row n·H + h of q_proj is head n, dim h."""
+  cfg = CONFIGS['gqa_untied']
+  params = _params(cfg)
+  sd = hf.to_hf(params, cfg)
+  q = params['block_1']['attn']['q']
+  np.testing.assert_array_equal(sd['model.layers.1.self_attn.q_proj.weight'][2 * 16 + 5],
+                                q[:, 2, 5])
+  np.testing.assert_array_equal(sd['model.layers.0.post_attention_layernorm.weight'],
+                                params['block_0']['mlp_norm']['scale'])
+  np.testing.assert_array_equal(sd['lm_head.weight'], params['head'].T)
+  assert set(sd) == set(hf.expected_shapes(cfg))
+
+
+def test_bfloat16_export_and_sharded_load(tmp_path):
+  cfg = CONFIGS['scan']
+  params = _params(cfg)
+  hf.write_model(str(tmp_path), params, cfg, dtype='bfloat16')
+  assert json.loads((tmp_path / 'config.json').read_text())['torch_dtype'] == 'bfloat16'
+  assert hf.read_safetensors(str(tmp_path))['model.norm.weight'].dtype.name == 'bfloat16'
+  # Placed onto the shardings and dtypes of an existing (e.g. freshly initialised) tree.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('x',))
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('x'))
+  like = jax.tree.map(lambda x: jax.device_put(x, sharded if x.shape[0] % 8 == 0 else
+                                               jax.sharding.NamedSharding(
+                                                   mesh, jax.sharding.PartitionSpec())),
+                      params)
+  loaded = hf.load_hf(str(tmp_path), cfg, like=like)
+  for x, ref, orig in zip(jax.tree.leaves(loaded), jax.tree.leaves(like),
+                          jax.tree.leaves(params)):
+    assert x.sharding == ref.sharding and x.dtype == ref.dtype
+    np.testing.assert_allclose(np.asarray(x), orig, rtol=1e-2, atol=1e-2)
+
+
+def test_sharded_safetensors_folder(tmp_path):
+  from safetensors.numpy import save_file
+  cfg = CONFIGS['gqa_untied']
+  params = _params(cfg)
+  sd = hf.to_hf(params, cfg)
+  names = sorted(sd)
+  weight_map = {}
+  for i, part in enumerate((names[:10], names[10:])):
+    fname = f'model-{i + 1:05d}-of-00002.safetensors'
+    save_file({k: sd[k] for k in part}, str(tmp_path / fname), metadata={'format': 'pt'})
+    weight_map.update({k: fname for k in part})
+  (tmp_path / 'model.safetensors.index.json').write_text(json.dumps({'weight_map': weight_map}))
+  (tmp_path / 'config.json').write_text(json.dumps(hf.llama_config(cfg)))
+  _assert_trees_equal(hf.load_hf(str(tmp_path), cfg), params)
+
+
+@pytest.fixture()
+def folder(tmp_path):
+  cfg = CONFIGS['gqa_untied']
+  hf.write_model(str(tmp_path), _params(cfg), cfg)
+  return tmp_path
+
+
+def _edit_config(folder, **changes):
+  config = json.loads((folder / 'config.json').read_text())
+  config.update(changes)
+  (folder / 'config.json').write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize('changes, key', [
+    ({'attention_bias': True}, 'attention_bias'),
+    ({'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}}, 'rope_scaling'),
+    ({'rope_parameters': {'rope_type': 'yarn', 'factor': 4.0}}, 'rope_parameters'),
+    ({'model_type': 'gpt2'}, 'model_type'),
+    ({'hidden_act': 'gelu'}, 'hidden_act'),
+    ({'hidden_size': None}, 'hidden_size'),
+])
+def test_unsupported_config_is_named(folder, changes, key):
+  _edit_config(folder, **changes)
+  with pytest.raises(ValueError, match=key):
+    hf.load_hf(str(folder), CONFIGS['gqa_untied'])
+
+
+def test_config_mismatch_names_the_model_key(folder):
+  cfg = CONFIGS['gqa_untied']
+  with pytest.raises(ValueError, match=r'model\.d_ff=128 .*model\.d_ff=96'):
+    hf.load_hf(str(folder), dataclasses.replace(cfg, d_ff=128))
+  with pytest.raises(ValueError, match=r'model\.tie_embeddings=True'):
+    hf.load_hf(str(folder), dataclasses.replace(cfg, tie_embeddings=True))
+  with pytest.raises(ValueError, match=r'model\.rope_theta=10000.0 .*500.0'):
+    hf.load_hf(str(folder), dataclasses.replace(cfg, rope_theta=10000.0))
+
+
+def test_bad_tensors_are_named():
+  cfg = CONFIGS['gqa_untied']
+  sd = hf.to_hf(_params(cfg), cfg)
+  bad = dict(sd, **{'model.layers.1.mlp.up_proj.weight': np.zeros((96, 63), np.float32)})
+  with pytest.raises(ValueError, match=r'model\.layers\.1\.mlp\.up_proj\.weight has shape'):
+    hf.from_hf(bad, cfg)
+  missing = {k: v for k, v in sd.items() if k != 'model.layers.0.self_attn.k_proj.weight'}
+  with pytest.raises(ValueError, match='missing tensor model.layers.0.self_attn.k_proj'):
+    hf.from_hf(missing, cfg)
+  with pytest.raises(ValueError, match='unexpected tensor model.layers.2'):
+    hf.from_hf(dict(sd, **{'model.layers.2.mlp.up_proj.weight': sd['lm_head.weight']}), cfg)
+  tied = ModelConfig(**SMALL, tie_embeddings=True)
+  with pytest.raises(ValueError, match='lm_head.weight differs'):
+    hf.from_hf(sd, tied)
+
+
+def test_missing_files_are_named(tmp_path, folder):
+  with pytest.raises(ValueError, match='no such folder'):
+    hf.read_safetensors(str(tmp_path / 'nope'))
+  with pytest.raises(ValueError, match='config.json'):
+    hf.load_hf(str(tmp_path / 'nope'), CONFIGS['gqa_untied'])
+  (folder / 'model.safetensors').unlink()
+  with pytest.raises(ValueError, match='model.safetensors'):
+    hf.load_hf(str(folder), CONFIGS['gqa_untied'])
+
+
+# --- scripts/export_hf.py on a real (two-step) run -----------------------------------------
+
+@pytest.fixture(scope='module')
+def tokenizer(tmp_path_factory) -> str:
+  """A 512-piece tokenizer trained as runs train theirs (user symbols, no dummy prefix)."""
+  path = str(tmp_path_factory.mktemp('hf_tok') / 'tok.model')
+  train_tokenizer((stdlib.read(p) for p in stdlib.list_files()), 512, path, max_bytes=1 << 20)
+  return path
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory, tokenizer):
+  """A tiny run (GQA, untied) trained for two steps."""
+  workdir = tmp_path_factory.mktemp('hf_run') / 'run'
+  cmd = [sys.executable, os.path.join(REPO, 'scripts', 'train.py'), '--config=configs/tiny.py',
+         '--config.steps=2', '--config.model.vocab_size=512',
+         f'--config.data.tokenizer={tokenizer}', f'--config.workdir={workdir}',
+         '--config.eval_every=0', '--config.seq_len=64',
+         '--config.model.num_layers=2', '--config.model.d_model=128', '--config.model.d_ff=256',
+         '--config.model.num_heads=4', '--config.model.num_kv_heads=2',
+         '--config.model.tie_embeddings=false', '--config.data.eval_fraction=0']
+  proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=_one_device_env())
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def _one_device_env():
+  # The mesh is not under test here, and one CPU device compiles in half the time.
+  flags = os.environ.get('XLA_FLAGS', '').split()
+  flags = [f for f in flags if 'force_host_platform_device_count' not in f]
+  return {**os.environ, 'XLA_FLAGS': ' '.join(flags)}
+
+
+def _assert_same_encoding(model_path, out_dir, encode):
+  hf_tokenizer.write(model_path, str(out_dir), max_length=64)
+  theirs = transformers.AutoTokenizer.from_pretrained(str(out_dir))
+  texts = [stdlib.read(p) for p in stdlib.list_files()[300:330]]
+  # Our Tokenizer sends a literal U+2581 to bytes; plain sentencepiece (and so HF) does not.
+  texts = [t.replace('\u2581', '') for t in texts]
+  texts += ['', ' ', ' lead', 'trail ', '  two\n\n\t\ttabs', 'caf\u00e9 \U0001f600 \u4e2d\u6587',
+            '12345 + 0.5e-3', '\n    indented\n        more']
+  for text in texts:
+    ids = theirs(text, add_special_tokens=False)['input_ids']
+    assert ids == encode(text), text[:200]
+    assert theirs.decode(ids) == text
+
+
+def test_hf_tokenizer_encodes_like_ours(tokenizer, tmp_path):
+  _assert_same_encoding(tokenizer, tmp_path, Tokenizer(tokenizer).encode)
+
+
+def test_hf_tokenizer_with_a_dummy_prefix(tmp_path):
+  """A Llama-2-style model: the dummy prefix, ids unk=0 bos=1 eos=2, no pad."""
+  text = '\n'.join(stdlib.read(p) for p in stdlib.list_files()[:40])[:300_000]
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(text.splitlines()), model_writer=model, model_type='bpe',
+      vocab_size=400, byte_fallback=True, normalization_rule_name='identity',
+      add_dummy_prefix=True, remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2,
+      pad_id=-1, minloglevel=2)
+  path = tmp_path / 'dummy.model'
+  path.write_bytes(model.getvalue())
+  sp = spm.SentencePieceProcessor(model_file=str(path))
+  _assert_same_encoding(str(path), tmp_path / 'hf', sp.encode)
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'hf'))
+  assert theirs('x')['input_ids'] == [1] + sp.encode('x')
+  assert theirs.pad_token is None
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda m: setattr(m.trainer_spec, 'model_type', m.trainer_spec.UNIGRAM), 'not BPE'),
+    (lambda m: setattr(m.normalizer_spec, 'name', 'nmt_nfkc'), 'nmt_nfkc'),
+    (lambda m: setattr(m.normalizer_spec, 'add_dummy_prefix', True), 'user-defined'),
+])
+def test_unconvertible_tokenizer_is_refused(tokenizer, tmp_path, change, message):
+  proto = hf_tokenizer.load_proto(tokenizer)
+  change(proto)
+  path = tmp_path / 'changed.model'
+  path.write_bytes(proto.SerializeToString())
+  with pytest.raises(ValueError, match=f'{path}.*{message}'):
+    hf_tokenizer.check_supported(str(path))
+
+
+def _export(*args):
+  cmd = [sys.executable, os.path.join(REPO, 'scripts', 'export_hf.py'), *args]
+  return subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=_one_device_env())
+
+
+def test_export_script_loads_in_transformers(run, tmp_path):
+  out = tmp_path / 'hf'
+  proc = _export(f'--workdir={run}', f'--out={out}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result['out'] == str(out) and result['step'] == 2
+  for name in ('config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.model',
+               'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'):
+    assert (out / name).is_file(), name
+
+  # The tokenizer encodes and decodes like ours, with BOS first as in training.
+  ours = Tokenizer(str(run / 'tokenizer.model'))
+  theirs = transformers.AutoTokenizer.from_pretrained(str(out))
+  text = ('class Point:\n    """A 2-d point."""\n\n    def norm(self) -> float:\n'
+          '        return (self.x ** 2 + self.y ** 2) ** 0.5  # héllo\t\u00e9 \U0001f600\n')
+  assert theirs(text, add_special_tokens=False)['input_ids'] == ours.encode(text)
+  ids = theirs(text)['input_ids']
+  assert ids == [ours.bos_id] + ours.encode(text)
+  assert theirs.decode(ids, skip_special_tokens=True) == text
+  assert (theirs.eos_token_id, theirs.pad_token_id) == (ours.eos_id, ours.pad_id)
+
+  # The model reproduces our logits from the checkpoint.
+  cfgs, step, params = hf.restore_run(str(run))
+  assert step == 2 and result['params'] == hf.count_params(params)
+  model = _hf_model(str(out))
+  np.testing.assert_allclose(_hf_logits(model, [ids]), _our_logits(cfgs.model, params, [ids]),
+                             atol=1e-4, rtol=0)
+  assert hf.hf_model_config(str(out))['num_kv_heads'] == 2
+
+  # A second export into the same folder is refused, and the folder left as it was.
+  before = sorted(os.listdir(out))
+  again = _export(f'--workdir={run}', f'--out={out}')
+  assert again.returncode == 1
+  assert 'not empty' in again.stderr and str(out) in again.stderr
+  assert sorted(os.listdir(out)) == before
+
+
+def test_export_names_a_missing_step_and_writes_nothing(run, tmp_path):
+  with pytest.raises(ValueError, match=r'step 7: no such checkpoint .*\[2\]'):
+    hf.export(str(run), str(tmp_path / 'x'), step=7)
+  assert not (tmp_path / 'x').exists()
+  with pytest.raises(ValueError, match='config.json'):
+    hf.export(str(tmp_path), str(tmp_path / 'x'))
