@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 
 def detected_cluster(env: Mapping[str, str] | None = None) -> str | None:
@@ -25,17 +29,40 @@ def detected_cluster(env: Mapping[str, str] | None = None) -> str | None:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> str | None:
+               process_id: int | None = None, *,
+               heartbeat_timeout_seconds: int = 100) -> str | None:
   """Calls `jax.distributed.initialize` when asked to or when a cluster is detected.
 
+  A process that stops answering for `heartbeat_timeout_seconds` ends the whole job
+  rather than leaving the others hanging in a collective.
   Returns how the runtime was started ('flags', a cluster name) or None (one process).
   """
   if coordinator_address or num_processes:
     if not (coordinator_address and num_processes is not None and process_id is not None):
       raise ValueError('--coordinator_address, --num_processes and --process_id go together')
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     return 'flags'
   cluster = detected_cluster()
   if cluster:
-    jax.distributed.initialize()  # JAX reads the launcher's environment itself.
+    # JAX reads the launcher's environment itself.
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
   return cluster
+
+
+def barrier(name: str) -> None:
+  """Waits until every process gets here (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def gather_json(obj: Any) -> list[Any]:
+  """Every process's JSON-able `obj`, in process order, on every process."""
+  if jax.process_count() == 1:
+    return [obj]
+  blob = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([blob.size], np.int64)).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+  return [json.loads(bytes(row[:int(n)])) for row, n in zip(rows, sizes)]

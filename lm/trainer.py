@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from data.pipeline import TrainBatches, eval_batches
 from data.tokenizer import Tokenizer, check_vocab, load_or_train
-from lm import flops, resume
+from lm import distributed, flops, resume
 from lm.checkpoint import Checkpointer, file_sha256, make_metadata
 from lm.config import Configs, parse, write_config
 from lm.evaluation import evaluate, make_eval_step
@@ -139,6 +139,16 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
   return out
 
 
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def _data_state(batches: TrainBatches) -> dict[str, Any]:
+  """The pipeline's global state: each process's streams, merged (same on every host)."""
+  states = distributed.gather_json(batches.state_dict())
+  return states[0] if len(states) == 1 else TrainBatches.merge_states(states)
+
+
 def _local_rows(batch_size: int) -> int:
   if batch_size % jax.process_count():
     raise ValueError(f'batch_size={batch_size} is not divisible by the '
@@ -164,6 +174,10 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   rules = AxisRules(make_mesh(cfgs.mesh), cfgs.mesh.rules)  # A bad mesh, too, writes nothing.
   if jax.process_index() == 0:
     write_config(config, run.workdir)
+  # Process 0 trains or copies the tokenizer into the run folder; the others then read it.
+  if jax.process_index() == 0:
+    load_or_train(cfgs.data, run.workdir, cfgs.model.vocab_size)
+  distributed.barrier('tokenizer')
   tokenizer = load_or_train(cfgs.data, run.workdir, cfgs.model.vocab_size)
   check_vocab(tokenizer, cfgs.model.vocab_size)
   model = Transformer(cfgs.model, rules)
@@ -312,7 +326,7 @@ class _Loop:
       return
     exp = self.exp
     with self.throughput.paused():
-      exp.checkpointer.save(self.step, exp.state, exp.batches.state_dict(), force=final)
+      exp.checkpointer.save(self.step, exp.state, _data_state(exp.batches), force=final)
 
   def _finish(self) -> None:
     """Last log line, final evaluation, and a save unless this step is saved already."""

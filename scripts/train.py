@@ -15,6 +15,8 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'HOST:PORT of process 0, for multi-process runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0-based.')
+_HEARTBEAT = flags.DEFINE_integer('heartbeat_timeout', 100,
+                                  'Seconds without a heartbeat before a process is dead.')
 
 
 def main(argv):
@@ -23,12 +25,14 @@ def main(argv):
   from lm import distributed, trainer  # After flag parsing, so --help stays fast.
 
   try:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           heartbeat_timeout_seconds=_HEARTBEAT.value)
     result = trainer.train(_CONFIG.value)
   except (ValueError, trainer.TrainingAborted) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(json.dumps(result))
+  if trainer.is_main_process():  # Only process 0 prints.
+    print(json.dumps(result))
 
 
 if __name__ == '__main__':

@@ -1,0 +1,137 @@
+"""Several processes on one box (jax.distributed over loopback, gloo on the CPU).
+
+`jax.distributed.initialize` is only ever called in fresh subprocesses, never here.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from data import stdlib
+from data.tokenizer import train_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, 'scripts', 'train.py')
+SMALL = ('--config.model.vocab_size=512', '--config.model.num_layers=2',
+         '--config.model.d_model=64', '--config.model.d_ff=128', '--config.seq_len=32',
+         '--config.log_every=1', '--config.eval_every=0', '--config.data.eval_fraction=0',
+         '--config.mesh.data=2', '--config.mesh.fsdp=-1')
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tmp_path_factory) -> str:
+  path = str(tmp_path_factory.mktemp('tok') / 'tok.model')
+  train_tokenizer((stdlib.read(p) for p in stdlib.list_files()), 512, path, max_bytes=1 << 20)
+  return path
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict[str, str]:
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+def _args(workdir, tokenizer, steps, extra=()):
+  return [sys.executable, TRAIN, '--config=configs/tiny.py', f'--config.workdir={workdir}',
+          f'--config.data.tokenizer={tokenizer}', f'--config.steps={steps}', *SMALL, *extra]
+
+
+def _launch(workdir, tokenizer, steps, processes, extra=()):
+  """Starts `processes` processes that share 8 CPU devices between them."""
+  port = _free_port()
+  procs = []
+  for i in range(processes):
+    dist = (f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}',
+            f'--process_id={i}', '--heartbeat_timeout=10') if processes > 1 else ()
+    procs.append(subprocess.Popen(
+        _args(workdir, tokenizer, steps, extra) + list(dist), cwd=REPO,
+        env=_env(8 // processes), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def _wait(procs, timeout=400):
+  outs = [p.communicate(timeout=timeout) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return outs
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [(m['step'], m['loss']) for m in map(json.loads, f) if 'loss' in m]
+
+
+@pytest.fixture(scope='module')
+def one_process(tmp_path_factory, tokenizer):
+  """The reference: 1 process with 8 devices, 6 steps, checkpoints at 3 and 6."""
+  workdir = tmp_path_factory.mktemp('one') / 'run'
+  _wait(_launch(workdir, tokenizer, 6, 1, ('--config.checkpoint_every=3',)))
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory, tokenizer):
+  """The same run as `one_process`, by 2 processes with 4 devices each."""
+  workdir = tmp_path_factory.mktemp('two') / 'run'
+  outs = _wait(_launch(workdir, tokenizer, 6, 2, ('--config.checkpoint_every=3',)))
+  return workdir, outs
+
+
+def test_two_processes_match_one(one_process, two_processes):
+  workdir, outs = two_processes
+  ref, got = _losses(one_process), _losses(workdir)
+  assert [s for s, _ in got] == [s for s, _ in ref] == list(range(1, 7))
+  for (_, a), (_, b) in zip(ref, got):
+    assert b == pytest.approx(a, rel=1e-5)
+  # Only process 0 prints metrics and the result (gloo's own connection lines aside).
+  ours = lambda out: [l for l in out.splitlines() if l.startswith(('step=', '{'))]
+  assert ours(outs[0][0]) and not ours(outs[1][0])
+
+
+def _as_if_killed_after_step_3(src, dst):
+  shutil.copytree(src, dst)
+  shutil.rmtree(dst / 'checkpoints' / '6')
+  (dst / 'metrics.jsonl').unlink()
+
+
+@pytest.mark.parametrize('saved_by,resumed_by', [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_process_count(tmp_path, tokenizer, one_process,
+                                                        two_processes, saved_by, resumed_by):
+  source = two_processes[0] if saved_by == 2 else one_process
+  workdir = tmp_path / 'run'
+  _as_if_killed_after_step_3(source, workdir)
+  _wait(_launch(workdir, tokenizer, 6, resumed_by, ('--config.checkpoint_every=3',)))
+  ref, got = dict(_losses(one_process)), dict(_losses(workdir))
+  assert sorted(got) == [4, 5, 6]
+  for step in (4, 5, 6):
+    assert got[step] == pytest.approx(ref[step], rel=1e-5)
+
+
+def test_a_dead_process_ends_the_job(tmp_path, tokenizer):
+  procs = _launch(tmp_path / 'dead', tokenizer, 100000, 2, ('--config.checkpoint_every=0',))
+  metrics = tmp_path / 'dead' / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
+    assert procs[1].poll() is None, procs[1].communicate()[1][-3000:]
+    time.sleep(0.5)
+  procs[1].kill()
+  killed = time.time()
+  try:
+    procs[0].communicate(timeout=120)
+  finally:
+    procs[0].kill()
+  assert procs[0].returncode not in (0, None)
+  assert time.time() - killed < 120
