@@ -1,8 +1,14 @@
 """Every test runs on the CPU with 8 forced host devices, so meshes can be tested here."""
 
 import os
+import tempfile
 
 # Must be set before jax is imported anywhere.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ['JAX_PLATFORMS'] = 'cpu'
+# Many tests (and their subprocesses, which inherit this) compile the same small models:
+# a persistent compilation cache shared by the session compiles each only once.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='lm-test-jax-cache-'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
