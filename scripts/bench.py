@@ -6,7 +6,6 @@ pipeline's own tokens/s. `--aot` compiles for the config's mesh from shapes alon
 """
 
 import json
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,18 +21,17 @@ _DATA_BATCHES = flags.DEFINE_integer('data_batches', 20,
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from lm import bench  # After flag parsing, so --help stays fast.
+  from lm import bench, cli  # After flag parsing, so --help stays fast.
 
-  try:
+  def measure():
     if _AOT.value:
-      result = bench.run_aot(_CONFIG.value)
-    else:
-      result = bench.run_steps(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value)
-      if _DATA_BATCHES.value:
-        result.update(bench.data_throughput(_CONFIG.value, batches=_DATA_BATCHES.value))
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+      return bench.run_aot(_CONFIG.value)
+    result = bench.run_steps(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value)
+    if _DATA_BATCHES.value:
+      result.update(bench.data_throughput(_CONFIG.value, batches=_DATA_BATCHES.value))
+    return result
+
+  result = cli.run_or_exit(measure)
   print(json.dumps(result))
 
 

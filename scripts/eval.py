@@ -6,7 +6,6 @@ Without --files it scores the run's held-out split. The last line of stdout is J
 """
 
 import json
-import sys
 
 from absl import app, flags, logging
 
@@ -20,18 +19,12 @@ _MAX_TOKENS = flags.DEFINE_integer('max_tokens', 0, 'Score at most this many tok
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
-    sys.exit(1)
   logging.set_verbosity(logging.ERROR)
-  from lm import eval_run  # After flag parsing, so --help stays fast.
+  from lm import cli, eval_run  # After flag parsing, so --help stays fast.
 
-  try:
-    result = eval_run.evaluate_run(_WORKDIR.value, step=_STEP.value, files=_FILES.value,
-                                   max_tokens=_MAX_TOKENS.value)
-  except ValueError as e:
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
-    sys.exit(1)
+  cli.reject_extra_args(argv)
+  result = cli.run_or_exit(lambda: eval_run.evaluate_run(
+      _WORKDIR.value, step=_STEP.value, files=_FILES.value, max_tokens=_MAX_TOKENS.value))
   print('\n'.join(eval_run.report_lines(result)))
   print(json.dumps(result))
 

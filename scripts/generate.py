@@ -6,7 +6,6 @@ Prints the generated text, then as the last line JSON {"prompt_ids", "ids", "tex
 """
 
 import json
-import sys
 
 from absl import app, flags, logging
 
@@ -21,21 +20,19 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
-    sys.exit(1)
   logging.set_verbosity(logging.ERROR)
-  from lm import run_folder, sampling  # After flag parsing, so --help stays fast.
+  from lm import cli, run_folder, sampling  # After flag parsing, so --help stays fast.
 
-  try:
+  cli.reject_extra_args(argv)
+
+  def complete():
     cfg = sampling.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                                   top_k=_TOP_K.value, top_p=_TOP_P.value)
     cfg.validate()
     run = run_folder.load_run(_WORKDIR.value, _STEP.value, single_device=True)
-    result = sampling.complete(run, _PROMPT.value, cfg, _SEED.value)
-  except ValueError as e:
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
-    sys.exit(1)
+    return sampling.complete(run, _PROMPT.value, cfg, _SEED.value)
+
+  result = cli.run_or_exit(complete)
   print(_PROMPT.value + result['text'])
   print(json.dumps(result))
 

@@ -5,7 +5,6 @@ SIGTERM or Ctrl-C: finish the step, save, exit 0. Errors: one line on stderr, ex
 """
 
 import json
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,15 +21,14 @@ _HEARTBEAT = flags.DEFINE_integer('heartbeat_timeout', 100,
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from lm import distributed, trainer  # After flag parsing, so --help stays fast.
+  from lm import cli, distributed, trainer  # After flag parsing, so --help stays fast.
 
-  try:
+  def train():
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            heartbeat_timeout_seconds=_HEARTBEAT.value)
-    result = trainer.train(_CONFIG.value)
-  except (ValueError, trainer.TrainingAborted) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    return trainer.train(_CONFIG.value)
+
+  result = cli.run_or_exit(train, trainer.TrainingAborted)
   if trainer.is_main_process():  # Only process 0 prints.
     print(json.dumps(result))
 
