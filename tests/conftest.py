@@ -12,3 +12,18 @@ os.environ['JAX_PLATFORMS'] = 'cpu'
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='lm-test-jax-cache-'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+
+import pytest  # noqa: E402  (after the environment above is set)
+
+
+@pytest.fixture(scope='session')
+def tokenizer(tmp_path_factory) -> str:
+  """Path of one small (512-piece) tokenizer trained on ~1 MB of the stdlib, shared by
+  every test that needs a real tokenizer but not a particular one."""
+  from data import stdlib
+  from data.tokenizer import train_tokenizer
+
+  path = str(tmp_path_factory.mktemp('tok') / 'tok.model')
+  train_tokenizer((stdlib.read(p) for p in stdlib.list_files()), 512, path, max_bytes=1 << 20)
+  return path

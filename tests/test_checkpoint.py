@@ -61,13 +61,6 @@ def compile_cache(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
-@pytest.fixture(scope='module')
-def tokenizer(tmp_path_factory) -> str:
-  path = str(tmp_path_factory.mktemp('tok') / 'tok.model')
-  train_tokenizer((stdlib.read(p) for p in stdlib.list_files()), 512, path, max_bytes=1 << 20)
-  return path
-
-
 def _overrides(workdir, tokenizer, extra):
   return {**COMMON, 'workdir': str(workdir), 'data.tokenizer': tokenizer, **(extra or {})}
 

@@ -50,11 +50,8 @@ def _write_jsonl(path, texts, key='text'):
 
 
 @pytest.fixture(scope='session')
-def tok(tmp_path_factory) -> Tokenizer:
-  """One small tokenizer for the whole session, trained on ~1 MB of the stdlib."""
-  out = str(tmp_path_factory.mktemp('tok') / 'tok.model')
-  texts = (stdlib.read(p) for p in stdlib.list_files())
-  return train_tokenizer(texts, 512, out, max_bytes=1 << 20)
+def tok(tokenizer) -> Tokenizer:
+  return Tokenizer(tokenizer)
 
 
 @pytest.fixture(scope='session')

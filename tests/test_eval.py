@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from data import stdlib
-from data.tokenizer import Tokenizer, train_tokenizer
+from data.tokenizer import Tokenizer
 from lm import eval_run
 from lm.config import parse
 from lm.evaluation import make_eval_step
@@ -32,18 +31,11 @@ DOCS = ['def f(x):\n    return x + 1\n', 'import os\nprint(os.getcwd())  # oÃ¹ Ã
 
 
 @pytest.fixture(scope='module')
-def tokenizer_path(tmp_path_factory) -> str:
-  path = str(tmp_path_factory.mktemp('tok') / 'tok.model')
-  train_tokenizer((stdlib.read(p) for p in stdlib.list_files()), 512, path, max_bytes=1 << 20)
-  return path
-
-
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory, tokenizer_path) -> str:
+def run_dir(tmp_path_factory, tokenizer) -> str:
   """A 2-step tiny run (smaller than configs/tiny.py, to keep the test fast)."""
   workdir = str(tmp_path_factory.mktemp('run') / 'tiny')
   _script('train.py', '--config=configs/tiny.py', '--config.steps=2',
-          '--config.model.vocab_size=512', f'--config.data.tokenizer={tokenizer_path}',
+          '--config.model.vocab_size=512', f'--config.data.tokenizer={tokenizer}',
           f'--config.workdir={workdir}', '--config.model.num_layers=2', '--config.seq_len=64',
           '--config.eval_every=2', '--config.eval_batches=1', '--config.data.eval_fraction=0.05')
   return workdir
@@ -74,7 +66,7 @@ def _last_json(proc):
 # In-process scoring with hand-derivable numbers.
 
 
-def _zero_run(tokenizer_path, batch_size=8, seq_len=16):
+def _zero_run(tokenizer, batch_size=8, seq_len=16):
   """A run whose parameters are all zero: every logit is 0, so each token costs ln V."""
   config = tiny.get_config()
   config.model.vocab_size = 512
@@ -85,11 +77,11 @@ def _zero_run(tokenizer_path, batch_size=8, seq_len=16):
   model = Transformer(cfgs.model, rules)
   params = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding),
                         abstract_params(model, rules))
-  return Run('', cfgs, Tokenizer(tokenizer_path), rules, model, params, 0)
+  return Run('', cfgs, Tokenizer(tokenizer), rules, model, params, 0)
 
 
-def test_zero_model_costs_ln_v_per_token_and_bytes_are_the_texts_bytes(tokenizer_path):
-  run = _zero_run(tokenizer_path)
+def test_zero_model_costs_ln_v_per_token_and_bytes_are_the_texts_bytes(tokenizer):
+  run = _zero_run(tokenizer)
   rows = eval_run.pack_texts(DOCS, run.tokenizer, run.cfgs.run.seq_len)
   stream = sum(([2] + run.tokenizer.encode(d) + [3] for d in DOCS), [])
   # Every stream token but the first (BOS) is scored once; padding is not.
@@ -114,8 +106,8 @@ def test_zero_model_costs_ln_v_per_token_and_bytes_are_the_texts_bytes(tokenizer
   assert capped['bytes'] == len(run.tokenizer.decode(stream[1:22]).encode('utf-8'))
 
 
-def test_held_out_batches_are_cut_at_max_tokens(tokenizer_path):
-  run = _zero_run(tokenizer_path, batch_size=2, seq_len=8)
+def test_held_out_batches_are_cut_at_max_tokens(tokenizer):
+  run = _zero_run(tokenizer, batch_size=2, seq_len=8)
   (tokens, mask), = eval_run.heldout(run, max_tokens=11)
   assert tokens.shape == (2, 9)
   assert mask.tolist() == [[1] * 8, [1] * 3 + [0] * 5]  # the first 11 targets, in order
@@ -124,8 +116,8 @@ def test_held_out_batches_are_cut_at_max_tokens(tokenizer_path):
   np.testing.assert_array_equal(full[0][0], tokens)
 
 
-def test_masked_eval_step_matches_a_numpy_sum_over_the_unmasked_targets(tokenizer_path):
-  run = _zero_run(tokenizer_path)
+def test_masked_eval_step_matches_a_numpy_sum_over_the_unmasked_targets(tokenizer):
+  run = _zero_run(tokenizer)
   rng = np.random.default_rng(0)  # numpy: op-by-op jax.random would compile per shape
   params = jax.tree.map(
       lambda a: jax.device_put(rng.normal(0, 0.3, a.shape).astype(np.float32), a.sharding),

@@ -18,7 +18,7 @@ import pytest
 import sentencepiece as spm
 
 from data import hf_tokenizer, stdlib
-from data.tokenizer import Tokenizer, train_tokenizer
+from data.tokenizer import Tokenizer
 from lm import hf
 from lm.model import ModelConfig, Transformer
 
@@ -243,14 +243,6 @@ def test_missing_files_are_named(tmp_path, folder):
 
 
 # --- scripts/export_hf.py on a real (two-step) run -----------------------------------------
-
-@pytest.fixture(scope='module')
-def tokenizer(tmp_path_factory) -> str:
-  """A 512-piece tokenizer trained as runs train theirs (user symbols, no dummy prefix)."""
-  path = str(tmp_path_factory.mktemp('hf_tok') / 'tok.model')
-  train_tokenizer((stdlib.read(p) for p in stdlib.list_files()), 512, path, max_bytes=1 << 20)
-  return path
-
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory, tokenizer):

@@ -13,8 +13,6 @@ import time
 
 import pytest
 
-from data import stdlib
-from data.tokenizer import train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, 'scripts', 'train.py')
@@ -22,13 +20,6 @@ SMALL = ('--config.model.vocab_size=512', '--config.model.num_layers=2',
          '--config.model.d_model=64', '--config.model.d_ff=128', '--config.seq_len=32',
          '--config.log_every=1', '--config.eval_every=0', '--config.data.eval_fraction=0',
          '--config.mesh.data=2', '--config.mesh.fsdp=-1')
-
-
-@pytest.fixture(scope='module')
-def tokenizer(tmp_path_factory) -> str:
-  path = str(tmp_path_factory.mktemp('tok') / 'tok.model')
-  train_tokenizer((stdlib.read(p) for p in stdlib.list_files()), 512, path, max_bytes=1 << 20)
-  return path
 
 
 def _free_port() -> int:

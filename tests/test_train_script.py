@@ -5,20 +5,10 @@ import os
 import subprocess
 import sys
 
-import pytest
 
-from data import stdlib
-from data.tokenizer import train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, 'scripts', 'train.py')
-
-
-@pytest.fixture(scope='module')
-def tokenizer(tmp_path_factory) -> str:
-  path = str(tmp_path_factory.mktemp('tok') / 'tok.model')
-  train_tokenizer((stdlib.read(p) for p in stdlib.list_files()), 512, path, max_bytes=1 << 20)
-  return path
 
 
 def _train(workdir, tokenizer, *overrides, check=True):
