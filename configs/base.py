@@ -61,6 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10000.0  # RoPE base frequency.
   c.model.norm_eps = 1e-5  # RMSNorm epsilon.
   c.model.attention = 'auto'  # 'auto' (cuDNN on GPU in 16-bit, else XLA), 'xla', 'cudnn'.
+  # Tokens per row in each chunk of the float32 loss (and its gradient), so the full
+  # B x T x V logits never exist; 0 = whole rows. The largest divisor of seq_len at most
+  # this is used.
+  c.model.loss_chunk = 0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 3e-3  # Peak learning rate.
@@ -89,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.streams = 0  # Packing streams over all hosts (documents dealt n % streams); 0 = one per global row.
   c.data.min_chars = 0  # Drop documents shorter than this (blank ones are always dropped).
   c.data.dedup = False  # Drop exact duplicate documents within an epoch of each source.
-  c.data.segment_ids = False  # Batches become {'tokens', 'segment_ids'} dicts (document ids).
+  # Mark each packed document: attention stays inside it and positions restart at 0.
+  c.data.segment_ids = False
   c.data.encode_threads = 0  # Threads for batched sentencepiece encoding; 0 = every core.
   return c

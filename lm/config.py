@@ -75,11 +75,6 @@ def parse(config: ml_collections.ConfigDict) -> Configs:
                  model=_section(ModelConfig, sections['model'], 'model.'),
                  optimizer=_section(OptimizerConfig, sections['optimizer'], 'optimizer.'),
                  data=data)
-  if data.segment_ids:
-    # The pipeline can mark documents, but attention does not mask by them yet: training
-    # on the marks would silently ignore them.
-    raise ValueError('data.segment_ids: the model does not mask attention by document '
-                     'yet; leave it False')
   if run.batch_size % cfgs.optimizer.grad_accum:
     raise ValueError(f'optimizer.grad_accum={cfgs.optimizer.grad_accum} does not divide '
                      f'batch_size={run.batch_size}')

@@ -17,14 +17,16 @@ import jax
 import numpy as np
 
 from data import sources
-from data.packing import Packer
+from data.packing import Packer, segment_ids
 from data.pipeline import eval_batches
 from data.tokenizer import Tokenizer
 from lm.evaluation import evaluate, make_eval_step, summarize
 from lm.run_folder import Run, load_run
 from lm.trainer import token_byte_lengths
 
-Batch = tuple[np.ndarray, np.ndarray]  # tokens (B, T + 1) int32, target mask (B, T) int32
+# Tokens (B, T + 1) int32 (or {'tokens', 'segment_ids'} where the run packs documents
+# with segment ids) and the target mask (B, T) int32.
+Batch = tuple[Any, np.ndarray]
 
 
 def pack_texts(texts: Iterable[str], tokenizer: Tokenizer, seq_len: int,
@@ -65,9 +67,16 @@ def global_batches(rows: Batch, batch_size: int) -> list[Batch]:
 
 def local_rows(batch: Batch) -> Batch:
   """This process's share of a global batch (the rows `global_batch` expects)."""
-  n = batch[0].shape[0] // jax.process_count()
+  n = batch[1].shape[0] // jax.process_count()
   start = jax.process_index() * n
-  return batch[0][start:start + n], batch[1][start:start + n]
+  return jax.tree.map(lambda rows: rows[start:start + n], batch)
+
+
+def with_segments(tokens: np.ndarray, run: Run) -> Any:
+  """The batch form the run trained on: plain tokens, or with segment ids."""
+  if not run.cfgs.data.segment_ids:
+    return tokens
+  return {'tokens': tokens, 'segment_ids': segment_ids(tokens, run.tokenizer.eos_id)}
 
 
 def heldout(run: Run, max_tokens: int = 0) -> list[Batch]:
@@ -79,8 +88,6 @@ def heldout(run: Run, max_tokens: int = 0) -> list[Batch]:
   for i, tokens in enumerate(eval_batches(
       run.cfgs.data, run.tokenizer, local, t, num,
       process_index=jax.process_index(), process_count=jax.process_count())):
-    if isinstance(tokens, dict):  # data.segment_ids: the model reads the tokens only.
-      tokens = tokens['tokens']
     # Index of each target in the global stream of targets, to cut at max_tokens.
     row_B = i * b + jax.process_index() * local + np.arange(local)
     target_BxT = row_B[:, None] * t + np.arange(t)
@@ -131,7 +138,8 @@ def evaluate_run(workdir: str, *, step: int | None = None, files: str = '',
     rows = pack_texts(texts, run.tokenizer, run.cfgs.run.seq_len, max_tokens)
     if not rows[1].sum():
       raise ValueError(f'--files: no text to score in {name}')
-    batches = [local_rows(b) for b in global_batches(rows, run.cfgs.run.batch_size)]
+    batches = [local_rows((with_segments(tokens, run), mask))
+               for tokens, mask in global_batches(rows, run.cfgs.run.batch_size)]
     per_file[name] = score(run, batches, eval_step)
   total = sum(r['loss'] * r['tokens'] for r in per_file.values())
   result = {'step': run.step, **summarize(total, sum(r['tokens'] for r in per_file.values()),

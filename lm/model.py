@@ -7,6 +7,9 @@ Tensor names carry their shapes so each einsum can be checked by eye:
 Every parameter and main activation carries logical axis names; `lm/sharding.py` maps
 them onto the mesh.
 
+Packed rows may carry `segment_ids` (which document each token belongs to): attention
+then stays inside a document and RoPE positions restart at each document's first token.
+
 `decode=True` runs the same parameters incrementally for sampling: keys and values live
 in a fixed-size `cache` collection (S slots), each call writes its T new tokens at the
 cache index, and attention reads the cache under a mask of the slots filled so far.
@@ -46,6 +49,7 @@ class ModelConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
   attention: str = 'auto'
+  loss_chunk: int = 0  # Tokens per row per chunk of the training loss; 0 = whole rows.
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -75,6 +79,8 @@ class ModelConfig:
         bad(key, f'expected float32, bfloat16 or float16, got {getattr(self, key)!r}')
     if self.attention not in ('auto', 'xla', 'cudnn'):
       bad('attention', f"expected 'auto', 'xla' or 'cudnn', got {self.attention!r}")
+    if self.loss_chunk < 0:
+      bad('loss_chunk', f'must be >= 0, got {self.loss_chunk}')
     if not 0.0 <= self.dropout < 1.0:
       bad('dropout', f'must be in [0, 1), got {self.dropout}')
     if not hasattr(jax.checkpoint_policies, self.remat_policy):
@@ -125,6 +131,22 @@ def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Ar
   return out.astype(x_BxTxNxH.dtype)
 
 
+def segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:
+  """Each token's position inside its segment: 0 at every change of segment id."""
+  t = segment_ids_BxT.shape[1]
+  index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_BxT.shape)
+  starts_BxT = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BxT[:, :1], dtype=bool),
+       segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  first_BxT = jax.lax.cummax(jnp.where(starts_BxT, index_BxT, 0), axis=1)
+  return index_BxT - first_BxT
+
+
+def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+  """B x 1 x T x S: query t may attend to key s of the same segment (causality apart)."""
+  return (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
+
+
 def attention_impl(setting: str, dtype: Any) -> str | None:
   """cuDNN flash attention where it applies (GPU, 16-bit), XLA otherwise."""
   if setting != 'auto':
@@ -165,7 +187,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-               cache: DecodeState | None = None) -> jax.Array:
+               cache: DecodeState | None = None,
+               mask_Bx1xTxS: jax.Array | None = None) -> jax.Array:
     c = self.cfg
     D, N, K, H = c.d_model, c.num_heads, c.num_kv_heads, c.head_size
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
@@ -193,8 +216,10 @@ class Attention(nn.Module):
       out_BxTxNxH = jax.nn.dot_product_attention(
           q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=cache.mask_Bx1xTxS, implementation='xla')
     else:
+      # A segment mask is combined with causality by either implementation (cuDNN turns
+      # it into an additive bias).
       out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True,
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, is_causal=True,
           implementation=attention_impl(c.attention, dt))
     out_BxTxNxH = constrain(out_BxTxNxH, ('batch', 'length', 'heads', 'head_dim'), self.rules)
     out_BxTxD = jnp.einsum('btnh,nhd->btd', out_BxTxNxH, w_o_NxHxD.astype(dt))
@@ -238,12 +263,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-               cache: DecodeState | None = None):
+               cache: DecodeState | None = None, mask_Bx1xTxS: jax.Array | None = None):
     c = self.cfg
     norm = functools.partial(RMSNorm, c.norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype))
     h = norm(name='attn_norm')(x_BxTxD)
     attn = Attention(c, self.rules, self.deterministic, self.decode, name='attn')
-    x_BxTxD = x_BxTxD + attn(h, positions_BxT, cache)
+    x_BxTxD = x_BxTxD + attn(h, positions_BxT, cache, mask_Bx1xTxS)
     h = norm(name='mlp_norm')(x_BxTxD)
     x_BxTxD = x_BxTxD + MLP(c, self.rules, self.deterministic, name='mlp')(h)
     x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'embed'), self.rules)
@@ -254,8 +279,13 @@ class Block(nn.Module):
 class Transformer(nn.Module):
   """tokens (B, T) int -> logits (B, T, V) in the compute dtype.
 
+  With `segment_ids_BxT` (packed documents), a token attends only to earlier tokens of
+  its own segment, and positions default to each token's place in its segment.
   With `decode=True` (and the `cache` collection mutable) the T tokens continue what
   the cache holds; their `positions_BxT` are required, and -1 marks left padding.
+  With `features=True` it returns the final-normed hidden states (B, T, D) instead of
+  the logits: `output_head` gives the matrix that turns them into logits, so a chunked
+  loss (lm/loss.py) can apply it a piece at a time.
   """
 
   cfg: ModelConfig
@@ -263,14 +293,20 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None, *,
-               train: bool = False, decode: bool = False) -> jax.Array:
+               segment_ids_BxT: jax.Array | None = None, train: bool = False,
+               decode: bool = False, features: bool = False) -> jax.Array:
     c = self.cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    cache = None
+    cache, mask_Bx1xTxS = None, None
     if decode:
-      if train or positions_BxT is None:
-        raise ValueError('decode=True needs positions_BxT and train=False')
+      if train or positions_BxT is None or segment_ids_BxT is not None:
+        raise ValueError('decode=True needs positions_BxT and train=False, and takes no '
+                         'segment_ids_BxT')
       cache = self._decode_state(positions_BxT)
+    if segment_ids_BxT is not None:
+      mask_Bx1xTxS = segment_mask(segment_ids_BxT)
+      if positions_BxT is None:
+        positions_BxT = segment_positions(segment_ids_BxT)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     embed_VxD = self.param('embed', _init(('vocab', 'embed')), (c.vocab_size, c.d_model), pdt)
@@ -293,18 +329,21 @@ class Transformer(nn.Module):
           in_axes=nn.broadcast, length=c.num_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'})
       x_BxTxD, _ = blocks(c, self.rules, not train, decode, name='blocks')(
-          x_BxTxD, positions_BxT, cache)
+          x_BxTxD, positions_BxT, cache, mask_Bx1xTxS)
     else:
       for i in range(c.num_layers):
         x_BxTxD, _ = block(c, self.rules, not train, decode, name=f'block_{i}')(
-            x_BxTxD, positions_BxT, cache)
+            x_BxTxD, positions_BxT, cache, mask_Bx1xTxS)
 
     x_BxTxD = RMSNorm(c.norm_eps, dt, pdt, name='final_norm')(x_BxTxD)
-    if c.tie_embeddings:
-      head_DxV = embed_VxD.T
-    else:
-      head_DxV = self.param('head', _init(('embed', 'vocab')), (c.d_model, c.vocab_size), pdt)
-    logits_BxTxV = jnp.einsum('btd,dv->btv', x_BxTxD, head_DxV.astype(dt))
+    params = {'embed': embed_VxD}
+    if not c.tie_embeddings:
+      params['head'] = self.param('head', _init(('embed', 'vocab')), (c.d_model, c.vocab_size),
+                                  pdt)
+    if features:
+      return x_BxTxD
+    head_DxV = output_head(params, c)
+    logits_BxTxV = jnp.einsum('btd,dv->btv', x_BxTxD, head_DxV)
     return constrain(logits_BxTxV, ('batch', 'length', 'vocab'), self.rules)
 
   def _decode_state(self, positions_BxT: jax.Array) -> DecodeState:
@@ -318,6 +357,12 @@ class Transformer(nn.Module):
         positions.value, positions_BxT.astype(jnp.int32), (0, start))
     index.value = start + t
     return DecodeState(start, decode_mask(positions.value, start, t))
+
+
+def output_head(params: Mapping[str, Any], cfg: ModelConfig) -> jax.Array:
+  """The D x V output matrix in the compute dtype: the embedding's transpose when tied."""
+  head_DxV = params['embed'].T if cfg.tie_embeddings else params['head']
+  return head_DxV.astype(jnp.dtype(cfg.dtype))
 
 
 def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:

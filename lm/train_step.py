@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -11,11 +12,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lm.model import Transformer
+from lm.loss import Metrics, chunked_cross_entropy, cross_entropy
+from lm.model import Transformer, output_head
 from lm.optimizer import global_norm
 from lm.sharding import AxisRules, batch_sharding, tree_shardings
 
-Metrics = dict[str, jax.Array]
+# Token rows (B, T + 1), or {'tokens', 'segment_ids'} of that shape (packed documents).
+Batch = jax.Array | dict[str, jax.Array]
 
 
 @flax.struct.dataclass
@@ -26,15 +29,27 @@ class TrainState:
   rng: jax.Array  # raw uint32 key; dropout keys are folded from it and the step
 
 
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
-                  z_loss: float = 0.0) -> tuple[jax.Array, Metrics]:
-  """Mean next-token cross-entropy in float32, plus z_loss · mean(log Z ^ 2)."""
-  logits = logits_BxTxV.astype(jnp.float32)
-  log_z_BxT = jax.nn.logsumexp(logits, axis=-1)
-  target_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-  nll = jnp.mean(log_z_BxT - target_BxT)
-  z = jnp.mean(jnp.square(log_z_BxT))
-  return nll + z_loss * z, {'loss': nll, 'z_loss': z}
+def split_batch(batch: Batch) -> tuple[jax.Array, jax.Array | None]:
+  """(tokens (B, T + 1), segment ids of the same shape or None) from either batch form."""
+  if isinstance(batch, dict):
+    return batch['tokens'], batch.get('segment_ids')
+  return batch, None
+
+
+def model_loss(model: Transformer, params: Any, batch: Batch, *, z_loss: float = 0.0,
+               train: bool = False, rngs: dict[str, jax.Array] | None = None
+               ) -> tuple[jax.Array, Metrics]:
+  """The next-token loss of `batch`; chunked (lm/loss.py) when model.loss_chunk > 0."""
+  tokens_BxT1, segments_BxT1 = split_batch(batch)
+  segments_BxT = None if segments_BxT1 is None else segments_BxT1[:, :-1]
+  apply = functools.partial(model.apply, {'params': params}, tokens_BxT1[:, :-1],
+                            segment_ids_BxT=segments_BxT, train=train, rngs=rngs)
+  cfg = model.cfg
+  if cfg.loss_chunk:
+    x_BxTxD = apply(features=True)
+    return chunked_cross_entropy(x_BxTxD, output_head(params, cfg), tokens_BxT1[:, 1:],
+                                 chunk=cfg.loss_chunk, z_loss=z_loss)
+  return cross_entropy(apply(), tokens_BxT1[:, 1:], z_loss)
 
 
 def _boxed_state_fn(model: Transformer, tx: optax.GradientTransformation, seq_len: int):
@@ -92,40 +107,41 @@ def _keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
-def _microbatches(tokens_BxT1: jax.Array, n: int, rules: AxisRules) -> jax.Array:
+def _microbatches(batch: Batch, n: int, rules: AxisRules) -> Batch:
   # Row r goes to micro-batch r % n, so each device keeps its own rows: no reshuffle.
-  b, t1 = tokens_BxT1.shape
-  micro_AxMxT1 = tokens_BxT1.reshape(b // n, n, t1).swapaxes(0, 1)
-  return rules.constrain(micro_AxMxT1, (None, 'batch', 'length'))
+  def split(rows_BxT1):
+    b, t1 = rows_BxT1.shape
+    micro_AxMxT1 = rows_BxT1.reshape(b // n, n, t1).swapaxes(0, 1)
+    return rules.constrain(micro_AxMxT1, (None, 'batch', 'length'))
+
+  return jax.tree.map(split, batch)
 
 
 def make_train_step(model: Transformer, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, *, grad_accum: int = 1,
                     z_loss: float = 0.0, rules: AxisRules) -> Callable[..., Any]:
-  """Returns the pure `(state, tokens) -> (state, metrics)`; tokens are (B, T + 1).
+  """Returns the pure `(state, batch) -> (state, metrics)`; see `Batch` for the batch.
 
   metrics: loss, z_loss, grad_norm (0 on a skipped step), lr, and nonfinite (1 when the
   loss or the gradients were NaN/inf and the update was skipped, else 0).
   """
 
-  def loss_fn(params, tokens_BxT1, key):
-    logits = model.apply({'params': params}, tokens_BxT1[:, :-1], train=True,
-                         rngs={'dropout': key})
-    return cross_entropy(logits, tokens_BxT1[:, 1:], z_loss)
+  def loss_fn(params, batch, key):
+    return model_loss(model, params, batch, z_loss=z_loss, train=True, rngs={'dropout': key})
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, tokens_BxT1: jax.Array) -> tuple[TrainState, Metrics]:
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     key = jax.random.fold_in(state.rng, state.step)
     if grad_accum == 1:
-      (_, aux), grads = grad_fn(state.params, tokens_BxT1, key)
+      (_, aux), grads = grad_fn(state.params, batch, key)
     else:
       def accumulate(carry, xs):
         i, micro = xs
         (_, aux), g = grad_fn(state.params, micro, jax.random.fold_in(key, i))
         return jax.tree.map(jnp.add, carry, (g, aux)), None
 
-      micro = _microbatches(tokens_BxT1, grad_accum, rules)
+      micro = _microbatches(batch, grad_accum, rules)
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       zero_aux = {'loss': jnp.zeros(()), 'z_loss': jnp.zeros(())}
       (grads, aux), _ = jax.lax.scan(accumulate, (zeros, zero_aux),
@@ -150,7 +166,10 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
 
 def jit_train_step(step_fn: Callable[..., Any], state_shardings: Any, rules: AxisRules,
                    batch_shape: tuple[int, int]) -> Callable[..., Any]:
-  """Compiles once: explicit shardings, the old state's buffers donated to the new one."""
+  """Compiles once: explicit shardings, the old state's buffers donated to the new one.
+
+  One batch sharding serves both batch forms: tokens and segment ids share a shape.
+  """
   return jax.jit(step_fn,
                  in_shardings=(state_shardings, batch_sharding(rules, batch_shape)),
                  out_shardings=(state_shardings, rules.replicated()),

@@ -293,8 +293,8 @@ class _Loop:
   def _train_step(self) -> None:
     """Dispatches one step, then reads the previous step's metrics (never this one's)."""
     exp = self.exp
-    tokens = global_batch(next(exp.batches), self.bsharding)
-    exp.state, metrics = exp.train_step(exp.state, tokens)
+    batch = jax.tree.map(lambda rows: global_batch(rows, self.bsharding), next(exp.batches))
+    exp.state, metrics = exp.train_step(exp.state, batch)
     self.interval.add(metrics)
     self.step += 1
     self.guard.push(self.step, metrics['nonfinite'])

@@ -18,7 +18,7 @@ import pytest
 
 from configs import tiny
 from data.tokenizer import Tokenizer
-from lm import eval_run
+from lm import eval_run, trainer
 from lm.config import parse
 from lm.evaluation import make_eval_step
 from lm.model import Transformer
@@ -152,6 +152,25 @@ def test_eval_script_scores_the_held_out_split_as_training_did(run_dir):
   assert logged[-1]['step'] == 2
   assert result['loss'] == pytest.approx(logged[-1]['eval_loss'], rel=1e-5)
   assert result['bits_per_byte'] == pytest.approx(logged[-1]['eval_bits_per_byte'], rel=1e-5)
+
+
+def test_a_packed_run_with_a_chunked_loss_is_scored_as_training_scored_it(tmp_path, tokenizer,
+                                                                           text_files):
+  # data.segment_ids and model.loss_chunk change both training and scoring; the eval
+  # script must score the held-out split exactly as the loop did.
+  config = tiny.get_config()
+  config.update_from_flattened_dict({
+      'steps': 2, 'model.vocab_size': 512, 'model.num_layers': 1, 'seq_len': 32,
+      'eval_every': 2, 'eval_batches': 1, 'data.eval_fraction': 0.05,
+      'data.tokenizer': tokenizer, 'workdir': str(tmp_path / 'packed'),
+      'data.segment_ids': True, 'model.loss_chunk': 8})
+  trainer.train(config, handle_signals=False)
+  with open(tmp_path / 'packed' / 'metrics.jsonl', encoding='utf-8') as f:
+    logged = [json.loads(line) for line in f if 'eval_loss' in line][-1]
+  result = eval_run.evaluate_run(str(tmp_path / 'packed'))
+  assert result['loss'] == pytest.approx(logged['eval_loss'], rel=1e-5)
+  files = eval_run.evaluate_run(str(tmp_path / 'packed'), files=f'{text_files}/*.jsonl')
+  assert files['bytes'] == sum(len(d.encode('utf-8')) for d in DOCS[:2])
 
 
 def test_eval_script_scores_files_one_by_one(run_dir, text_files):

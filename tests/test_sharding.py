@@ -23,7 +23,7 @@ def _rules(shape):
   return AxisRules(make_mesh(MeshConfig(*shape, rules=RULES), devices), RULES)
 
 
-def _train(shape, steps=3, model=MODEL, opt=OPT):
+def _train(shape, steps=3, model=MODEL, opt=OPT, segments=False):
   rules = _rules(shape)
   net = Transformer(model, rules)
   tx = make_optimizer(opt, 100)
@@ -31,10 +31,14 @@ def _train(shape, steps=3, model=MODEL, opt=OPT):
   step = jit_train_step(make_train_step(net, tx, schedule(opt, 100), grad_accum=opt.grad_accum,
                                         z_loss=opt.z_loss, rules=rules),
                         shardings, rules, (BATCH, SEQ + 1))
-  data = np.random.default_rng(0).integers(0, model.vocab_size, (steps, BATCH, SEQ + 1))
+  rng = np.random.default_rng(0)
+  data = rng.integers(0, model.vocab_size, (steps, BATCH, SEQ + 1)).astype(np.int32)
+  # Documents of random lengths, about 7 tokens on average.
+  segment_ids = 1 + np.cumsum(rng.random(data.shape) < 0.15, axis=-1, dtype=np.int32)
   losses = []
-  for tokens in data:
-    state, metrics = step(state, tokens.astype(np.int32))
+  for tokens, ids in zip(data, segment_ids):
+    batch = {'tokens': tokens, 'segment_ids': ids} if segments else tokens
+    state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
   return losses, state
 
@@ -79,6 +83,22 @@ def test_grad_accumulation_matches_the_full_batch():
   full, _ = _train((2, 2, 2))
   accum, _ = _train((2, 2, 2), opt=OptimizerConfig(**{**OPT.__dict__, 'grad_accum': 2}))
   np.testing.assert_allclose(accum, full, rtol=1e-5)
+
+
+def test_chunked_loss_trains_as_the_plain_loss_on_a_mesh(reference):
+  chunked, _ = _train((2, 2, 2), model=ModelConfig(**{**MODEL.__dict__, 'loss_chunk': 8}))
+  np.testing.assert_allclose(chunked, reference[0], rtol=1e-5)
+
+
+def test_packed_documents_train_alike_on_every_layout_and_with_accumulation():
+  one = _train((1, 1, 1), segments=True)[0]
+  accum = OptimizerConfig(**{**OPT.__dict__, 'grad_accum': 2})
+  np.testing.assert_allclose(_train((2, 2, 2), opt=accum, segments=True)[0], one, rtol=1e-5)
+  chunked = ModelConfig(**{**MODEL.__dict__, 'loss_chunk': 8})
+  np.testing.assert_allclose(_train((1, 8, 1), model=chunked, segments=True)[0], one,
+                             rtol=1e-5)
+  # The segment ids change the model's view: not the losses of unmasked rows.
+  assert abs(one[0] - _train((1, 1, 1), steps=1)[0][0]) > 1e-4
 
 
 @pytest.mark.parametrize('mesh,message', [

@@ -1,0 +1,125 @@
+"""Next-token cross-entropy in float32, whole or in chunks over each row's tokens.
+
+The output head is the largest activation of a small model: B x T x V logits, which in
+float32 are 6.6 GB for GPT-2 small at batch 32 x 1024. The chunked loss never builds
+them: it computes the head, the softmax statistics and the gradient one chunk of
+`chunk` tokens per row at a time. Its gradient is formed in the same pass (the softmax
+minus the one-hot targets, times the head), so nothing is recomputed in the backward
+pass and the FLOPs equal the unchunked loss's.
+
+Shapes as in lm/model.py: B batch, T length, C chunk length, D d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Metrics = dict[str, jax.Array]
+
+
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
+                  z_loss: float = 0.0) -> tuple[jax.Array, Metrics]:
+  """Mean next-token cross-entropy in float32, plus z_loss · mean(log Z ^ 2)."""
+  nll_BxT, log_z_BxT = token_nll(logits_BxTxV, targets_BxT)
+  nll, z = jnp.mean(nll_BxT), jnp.mean(jnp.square(log_z_BxT))
+  return nll + z_loss * z, {'loss': nll, 'z_loss': z}
+
+
+def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token negative log-likelihood and log Z, both float32 B x T."""
+  logits = logits_BxTxV.astype(jnp.float32)
+  log_z_BxT = jax.nn.logsumexp(logits, axis=-1)
+  target_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+  return log_z_BxT - target_BxT, log_z_BxT
+
+
+def chunk_length(length: int, chunk: int) -> int:
+  """The largest divisor of `length` that is at most `chunk` (0: the whole row)."""
+  if chunk <= 0 or chunk >= length:
+    return length
+  return max(c for c in range(1, chunk + 1) if length % c == 0)
+
+
+def _chunks(x_BxTx_: jax.Array, c: int) -> jax.Array:
+  """B x T x ... -> (T / C) x B x C x ...: chunks along the rows, batch sharding intact."""
+  b, t = x_BxTx_.shape[:2]
+  return jnp.swapaxes(x_BxTx_.reshape(b, t // c, c, *x_BxTx_.shape[2:]), 0, 1)
+
+
+def _unchunk(x_NxBxC: jax.Array) -> jax.Array:
+  n, b, c = x_NxBxC.shape
+  return jnp.swapaxes(x_NxBxC, 0, 1).reshape(b, n * c)
+
+
+def _chunk_logits(x_BxCxD: jax.Array, head_DxV: jax.Array) -> jax.Array:
+  # bf16 (or whatever the compute dtype is) inputs, float32 accumulation and result.
+  return jnp.einsum('bcd,dv->bcv', x_BxCxD, head_DxV, preferred_element_type=jnp.float32)
+
+
+def chunked_token_nll(x_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.Array,
+                      chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`token_nll(x @ head, targets)` without the B x T x V logits (no gradient: eval)."""
+  c = chunk_length(x_BxTxD.shape[1], chunk)
+
+  def one(_, xs):
+    x_BxCxD, t_BxC = xs
+    return None, token_nll(_chunk_logits(x_BxCxD, head_DxV), t_BxC)
+
+  _, (nll, log_z) = jax.lax.scan(one, None, (_chunks(x_BxTxD, c), _chunks(targets_BxT, c)))
+  return _unchunk(nll), _unchunk(log_z)
+
+
+def chunked_cross_entropy(x_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.Array,
+                          *, chunk: int, z_loss: float = 0.0) -> tuple[jax.Array, Metrics]:
+  """`cross_entropy(x @ head, targets, z_loss)`, chunked; differentiable in x and head."""
+  total, nll, z = _fused(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss)
+  return total, {'loss': jax.lax.stop_gradient(nll), 'z_loss': jax.lax.stop_gradient(z)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss):
+  """(loss, mean NLL, mean log Z ^ 2). Only the first output carries a gradient."""
+  return _fused_fwd(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss)[0]
+
+
+def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss):
+  b, t, _ = x_BxTxD.shape
+  c = chunk_length(t, chunk)
+  scale = 1.0 / (b * t)  # Every token weighs the same in the mean.
+
+  def one(d_head_DxV, xs):
+    x_BxCxD, t_BxC = xs
+    logits_BxCxV = _chunk_logits(x_BxCxD, head_DxV)
+    nll_BxC, log_z_BxC = token_nll(logits_BxCxV, t_BxC)
+    # d loss / d logits: softmax - one-hot for the NLL, 2 z_loss log Z softmax for the
+    # z-loss, each over B·T tokens.
+    p_BxCxV = jnp.exp(logits_BxCxV - log_z_BxC[..., None])
+    g_BxCxV = p_BxCxV * (1.0 + 2.0 * z_loss * log_z_BxC)[..., None]
+    g_BxCxV = g_BxCxV - jax.nn.one_hot(t_BxC, g_BxCxV.shape[-1], dtype=jnp.float32)
+    g_BxCxV = (g_BxCxV * scale).astype(x_BxCxD.dtype)
+    dx_BxCxD = jnp.einsum('bcv,dv->bcd', g_BxCxV, head_DxV,
+                          preferred_element_type=jnp.float32).astype(x_BxCxD.dtype)
+    d_head_DxV += jnp.einsum('bcd,bcv->dv', x_BxCxD, g_BxCxV,
+                             preferred_element_type=jnp.float32)
+    return d_head_DxV, (nll_BxC, log_z_BxC, dx_BxCxD)
+
+  d_head = jnp.zeros(head_DxV.shape, jnp.float32)
+  d_head, (nll, log_z, dx) = jax.lax.scan(
+      one, d_head, (_chunks(x_BxTxD, c), _chunks(targets_BxT, c)))
+  nll_mean, z_mean = jnp.mean(nll), jnp.mean(jnp.square(log_z))
+  dx_BxTxD = jnp.swapaxes(dx, 0, 1).reshape(x_BxTxD.shape)
+  out = (nll_mean + z_loss * z_mean, nll_mean, z_mean)
+  return out, (dx_BxTxD, d_head.astype(head_DxV.dtype))
+
+
+def _fused_bwd(chunk, z_loss, residuals, cotangents):
+  del chunk, z_loss
+  dx_BxTxD, d_head_DxV = residuals
+  g = cotangents[0]  # The metrics' cotangents are ignored: they are not differentiated.
+  return (g * dx_BxTxD).astype(dx_BxTxD.dtype), (g * d_head_DxV).astype(d_head_DxV.dtype), None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
