@@ -5,8 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm.loss import (chunk_length, chunked_cross_entropy, chunked_token_nll, cross_entropy,
-                     token_nll)
+from lm.loss import (
+  chunk_length,
+  chunked_cross_entropy,
+  chunked_token_nll,
+  cross_entropy,
+  token_nll,
+)
 
 B, T, D, V = 2, 12, 8, 40
 

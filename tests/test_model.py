@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 
 from lm import flops
-from lm.model import (Attention, ModelConfig, Transformer, rope, segment_positions, stack_layers,
-                      unstack_layers)
 from lm.loss import cross_entropy
+from lm.model import (
+  Attention,
+  ModelConfig,
+  Transformer,
+  rope,
+  segment_positions,
+  stack_layers,
+  unstack_layers,
+)
 
 SMALL = ModelConfig(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                     d_ff=96, tie_embeddings=False)
