@@ -34,7 +34,9 @@ class DataConfig:
   streams: int = 0
   """Packing streams of all processes together; 0 = the global batch's rows (one per row).
 
-  Training document n is packed into stream n % streams, and global row r of batch b is
+  Each training document is packed into the stream with the fewest characters dealt so
+  far (the lowest-numbered on a tie), so that a run of long documents does not hold one
+  stream back while documents read for the others pile up; global row r of batch b is
   the next window of stream (b * rows + r) % streams. Several processes need a multiple
   of the global rows; next to a hub source split per host, a multiple of the processes.
   """

@@ -1,29 +1,41 @@
 """Training and held-out batches: read, clean, tokenise, pack; resumable exactly.
 
 Layout. The training documents form one sequence, numbered n = 0, 1, 2, ... across
-epochs (in a mixture, n alone picks the source: data/mixture.py). Document n belongs to
-packing stream n % K, where K = data.streams or, by default, the global row count
-G = batch_size * process_count. A stream is its documents ([BOS] ids EOS) end to end,
-cut into windows of seq_len + 1 tokens that share their edge token. Global row r of
-batch b is the next window of stream (b * G + r) % K, and process p hands out the
-global rows [p * batch_size, (p + 1) * batch_size). So the rows of a batch come from
-different streams, not consecutive windows of one document, and the global batch (every
-process's rows in process order) is the same for every process count that divides G.
-Each process reads and cleans the whole sequence but tokenises only the documents of its
-own streams, a chunk at a time on several threads; a document for a stream still busy
-with a long one waits in that stream's queue.
+epochs (in a mixture, n alone picks the source: data/mixture.py). They are dealt to K
+packing streams, K = data.streams or, by default, the global row count
+G = batch_size * process_count: document n goes to the stream with the fewest
+characters (len of the cleaned text) dealt so far, the lowest-numbered one on a tie. A
+stream is its documents ([BOS] ids EOS) end to end, cut into windows of seq_len + 1
+tokens that share their edge token. Global row r of batch b is the next window of stream
+(b * G + r) % K, and process p hands out the global rows [p * batch_size,
+(p + 1) * batch_size). So the rows of a batch come from different streams, not
+consecutive windows of one document, and the global batch (every process's rows in
+process order) is the same for every process count that divides G. Each process reads
+and cleans the whole sequence, so every process deals alike, but tokenises only the
+documents of its own streams, a chunk at a time on several threads; a document for a
+stream still busy with a long one waits, as text, in that stream's queue.
+
+Why by characters: every stream hands out tokens at the same rate. Dealt in turn
+(n % K), a stream that drew long documents falls behind and the documents read for the
+others meanwhile pile up, a pile that grows with the run. Dealt to the stream with the
+fewest characters, no stream gets more than the longest document ahead of another, and
+the text is known to every process before tokenising (token counts would make every
+process tokenise everything).
 
 State. Per stream, where its next window starts: a document number and a token offset
-into that document. And the reader's state (per source a position and counters, and the
-mixture's counter) at a document no later than any the streams still need. Restoring
-reads on from there and skips what the streams had already taken, so batches continue
-bit for bit. A process's state_dict() holds its own streams; TrainBatches.merge_states
-joins every process's into one global state, which any process count restores.
+into that document (a stream that has not started yet: the document from which on it
+takes what is dealt to it). And the reader's state (per source a position and counters,
+and the mixture's counter) at a document no later than any the streams still need, with
+the characters dealt to each stream before that document. Restoring reads and deals on
+from there and skips what the streams had already taken, so batches continue bit for
+bit. A process's state_dict() holds its own streams; TrainBatches.merge_states joins
+every process's into one global state, which any process count restores.
 
 Hub sources split across hosts are the exception: each host streams its own rows
 (data/sources.py), so with several processes and a hub source each process numbers its
-own documents and packs them into K / process_count streams of its own. Its batches then
-depend on the process count, and its state resumes only with the same process count.
+own documents and deals them, as above, to K / process_count streams of its own. Its
+batches then depend on the process count, and its state resumes only with the same
+process count.
 """
 
 import collections
@@ -45,7 +57,7 @@ from data.config import DataConfig
 from data.packing import Packer
 from data.tokenizer import Tokenizer
 
-_STATE_VERSION = 3
+_STATE_VERSION = 4  # 4: documents dealt by characters; 3: dealt n % K.
 # How documents are numbered: one sequence read by every process, or one per process
 # (next to a hub source split per host).
 _GLOBAL, _PER_PROCESS = 'global', 'per_process'
@@ -59,7 +71,7 @@ class _Layout:
   """Which packing stream feeds each row, and which streams this process owns."""
 
   kind: str  # _GLOBAL or _PER_PROCESS.
-  num_streams: int  # K: document n belongs to stream n % K.
+  num_streams: int  # K packing streams, the documents dealt among them.
   rows: int  # G: the rows of a batch in this numbering (all processes', or its own).
   first_row: int  # This process's first row among them.
   batch_size: int  # This process's rows.
@@ -102,7 +114,8 @@ class _Layout:
 class _Doc:
   """A document of this process's streams, from when it is read until it is packed."""
 
-  n: int  # Its number in the document sequence; its stream is n % K.
+  n: int  # Its number in the document sequence.
+  stream: int  # The stream it was dealt to.
   key: str
   text: str | None  # Dropped once encoded.
   before: dict[str, Any]  # The reader's state just before it: restoring there reads it.
@@ -110,11 +123,13 @@ class _Doc:
 
 
 class _Scanner:
-  """Reads the document sequence and queues this process's documents by stream.
+  """Reads the document sequence, deals it to the streams, queues this process's part.
 
-  Documents of other processes' streams are read (the reader's positions, counters and
-  dedup set must see them) and dropped without tokenising. Encoding waits until a
-  stream needs a document, then covers a chunk of queued ones in one threaded call.
+  Each document goes to the stream with the fewest characters dealt so far (ties: the
+  lowest index). Documents of other processes' streams are read (the dealing, the
+  reader's positions, counters and dedup set must see them) and dropped without
+  tokenising. Encoding waits until a stream needs a document, then covers a chunk of
+  queued ones in one threaded call.
   """
 
   def __init__(self, reader: reader_lib.MixtureReader, num_streams: int,
@@ -126,10 +141,24 @@ class _Scanner:
     self._queues: dict[int, collections.deque[_Doc]] = {}
     self._first: dict[int, int] = {}
     self._unencoded = 0  # Queued documents not encoded yet.
+    self._dealt = np.zeros(num_streams, np.int64)  # Characters dealt to each stream.
+    # The dealt characters before document number self._since, and (stream, characters)
+    # of each document read from there on: checkpoint() rewinds the dealing with them.
+    self._since = 0
+    self._dealt_since = self._dealt.copy()
+    self._deals: collections.deque[tuple[int, int]] = collections.deque()
 
-  def restart(self, reader_state: dict[str, Any], first: dict[int, int]) -> None:
-    """Reads on from `reader_state`; stream j takes documents from number first[j] on."""
+  def restart(self, reader_state: dict[str, Any], dealt: Sequence[int],
+              first: dict[int, int]) -> None:
+    """Reads on from `reader_state`, `dealt` the characters dealt before it; stream j
+    takes the documents dealt to it from number first[j] on."""
     self._reader.load_state_dict(reader_state)
+    self._dealt = np.array(dealt, np.int64)
+    if self._dealt.shape != (self._k,):
+      raise ValueError(f'data state deals to {len(dealt)} streams, not {self._k}')
+    self._since = self._reader.counter
+    self._dealt_since = self._dealt.copy()
+    self._deals.clear()
     self._first = dict(first)
     self._queues = {j: collections.deque() for j in first}
     self._unencoded = 0
@@ -144,28 +173,40 @@ class _Scanner:
       self._encode_chunk(doc)
     return doc
 
-  def checkpoint(self, held: Iterable[_Doc]) -> dict[str, Any]:
-    """A reader state no later than any document in `held` or in the queues.
+  def checkpoint(self, held: Iterable[_Doc]) -> tuple[dict[str, Any], list[int]]:
+    """A reader state no later than any document in `held` or in the queues, and the
+    characters dealt to each stream before it (less their minimum: only the differences
+    steer the dealing).
 
     The streams pass their first documents; a stream that holds none needs either its
-    queue's first or one not read yet.
+    queue's first or one not read yet. Never earlier than the last checkpoint.
     """
     docs = list(held) + [q[0] for q in self._queues.values() if q]
-    if not docs:
-      return self._reader.state_dict()
-    return min(docs, key=lambda d: d.n).before
+    if docs:
+      first = min(docs, key=lambda d: d.n)
+      reader_state, n = first.before, first.n
+    else:
+      reader_state, n = self._reader.state_dict(), self._reader.counter
+    if n < self._since:
+      raise AssertionError(f'checkpoint at document {n}, before the last one ({self._since})')
+    while self._since < n:
+      j, chars = self._deals.popleft()
+      self._dealt_since[j] += chars
+      self._since += 1
+    return reader_state, (self._dealt_since - self._dealt_since.min()).tolist()
 
   def _read(self) -> None:
     n = self._reader.counter
-    j = n % self._k
-    if j in self._queues and n >= self._first[j]:
-      before = self._reader.state_dict()
-      _, read = self._reader.next()
-      doc = _Doc(n, read.key, read.text, before)
-      self._queues[j].append(doc)
+    j = int(np.argmin(self._dealt))  # The first of the streams dealt the fewest.
+    mine = j in self._queues and n >= self._first[j]
+    before = self._reader.state_dict() if mine else None
+    _, read = self._reader.next()
+    self._dealt[j] += len(read.text)
+    self._deals.append((j, len(read.text)))
+    if mine:
+      self._queues[j].append(_Doc(n, j, read.key, read.text, before))
       self._unencoded += 1
-    else:  # Another process's, or one its stream took before the state was saved.
-      self._reader.next()
+    # Else another process's, or one its stream took before the state was saved.
 
   def _encode_chunk(self, doc: _Doc) -> None:
     while self._unencoded < self._chunk:  # Read ahead: one call encodes a chunk.
@@ -183,13 +224,14 @@ class _Scanner:
 
 
 class _Stream:
-  """One packing stream: documents j, j + K, j + 2K, ... end to end, cut into windows."""
+  """One packing stream: the documents dealt to it, end to end, cut into windows."""
 
-  def __init__(self, index: int, num_streams: int, seq_len: int):
+  def __init__(self, index: int, seq_len: int):
     self.index = index
-    self._k = num_streams
     self._seq_len = seq_len
-    self.next = index  # The document the next window starts in ...
+    # The document the next window starts in (before the stream's first window: the
+    # number from which on the documents dealt to it are its own) ...
+    self.next = 0
     self.offset = 0  # ... and the token of it (counting BOS) that it starts at.
     self._key: str | None = None  # That document's key, while resuming inside it.
     self._docs: collections.deque[_Doc] = collections.deque()  # Taken, from `next` on.
@@ -207,8 +249,8 @@ class _Stream:
 
   def load_state_dict(self, state: dict[str, Any]) -> None:
     self.next, self.offset = int(state['next']), int(state['offset'])
-    if self.next % self._k != self.index or self.offset < 0:
-      raise ValueError(f'data state: stream {self.index} of {self._k} cannot start at '
+    if self.next < 0 or self.offset < 0:
+      raise ValueError(f'data state: stream {self.index} cannot start at '
                        f'document {self.next}, token {self.offset}')
     self._key = state.get('key')
     self._docs.clear()
@@ -218,9 +260,12 @@ class _Stream:
     """Takes documents until `size` tokens are held from the next window's start on."""
     while self._held - self.offset < size:
       doc = take(self.index)
-      want = self._docs[-1].n + self._k if self._docs else self.next
-      if doc.n != want:
-        raise AssertionError(f'stream {self.index} expected document {want}, got {doc.n}')
+      # The next document dealt to this stream: after the last one it took, or from
+      # number `next` on (resuming inside a document: that one, checked below).
+      after = self._docs[-1].n + 1 if self._docs else self.next
+      if doc.stream != self.index or doc.n < after:
+        raise AssertionError(f'stream {self.index} expected a document dealt to it from '
+                             f'number {after} on, got {doc.n} dealt to {doc.stream}')
       if not self._docs and self.offset:
         self._check_resumed(doc)
       self._docs.append(doc)
@@ -243,11 +288,16 @@ class _Stream:
       done = self._docs.popleft()
       self.offset -= len(done.tokens)
       self._held -= len(done.tokens)
-      self.next = done.n + self._k
+    self.next = self._docs[0].n
     self._key = None
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
   def _check_resumed(self, doc: _Doc) -> None:
+    if doc.n != self.next:  # The dealing differs: the documents' lengths do.
+      raise sources.DataError(
+          f'data state does not match the data: stream {self.index} resumes inside '
+          f'document {self.next} ({self._key!r}), but the data deals it document {doc.n} '
+          f'({doc.key!r}) first (did the data change?)')
     if (self._key is not None and doc.key != self._key) or self.offset >= len(doc.tokens):
       raise sources.DataError(
           f'data state does not match the data: document {doc.n} is {doc.key!r} '
@@ -352,8 +402,9 @@ class TrainBatches:
     With several processes, TrainBatches.merge_states of every process's part is the
     state to store. Keys: 'version', 'layout', 'num_streams', 'batches' (global batches
     handed out), 'streams' ({stream index as a string: {'next', 'offset'[, 'key']}}),
-    'reader' (the reader state to read on from), and for checks and readers
-    'shard_names', 'seed', 'process_index', 'process_count'.
+    'reader' (the reader state to read on from), 'dealt' (the characters dealt to each
+    stream before it, less their minimum), and for checks and readers 'shard_names',
+    'seed', 'process_index', 'process_count'.
     """
     state = copy.deepcopy(self._state)
     readers = zip(self._reader.readers, state['reader']['sources'])
@@ -370,8 +421,9 @@ class TrainBatches:
   def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One state from every process's state_dict(), in any order: what to store.
 
-    It holds every packing stream and the earliest reader state among them, so any
-    number of processes restores it with load_state_dict (each keeps its own streams).
+    It holds every packing stream and the earliest reader state among them with the
+    characters dealt before it, so any number of processes restores it with
+    load_state_dict (each keeps its own streams).
     A per-process state (a hub source split per host) becomes the list of all of them,
     which restores with the same process count only.
     """
@@ -409,6 +461,7 @@ class TrainBatches:
     if len(streams) != int(first['num_streams']):
       raise ValueError(f'data states hold {len(streams)} of {first["num_streams"]} packing '
                        'streams; merge the state of every process')
+    # The reader state to read on from, with the characters dealt before it (its 'dealt').
     earliest = min(states, key=lambda s: int(s['reader']['counter']))
     merged = dict(earliest, process_count=n,
                   streams=dict(sorted(streams.items(), key=lambda item: int(item[0]))))
@@ -438,13 +491,22 @@ class TrainBatches:
       self._check_shard(i, s['position'], name)
     saved = state['streams']
     counter, batches = int(reader_state['counter']), int(state['batches'])
-    if int(state['num_streams']) != self._layout.num_streams:
-      # Another data.streams or global batch size: fresh streams start after the last
-      # document any stream had started, rather than failing the resume.
-      start = max([int(s['next']) for s in saved.values()] + [counter])
-      log.warning('data state has %s packing streams, resuming with %d from document %d',
-                  state['num_streams'], self._layout.num_streams, start)
-      new = self._fresh(reader_state, batches, start)
+    self.close()
+    if int(state['num_streams']) != self._layout.num_streams or state.get('version') == 3:
+      # Another data.streams or global batch size, or streams dealt in turn (version 3):
+      # rather than failing the resume, fresh streams start at the first document no
+      # stream had started. What the streams were packing is not finished, and documents
+      # read for a stream that had not reached them are skipped.
+      start = max([int(s['next']) + (int(s['offset']) > 0) for s in saved.values()]
+                  + [counter])
+      if state.get('version') == 3:
+        log.warning('data state version 3 dealt documents to streams in turn; resuming '
+                    'with fresh streams, dealt by characters, from document %d', start)
+      else:
+        log.warning('data state has %s packing streams, resuming with %d from document %d',
+                    state['num_streams'], self._layout.num_streams, start)
+      self._reset(self._state)  # Rebuilt from its own state if what follows fails.
+      new = self._fresh(self._read_on(reader_state, start), batches)
     else:
       owned = self._layout.owned()
       missing = [j for j in owned if str(j) not in saved]
@@ -455,13 +517,16 @@ class TrainBatches:
             "TrainBatches.merge_states of every process's state_dict()")
       new = self._fresh(reader_state, batches)
       new['streams'] = {str(j): dict(saved[str(j)]) for j in owned}
+      new['dealt'] = [int(x) for x in state['dealt']]
+      if len(new['dealt']) != self._layout.num_streams:
+        raise ValueError(f'data state deals documents to {len(new["dealt"])} streams, not '
+                         f'{self._layout.num_streams}')
       late = min(owned, key=lambda j: int(saved[str(j)]['next']))
       if int(saved[str(late)]['next']) < counter:
         raise ValueError(
             f'data state reads on from document {counter}, after document '
             f'{saved[str(late)]["next"]} that stream {late} still needs; restore from '
             "TrainBatches.merge_states of every process's state_dict()")
-    self.close()
     self._reset(new)
     self._build()  # Now, so that a state that does not match the data fails here.
 
@@ -505,7 +570,7 @@ class TrainBatches:
     return state
 
   def _upgrade(self, state: dict[str, Any]) -> dict[str, Any]:
-    """Reads a version-1 or -2 state (streams filled on demand) as a version-3 one.
+    """Reads a version-1 or -2 state (streams filled on demand) as a current one.
 
     Those layouts cannot be continued exactly: fresh streams start at the first
     document no stream had taken, and the rest of the documents in progress is lost.
@@ -524,23 +589,30 @@ class TrainBatches:
       names = state.get('shard_names')
     log.warning('data state version %d: resuming at the first document its streams had '
                 'not taken; the documents they were packing are not finished', version)
-    return dict(self._fresh(reader_state, int(state['batches']), int(reader_state['counter'])),
-                shard_names=names)
+    return dict(self._fresh(reader_state, int(state['batches'])), shard_names=names)
 
   # Producing batches.
 
-  def _fresh(self, reader_state: dict[str, Any], batches: int, start: int = 0) -> dict[str, Any]:
-    """A state whose streams each start with their first document from number `start` on."""
+  def _fresh(self, reader_state: dict[str, Any], batches: int) -> dict[str, Any]:
+    """A state whose streams start empty at the reader's document, nothing dealt yet."""
     k = self._layout.num_streams
+    start = int(reader_state['counter'])
     return {
         'version': _STATE_VERSION,
         'layout': self._layout.kind,
         'num_streams': k,
         'batches': batches,
-        'streams': {str(j): {'next': start + (j - start) % k, 'offset': 0}
-                    for j in self._layout.owned()},
+        'streams': {str(j): {'next': start, 'offset': 0} for j in self._layout.owned()},
         'reader': reader_state,
+        'dealt': [0] * k,
     }
+
+  def _read_on(self, reader_state: dict[str, Any], start: int) -> dict[str, Any]:
+    """The reader's state at document `start`, reading on from `reader_state`."""
+    self._reader.load_state_dict(reader_state)
+    while self._reader.counter < start:
+      self._reader.next()
+    return self._reader.state_dict()
 
   def _encode(self, texts: list[str]) -> list[np.ndarray]:
     """Documents as they enter a stream: int32 [BOS] ids EOS."""
@@ -564,10 +636,11 @@ class TrainBatches:
     state = self._state
     self._streams = {}
     for j, saved in state['streams'].items():
-      stream = _Stream(int(j), self._layout.num_streams, self._seq_len)
+      stream = _Stream(int(j), self._seq_len)
       stream.load_state_dict(saved)
       self._streams[int(j)] = stream
-    self._scanner.restart(state['reader'], {j: s.next for j, s in self._streams.items()})
+    self._scanner.restart(state['reader'], state['dealt'],
+                          {j: s.next for j, s in self._streams.items()})
     for stream in self._streams.values():
       if stream.offset:  # Re-reads the document now: a changed one fails here.
         stream.fill(self._scanner.take, 1)
@@ -576,13 +649,20 @@ class TrainBatches:
 
   def _snapshot(self) -> dict[str, Any]:
     held = [s.first for s in self._streams.values() if s.first is not None]
+    reader_state, dealt = self._scanner.checkpoint(held)
+    streams = {}
+    for j, s in self._streams.items():
+      streams[str(j)] = s.state_dict()
+      if s.first is None:  # Not started: nothing dealt to it before the reader state.
+        streams[str(j)]['next'] = max(s.next, int(reader_state['counter']))
     return {
         'version': _STATE_VERSION,
         'layout': self._layout.kind,
         'num_streams': self._layout.num_streams,
         'batches': self._batches,
-        'streams': {str(j): s.state_dict() for j, s in self._streams.items()},
-        'reader': self._scanner.checkpoint(held),
+        'streams': streams,
+        'reader': reader_state,
+        'dealt': dealt,
     }
 
   def _produce(self) -> tuple[Batch, dict[str, Any]]:

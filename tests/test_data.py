@@ -424,8 +424,9 @@ def test_two_hosts_tokenise_disjoint_documents(tok, tmp_path):
   cfg = DataConfig(source='files', files=str(tmp_path / 'one.jsonl'), eval_fraction=0.25)
   train = [t for i, t in enumerate(texts) if not is_heldout(f'one.jsonl:{i}', 0.25)]
   assert 0 < 40 - len(train) < 20
-  # Training document n (n = 0, 1, ... over epochs) is packed into global stream n % 4,
-  # which is process n % 4 // 2's local row n % 2.
+  # Training document n (n = 0, 1, ... over epochs) goes to the global stream of the 4
+  # with the fewest characters so far; stream j is process j // 2's local row j % 2.
+  dealt = _deal([len(train[n % len(train)]) for n in range(2 * len(train))], 4)
   epoch0 = []
   for host in range(2):
     it = TrainBatches(cfg, tok, 2, 32, process_index=host, process_count=2, prefetch=0)
@@ -434,14 +435,25 @@ def test_two_hosts_tokenise_disjoint_documents(tok, tmp_path):
       batches.append(next(it))
     it.close()
     for row, stream in enumerate(_streams(batches)):
-      for i, text in enumerate(_split_docs(tok, stream)):
-        n = 2 * host + row + 4 * i
+      mine = [n for n, j in enumerate(dealt) if j == 2 * host + row]
+      for n, text in zip(mine, _split_docs(tok, stream)):
         if n < len(train):
-          assert text == train[n], (host, row, i)
+          assert text == train[n], (host, row, n)
           epoch0.append((host, text))
   # So in an epoch no document is tokenised into two processes' rows, and each is once.
   assert sorted(text for _, text in epoch0) == sorted(train)
   assert {host for host, _ in epoch0} == {0, 1}
+
+
+def _deal(lengths, k):
+  """The stream of each document: of k, the one dealt the fewest characters so far (the
+  lowest on a tie)."""
+  totals, out = [0] * k, []
+  for length in lengths:
+    j = totals.index(min(totals))
+    totals[j] += length
+    out.append(j)
+  return out
 
 
 def _global_batches(cfg, tok, n, processes, state=None, rows=8, **kw):
@@ -567,7 +579,8 @@ def test_resume_with_segment_ids_and_more_streams_than_rows(tok, corpus):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
   # Rows go round the 3 streams: batch 0 takes streams 0 and 1, batch 1 streams 2 and 0.
-  fresh = {'next': 2, 'offset': 0}
+  # Stream 2, not started after batch 0, takes what is dealt to it from document 0 on.
+  fresh = {'next': 0, 'offset': 0}
   assert states[0]['streams']['2'] == fresh and states[1]['streams']['2'] != fresh
   assert states[0]['streams']['0']['offset'] == 16 and states[1]['streams']['0']['offset'] == 32
 
@@ -606,9 +619,118 @@ def test_loads_a_version_1_state(tok, corpus):
   for row, text in enumerate(after[:2]):
     assert batch[row].tolist() == ([tok.bos_id] + tok.encode(text.text) + [tok.eos_id])[:17]
   state = it.state_dict()
-  assert state['version'] == 3 and state['batches'] == 4
+  assert state['version'] == 4 and state['batches'] == 4
   with pytest.raises(ValueError, match='data.files'):
     it.load_state_dict(dict(v1, shard_name='other.jsonl'))
+
+
+def test_loads_a_version_3_state_or_another_stream_count(tok, corpus, caplog):
+  cfg, _ = corpus
+  _, states = _batches(cfg, tok, 4, prefetch=0)
+  saved = states[-1]
+  # The first document no stream had started: the fresh streams begin there.
+  start = max(s['next'] + (s['offset'] > 0) for s in saved['streams'].values())
+  reader = reader_lib.MixtureReader(cfg, seed=0)
+  docs = [reader.next()[1].text for _ in range(start + 2)]
+  v3 = {key: value for key, value in saved.items() if key != 'dealt'}
+  v3['version'] = 3  # Documents were dealt n % K, with no character counts.
+  for state, streams, words in ((v3, 0, 'version 3'), (saved, 4, '2 packing streams')):
+    it = TrainBatches(dataclasses.replace(cfg, streams=streams), tok, 2, 16, prefetch=0)
+    with caplog.at_level('WARNING', logger='data.pipeline'):
+      it.load_state_dict(state)
+    assert words in caplog.text and f'from document {start}' in caplog.text
+    caplog.clear()
+    batch = next(it)
+    for row, text in enumerate(docs[start:]):
+      assert batch[row].tolist() == ([tok.bos_id] + tok.encode(text) + [tok.eos_id])[:17]
+    after = it.state_dict()
+    it.close()
+    assert after['version'] == 4 and after['batches'] == 5
+    assert len(after['dealt']) == (streams or 2)
+
+
+def _lopsided_text(i: int) -> str:
+  """Every fourth document long (50 to 149 words), the others 3 to 7 words."""
+  n = 50 + (i * 53) % 100 if i % 4 == 0 else 3 + i % 5
+  return f'doc{i:03d} ' + ' '.join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
+
+
+@pytest.fixture(scope='module')
+def lopsided(tmp_path_factory):
+  """60 documents of very unequal lengths; dealt in turn to 4 streams, the long ones
+  would all go to stream 0."""
+  d = tmp_path_factory.mktemp('lopsided')
+  texts = [_lopsided_text(i) for i in range(60)]
+  _write_jsonl(d / 'x.jsonl', texts)
+  return DataConfig(source='files', files=str(d / 'x.jsonl'), eval_fraction=0.0), texts
+
+
+def _spread(lengths, streams):
+  """The most characters by which one stream was ever ahead of another."""
+  totals, worst = [0] * (max(streams) + 1), 0
+  for length, j in zip(lengths, streams):
+    totals[j] += length
+    worst = max(worst, max(totals) - min(totals))
+  return worst
+
+
+def test_documents_are_dealt_by_characters(tok, lopsided):
+  cfg, texts = lopsided
+  k = 4
+  batches, states = _batches(cfg, tok, 40, batch_size=k, seq_len=32, prefetch=0)
+  # Each stream's whole documents, in order (all in the first epoch).
+  per_stream = [[int(d[3:6]) for d in _split_docs(tok, s)] for s in _streams(batches)]
+  assert all(docs == sorted(set(docs)) for docs in per_stream)
+  # Every stream has packed all its documents before the one it is in.
+  upto = min(s['next'] for s in states[-1]['streams'].values())
+  stream_of = [(n, j) for j, docs in enumerate(per_stream) for n in docs if n < upto]
+  assert sorted(n for n, _ in stream_of) == list(range(upto)) and upto > 16
+  dealt = [j for _, j in sorted(stream_of)]
+  lengths = [len(t) for t in texts[:upto]]
+  # Each to the stream dealt the fewest characters so far, the lowest on a tie ...
+  assert dealt == _deal(lengths, k)
+  # ... so no stream is ever more than the longest document ahead of another, where
+  # dealing in turn would put stream 0 far ahead.
+  longest = max(len(t) for t in texts)
+  assert _spread(lengths, dealt) <= longest < _spread(lengths, [n % k for n in range(upto)])
+  # The state counts the characters dealt, less the least of them.
+  for s in states:
+    assert len(s['dealt']) == k and min(s['dealt']) == 0 and max(s['dealt']) <= longest
+
+
+def test_balanced_dealing_keeps_the_queue_short(tok, lopsided):
+  # Every stream hands out tokens at the same rate. Dealt in turn, stream 0 would fall
+  # behind with the long documents, and the queue of documents read for the others
+  # meanwhile would grow with the run (by about 1500 characters a batch here). Balanced,
+  # it stays under one longest document per stream.
+  cfg, texts = lopsided
+  k = 4
+  it = TrainBatches(cfg, tok, k, 32, prefetch=0, encode_docs=1)
+  peak = 0
+  for _ in range(100):  # Over two epochs.
+    next(it)
+    queued = [d for q in it._scanner._queues.values() for d in q]  # Held as text.
+    peak = max(peak, sum(len(d.text) for d in queued if d.text is not None))
+  it.close()
+  assert peak <= k * max(len(t) for t in texts)
+
+
+def test_resume_is_exact_with_lopsided_documents(tok, lopsided):
+  cfg, _ = lopsided
+  for prefetch in (0, 2):
+    _resume_matches(cfg, tok, n=12, k=4, batch_size=4, seq_len=32, prefetch=prefetch)
+  # One process and two give the same batches and, merged, the same states; each
+  # restores on the other count.
+  one, one_states = _global_batches(cfg, tok, 10, 1, rows=4)
+  two, two_states = _global_batches(cfg, tok, 10, 2, rows=4)
+  for a, b in zip(one, two):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(one_states, two_states):
+    assert dict(a, process_count=2, process_index=0) == dict(b, process_index=0)
+  for states, processes in ((two_states, 1), (one_states, 2)):
+    rest, _ = _global_batches(cfg, tok, 6, processes, state=states[3], rows=4, prefetch=1)
+    for a, b in zip(one[4:], rest):
+      np.testing.assert_array_equal(a, b)
 
 
 # Cleaning.
@@ -814,8 +936,9 @@ def test_unknown_source(tok):
 
 
 def test_one_document_feeds_every_process(tok, tmp_path):
-  # Documents are numbered over epochs and dealt to streams in turn, so even a single
-  # document reaches every process's rows (its copies of later epochs).
+  # Documents are numbered over epochs and dealt to the stream with the fewest characters
+  # (here, all being alike, in turn), so even a single document reaches every process's
+  # rows (its copies of later epochs).
   _write_jsonl(tmp_path / 'x.jsonl', ['only one'])
   cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.0)
   it = TrainBatches(cfg, tok, 2, 16, process_index=1, process_count=2, prefetch=0)
