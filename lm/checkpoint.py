@@ -15,10 +15,12 @@ RUN/checkpoints.corrupt/, never deleted.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,7 +37,7 @@ MIN_KEEP = 2
 # Model keys that change how the same parameters are computed with, not what they are:
 # a resume or a fine-tune may change them. Every other model key must match.
 RUNTIME_MODEL_KEYS = frozenset(
-    {'dtype', 'param_dtype', 'remat', 'remat_policy', 'attention', 'dropout'})
+    {'dtype', 'param_dtype', 'remat', 'remat_policy', 'attention', 'dropout', 'loss_chunk'})
 _ITEMS = ('state', 'data', 'meta')
 
 
@@ -110,10 +112,25 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: dict[str, Any], *,
            force: bool = False) -> bool:
     """Starts an asynchronous save; `wait()` blocks until it is committed."""
+    self._clear_unfinished(step)
     items = {'state': ocp.args.StandardSave(state), 'data': ocp.args.JsonSave(data_state)}
     if self._metadata is not None:
       items['meta'] = ocp.args.JsonSave(self._metadata)
     return self._writer().save(step, args=ocp.args.Composite(**items), force=force)
+
+  def _clear_unfinished(self, step: int) -> None:
+    """Removes what a killed run left of an unfinished save of `step`.
+
+    A run that resumes from an earlier checkpoint saves `step` again. Orbax would clear
+    the stale temporary folder itself, but it does so from several threads at once and
+    can fail half-way, losing the save. It is not a checkpoint (never committed), so
+    process 0 removes it here, before the new save starts.
+    """
+    if jax.process_index() == 0:
+      for stale in glob.glob(os.path.join(self.directory, f'{step}.orbax-checkpoint-tmp*')):
+        log.warning('removing %s, an unfinished save of step %d', stale, step)
+        shutil.rmtree(stale)
+    _barrier(f'checkpoint_clear_unfinished_{step}')
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """State and data position, onto the shardings of `abstract_state` (any mesh)."""
