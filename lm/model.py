@@ -310,9 +310,10 @@ class Transformer(nn.Module):
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     embed_VxD = self.param('embed', _init(('vocab', 'embed')), (c.vocab_size, c.d_model), pdt)
-    # Gather the vocab shards before the lookup: a gather from a vocab-sharded table
-    # makes the partitioner replicate the activations instead.
-    table_VxD = constrain(embed_VxD.astype(dt), (None, 'embed'), self.rules)
+    # The whole table before the lookup, as FSDP gathers every weight before use. Left
+    # sharded (vocab or embed), the rows come out split the wrong way for the batch-
+    # sharded activations, and the partitioner replicates them to reshard.
+    table_VxD = constrain(embed_VxD.astype(dt), (None, None), self.rules)
     x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0)
     x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'embed'), self.rules)
     x_BxTxD = nn.Dropout(c.dropout)(x_BxTxD, deterministic=not train)
