@@ -6,6 +6,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -126,3 +127,23 @@ def test_a_dead_process_ends_the_job(tmp_path, tokenizer):
     procs[0].kill()
   assert procs[0].returncode not in (0, None)
   assert time.time() - killed < 120
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path, tokenizer):
+  # A preemption notice reaches one host; JAX's preemption sync point makes every
+  # process stop after the same step, save it together and exit cleanly.
+  workdir = tmp_path / 'preempted'
+  procs = _launch(workdir, tokenizer, 100000, 2, ('--config.checkpoint_every=0',))
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while not (metrics.exists() and len(_losses(workdir)) >= 2) and time.time() < deadline:
+    for p in procs:
+      assert p.poll() is None, p.communicate()[1][-3000:]
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = _wait(procs, timeout=300)
+  result = json.loads([l for l in outs[0][0].splitlines() if l.startswith('{')][-1])
+  assert result['stopped_early'] is True
+  steps = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
+  assert steps == [result['step']]
+  assert _losses(workdir)[-1][0] == result['step']
