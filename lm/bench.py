@@ -19,21 +19,14 @@ import numpy as np
 
 from lm import flops
 from lm.config import Configs, parse
-from lm.model import Transformer
-from lm.optimizer import make_optimizer, schedule
 from lm.sharding import AxisRules, batch_sharding, make_mesh
-from lm.train_step import abstract_state, init_state, jit_train_step, make_train_step
+from lm.train_step import abstract_state, init_state, jit_train_step, step_parts
 
 
 def _setup(cfgs: Configs):
-  mesh = make_mesh(cfgs.mesh)
-  rules = AxisRules(mesh, cfgs.mesh.rules)
-  model = Transformer(cfgs.model, rules)
-  tx = make_optimizer(cfgs.optimizer, cfgs.run.steps)
-  step_fn = make_train_step(model, tx, schedule(cfgs.optimizer, cfgs.run.steps),
-                            grad_accum=cfgs.optimizer.grad_accum, z_loss=cfgs.optimizer.z_loss,
-                            rules=rules)
-  return rules, model, tx, step_fn
+  rules = AxisRules(make_mesh(cfgs.mesh), cfgs.mesh.rules)
+  parts = step_parts(cfgs, rules)
+  return rules, parts.model, parts.tx, parts.step_fn
 
 
 def memory_per_device(compiled: Any) -> int | None:

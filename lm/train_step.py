@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,8 @@ import optax
 
 from lm.loss import Metrics, chunked_cross_entropy, cross_entropy
 from lm.model import Transformer, output_head
-from lm.optimizer import global_norm
+from lm.config import Configs
+from lm.optimizer import global_norm, make_optimizer, schedule
 from lm.sharding import AxisRules, batch_sharding, tree_shardings
 
 # Token rows (B, T + 1), or {'tokens', 'segment_ids'} of that shape (packed documents).
@@ -162,6 +164,27 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+  """What a config's train step is made of (shared by the trainer and the benchmark)."""
+
+  model: Transformer
+  tx: optax.GradientTransformation
+  lr: optax.Schedule
+  step_fn: Callable[..., Any]  # The pure step, before jit.
+
+
+def step_parts(cfgs: Configs, rules: AxisRules) -> StepParts:
+  """The model, optimizer, schedule and pure train step a config describes."""
+  model = Transformer(cfgs.model, rules)
+  steps, opt = cfgs.run.steps, cfgs.optimizer
+  lr = schedule(opt, steps)
+  tx = make_optimizer(opt, steps)
+  step_fn = make_train_step(model, tx, lr, grad_accum=opt.grad_accum, z_loss=opt.z_loss,
+                            rules=rules)
+  return StepParts(model, tx, lr, step_fn)
 
 
 def jit_train_step(step_fn: Callable[..., Any], state_shardings: Any, rules: AxisRules,

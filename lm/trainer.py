@@ -28,9 +28,8 @@ from lm.config import Configs, parse, write_config
 from lm.evaluation import evaluate, make_eval_step
 from lm.metrics import MetricsWriter
 from lm.model import Transformer
-from lm.optimizer import make_optimizer, schedule
 from lm.sharding import AxisRules, batch_sharding, global_batch, make_mesh
-from lm.train_step import TrainState, jit_train_step, make_train_step
+from lm.train_step import TrainState, jit_train_step, step_parts
 
 log = logging.getLogger(__name__)
 
@@ -180,21 +179,18 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   distributed.barrier('tokenizer')
   tokenizer = load_or_train(cfgs.data, run.workdir, cfgs.model.vocab_size)
   check_vocab(tokenizer, cfgs.model.vocab_size)
-  model = Transformer(cfgs.model, rules)
-  lr = schedule(cfgs.optimizer, run.steps)
-  tx = make_optimizer(cfgs.optimizer, run.steps)
+  parts = step_parts(cfgs, rules)
+  model, tx = parts.model, parts.tx
   metadata = make_metadata(dataclasses.asdict(cfgs.model), file_sha256(tokenizer.path),
                            tokenizer.vocab_size, config.to_dict())
   checkpointer = Checkpointer(run.workdir, keep=run.keep_checkpoints, metadata=metadata)
   start = resume.start_state(cfgs, model, tx, rules, checkpointer, plan.source)
-  step_fn = make_train_step(model, tx, lr, grad_accum=cfgs.optimizer.grad_accum,
-                            z_loss=cfgs.optimizer.z_loss, rules=rules)
   batches = TrainBatches(cfgs.data, tokenizer, _local_rows(run.batch_size), run.seq_len,
                          process_index=jax.process_index(),
                          process_count=jax.process_count(), seed=run.seed)
   if start.data_state is not None:
     batches.load_state_dict(start.data_state)
-  compiled = jit_train_step(step_fn, start.shardings, rules, (run.batch_size, run.seq_len + 1))
+  compiled = jit_train_step(parts.step_fn, start.shardings, rules, (run.batch_size, run.seq_len + 1))
   return Experiment(cfgs, rules, model, tokenizer, start.state, start.shardings, compiled,
                     batches, checkpointer, start.step)
 
