@@ -148,6 +148,9 @@ def write(model_path: str, out_dir: str, *, max_length: int, add_bos: bool = Tru
       'add_bos_token': add_bos and 'bos_token' in tokens,
       'add_eos_token': False,
       'clean_up_tokenization_spaces': False,
+      # sentencepiece reads a literal "<s>" in text as characters, never as the control
+      # token; without this Hugging Face would turn it into BOS.
+      'split_special_tokens': True,
       **tokens,
   }
   files = {'tokenizer.json': tokenizer_json(model_path, add_bos=add_bos),

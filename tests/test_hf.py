@@ -275,7 +275,8 @@ def _assert_same_encoding(model_path, out_dir, encode):
   # Our Tokenizer sends a literal U+2581 to bytes; plain sentencepiece (and so HF) does not.
   texts = [t.replace('\u2581', '') for t in texts]
   texts += ['', ' ', ' lead', 'trail ', '  two\n\n\t\ttabs', 'caf\u00e9 \U0001f600 \u4e2d\u6587',
-            '12345 + 0.5e-3', '\n    indented\n        more']
+            '12345 + 0.5e-3', '\n    indented\n        more',
+            'literal <s> and </s> and <unk> and <pad> in the text']
   for text in texts:
     ids = theirs(text, add_special_tokens=False)['input_ids']
     assert ids == encode(text), text[:200]
