@@ -20,7 +20,7 @@ from data.tokenizer import Tokenizer, check_vocab
 from lm.checkpoint import Checkpointer
 from lm.config import Configs, parse
 from lm.model import Transformer
-from lm.sharding import AxisRules, MeshConfig, make_mesh, tree_shardings
+from lm.sharding import AxisRules, make_mesh, tree_shardings
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,6 @@ def eval_mesh_rules(cfgs: Configs) -> AxisRules:
   return AxisRules(mesh, cfgs.mesh.rules)
 
 
-def single_device_rules(cfgs: Configs) -> AxisRules:
-  """A one-device mesh, for sampling."""
-  cfg = MeshConfig(data=1, fsdp=1, tensor=1, rules=cfgs.mesh.rules)
-  return AxisRules(make_mesh(cfg, jax.devices()[:1]), cfgs.mesh.rules)
-
-
 def abstract_params(model: Transformer, rules: AxisRules) -> Any:
   """ShapeDtypeStructs of the parameters with their shardings: a restore target."""
   tokens = jnp.zeros((1, 1), jnp.int32)
@@ -74,10 +68,10 @@ def abstract_params(model: Transformer, rules: AxisRules) -> Any:
                       nn.meta.unbox(boxed), tree_shardings(boxed, rules))
 
 
-def load_run(workdir: str, step: int | None = None, *, single_device: bool = False) -> Run:
+def load_run(workdir: str, step: int | None = None) -> Run:
   """Config, tokenizer and the parameters of checkpoint `step` (default: the latest).
 
-  The parameters land on the run's mesh (`eval_mesh_rules`), or on one device.
+  The parameters land on the run's mesh (`eval_mesh_rules`), sharded as in training.
   """
   cfgs = load_config(workdir)
   tok_path = os.path.join(workdir, 'tokenizer.model')
@@ -88,7 +82,7 @@ def load_run(workdir: str, step: int | None = None, *, single_device: bool = Fal
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(ckpt_dir):
     raise ValueError(f'no checkpoints in {ckpt_dir}')
-  rules = single_device_rules(cfgs) if single_device else eval_mesh_rules(cfgs)
+  rules = eval_mesh_rules(cfgs)
   model = Transformer(cfgs.model, rules)
   checkpointer = Checkpointer(workdir, read_only=True)
   try:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.model import ModelConfig, Transformer
+from lm.sharding import AxisRules
 
 if TYPE_CHECKING:  # Only for a type hint: sampling itself needs no checkpoint code.
   from lm.run_folder import Run
@@ -45,9 +46,13 @@ class SamplingConfig:
       raise ValueError(f'top_p must be in (0, 1], got {self.top_p}')
 
 
-def sampling_model(cfg: ModelConfig) -> Transformer:
-  """The model for decoding: same parameters, no remat or dropout, no sharding rules."""
-  return Transformer(dataclasses.replace(cfg, remat=False, dropout=0.0), rules=None)
+def sampling_model(cfg: ModelConfig, rules: AxisRules | None = None) -> Transformer:
+  """The model for decoding: same parameters, no remat or dropout.
+
+  With `rules` (the mesh the parameters live on) activations and the cache follow the
+  training layout: heads split over `tensor`, rows over the batch axes where they divide.
+  """
+  return Transformer(dataclasses.replace(cfg, remat=False, dropout=0.0), rules=rules)
 
 
 def init_cache(model: Transformer, batch: int, max_len: int) -> Any:
@@ -189,6 +194,6 @@ def complete(run: Run, prompt: str, cfg: SamplingConfig, seed: int = 0) -> dict[
   tok = run.tokenizer
   prompt_ids = [tok.bos_id] + tok.encode(prompt)
   cfg = dataclasses.replace(cfg, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
-  model = sampling_model(run.cfgs.model)
+  model = sampling_model(run.cfgs.model, run.rules)
   ids = generate(model, run.params, [prompt_ids], cfg, seed)[0]
   return {'prompt_ids': prompt_ids, 'ids': ids, 'text': tok.decode(ids)}

@@ -29,7 +29,7 @@ def main(argv):
     cfg = sampling.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                                   top_k=_TOP_K.value, top_p=_TOP_P.value)
     cfg.validate()
-    run = run_folder.load_run(_WORKDIR.value, _STEP.value, single_device=True)
+    run = run_folder.load_run(_WORKDIR.value, _STEP.value)
     return sampling.complete(run, _PROMPT.value, cfg, _SEED.value)
 
   result = cli.run_or_exit(complete)

@@ -12,6 +12,10 @@ import pytest
 from lm import sampling
 from lm.model import ModelConfig, Transformer, stack_layers
 from lm.sampling import SamplingConfig
+from lm.sharding import AxisRules, MeshConfig, make_mesh, tree_shardings
+
+RULES = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('heads', 'tensor'),
+         ('kv_heads', 'tensor'), ('mlp', 'tensor'), ('vocab', 'tensor'))
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   d_ff=64, tie_embeddings=False)
@@ -160,6 +164,25 @@ def test_eos_stops_its_row_and_max_new_tokens_is_respected():
     assert row == want
   assert got[0] == greedy[0][:k + 1] and got[0][-1] == eos
   assert got[1] == greedy[1]  # The other row runs on to max_new_tokens.
+
+
+@pytest.mark.parametrize('shape', [(1, 1, 2), (2, 2, 2)])
+def test_sharded_sampling_matches_one_device(shape):
+  # Parameters split over fsdp and tensor (heads, kv heads, MLP, vocab): the same greedy
+  # tokens and the same seeded samples as on one device.
+  rules = AxisRules(make_mesh(MeshConfig(*shape, rules=RULES), jax.devices()[:np.prod(shape)]),
+                    RULES)
+  shardings = tree_shardings(
+      jax.eval_shape(Transformer(CFG, rules).init, jax.random.PRNGKey(0),
+                     jnp.zeros((1, 4), jnp.int32))['params'], rules)
+  params = jax.device_put(_params(), shardings)
+  assert params['block_0']['attn']['q'].sharding.spec[1] == 'tensor'
+  model = sampling.sampling_model(CFG, rules)
+  for cfg in (SamplingConfig(max_new_tokens=6, temperature=0.0),
+              SamplingConfig(max_new_tokens=6, temperature=1.0)):
+    assert (sampling.generate(model, params, PROMPTS, cfg, seed=3)
+            == sampling.generate(sampling.sampling_model(CFG), _params(), PROMPTS, cfg,
+                                 seed=3))
 
 
 def test_bad_sampling_settings_name_the_setting():
