@@ -8,8 +8,10 @@ is rented.
 
 from __future__ import annotations
 
+import ast
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -155,3 +157,41 @@ def data_throughput(config: ml_collections.ConfigDict, *, batches: int = 20) -> 
       next(it)
     elapsed = time.perf_counter() - t0
   return {'data_tokens_per_sec': batches * cfgs.run.batch_size * cfgs.run.seq_len / elapsed}
+
+
+def variants(config: ml_collections.ConfigDict,
+             vary: Sequence[str]) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """The config as given, then one copy per value of each `KEY=V1,V2,...` in `vary`.
+
+  Each key changes alone from the given config (one lever at a time, not every
+  combination). Values are Python literals (128, True, 'a') or else plain strings.
+  """
+  out = [('base', config)]
+  for spec in vary:
+    key, sep, values = spec.partition('=')
+    key = key.strip()
+    if not sep or not key or not values.strip():
+      raise ValueError(f'--vary={spec!r}: expected KEY=VALUE[,VALUE...]')
+    for raw in values.split(','):
+      variant = config.copy_and_resolve_references()
+      *parents, name = key.split('.')
+      node = variant
+      try:
+        for p in parents:
+          node = node[p]
+        if name not in node:
+          raise KeyError(name)
+        node[name] = _literal(raw.strip())
+      except (KeyError, AttributeError):
+        raise ValueError(f'--vary: no config key {key}') from None
+      except TypeError as e:
+        raise ValueError(f'--vary: cannot set {key}={raw.strip()!r}: {e}') from None
+      out.append((f'{key}={raw.strip()}', variant))
+  return out
+
+
+def _literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text

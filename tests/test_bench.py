@@ -71,3 +71,26 @@ def test_peak_table(kind, peak):
   class Dev:
     device_kind = kind
   assert flops.device_peak_flops(Dev()) == peak
+
+
+def test_vary_measures_each_lever_alone_from_the_config():
+  cmd = [sys.executable, 'scripts/bench.py', '--config=configs/tiny.py', '--aot',
+         '--config.model.num_layers=1', '--vary=model.loss_chunk=0,16',
+         '--vary=model.tie_embeddings=False']
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]
+  assert [r['variant'] for r in lines] == [
+      'base', 'model.loss_chunk=0', 'model.loss_chunk=16', 'model.tie_embeddings=False']
+  # Each variant really ran its own config: an untied head adds V x D parameters.
+  cfg = tiny.get_config()
+  assert lines[3]['params'] - lines[0]['params'] == cfg.model.vocab_size * cfg.model.d_model
+  assert lines[1]['params'] == lines[2]['params'] == lines[0]['params']
+
+
+@pytest.mark.parametrize('vary,message', [('model.nope=1', 'no config key model.nope'),
+                                          ('model.loss_chunk=abc', 'cannot set'),
+                                          ('junk', 'expected KEY=VALUE')])
+def test_bad_vary_is_one_clear_error(vary, message):
+  with pytest.raises(ValueError, match=message):
+    bench.variants(tiny.get_config(), [vary])
