@@ -147,3 +147,21 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path, toke
   steps = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
   assert steps == [result['step']]
   assert _losses(workdir)[-1][0] == result['step']
+
+
+def test_a_corrupt_checkpoint_is_moved_aside_once_by_two_processes(tmp_path, tokenizer,
+                                                                   one_process, two_processes):
+  # Both processes find step 6 unreadable, agree, and process 0 moves it aside; both
+  # resume from step 3 and replay steps 4-6 as the reference ran them.
+  workdir = tmp_path / 'run'
+  shutil.copytree(two_processes[0], workdir)
+  (workdir / 'metrics.jsonl').unlink()
+  for path in (workdir / 'checkpoints' / '6' / 'state').rglob('*'):
+    if path.is_file():
+      path.write_bytes(b'')
+  _wait(_launch(workdir, tokenizer, 6, 2, ('--config.checkpoint_every=3',)))
+  assert os.listdir(workdir / 'checkpoints.corrupt') == ['6']
+  ref, got = dict(_losses(one_process)), dict(_losses(workdir))
+  assert sorted(got) == [4, 5, 6]
+  for step in (4, 5, 6):
+    assert got[step] == pytest.approx(ref[step], rel=1e-5)
