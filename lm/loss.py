@@ -13,9 +13,12 @@ Shapes as in lm/model.py: B batch, T length, C chunk length, D d_model, V vocab.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+
+from lm.sharding import AxisRules, constrain
 
 Metrics = dict[str, jax.Array]
 
@@ -73,24 +76,43 @@ def chunked_token_nll(x_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.
 
 
 def chunked_cross_entropy(x_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.Array,
-                          *, chunk: int, z_loss: float = 0.0) -> tuple[jax.Array, Metrics]:
-  """`cross_entropy(x @ head, targets, z_loss)`, chunked; differentiable in x and head."""
-  total, nll, z = _fused(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss)
+                          *, chunk: int, z_loss: float = 0.0,
+                          rules: AxisRules | None = None) -> tuple[jax.Array, Metrics]:
+  """`cross_entropy(x @ head, targets, z_loss)`, chunked; differentiable in x and head.
+
+  `rules`: the mesh the batch is split over. Each batch shard then sums its own part of
+  the head's gradient over the chunks, and the shards are summed once at the end: one
+  all-reduce per step, as for the unchunked loss, not one per chunk.
+  """
+  total, nll, z = _fused(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss, rules)
   return total, {'loss': jax.lax.stop_gradient(nll), 'z_loss': jax.lax.stop_gradient(z)}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss):
+def _batch_shards(rules: AxisRules | None, b: int) -> int:
+  if rules is None:
+    return 1
+  axes = rules.spec(('batch',), (b,))[0] or ()
+  return math.prod(rules.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss, rules):
   """(loss, mean NLL, mean log Z ^ 2). Only the first output carries a gradient."""
-  return _fused_fwd(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss)[0]
+  return _fused_fwd(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss, rules)[0]
 
 
-def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss):
+def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss, rules):
   b, t, _ = x_BxTxD.shape
   c = chunk_length(t, chunk)
+  s = _batch_shards(rules, b)  # S: the head gradient is kept per batch shard.
   scale = 1.0 / (b * t)  # Every token weighs the same in the mean.
+  # FSDP's gather of the head, once here rather than once per chunk inside the loop.
+  head_DxV = constrain(head_DxV, (None, 'vocab'), rules)
 
-  def one(d_head_DxV, xs):
+  def per_shard(a_BxCx_):
+    return a_BxCx_.reshape(s, b // s, *a_BxCx_.shape[1:])
+
+  def one(d_head_SxDxV, xs):
     x_BxCxD, t_BxC = xs
     logits_BxCxV = _chunk_logits(x_BxCxD, head_DxV)
     nll_BxC, log_z_BxC = token_nll(logits_BxCxV, t_BxC)
@@ -102,21 +124,24 @@ def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss):
     g_BxCxV = (g_BxCxV * scale).astype(x_BxCxD.dtype)
     dx_BxCxD = jnp.einsum('bcv,dv->bcd', g_BxCxV, head_DxV,
                           preferred_element_type=jnp.float32).astype(x_BxCxD.dtype)
-    d_head_DxV += jnp.einsum('bcd,bcv->dv', x_BxCxD, g_BxCxV,
-                             preferred_element_type=jnp.float32)
-    return d_head_DxV, (nll_BxC, log_z_BxC, dx_BxCxD)
+    d_head_SxDxV += jnp.einsum('sbcd,sbcv->sdv', per_shard(x_BxCxD), per_shard(g_BxCxV),
+                               preferred_element_type=jnp.float32)
+    d_head_SxDxV = constrain(d_head_SxDxV, ('batch', 'embed', 'vocab'), rules)
+    return d_head_SxDxV, (nll_BxC, log_z_BxC, dx_BxCxD)
 
-  d_head = jnp.zeros(head_DxV.shape, jnp.float32)
+  d_head = constrain(jnp.zeros((s, *head_DxV.shape), jnp.float32),
+                     ('batch', 'embed', 'vocab'), rules)
   d_head, (nll, log_z, dx) = jax.lax.scan(
       one, d_head, (_chunks(x_BxTxD, c), _chunks(targets_BxT, c)))
+  d_head = jnp.sum(d_head, axis=0)
   nll_mean, z_mean = jnp.mean(nll), jnp.mean(jnp.square(log_z))
   dx_BxTxD = jnp.swapaxes(dx, 0, 1).reshape(x_BxTxD.shape)
   out = (nll_mean + z_loss * z_mean, nll_mean, z_mean)
   return out, (dx_BxTxD, d_head.astype(head_DxV.dtype))
 
 
-def _fused_bwd(chunk, z_loss, residuals, cotangents):
-  del chunk, z_loss
+def _fused_bwd(chunk, z_loss, rules, residuals, cotangents):
+  del chunk, z_loss, rules
   dx_BxTxD, d_head_DxV = residuals
   g = cotangents[0]  # The metrics' cotangents are ignored: they are not differentiated.
   return (g * dx_BxTxD).astype(dx_BxTxD.dtype), (g * d_head_DxV).astype(d_head_DxV.dtype), None

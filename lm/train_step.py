@@ -50,7 +50,7 @@ def model_loss(model: Transformer, params: Any, batch: Batch, *, z_loss: float =
   if cfg.loss_chunk:
     x_BxTxD = apply(features=True)
     return chunked_cross_entropy(x_BxTxD, output_head(params, cfg), tokens_BxT1[:, 1:],
-                                 chunk=cfg.loss_chunk, z_loss=z_loss)
+                                 chunk=cfg.loss_chunk, z_loss=z_loss, rules=model.rules)
   return cross_entropy(apply(), tokens_BxT1[:, 1:], z_loss)
 
 

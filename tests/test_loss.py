@@ -12,8 +12,10 @@ from lm.loss import (
   cross_entropy,
   token_nll,
 )
+from lm.sharding import AxisRules, MeshConfig, make_mesh
 
 B, T, D, V = 2, 12, 8, 40
+RULES = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('vocab', 'tensor'))
 
 
 def _inputs(dtype=jnp.float32, seed=0):
@@ -78,3 +80,27 @@ def test_bf16_chunked_loss_is_float32_accurate():
 def test_chunk_length_is_the_largest_divisor_not_above_the_setting():
   assert [chunk_length(12, c) for c in (0, 1, 4, 5, 7, 12, 99)] == [12, 1, 4, 4, 6, 12, 12]
   assert chunk_length(1024, 256) == 256
+
+
+def _collectives_in_loop(rules, shape):
+  """Collectives XLA placed inside the chunk loop of the loss's gradient."""
+  b, t, d, v = 16, 64, 32, 256
+  mesh_rules = AxisRules(make_mesh(MeshConfig(*shape, rules=RULES)), RULES)
+  x = jax.device_put(jnp.ones((b, t, d)), mesh_rules.sharding(('batch', 'length', 'embed'),
+                                                              (b, t, d)))
+  head = jax.device_put(jnp.ones((d, v)), mesh_rules.sharding(('embed', 'vocab'), (d, v)))
+  targets = jax.device_put(jnp.zeros((b, t), jnp.int32),
+                           mesh_rules.sharding(('batch', 'length'), (b, t)))
+  loss = lambda x, h: chunked_cross_entropy(x, h, targets, chunk=8,
+                                            rules=mesh_rules if rules else None)[0]
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, head).compile().as_text()
+  return [line for line in hlo.splitlines() if 'while/body' in line
+          and any(op in line for op in ('all-reduce(', 'all-gather(', 'reduce-scatter('))]
+
+
+@pytest.mark.parametrize('shape', [(8, 1, 1), (1, 8, 1)])
+def test_data_parallel_chunks_communicate_once_not_per_chunk(shape):
+  # Without the mesh the head's gradient is reduced across devices inside every chunk
+  # (the control: the check can see it); with it, once after the loop.
+  assert _collectives_in_loop(False, shape)
+  assert not _collectives_in_loop(True, shape)
