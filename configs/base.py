@@ -62,8 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.norm_eps = 1e-5  # RMSNorm epsilon.
   c.model.attention = 'auto'  # 'auto' (cuDNN on GPU in 16-bit, else XLA), 'xla', 'cudnn'.
   # Tokens per row in each chunk of the float32 loss (and its gradient), so the full
-  # B x T x V logits never exist; 0 = whole rows. The largest divisor of seq_len at most
-  # this is used.
+  # B x T x V logits never exist; 0 = whole rows. Must divide seq_len.
   c.model.loss_chunk = 0
 
   c.optimizer = ml_collections.ConfigDict()

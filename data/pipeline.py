@@ -475,6 +475,10 @@ class TrainBatches:
     state_dict() that holds this process's streams (one saved by a single process, or
     by this process with the same process count).
     """
+    version = state.get('version')
+    if version not in (1, 2, 3, _STATE_VERSION):
+      raise ValueError(f'data state version {version!r} is not one this code reads (1 to '
+                       f'{_STATE_VERSION}); was it written by a newer version?')
     state = self._own_part(self._upgrade(state))
     if state.get('layout') != self._layout.kind:
       raise ValueError(

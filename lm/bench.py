@@ -79,6 +79,15 @@ def _model_figures(cfgs: Configs, tokens_per_sec: float | None) -> dict[str, Any
   return out
 
 
+def _synthetic_batch(rng: np.random.Generator, cfgs: Configs, shape: tuple[int, int]) -> Any:
+  """Random tokens; with data.segment_ids, documents of about 512 tokens in each row."""
+  tokens = rng.integers(0, cfgs.model.vocab_size, shape, np.int32)
+  if not cfgs.data.segment_ids:
+    return tokens
+  starts = rng.random(shape) < 1 / 512
+  return {'tokens': tokens, 'segment_ids': 1 + np.cumsum(starts, axis=1, dtype=np.int32)}
+
+
 def run_aot(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Compiles the train step for the config's mesh from shapes alone."""
   cfgs = parse(config)
@@ -86,7 +95,8 @@ def run_aot(config: ml_collections.ConfigDict) -> dict[str, Any]:
   state = abstract_state(model, tx, cfgs.run.seq_len, rules)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   shape = (cfgs.run.batch_size, cfgs.run.seq_len + 1)
-  batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(rules, shape))
+  rows = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(rules, shape))
+  batch = {'tokens': rows, 'segment_ids': rows} if cfgs.data.segment_ids else rows
   t0 = time.perf_counter()
   compiled = jit_train_step(step_fn, shardings, rules, shape).lower(state, batch).compile()
   return {'config': cfgs.run.name, 'devices': jax.device_count(),
@@ -109,8 +119,7 @@ def run_steps(config: ml_collections.ConfigDict, *, steps: int = 20,
   sharding = batch_sharding(rules, shape)
   rng = np.random.default_rng(0)
   # A few distinct batches already on the device, so the host does no work in the loop.
-  batches = [jax.device_put(rng.integers(0, cfgs.model.vocab_size, shape, np.int32), sharding)
-             for _ in range(4)]
+  batches = [jax.device_put(_synthetic_batch(rng, cfgs, shape), sharding) for _ in range(4)]
   t0 = time.perf_counter()
   compiled = jit_train_step(step_fn, shardings, rules, shape).lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - t0

@@ -124,12 +124,18 @@ class Checkpointer:
     A run that resumes from an earlier checkpoint saves `step` again. Orbax would clear
     the stale temporary folder itself, but it does so from several threads at once and
     can fail half-way, losing the save. It is not a checkpoint (never committed), so
-    process 0 removes it here, before the new save starts.
+    process 0 removes it here, before the new save starts; saves still in flight are
+    waited for first, so only a dead run's leftovers can match.
     """
-    if jax.process_index() == 0:
-      for stale in glob.glob(os.path.join(self.directory, f'{step}.orbax-checkpoint-tmp*')):
+    pattern = os.path.join(self.directory, f'{step}.orbax-checkpoint-tmp*')
+    if jax.process_index() == 0 and glob.glob(pattern):
+      self.wait()
+      for stale in glob.glob(pattern):
         log.warning('removing %s, an unfinished save of step %d', stale, step)
-        shutil.rmtree(stale)
+        try:
+          shutil.rmtree(stale)
+        except OSError as e:  # Orbax tries again; the other processes must not hang.
+          log.warning('could not remove %s: %s', stale, e)
     _barrier(f'checkpoint_clear_unfinished_{step}')
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:

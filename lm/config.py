@@ -75,6 +75,10 @@ def parse(config: ml_collections.ConfigDict) -> Configs:
                  model=_section(ModelConfig, sections['model'], 'model.'),
                  optimizer=_section(OptimizerConfig, sections['optimizer'], 'optimizer.'),
                  data=data)
+  chunk = cfgs.model.loss_chunk
+  if chunk and chunk < run.seq_len and run.seq_len % chunk:
+    # A chunk that does not divide the rows would shrink to a divisor, possibly 1 token.
+    raise ValueError(f'model.loss_chunk={chunk} does not divide seq_len={run.seq_len}')
   if run.batch_size % cfgs.optimizer.grad_accum:
     raise ValueError(f'optimizer.grad_accum={cfgs.optimizer.grad_accum} does not divide '
                      f'batch_size={run.batch_size}')

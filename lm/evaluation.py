@@ -43,7 +43,7 @@ def make_eval_step(model: Transformer, rules: AxisRules, batch_shape: tuple[int,
                               segment_ids_BxT=segments_BxT)
     if cfg.loss_chunk:
       nll_BxT, _ = chunked_token_nll(apply(features=True), output_head(params, cfg),
-                                     targets_BxT, cfg.loss_chunk)
+                                     targets_BxT, cfg.loss_chunk, rules)
     else:
       nll_BxT, _ = token_nll(apply(), targets_BxT)
     if mask_BxT is None:

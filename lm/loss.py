@@ -63,9 +63,11 @@ def _chunk_logits(x_BxCxD: jax.Array, head_DxV: jax.Array) -> jax.Array:
 
 
 def chunked_token_nll(x_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.Array,
-                      chunk: int) -> tuple[jax.Array, jax.Array]:
+                      chunk: int, rules: AxisRules | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
   """`token_nll(x @ head, targets)` without the B x T x V logits (no gradient: eval)."""
   c = chunk_length(x_BxTxD.shape[1], chunk)
+  head_DxV = constrain(head_DxV, (None, 'vocab'), rules)  # Gathered once, not per chunk.
 
   def one(_, xs):
     x_BxCxD, t_BxC = xs
@@ -82,7 +84,8 @@ def chunked_cross_entropy(x_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: 
 
   `rules`: the mesh the batch is split over. Each batch shard then sums its own part of
   the head's gradient over the chunks, and the shards are summed once at the end: one
-  all-reduce per step, as for the unchunked loss, not one per chunk.
+  all-reduce per (micro-)batch, as for the unchunked loss, not one per chunk. The
+  accumulator costs each device a float32 D x V (over tensor) array.
   """
   total, nll, z = _fused(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss, rules)
   return total, {'loss': jax.lax.stop_gradient(nll), 'z_loss': jax.lax.stop_gradient(z)}

@@ -29,23 +29,34 @@ def main(argv):
 
   cli.reject_extra_args(argv)
 
-  def measure(config):
+  def measure(config, data_too):
     if _AOT.value:
       return bench.run_aot(config)
     result = bench.run_steps(config, steps=_STEPS.value, warmup=_WARMUP.value)
-    if _DATA_BATCHES.value:
+    if _DATA_BATCHES.value and data_too:
       result.update(bench.data_throughput(config, batches=_DATA_BATCHES.value))
     return result
 
+  if not _VARY.value:
+    print(json.dumps(cli.run_or_exit(lambda: measure(_CONFIG.value, True))))
+    return
   runs = cli.run_or_exit(lambda: bench.variants(_CONFIG.value, _VARY.value))
+  failed = 0
   for i, (label, config) in enumerate(runs):
-    result = cli.run_or_exit(lambda config=config: measure(config))
-    if _VARY.value:
-      # The allocator's peak covers the whole process: only the first run owns it.
-      if i:
-        result.pop('peak_bytes_in_use', None)
-      result = {'variant': label, **result}
-    print(json.dumps(result), flush=True)
+    # The pipeline is measured again only where the variant changes what it produces.
+    data_too = i == 0 or any(config[k] != runs[0][1][k]
+                             for k in ('data', 'batch_size', 'seq_len', 'seed'))
+    try:
+      result = measure(config, data_too)
+    except Exception as e:  # noqa: BLE001 - one variant failing (say, out of memory)
+      failed += 1           # must not cost the others their measurement.
+      result = {'error': ' '.join(str(e).split())[:500]}
+    # The allocator's peak covers the whole process: only the first run owns it.
+    if i:
+      result.pop('peak_bytes_in_use', None)
+    print(json.dumps({'variant': label, **result}), flush=True)
+  if failed:
+    cli.fail(f'{failed} of {len(runs)} variants failed; see their "error"')
 
 
 if __name__ == '__main__':

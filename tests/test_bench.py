@@ -94,3 +94,14 @@ def test_vary_measures_each_lever_alone_from_the_config():
 def test_bad_vary_is_one_clear_error(vary, message):
   with pytest.raises(ValueError, match=message):
     bench.variants(tiny.get_config(), [vary])
+
+
+def test_packed_documents_are_benchmarked_with_their_mask():
+  plain = _small(data=8)
+  packed = _small(data=8)
+  packed.data.segment_ids = True
+  a = bench.run_steps(plain, steps=1, warmup=1)
+  b = bench.run_steps(packed, steps=1, warmup=1)
+  # The same tokens, masked by document: a different loss, so the mask was in the step.
+  assert a['loss'] != b['loss']
+  assert bench.run_aot(packed)['memory_bytes_per_device'] > 0

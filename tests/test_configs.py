@@ -66,3 +66,13 @@ def test_unknown_and_bad_keys_are_named():
   config.optimizer.schedule = 'linear'
   with pytest.raises(ValueError, match='optimizer.schedule'):
     parse(config)
+
+
+def test_a_loss_chunk_that_does_not_divide_the_rows_is_named():
+  config = importlib.import_module('configs.tiny').get_config()
+  config.model.loss_chunk = 3 * config.seq_len // 4 + 1
+  with pytest.raises(ValueError, match=f'model.loss_chunk={config.model.loss_chunk} does not '
+                                       f'divide seq_len={config.seq_len}'):
+    parse(config)
+  config.model.loss_chunk = config.seq_len // 4
+  parse(config)

@@ -622,6 +622,8 @@ def test_loads_a_version_1_state(tok, corpus):
   assert state['version'] == 4 and state['batches'] == 4
   with pytest.raises(ValueError, match='data.files'):
     it.load_state_dict(dict(v1, shard_name='other.jsonl'))
+  with pytest.raises(ValueError, match='data state version 99 is not one this code reads'):
+    it.load_state_dict(dict(state, version=99))
 
 
 def test_loads_a_version_3_state_or_another_stream_count(tok, corpus, caplog):
