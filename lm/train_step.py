@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm.config import Configs
 from lm.loss import Metrics, chunked_cross_entropy, cross_entropy
 from lm.model import Transformer, output_head
-from lm.config import Configs
 from lm.optimizer import global_norm, make_optimizer, schedule
 from lm.sharding import AxisRules, batch_sharding, tree_shardings
 
