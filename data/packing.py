@@ -4,6 +4,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+# Token rows [B, seq_len + 1], or {'tokens', 'segment_ids'} of that shape.
+Batch = np.ndarray | dict[str, np.ndarray]
+
 
 class Packer:
   """Concatenates documents ([BOS] ids EOS) and cuts the stream into windows.
@@ -85,3 +88,10 @@ def segment_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
   out = np.ones(tokens.shape, np.int32)
   out[..., 1:] += np.cumsum(ends[..., :-1], axis=-1, dtype=np.int32)
   return out
+
+
+def batch(tokens: np.ndarray, eos_id: int, with_segments: bool) -> Batch:
+  """Rows as the trainer takes them: plain, or with their segment ids (data.segment_ids)."""
+  if not with_segments:
+    return tokens
+  return {'tokens': tokens, 'segment_ids': segment_ids(tokens, eos_id)}

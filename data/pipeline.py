@@ -62,7 +62,7 @@ _STATE_VERSION = 4  # 4: documents dealt by characters; 3: dealt n % K.
 # (next to a hub source split per host).
 _GLOBAL, _PER_PROCESS = 'global', 'per_process'
 _T = TypeVar('_T')
-Batch = np.ndarray | dict[str, np.ndarray]
+Batch = packing.Batch
 log = logging.getLogger(__name__)
 
 
@@ -675,12 +675,8 @@ class TrainBatches:
     rows = [self._streams[self._layout.stream(self._batches, i)].window(self._scanner.take)
             for i in range(self._batch_size)]
     self._batches += 1
-    return self._batch(np.stack(rows)), self._snapshot()
-
-  def _batch(self, tokens: np.ndarray) -> Batch:
-    if not self._cfg.segment_ids:
-      return tokens
-    return {'tokens': tokens, 'segment_ids': packing.segment_ids(tokens, self._tokenizer.eos_id)}
+    batch = packing.batch(np.stack(rows), self._tokenizer.eos_id, self._cfg.segment_ids)
+    return batch, self._snapshot()
 
   def _start_thread(self) -> None:
     self._stop = threading.Event()
@@ -758,12 +754,8 @@ def eval_batches(
         f'the held-out documents fill {len(windows)} windows, fewer than one eval batch '
         f'of {global_rows}; raise data.eval_fraction or lower the batch size')
   first = [b * global_rows + process_index * batch_size for b in range(full)]
-  out: list[Batch] = []
-  for i in first:
-    tokens = np.stack(windows[i:i + batch_size])
-    out.append({'tokens': tokens, 'segment_ids': packing.segment_ids(tokens, tokenizer.eos_id)}
-               if cfg.segment_ids else tokens)
-  return out
+  return [packing.batch(np.stack(windows[i:i + batch_size]), tokenizer.eos_id,
+                        cfg.segment_ids) for i in first]
 
 
 def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:

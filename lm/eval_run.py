@@ -16,8 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from data import sources
-from data.packing import Packer, segment_ids
+from data import packing, sources
+from data.packing import Packer
 from data.pipeline import eval_batches
 from data.tokenizer import Tokenizer
 from lm.evaluation import evaluate, make_eval_step, summarize
@@ -70,13 +70,6 @@ def local_rows(batch: Batch) -> Batch:
   n = batch[1].shape[0] // jax.process_count()
   start = jax.process_index() * n
   return jax.tree.map(lambda rows: rows[start:start + n], batch)
-
-
-def with_segments(tokens: np.ndarray, run: Run) -> Any:
-  """The batch form the run trained on: plain tokens, or with segment ids."""
-  if not run.cfgs.data.segment_ids:
-    return tokens
-  return {'tokens': tokens, 'segment_ids': segment_ids(tokens, run.tokenizer.eos_id)}
 
 
 def heldout(run: Run, max_tokens: int = 0) -> list[Batch]:
@@ -138,7 +131,9 @@ def evaluate_run(workdir: str, *, step: int | None = None, files: str = '',
     rows = pack_texts(texts, run.tokenizer, run.cfgs.run.seq_len, max_tokens)
     if not rows[1].sum():
       raise ValueError(f'--files: no text to score in {name}')
-    batches = [local_rows((with_segments(tokens, run), mask))
+    # The batch form the run trained on: plain tokens, or with segment ids.
+    batches = [local_rows((packing.batch(tokens, run.tokenizer.eos_id,
+                                         run.cfgs.data.segment_ids), mask))
                for tokens, mask in global_batches(rows, run.cfgs.run.batch_size)]
     per_file[name] = score(run, batches, eval_step)
   total = sum(r['loss'] * r['tokens'] for r in per_file.values())

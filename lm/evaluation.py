@@ -18,7 +18,7 @@ import numpy as np
 from lm.loss import chunked_token_nll, token_nll
 from lm.model import Transformer, output_head
 from lm.sharding import AxisRules, batch_sharding, global_batch
-from lm.train_step import split_batch
+from lm.train_step import next_token_pairs
 
 
 def make_eval_step(model: Transformer, rules: AxisRules, batch_shape: tuple[int, int],
@@ -36,10 +36,8 @@ def make_eval_step(model: Transformer, rules: AxisRules, batch_shape: tuple[int,
   cfg = model.cfg
 
   def score(params, batch, mask_BxT=None):
-    tokens_BxT1, segments_BxT1 = split_batch(batch)
-    targets_BxT = tokens_BxT1[:, 1:]
-    segments_BxT = None if segments_BxT1 is None else segments_BxT1[:, :-1]
-    apply = functools.partial(model.apply, {'params': params}, tokens_BxT1[:, :-1],
+    inputs_BxT, segments_BxT, targets_BxT = next_token_pairs(batch)
+    apply = functools.partial(model.apply, {'params': params}, inputs_BxT,
                               segment_ids_BxT=segments_BxT)
     if cfg.loss_chunk:
       nll_BxT, _ = chunked_token_nll(apply(features=True), output_head(params, cfg),

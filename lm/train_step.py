@@ -31,27 +31,29 @@ class TrainState:
   rng: jax.Array  # raw uint32 key; dropout keys are folded from it and the step
 
 
-def split_batch(batch: Batch) -> tuple[jax.Array, jax.Array | None]:
-  """(tokens (B, T + 1), segment ids of the same shape or None) from either batch form."""
+def next_token_pairs(batch: Batch) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+  """(inputs (B, T), their segment ids or None, targets (B, T)) from either batch form."""
   if isinstance(batch, dict):
-    return batch['tokens'], batch.get('segment_ids')
-  return batch, None
+    tokens_BxT1, segments_BxT1 = batch['tokens'], batch.get('segment_ids')
+  else:
+    tokens_BxT1, segments_BxT1 = batch, None
+  segments_BxT = None if segments_BxT1 is None else segments_BxT1[:, :-1]
+  return tokens_BxT1[:, :-1], segments_BxT, tokens_BxT1[:, 1:]
 
 
 def model_loss(model: Transformer, params: Any, batch: Batch, *, z_loss: float = 0.0,
                train: bool = False, rngs: dict[str, jax.Array] | None = None
                ) -> tuple[jax.Array, Metrics]:
   """The next-token loss of `batch`; chunked (lm/loss.py) when model.loss_chunk > 0."""
-  tokens_BxT1, segments_BxT1 = split_batch(batch)
-  segments_BxT = None if segments_BxT1 is None else segments_BxT1[:, :-1]
-  apply = functools.partial(model.apply, {'params': params}, tokens_BxT1[:, :-1],
+  inputs_BxT, segments_BxT, targets_BxT = next_token_pairs(batch)
+  apply = functools.partial(model.apply, {'params': params}, inputs_BxT,
                             segment_ids_BxT=segments_BxT, train=train, rngs=rngs)
   cfg = model.cfg
   if cfg.loss_chunk:
     x_BxTxD = apply(features=True)
-    return chunked_cross_entropy(x_BxTxD, output_head(params, cfg), tokens_BxT1[:, 1:],
+    return chunked_cross_entropy(x_BxTxD, output_head(params, cfg), targets_BxT,
                                  chunk=cfg.loss_chunk, z_loss=z_loss, rules=model.rules)
-  return cross_entropy(apply(), tokens_BxT1[:, 1:], z_loss)
+  return cross_entropy(apply(), targets_BxT, z_loss)
 
 
 def _boxed_state_fn(model: Transformer, tx: optax.GradientTransformation, seq_len: int):

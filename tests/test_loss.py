@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import base
 from lm.loss import (
   chunk_length,
   chunked_cross_entropy,
@@ -15,7 +16,8 @@ from lm.loss import (
 from lm.sharding import AxisRules, MeshConfig, make_mesh
 
 B, T, D, V = 2, 12, 8, 40
-RULES = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('vocab', 'tensor'))
+# The project's default logical-axis rules, as every config has them.
+RULES = MeshConfig.from_dict(base.get_config().mesh).rules
 
 
 def _inputs(dtype=jnp.float32, seed=0):

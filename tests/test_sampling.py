@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import base
 from lm import sampling
 from lm.model import ModelConfig, Transformer, stack_layers
 from lm.sampling import SamplingConfig
 from lm.sharding import AxisRules, MeshConfig, make_mesh, tree_shardings
 
-RULES = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('heads', 'tensor'),
-         ('kv_heads', 'tensor'), ('mlp', 'tensor'), ('vocab', 'tensor'))
+# The project's default logical-axis rules, as every config has them.
+RULES = MeshConfig.from_dict(base.get_config().mesh).rules
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   d_ff=64, tie_embeddings=False)
