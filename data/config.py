@@ -1,7 +1,8 @@
 """The typed `data` config block: the same keys and defaults as `c.data` in configs/base.py."""
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from data import mixture
 

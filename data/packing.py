@@ -1,6 +1,7 @@
 """Packs documents end to end into fixed windows of seq_len + 1 tokens."""
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -45,14 +45,13 @@ import logging
 import os
 import queue
 import threading
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
-from data import cleaning
-from data import packing
+from data import cleaning, packing, sources
 from data import reader as reader_lib
-from data import sources
 from data.config import DataConfig
 from data.packing import Packer
 from data.tokenizer import Tokenizer

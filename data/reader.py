@@ -10,12 +10,10 @@ process its own sequence; then the other sources of the mixture are split by pro
 """
 
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from data import cleaning
-from data import mixture
-from data import sources
-from data import split
+from data import cleaning, mixture, sources, split
 from data.config import DataConfig
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,13 @@ import itertools
 import os
 import pathlib
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import datasets
 import datasets.distributed
 
-from data import cleaning
-from data import stdlib
+from data import cleaning, stdlib
 from data.config import DataConfig
 
 # File suffix -> `datasets` packaged builder. Compressed files are read on the fly.
@@ -203,7 +203,7 @@ def shard_order(source: Source, epoch: int, seed: int | None) -> list[int]:
     return list(range(n))
 
   def rank(i: int) -> bytes:
-    msg = f'{seed}:{epoch}:{source.shard_names[i]}'.encode('utf-8')
+    msg = f'{seed}:{epoch}:{source.shard_names[i]}'.encode()
     return hashlib.blake2b(msg, digest_size=16).digest()
 
   return sorted(range(n), key=rank)

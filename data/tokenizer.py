@@ -4,7 +4,7 @@ import io
 import os
 import shutil
 import tempfile
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm

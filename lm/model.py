@@ -192,9 +192,11 @@ class Attention(nn.Module):
     c = self.cfg
     D, N, K, H = c.d_model, c.num_heads, c.num_kv_heads, c.head_size
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    w_q_DxNxH = self.param('q', _dense_init(('embed', 'heads', 'head_dim'), (0,)), (D, N, H), pdt)
-    w_k_DxKxH = self.param('k', _dense_init(('embed', 'kv_heads', 'head_dim'), (0,)), (D, K, H), pdt)
-    w_v_DxKxH = self.param('v', _dense_init(('embed', 'kv_heads', 'head_dim'), (0,)), (D, K, H), pdt)
+    q_init = _dense_init(('embed', 'heads', 'head_dim'), (0,))
+    kv_init = _dense_init(('embed', 'kv_heads', 'head_dim'), (0,))
+    w_q_DxNxH = self.param('q', q_init, (D, N, H), pdt)
+    w_k_DxKxH = self.param('k', kv_init, (D, K, H), pdt)
+    w_v_DxKxH = self.param('v', kv_init, (D, K, H), pdt)
     # Output projections start small so each residual branch begins near identity.
     out_scale = 1.0 / (2 * c.num_layers)
     w_o_NxHxD = self.param('o', _dense_init(('heads', 'head_dim', 'embed'), (0, 1), out_scale),

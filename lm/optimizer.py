@@ -63,7 +63,8 @@ def schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   decay = int(round(total_steps * cfg.decay_fraction))
   stable = max(total_steps - decay - warmup, 0)
   return optax.join_schedules(
-      [ramp, optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, cfg.min_lr, max(decay, 1))],
+      [ramp, optax.constant_schedule(cfg.lr),
+       optax.linear_schedule(cfg.lr, cfg.min_lr, max(decay, 1))],
       [warmup, warmup + stable])
 
 

@@ -190,7 +190,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
                          process_count=jax.process_count(), seed=run.seed)
   if start.data_state is not None:
     batches.load_state_dict(start.data_state)
-  compiled = jit_train_step(parts.step_fn, start.shardings, rules, (run.batch_size, run.seq_len + 1))
+  compiled = jit_train_step(parts.step_fn, start.shardings, rules,
+                            (run.batch_size, run.seq_len + 1))
   return Experiment(cfgs, rules, model, tokenizer, start.state, start.shardings, compiled,
                     batches, checkpointer, start.step)
 

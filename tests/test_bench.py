@@ -79,7 +79,7 @@ def test_vary_measures_each_lever_alone_from_the_config():
          '--vary=model.tie_embeddings=False']
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]
+  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
   assert [r['variant'] for r in lines] == [
       'base', 'model.loss_chunk=0', 'model.loss_chunk=16', 'model.tie_embeddings=False']
   # Each variant really ran its own config: an untied head adds V x D parameters.

@@ -134,7 +134,7 @@ def _clone(straight_dir, dest, step):
       shutil.rmtree(dest / 'checkpoints' / name)
   lines = (dest / 'metrics.jsonl').read_text().splitlines(keepends=True)
   (dest / 'metrics.jsonl').write_text(
-      ''.join(l for l in lines if json.loads(l).get('step', 0) <= step))
+      ''.join(line for line in lines if json.loads(line).get('step', 0) <= step))
   return dest
 
 

@@ -19,13 +19,8 @@ import pandas as pd
 import pytest
 
 from configs import base
-from data import cleaning
-from data import mixture
-from data import packing
+from data import cleaning, mixture, packing, sources, stdlib, throughput
 from data import reader as reader_lib
-from data import sources
-from data import stdlib
-from data import throughput
 from data.config import DataConfig
 from data.packing import Packer
 from data.pipeline import TrainBatches, eval_batches

@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, 'scripts', 'train.py')
 SMALL = ('--config.model.vocab_size=512', '--config.model.num_layers=2',
@@ -89,7 +88,7 @@ def test_two_processes_match_one(one_process, two_processes):
   for (_, a), (_, b) in zip(ref, got):
     assert b == pytest.approx(a, rel=1e-5)
   # Only process 0 prints metrics and the result (gloo's own connection lines aside).
-  ours = lambda out: [l for l in out.splitlines() if l.startswith(('step=', '{'))]
+  ours = lambda out: [line for line in out.splitlines() if line.startswith(('step=', '{'))]
   assert ours(outs[0][0]) and not ours(outs[1][0])
 
 
@@ -142,7 +141,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path, toke
     time.sleep(0.2)
   procs[1].send_signal(signal.SIGTERM)
   outs = _wait(procs, timeout=300)
-  result = json.loads([l for l in outs[0][0].splitlines() if l.startswith('{')][-1])
+  result = json.loads([line for line in outs[0][0].splitlines() if line.startswith('{')][-1])
   assert result['stopped_early'] is True
   steps = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
   assert steps == [result['step']]

@@ -24,7 +24,7 @@ SCANNED = ModelConfig(**{**CFG.__dict__, 'scan_layers': True})
 PROMPTS = [[2, 11, 12, 13, 14, 15], [2, 21], [2, 31, 32, 33]]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params():
   """Random weights drawn with numpy (compiling the model's initialiser takes ~10 s).
 

@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, 'scripts', 'train.py')
 
