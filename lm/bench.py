@@ -25,8 +25,8 @@ from lm.sharding import AxisRules, batch_sharding, make_mesh
 from lm.train_step import abstract_state, init_state, jit_train_step, step_parts
 
 
-def _setup(cfgs: Configs):
-  rules = AxisRules(make_mesh(cfgs.mesh), cfgs.mesh.rules)
+def _setup(cfgs: Configs, devices: Sequence[jax.Device] | None = None):
+  rules = AxisRules(make_mesh(cfgs.mesh, devices), cfgs.mesh.rules)
   parts = step_parts(cfgs, rules)
   return rules, parts.model, parts.tx, parts.step_fn
 
@@ -88,6 +88,16 @@ def _synthetic_batch(rng: np.random.Generator, cfgs: Configs, shape: tuple[int, 
   return {'tokens': tokens, 'segment_ids': 1 + np.cumsum(starts, axis=1, dtype=np.int32)}
 
 
+def _abstract_step(cfgs: Configs, rules: AxisRules, model: Any, tx: Any, step_fn: Any):
+  """The jitted train step and the abstract (state, batch) it takes, allocating nothing."""
+  state = abstract_state(model, tx, cfgs.run.seq_len, rules)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  shape = (cfgs.run.batch_size, cfgs.run.seq_len + 1)
+  rows = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(rules, shape))
+  batch = {'tokens': rows, 'segment_ids': rows} if cfgs.data.segment_ids else rows
+  return jit_train_step(step_fn, shardings, rules, shape), (state, batch)
+
+
 def lower_step(config: ml_collections.ConfigDict, *,
                devices: Sequence[jax.Device] | None = None,
                platforms: Sequence[str] | None = None) -> jax.stages.Lowered:
@@ -97,25 +107,20 @@ def lower_step(config: ml_collections.ConfigDict, *,
   than this machine's, e.g. ('cuda',) on a CPU, to read the StableHLO a GPU would get.
   """
   cfgs = parse(config)
-  rules = AxisRules(make_mesh(cfgs.mesh, devices), cfgs.mesh.rules)
-  parts = step_parts(cfgs, rules)
-  state = abstract_state(parts.model, parts.tx, cfgs.run.seq_len, rules)
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  shape = (cfgs.run.batch_size, cfgs.run.seq_len + 1)
-  rows = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(rules, shape))
-  batch = {'tokens': rows, 'segment_ids': rows} if cfgs.data.segment_ids else rows
-  traced = jit_train_step(parts.step_fn, shardings, rules, shape).trace(state, batch)
-  return traced.lower(lowering_platforms=tuple(platforms) if platforms else None)
+  step, args = _abstract_step(cfgs, *_setup(cfgs, devices))
+  return step.trace(*args).lower(lowering_platforms=tuple(platforms) if platforms else None)
 
 
 def run_aot(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Compiles the train step for the config's mesh from shapes alone."""
   cfgs = parse(config)
+  rules, *parts = _setup(cfgs)
+  step, args = _abstract_step(cfgs, rules, *parts)
   t0 = time.perf_counter()
-  compiled = lower_step(config).compile()
+  compiled = step.lower(*args).compile()
   return {'config': cfgs.run.name, 'devices': jax.device_count(),
-          'mesh': dict(make_mesh(cfgs.mesh).shape), 'tokens_per_sec': None,
-          'step_ms': None, 'mfu': None, 'tflops_per_sec': None,
+          'mesh': dict(rules.mesh.shape), 'tokens_per_sec': None, 'step_ms': None,
+          'mfu': None, 'tflops_per_sec': None,
           'compile_s': time.perf_counter() - t0,
           'memory_bytes_per_device': memory_per_device(compiled),
           'xla_flops_per_device': xla_flops(compiled),

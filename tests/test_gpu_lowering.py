@@ -111,10 +111,10 @@ def test_shipped_configs_lower_for_gpu_on_their_mesh(as_on_gpu, module):
   """Each shipped config's own attention shape, dtypes and mesh, cut to one layer: cuDNN
   accepts its head dim and sequence length, and the sharded step lowers for CUDA."""
   config = module.get_config()
+  assert config.model.attention == 'auto'  # What a user gets, not a forced 'cudnn'.
   config.model.num_layers = 1
   config.batch_size = 8  # One sequence per device of the 8-device test mesh.
   text = _cuda_text(config)
   # On a mesh jax wraps each cuDNN call for the SPMD partitioner: forward and backward,
   # and with remat the forward again.
   assert _calls(text)['CustomSPMDPartitioning'] == 2 + config.model.remat
-  assert config.model.attention == 'auto'
