@@ -97,4 +97,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Mark each packed document: attention stays inside it and positions restart at 0.
   c.data.segment_ids = False
   c.data.encode_threads = 0  # Threads for batched sentencepiece encoding; 0 = every core.
+
+  # Optional Weights & Biases mirror of metrics.jsonl (pip install 'lm[wandb]').
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = ''  # '' = off.
+  c.wandb.entity = ''  # Team or user; '' = the logged-in user's default.
+  c.wandb.name = ''  # Display name; '' = the run folder's name.
+  c.wandb.mode = ''  # 'online' | 'offline' | 'disabled'; '' = WANDB_MODE, else online.
   return c

@@ -18,6 +18,7 @@ from data.config import DataConfig
 from lm.model import ModelConfig
 from lm.optimizer import OptimizerConfig
 from lm.sharding import MeshConfig
+from lm.wandb_writer import WandbConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Configs(NamedTuple):
   model: ModelConfig
   optimizer: OptimizerConfig
   data: DataConfig
+  wandb: WandbConfig = WandbConfig()
 
 
 def _section(cls, d: Mapping[str, Any], prefix: str):
@@ -67,6 +69,8 @@ def parse(config: ml_collections.ConfigDict) -> Configs:
   """Validates every section once; errors name the offending key."""
   d = config.to_dict()
   sections = {k: d.pop(k) for k in ('mesh', 'model', 'optimizer', 'data')}
+  wandb = _section(WandbConfig, d.pop('wandb', {}), 'wandb.')  # Older runs lack it.
+  wandb.validate()
   run = _section(RunConfig, d, '')
   run.validate()
   data = _section(DataConfig, sections['data'], 'data.')
@@ -74,7 +78,7 @@ def parse(config: ml_collections.ConfigDict) -> Configs:
   cfgs = Configs(run=run, mesh=_section(MeshConfig, sections['mesh'], 'mesh.'),
                  model=_section(ModelConfig, sections['model'], 'model.'),
                  optimizer=_section(OptimizerConfig, sections['optimizer'], 'optimizer.'),
-                 data=data)
+                 data=data, wandb=wandb)
   chunk = cfgs.model.loss_chunk
   if chunk and chunk < run.seq_len and run.seq_len % chunk:
     # A chunk that does not divide the rows would shrink to a divisor, possibly 1 token.
