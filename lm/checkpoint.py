@@ -1,12 +1,15 @@
 """Orbax checkpoints of the train state, the data position and what they were made with.
 
-RUN/checkpoints/<step>/ holds three items:
-  state  params, optimizer state, step and RNG; restored onto any mesh's shardings
-  data   the pipeline's JSON state, so a resumed run continues with the very next batch
-  meta   JSON: the model keys, the tokenizer's sha256 and vocabulary size and the whole
-         resolved config, so a resume or a fine-tune can refuse an incompatible
-         checkpoint before it touches anything
-Saves are asynchronous. Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it
+RUN/checkpoints/<step>/ holds four items:
+  state      params, optimizer state, step and RNG; restored onto any mesh's shardings
+  data       the pipeline's JSON state, so a resumed run continues with the very next batch
+  meta       JSON: the model keys, the tokenizer's sha256 and vocabulary size and the whole
+             resolved config, so a resume or a fine-tune can refuse an incompatible
+             checkpoint before it touches anything
+  checksums  JSON: a checksum of every array and JSON item (lm/checksums.py), checked on
+             every restore, so flipped bits make a checkpoint unreadable, not wrong
+Saves are asynchronous; a save that fails in the background is reported by `poll()` at
+the next step, as `SaveFailed`. Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it
 when every file is written, so a process killed mid-save leaves no step folder that
 could pass for a good one; such temporary folders are never listed as steps and are
 replaced when that step is saved again. Unreadable checkpoints are moved to
@@ -28,6 +31,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from lm import checksums
+
 log = logging.getLogger(__name__)
 
 META_VERSION = 1
@@ -38,7 +43,21 @@ MIN_KEEP = 2
 # a resume or a fine-tune may change them. Every other model key must match.
 RUNTIME_MODEL_KEYS = frozenset(
     {'dtype', 'param_dtype', 'remat', 'remat_policy', 'attention', 'dropout', 'loss_chunk'})
-_ITEMS = ('state', 'data', 'meta')
+_ITEMS = ('state', 'data', 'meta', 'checksums')
+
+
+class SaveFailed(Exception):
+  """A checkpoint could not be written; the checkpoints committed before it stand."""
+
+
+class CorruptCheckpoint(ValueError):
+  """A checkpoint's contents do not match the checksums written with it."""
+
+
+def first_line(e: BaseException) -> str:
+  """`Type: first line of the message`: storage errors can run to hundreds of lines."""
+  text = str(e).strip()
+  return f'{type(e).__name__}: {text.splitlines()[0] if text else ""}'
 
 
 def file_sha256(path: str) -> str:
@@ -90,6 +109,8 @@ class Checkpointer:
     self.directory = os.path.join(self.workdir, 'checkpoints')
     self._metadata = dict(metadata) if metadata is not None else None
     self._manager = None
+    self._in_flight: int | None = None  # The step being saved in the background.
+    self._failed = False
     if not read_only:
       options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, MIN_KEEP), create=True,
                                              enable_async_checkpointing=True)
@@ -111,12 +132,42 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict[str, Any], *,
            force: bool = False) -> bool:
-    """Starts an asynchronous save; `wait()` blocks until it is committed."""
+    """Starts an asynchronous save; `wait()` blocks until it is committed.
+
+    Raises SaveFailed if the previous save failed (or this one cannot start).
+    """
+    if self._failed:
+      raise SaveFailed(f'an earlier save in {self.directory} failed; not saving step {step}')
+    self.wait()  # Orbax would wait for the previous save too; its error is reported as its own.
     self._clear_unfinished(step)
-    items = {'state': ocp.args.StandardSave(state), 'data': ocp.args.JsonSave(data_state)}
+    json_items = {'data': data_state}
     if self._metadata is not None:
-      items['meta'] = ocp.args.JsonSave(self._metadata)
-    return self._writer().save(step, args=ocp.args.Composite(**items), force=force)
+      json_items['meta'] = self._metadata
+    sums = checksums.make(state, json_items)  # Before the step donates the state.
+    items = {'state': ocp.args.StandardSave(state), 'checksums': ocp.args.JsonSave(sums),
+             **{name: ocp.args.JsonSave(value) for name, value in json_items.items()}}
+    self._in_flight = step
+    try:
+      return self._writer().save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # noqa: BLE001  The previous save's error, or this one's.
+      raise self._failure(e) from e
+
+  def poll(self) -> None:
+    """Raises SaveFailed once the background save has failed; cheap when none is running."""
+    if self._in_flight is None or self._manager is None:
+      return
+    if self._manager.is_saving_in_progress():
+      return
+    try:
+      self._manager.wait_until_finished()  # Finished: returns at once, or raises its error.
+    except Exception as e:  # noqa: BLE001
+      raise self._failure(e) from e
+    self._in_flight = None
+
+  def _failure(self, error: BaseException) -> SaveFailed:
+    step, self._in_flight, self._failed = self._in_flight, None, True
+    return SaveFailed(f'could not save the checkpoint of step {step} in {self.directory}: '
+                      f'{first_line(error)}')
 
   def _clear_unfinished(self, step: int) -> None:
     """Removes what a killed run left of an unfinished save of `step`.
@@ -139,12 +190,18 @@ class Checkpointer:
     _barrier(f'checkpoint_clear_unfinished_{step}')
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """State and data position, onto the shardings of `abstract_state` (any mesh)."""
+    """State and data position, onto the shardings of `abstract_state` (any mesh).
+
+    Raises CorruptCheckpoint when they do not match the checksums saved with them.
+    """
     step_dir = self.step_dir(step)
     with ocp.StandardCheckpointer() as reader:
       state = reader.restore(os.path.join(step_dir, 'state'), abstract_state)
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
-      data_state = reader.restore(os.path.join(step_dir, 'data'))
+    data_state = _read_json(step_dir, 'data')
+    json_items = {'data': data_state}
+    if os.path.isdir(os.path.join(step_dir, 'meta')):
+      json_items['meta'] = _read_json(step_dir, 'meta')
+    _verify(step_dir, state, json_items)
     return state, data_state
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
@@ -173,12 +230,39 @@ class Checkpointer:
     return target
 
   def wait(self) -> None:
-    if self._manager is not None:
+    """Blocks until the save in flight is committed; raises SaveFailed if it failed."""
+    if self._manager is None or self._failed:
+      return
+    try:
       self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._failure(e) from e
+    self._in_flight = None
 
   def close(self) -> None:
-    if self._manager is not None:
-      self._manager.close()
+    """Waits for the save in flight, then stops Orbax's threads, even after a failure.
+
+    After a failed save Orbax's own `close` raises the save's error again before it has
+    stopped anything, and the process then hangs at exit; so each part is closed here.
+    """
+    if self._manager is None:
+      return
+    manager, self._manager = self._manager, None
+    if not self._failed:
+      try:
+        manager.close()
+        return
+      except Exception as e:  # noqa: BLE001  Reported by wait() already, or now logged.
+        log.info('closing %s: %s', self.directory, first_line(e))
+    for part in ('_checkpointer', '_non_blocking_metadata_store',
+                 '_blocking_metadata_store', '_checkpoint_deleter'):
+      closer = getattr(getattr(manager, part, None), 'close', None)
+      if closer is None:
+        continue
+      try:
+        closer()
+      except Exception as e:  # noqa: BLE001
+        log.info('closing %s of %s: %s', part, self.directory, first_line(e))
 
   def _writer(self) -> ocp.CheckpointManager:
     if self._manager is None:
@@ -199,13 +283,28 @@ def committed_steps(workdir: str) -> list[int]:
   return sorted(ocp.path.step.checkpoint_steps(os.path.join(workdir, 'checkpoints')))
 
 
+def _read_json(step_dir: str, item: str) -> Any:
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+    return reader.restore(os.path.join(step_dir, item))
+
+
+def _verify(step_dir: str, state: Any | None, json_items: dict[str, Any]) -> None:
+  """Raises CorruptCheckpoint if what was read differs from the saved checksums."""
+  if not os.path.isdir(os.path.join(step_dir, 'checksums')):
+    return  # Written before checkpoints carried checksums.
+  bad = checksums.mismatches(_read_json(step_dir, 'checksums'), state, json_items)
+  if bad:
+    more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''
+    raise CorruptCheckpoint(f'checksum mismatch in {", ".join(bad[:3])}{more}')
+
+
 def read_metadata(step_dir: str) -> dict[str, Any] | None:
   """A step's `meta` item; None for a checkpoint written before it existed."""
-  path = os.path.join(step_dir, 'meta')
-  if not os.path.isdir(path):
+  if not os.path.isdir(os.path.join(step_dir, 'meta')):
     return None
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
-    return reader.restore(path)
+  meta = _read_json(step_dir, 'meta')
+  _verify(step_dir, None, {'meta': meta})
+  return meta
 
 
 def read_params(step_dir: str, abstract_params: Any) -> Any:
@@ -215,4 +314,18 @@ def read_params(step_dir: str, abstract_params: Any) -> Any:
       item=target, partial_restore=True,
       restore_args=ocp.checkpoint_utils.construct_restore_args(target))
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
-    return reader.restore(os.path.join(step_dir, 'state'), args=args)['params']
+    params = reader.restore(os.path.join(step_dir, 'state'), args=args)['params']
+  _verify_params(step_dir, params)
+  return params
+
+
+def _verify_params(step_dir: str, params: Any) -> None:
+  if not os.path.isdir(os.path.join(step_dir, 'checksums')):
+    return
+  saved = _read_json(step_dir, 'checksums')
+  # The state's checksums are keyed by paths into TrainState, whose params are `.params`.
+  saved = {**saved, 'arrays': {k[len('.params'):]: v for k, v in saved['arrays'].items()
+                               if k.startswith('.params')}}
+  bad = checksums.mismatches(saved, params)
+  if bad:
+    raise CorruptCheckpoint(f'{step_dir}: checksum mismatch in {", ".join(bad[:3])}')

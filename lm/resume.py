@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from data.tokenizer import Tokenizer
 from lm import checkpoint
-from lm.checkpoint import Checkpointer, committed_steps
+from lm.checkpoint import Checkpointer, committed_steps, first_line
 from lm.config import Configs
 from lm.model import ModelConfig, Transformer
 from lm.sharding import AxisRules
@@ -58,6 +58,7 @@ class Start(NamedTuple):
   shardings: Any
   data_state: dict[str, Any] | None  # None: the pipeline starts from the beginning
   step: int
+  origin: str  # For the run's header: 'new run', 'resumed from ...', 'initialised from ...'
 
 
 def resolve_init_from(init_from: str) -> Source:
@@ -135,7 +136,7 @@ def _newest_metadata(workdir: str, steps: list[int]) -> tuple[dict[str, Any] | N
       return checkpoint.read_metadata(step_dir), step_dir
     except Exception as e:  # noqa: BLE001  Any failure to read means unreadable.
       # start_state moves it aside; judge by the one before.
-      log.info('cannot read the metadata of %s: %s', step_dir, _first_line(e))
+      log.info('cannot read the metadata of %s: %s', step_dir, first_line(e))
   return None, ''
 
 
@@ -148,17 +149,21 @@ def start_state(cfgs: Configs, model: Transformer, tx: optax.GradientTransformat
   restored = restore_latest(checkpointer, abstract)
   if restored is not None:
     step, state, data_state = restored
-    log.info('resumed from %s', checkpointer.step_dir(step))
-    return Start(state, shardings, data_state, step)
+    return Start(state, shardings, data_state, step,
+                 f'resumed from step {step} ({checkpointer.step_dir(step)})')
   if source is not None:
     params = _source_params(source, abstract.params)
+    origin = source.path
   elif run.init_from.startswith(HF_PREFIX):
     params = _hf_params(run.init_from[len(HF_PREFIX):], cfgs.model, abstract.params)
+    origin = run.init_from
   else:
-    state, shardings = init_state(model, tx, run.seq_len, rules, run.seed)
-    return Start(state, shardings, None, 0)
+    state, shardings = init_state(model, tx, run.seq_len, rules,
+                                  run.seed)
+    return Start(state, shardings, None, 0, 'new run')
   # Fine-tuning: the parameters only; a fresh optimizer, step 0, this run's seed.
-  return Start(state_from_params(params, tx, run.seed, shardings), shardings, None, 0)
+  return Start(state_from_params(params, tx, run.seed, shardings), shardings, None, 0,
+               f'initialised from {origin} (parameters only: new optimizer, step 0)')
 
 
 def restore_latest(checkpointer: Checkpointer,
@@ -180,7 +185,7 @@ def restore_latest(checkpointer: Checkpointer,
     path = checkpointer.step_dir(step)
     moved.append(checkpointer.move_aside(step))
     log.warning('checkpoint %s is unreadable (%s); moved it to %s and falling back to the '
-                'one before', path, _first_line(error) if error else 'on another process',
+                'one before', path, first_line(error) if error else 'on another process',
                 moved[-1])
   if moved:
     raise ValueError(f'no readable checkpoint in {checkpointer.directory}; moved '
@@ -200,12 +205,7 @@ def _source_params(source: Source, abstract_params: Any) -> Any:
     return checkpoint.read_params(source.path, abstract_params)
   except Exception as e:  # Reported as one line naming the folder.
     raise ValueError(f'init_from: cannot read the parameters in {source.path}: '
-                     f'{_first_line(e)}') from e
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return f'{type(e).__name__}: {text.splitlines()[0] if text else ""}'
+                     f'{first_line(e)}') from e
 
 
 def _hf_params(path: str, model_cfg: ModelConfig, abstract_params: Any) -> Any:

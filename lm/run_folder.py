@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from data.tokenizer import Tokenizer, check_vocab
-from lm.checkpoint import Checkpointer
+from lm.checkpoint import Checkpointer, committed_steps, first_line, read_metadata
 from lm.config import Configs, parse
 from lm.model import Transformer
 from lm.sharding import AxisRules, make_mesh, tree_shardings
@@ -68,33 +68,51 @@ def abstract_params(model: Transformer, rules: AxisRules) -> Any:
                       nn.meta.unbox(boxed), tree_shardings(boxed, rules))
 
 
+def checkpoint_config(workdir: str, step: int) -> Configs:
+  """The config checkpoint `step` was trained with (RUN/config.json for older ones).
+
+  config.json holds the latest run's settings; a checkpoint holds its own, so evaluation
+  holds out the very documents that checkpoint's training did.
+  """
+  step_dir = os.path.join(workdir, 'checkpoints', str(step))
+  try:
+    meta = read_metadata(step_dir)
+  except Exception as e:  # noqa: BLE001  Unreadable: say which checkpoint.
+    raise ValueError(f'cannot read the checkpoint {step_dir}: {first_line(e)}') from e
+  if not meta or not meta.get('config'):
+    return load_config(workdir)
+  return parse(ml_collections.ConfigDict(meta['config']))
+
+
 def load_run(workdir: str, step: int | None = None) -> Run:
   """Config, tokenizer and the parameters of checkpoint `step` (default: the latest).
 
   The parameters land on the run's mesh (`eval_mesh_rules`), sharded as in training.
   """
-  cfgs = load_config(workdir)
+  load_config(workdir)  # Says clearly when `workdir` is not a run folder.
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  steps = committed_steps(workdir) if os.path.isdir(ckpt_dir) else []
+  if not steps:
+    raise ValueError(f'no checkpoints in {ckpt_dir}')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ValueError(f'no checkpoint for step {step} in {ckpt_dir} '
+                     f'(steps: {", ".join(map(str, steps))})')
+  cfgs = checkpoint_config(workdir, step)
   tok_path = os.path.join(workdir, 'tokenizer.model')
   if not os.path.isfile(tok_path):
     raise ValueError(f'no tokenizer.model in {workdir}')
   tokenizer = Tokenizer(tok_path)
   check_vocab(tokenizer, cfgs.model.vocab_size)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(ckpt_dir):
-    raise ValueError(f'no checkpoints in {ckpt_dir}')
   rules = eval_mesh_rules(cfgs)
   model = Transformer(cfgs.model, rules)
   checkpointer = Checkpointer(workdir, read_only=True)
   try:
-    steps = sorted(checkpointer.all_steps())
-    if not steps:
-      raise ValueError(f'no checkpoints in {ckpt_dir}')
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
-      raise ValueError(f'no checkpoint for step {step} in {ckpt_dir} '
-                       f'(steps: {", ".join(map(str, steps))})')
     params = checkpointer.restore_params(step, abstract_params(model, rules))
+  except Exception as e:  # noqa: BLE001  A corrupt or truncated checkpoint: one line.
+    raise ValueError(f'cannot read the parameters in {checkpointer.step_dir(step)}: '
+                     f'{first_line(e)}') from e
   finally:
     checkpointer.close()
   return Run(workdir, cfgs, tokenizer, rules, model, params, step)

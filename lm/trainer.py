@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import time
 from typing import Any
@@ -23,13 +24,16 @@ from jax.experimental import multihost_utils
 from data.pipeline import TrainBatches, eval_batches
 from data.tokenizer import Tokenizer, check_vocab, load_or_train
 from lm import distributed, flops, resume
-from lm.checkpoint import Checkpointer, file_sha256, make_metadata
+from lm.checkpoint import Checkpointer, SaveFailed, file_sha256, make_metadata
 from lm.config import Configs, parse, write_config
 from lm.evaluation import evaluate, make_eval_step
 from lm.metrics import MetricsWriter
 from lm.model import Transformer
+from lm.run_lock import RunLock
+from lm.run_log import RunLog
 from lm.sharding import AxisRules, batch_sharding, global_batch, make_mesh
 from lm.train_step import TrainState, jit_train_step, step_parts
+from lm.wandb_writer import WandbWriter
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +132,19 @@ class Experiment:
   batches: TrainBatches
   checkpointer: Checkpointer
   start_step: int
+  lock: RunLock
+  run_log: RunLog
+  header: list[str]
+
+  def close(self) -> None:
+    """Releases what `build` took: data threads, Orbax's threads, the run log, the lock.
+
+    Safe to call more than once.
+    """
+    self.batches.close()
+    self.checkpointer.close()  # Never raises: an error in flight is the one to see.
+    self.run_log.close()
+    self.lock.release()
 
 
 def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
@@ -140,6 +157,13 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+def _as_dict(cfgs: Configs) -> dict[str, Any]:
+  """The resolved config as nested dicts (for W&B)."""
+  return {**dataclasses.asdict(cfgs.run),
+          **{name: dataclasses.asdict(section) for name, section in cfgs._asdict().items()
+             if name != 'run'}}
 
 
 def _data_state(batches: TrainBatches) -> dict[str, Any]:
@@ -163,7 +187,12 @@ def _with_tokenizer(config: ml_collections.ConfigDict, path: str) -> ml_collecti
 
 
 def build(config: ml_collections.ConfigDict) -> Experiment:
-  """Checks, then sets up: tokenizer, mesh, model, optimizer, state, data, checkpoints."""
+  """Checks, then sets up: tokenizer, mesh, model, optimizer, state, data, checkpoints.
+
+  Nothing in the run folder changes until every check has passed, save the lock, a
+  tokenizer a new run trains, and unreadable checkpoints moved aside: config.json is
+  written last, so a refused resume leaves the run's settings as they were.
+  """
   cfgs = parse(config)
   plan = resume.preflight(cfgs)  # Reads only: a refused resume leaves no trace.
   if plan.tokenizer != cfgs.data.tokenizer:
@@ -171,8 +200,21 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     cfgs = cfgs._replace(data=dataclasses.replace(cfgs.data, tokenizer=plan.tokenizer))
   run = cfgs.run
   rules = AxisRules(make_mesh(cfgs.mesh), cfgs.mesh.rules)  # A bad mesh, too, writes nothing.
-  if jax.process_index() == 0:
-    write_config(config, run.workdir)
+  lock = RunLock(run.workdir)
+  lock.acquire()
+  run_log = RunLog(run.workdir)
+  try:
+    return _build_locked(config, cfgs, plan, rules, lock, run_log)
+  except BaseException:
+    run_log.close()
+    lock.release()
+    raise
+
+
+def _build_locked(config: ml_collections.ConfigDict, cfgs: Configs, plan: resume.Plan,
+                  rules: AxisRules, lock: RunLock, run_log: RunLog) -> Experiment:
+  run = cfgs.run
+  tokenizer_origin = describe_tokenizer(cfgs.data, run.workdir)
   # Process 0 trains or copies the tokenizer into the run folder; the others then read it.
   if jax.process_index() == 0:
     load_or_train(cfgs.data, run.workdir, cfgs.model.vocab_size)
@@ -184,16 +226,60 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   metadata = make_metadata(dataclasses.asdict(cfgs.model), file_sha256(tokenizer.path),
                            tokenizer.vocab_size, config.to_dict())
   checkpointer = Checkpointer(run.workdir, keep=run.keep_checkpoints, metadata=metadata)
-  start = resume.start_state(cfgs, model, tx, rules, checkpointer, plan.source)
-  batches = TrainBatches(cfgs.data, tokenizer, _local_rows(run.batch_size), run.seq_len,
-                         process_index=jax.process_index(),
-                         process_count=jax.process_count(), seed=run.seed)
-  if start.data_state is not None:
-    batches.load_state_dict(start.data_state)
+  try:
+    start = resume.start_state(cfgs, model, tx, rules, checkpointer, plan.source)
+    batches = TrainBatches(cfgs.data, tokenizer, _local_rows(run.batch_size), run.seq_len,
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count(), seed=run.seed)
+    if start.data_state is not None:
+      try:
+        batches.load_state_dict(start.data_state)
+      except BaseException:
+        batches.close()
+        raise
+  except BaseException:
+    checkpointer.close()
+    raise
+  if jax.process_index() == 0:
+    write_config(config, run.workdir)
   compiled = jit_train_step(parts.step_fn, start.shardings, rules,
                             (run.batch_size, run.seq_len + 1))
+  header = run_header(cfgs, rules, start, tokenizer_origin,
+                      parameter_count(start.state.params))
   return Experiment(cfgs, rules, model, tokenizer, start.state, start.shardings, compiled,
-                    batches, checkpointer, start.step)
+                    batches, checkpointer, start.step, lock, run_log, header)
+
+
+def describe_tokenizer(data_cfg: Any, workdir: str) -> str:
+  """Where the run's tokenizer comes from, said before it is loaded or trained."""
+  own = os.path.join(workdir, 'tokenizer.model')
+  if data_cfg.tokenizer:
+    return f'{data_cfg.tokenizer} (copied to {own})' if not os.path.isfile(own) else own
+  if os.path.isfile(own):
+    return own
+  return f'trained now on the training split, saved as {own}'
+
+
+def parameter_count(params: Any) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def run_header(cfgs: Configs, rules: AxisRules, start: resume.Start, tokenizer: str,
+               n_params: int) -> list[str]:
+  """What the run is about to do, printed once before the first step."""
+  run, data = cfgs.run, cfgs.data
+  mesh = ' x '.join(f'{name}={size}' for name, size in rules.mesh.shape.items())
+  source = {'stdlib': 'the embedded corpus (Python standard library sources)',
+            'files': f'files {data.files}'}.get(data.source, f'dataset {data.name}')
+  return [f'run folder: {os.path.abspath(run.workdir)}',
+          f'devices: {jax.device_count()} x {jax.devices()[0].device_kind} in '
+          f'{jax.process_count()} process(es); mesh {mesh}',
+          f'model: {n_params:,} parameters; {run.batch_size * run.seq_len:,} tokens per step '
+          f'({run.batch_size} x {run.seq_len}), {run.steps} steps',
+          f'data: {source}; tokenizer: {tokenizer}',
+          f'start: {start.origin}'] + (
+              [f'wandb: project {cfgs.wandb.project} (id in {run.workdir}/wandb_id)']
+              if cfgs.wandb.project else [])
 
 
 class _Throughput:
@@ -240,7 +326,11 @@ def train(config: ml_collections.ConfigDict, *, handle_signals: bool = True) -> 
   if handle_signals:
     stop.install()  # Before build, so a signal during compilation also stops cleanly.
   try:
-    return _Loop(build(config), stop if handle_signals else StopRequest()).run()
+    exp = build(config)
+    try:
+      return _Loop(exp, stop if handle_signals else StopRequest()).run()
+    finally:
+      exp.close()
   finally:
     stop.uninstall()
 
@@ -251,8 +341,6 @@ class _Loop:
   def __init__(self, exp: Experiment, stop: StopRequest) -> None:
     self.exp, self.stop, self.run_cfg = exp, stop, exp.cfgs.run
     run = self.run_cfg
-    self.writer = MetricsWriter(run.workdir, total_steps=run.steps, start_step=exp.start_step,
-                                enabled=jax.process_index() == 0)
     self.held_out = _held_out(exp)
     self.eval_step = None
     if self.held_out:
@@ -266,10 +354,16 @@ class _Loop:
     self.guard = _NonFiniteGuard(run.max_nonfinite_steps)
     self.step = exp.start_step
     self.last: dict[str, Any] = {}
+    main = jax.process_index() == 0
+    mirrors = [WandbWriter(exp.cfgs.wandb, run.workdir, _as_dict(exp.cfgs))] if (
+        main and exp.cfgs.wandb.project) else []
+    self.writer = MetricsWriter(run.workdir, total_steps=run.steps, start_step=exp.start_step,
+                                enabled=main, mirrors=mirrors)
 
   def run(self) -> dict[str, Any]:
     run = self.run_cfg
     try:
+      self.writer.header(self.exp.header)
       while self.step < run.steps and not self.stop.should_stop(self.step):
         self._train_step()
         if self.eval_step is not None and run.eval_every and self.step % run.eval_every == 0:
@@ -277,13 +371,11 @@ class _Loop:
         if run.checkpoint_every and self.step % run.checkpoint_every == 0:
           self._save(final=False)
       self._finish()
-    except TrainingAborted:
-      self._write_pending()  # The metrics up to the abort, for the post-mortem.
+      self.exp.checkpointer.wait()  # The last save is committed, or SaveFailed says why not.
+    except (TrainingAborted, SaveFailed):
+      self._write_pending()  # The metrics up to the stop, for the post-mortem.
       raise
     finally:
-      self.exp.batches.close()
-      self.exp.checkpointer.wait()  # An exit leaves only committed checkpoints behind.
-      self.exp.checkpointer.close()
       self.writer.close()
     return {'step': self.step, 'stopped_early': self.step < run.steps, **self.last}
 
@@ -296,6 +388,7 @@ class _Loop:
     self.step += 1
     self.guard.push(self.step, metrics['nonfinite'])
     self._write_pending()
+    exp.checkpointer.poll()  # A background save that failed stops the run here.
     if self.step % self.run_cfg.log_every == 0 or self.step == self.run_cfg.steps:
       self.pending = (self.step, *self.interval.take())
     self.writer.advance(self.step)
@@ -322,6 +415,7 @@ class _Loop:
                   self.guard.in_a_row)
       return
     exp = self.exp
+    self._write_pending()  # The metrics up to a checkpoint are on disk before it is.
     with self.throughput.paused():
       exp.checkpointer.save(self.step, exp.state, _data_state(exp.batches), force=final)
 
@@ -329,7 +423,8 @@ class _Loop:
     """Last log line, final evaluation, and a save unless this step is saved already."""
     self._write_pending()
     run = self.run_cfg
-    evaluated = run.eval_every and self.step % run.eval_every == 0
+    evaluated = ((run.eval_every and self.step % run.eval_every == 0)
+                 or self.writer.has(self.step, 'eval_loss'))  # e.g. a finished run re-run
     if self.eval_step is not None and self.step == run.steps and not evaluated:
       self._evaluate()
     if self.step > self.exp.start_step and self.step not in self.exp.checkpointer.all_steps():

@@ -10,8 +10,10 @@ import json
 import logging
 import os
 import random
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +33,7 @@ from lm.checkpoint import Checkpointer, committed_steps
 from lm.config import parse
 from lm.model import Transformer
 from lm.optimizer import make_optimizer, schedule
+from lm.run_folder import checkpoint_config, load_run
 from lm.sharding import AxisRules, batch_sharding, make_mesh
 from lm.train_step import init_state, jit_train_step, make_train_step
 
@@ -202,6 +205,7 @@ def test_killed_three_ways_the_run_still_matches_an_uninterrupted_one_bit_for_bi
   assert result['step'] in committed_steps(str(workdir))  # saved and committed
   _run(argv, env)  # 4: to the end
   _assert_same_losses(workdir, straight[1])
+  assert [s for s, _ in _losses(workdir)] == list(range(1, STEPS + 1))  # no step twice
   assert committed_steps(str(workdir)) == [40, 50, 60]  # keep_checkpoints=3
   assert not [n for n in os.listdir(workdir / 'checkpoints') if 'tmp' in n]
 
@@ -284,8 +288,9 @@ def test_corrupt_latest_is_moved_aside_and_the_run_resumes_from_the_one_before(
              for r in caplog.records)
   moved = workdir / 'checkpoints.corrupt' / '40'
   assert sorted(p.relative_to(moved) for p in moved.rglob('*') if p.is_file()) == damaged
-  # Steps 31-40 were replayed from checkpoint 30 and match the reference bit for bit.
-  assert [s for s, _ in _losses(workdir)][40:] == list(range(31, STEPS + 1))
+  # Steps 31-40 were replayed from checkpoint 30 and match the reference bit for bit;
+  # metrics.jsonl keeps one record per step, the replayed one.
+  assert [s for s, _ in _losses(workdir)] == list(range(1, STEPS + 1))
   _assert_same_losses(workdir, straight[1])
 
 
@@ -344,8 +349,7 @@ def _assert_close_after_resume(workdir, reference, start):
 
 def _built(config):
   exp = trainer.build(config)
-  exp.batches.close()
-  exp.checkpointer.close()
+  exp.close()
   return exp
 
 
@@ -459,3 +463,158 @@ def test_too_many_non_finite_steps_in_a_row_abort_without_saving(tmp_path, token
   replayed = [m for m in map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())
               if m['step'] > 30]
   assert replayed and all(m['skipped_steps'] == 1 and m['loss'] is None for m in replayed)
+
+
+# Saves that fail, flipped bits, a refused resume, two trainers in one folder.
+
+
+def _file_size_limit(limit):
+  # Every write past `limit` bytes in one file fails with EFBIG, as on a full disk
+  # (Python ignores SIGXFSZ, so the write fails instead of killing the process).
+  return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def _read_only_checkpoints(tmp_path):
+  """A site hook that fails making any Orbax temporary folder, as a read-only disk does.
+
+  Root ignores permission bits, so the test cannot chmod its way to a read-only folder.
+  """
+  site = tmp_path / 'site'
+  site.mkdir()
+  (site / 'sitecustomize.py').write_text(
+      'import errno, os\n'
+      '_mkdir = os.mkdir\n'
+      'def mkdir(path, *args, **kwargs):\n'
+      '  if str(path).endswith(".orbax-checkpoint-tmp"):\n'
+      '    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))\n'
+      '  return _mkdir(path, *args, **kwargs)\n'
+      'os.mkdir = mkdir\n')
+  return str(site)
+
+
+def _assert_stopped_at_the_failed_save(proc, workdir, elapsed):
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: could not save the checkpoint of step 20 in '
+                         f'{workdir}/checkpoints: '), proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr and 'Event loop is closed' not in proc.stderr
+  assert elapsed < 120, elapsed  # Orbax's waiting threads would hold the exit ~300 s.
+  assert committed_steps(str(workdir)) == [10]  # the good checkpoint stays
+  logged = [s for s, _ in _losses(workdir)]
+  assert logged == list(range(1, logged[-1] + 1)) and logged[-1] >= 20
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_resuming_later_is_bit_exact(
+    tmp_path, tokenizer, straight, compile_cache):
+  workdir = _clone(straight[0], tmp_path / 'run', 10)
+  start = time.monotonic()
+  proc = subprocess.run(_argv(workdir, tokenizer), cwd=REPO, env=_env(compile_cache),
+                        capture_output=True, text=True, timeout=600,
+                        preexec_fn=_file_size_limit(128 << 10))
+  _assert_stopped_at_the_failed_save(proc, workdir, time.monotonic() - start)
+  assert 'File too large' in proc.stderr
+  _run(_argv(workdir, tokenizer), _env(compile_cache))  # space freed: on to the end
+  _assert_same_losses(workdir, straight[1])
+  assert [s for s, _ in _losses(workdir)] == list(range(1, STEPS + 1))
+
+
+def test_a_read_only_checkpoint_folder_stops_the_run_at_once(tmp_path, tokenizer, straight,
+                                                            compile_cache):
+  workdir = _clone(straight[0], tmp_path / 'run', 10)
+  env = {**_env(compile_cache), 'PYTHONPATH': _read_only_checkpoints(tmp_path)}
+  start = time.monotonic()
+  proc = _run(_argv(workdir, tokenizer), env, check=False)
+  _assert_stopped_at_the_failed_save(proc, workdir, time.monotonic() - start)
+  assert 'Read-only file system' in proc.stderr
+
+
+def _flip_bit(path, offset):
+  data = bytearray(path.read_bytes())
+  data[offset] ^= 0x10
+  path.write_bytes(bytes(data))
+
+
+def _largest_state_file(step_dir):
+  return max((p for p in (step_dir / 'state').rglob('*') if p.is_file()),
+             key=lambda p: p.stat().st_size)
+
+
+def test_a_flipped_bit_is_caught_by_the_checksums_and_the_run_falls_back(
+    tmp_path, tokenizer, straight, caplog):
+  workdir = _clone(straight[0], tmp_path / 'run', 40)
+  target = _largest_state_file(workdir / 'checkpoints' / '40')
+  _flip_bit(target, target.stat().st_size // 2)
+  with caplog.at_level('WARNING'):
+    trainer.train(_config(workdir, tokenizer), handle_signals=False)
+  warnings = [r.getMessage() for r in caplog.records if 'unreadable' in r.getMessage()]
+  assert len(warnings) == 1 and 'checksum mismatch' in warnings[0], warnings
+  assert (workdir / 'checkpoints.corrupt' / '40').is_dir()
+  _assert_same_losses(workdir, straight[1])
+
+
+def _assert_same_arrays(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_flipped_bits_anywhere_in_the_arrays_never_restore_silently(tmp_path, tokenizer,
+                                                                    straight):
+  """Each flip is refused, or (it hit bytes no array is read from) restores exactly."""
+  exp = _built(_config(_clone(straight[0], tmp_path / 'ref', 30), tokenizer))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          exp.state)
+  target = _largest_state_file(straight[0] / 'checkpoints' / '30')
+  size = target.stat().st_size
+  offsets = range(size // 16, size, size // 8)
+  refused = 0
+  for n, offset in enumerate(offsets):
+    workdir = _clone(straight[0], tmp_path / f'run{n}', 30)
+    _flip_bit(workdir / target.relative_to(straight[0]), offset)
+    reader = Checkpointer(str(workdir), read_only=True)
+    try:
+      state, _ = reader.restore(30, abstract)
+    except Exception:  # noqa: BLE001  Refused: as good as unreadable, never wrong.
+      refused += 1
+    else:
+      _assert_same_arrays(state, exp.state)
+    # Evaluation reads the parameters alone: refused, naming the checkpoint, or exact.
+    try:
+      params = load_run(str(workdir), 30).params
+    except ValueError as e:
+      assert f'{workdir}/checkpoints/30' in str(e)
+    else:
+      _assert_same_arrays(params, exp.state.params)
+  assert refused >= len(offsets) - 1  # Array data fills the file: nearly every flip hits.
+
+
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(tmp_path, tokenizer, straight):
+  workdir = _clone(straight[0], tmp_path / 'run', 20)
+  before = {k: v for k, v in _tree_snapshot(workdir).items() if k != '.lock'}
+  for change in ({'data.eval_fraction': 0.3}, {'seed': 7}):
+    with pytest.raises(ValueError):
+      trainer.train(_config(workdir, tokenizer, change), handle_signals=False)
+    assert {k: v for k, v in _tree_snapshot(workdir).items() if k != '.lock'} == before
+  # Evaluation reads the settings a checkpoint was trained with, whatever config.json says.
+  saved = json.loads((workdir / 'config.json').read_text())
+  (workdir / 'config.json').write_text(json.dumps({**saved, 'seed': 7}))
+  assert checkpoint_config(str(workdir), 20).run.seed == saved['seed']
+
+
+def test_a_second_trainer_in_the_same_folder_is_refused_until_the_first_is_gone(
+    tmp_path, tokenizer, straight):
+  workdir = _clone(straight[0], tmp_path / 'run', 60)
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys; sys.path.insert(0, sys.argv[1]); '
+       'from lm.run_lock import RunLock; RunLock(sys.argv[2]).acquire(); print("held", '
+       'flush=True); sys.stdin.read()', REPO, str(workdir)],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == 'held'
+  before = _tree_snapshot(workdir)
+  with pytest.raises(ValueError, match=rf'{workdir} is in use by another trainer '
+                                       rf'\(pid {holder.pid} on {socket.gethostname()}'):
+    trainer.train(_config(workdir, tokenizer), handle_signals=False)
+  assert _tree_snapshot(workdir) == before
+  holder.kill()  # A killed holder leaves no stale lock behind.
+  holder.communicate()
+  result = trainer.train(_config(workdir, tokenizer), handle_signals=False)
+  assert result['step'] == STEPS
