@@ -39,6 +39,14 @@ class OptimizerConfig:
     return cfg
 
   def validate(self) -> None:
+    if not self.lr > 0:  # A zero or negative rate trains nothing, or ascends: never meant.
+      raise ValueError(f'optimizer.lr must be positive, got {self.lr}')
+    for key in ('min_lr', 'weight_decay', 'clip_norm', 'eps', 'z_loss'):
+      if getattr(self, key) < 0:
+        raise ValueError(f'optimizer.{key} must be >= 0, got {getattr(self, key)}')
+    for key in ('b1', 'b2'):
+      if not 0.0 <= getattr(self, key) < 1.0:
+        raise ValueError(f'optimizer.{key} must be in [0, 1), got {getattr(self, key)}')
     if self.schedule not in SCHEDULES:
       raise ValueError(f'optimizer.schedule: expected one of {SCHEDULES}, got {self.schedule!r}')
     if self.grad_accum < 1:

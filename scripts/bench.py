@@ -61,4 +61,5 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  from lm import cli
+  app.run(main, flags_parser=cli.parse_flags)

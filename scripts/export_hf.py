@@ -8,7 +8,6 @@ and vLLM. DIR must not exist or be empty. The last stdout line is JSON:
 """
 
 import json
-import sys
 
 from absl import app, flags, logging
 
@@ -22,13 +21,11 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16', 'float16'
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from lm import hf  # After flag parsing, so --help stays fast.
+  from lm import cli, hf  # After flag parsing, so --help stays fast.
 
-  try:
-    result = hf.export(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  # OSError too: a full disk or a read-only --out is one line, not a traceback.
+  result = cli.run_or_exit(
+      lambda: hf.export(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value))
   print(json.dumps(result))
 
 

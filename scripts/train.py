@@ -19,20 +19,22 @@ _HEARTBEAT = flags.DEFINE_integer('heartbeat_timeout', 100,
 
 
 def main(argv):
-  del argv
   logging.set_verbosity(logging.WARNING)
   from lm import cli, distributed, trainer  # After flag parsing, so --help stays fast.
+  from lm.checkpoint import SaveFailed
+  cli.reject_extra_args(argv)  # e.g. `config.steps=20` without the leading --
 
   def train():
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            heartbeat_timeout_seconds=_HEARTBEAT.value)
     return trainer.train(_CONFIG.value)
 
-  result = cli.run_or_exit(train, trainer.TrainingAborted)
+  result = cli.run_or_exit(train, trainer.TrainingAborted, SaveFailed, exit_now=(SaveFailed,))
   if trainer.is_main_process():  # Only process 0 prints.
     print(json.dumps(result))
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  from lm import cli
+  app.run(main, flags_parser=cli.parse_flags)

@@ -16,6 +16,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # pylint: disable=g-import-not-at-top
+from lm import cli  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file('config', lock_config=True)
 _VOCAB_SIZE = flags.DEFINE_integer('vocab_size', None, 'Default: the config\'s model.vocab_size.')
@@ -44,22 +45,9 @@ def main(argv: list[str]) -> int:
   return 0
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  # A bad flag or config override should be one line on stderr, not a traceback.
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    _fail(e)
-
-
 def _fail(e: BaseException) -> None:
-  # Config errors wrap a KeyError in an AttributeError; show the innermost message.
-  while e.args and isinstance(e.args[0], BaseException):
-    e = e.args[0]
-  message = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
-  print(f'error: {" ".join(message.split())}', file=sys.stderr)
-  sys.exit(1)
+  cli.fail(cli.innermost(e))
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

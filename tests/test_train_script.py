@@ -43,6 +43,16 @@ def test_tiny_trains_two_steps_and_writes_the_run_folder(tmp_path, tokenizer):
   evals = [m for m in lines if 'eval_loss' in m]
   assert len(evals) == 1 and evals[0]['step'] == 2
   assert set(evals[0]) == {'step', 'eval_loss', 'eval_perplexity', 'eval_bits_per_byte'}
+  # Before the first step, a header says what the run is about to do.
+  out = proc.stdout.splitlines()
+  first_step = next(i for i, line in enumerate(out) if line.startswith('step='))
+  header = '\n'.join(out[:first_step])
+  assert f'run folder: {workdir}' in header and 'start: new run' in header
+  assert 'parameters' in header and 'tokens per step' in header and 'mesh' in header
+  # Run again, the finished run resumes at its end: no step trained, nothing written twice.
+  again = _train(workdir, tokenizer, '--config.steps=2', '--config.eval_every=2')
+  assert 'start: resumed from step 2' in again.stdout
+  assert _metrics(workdir) == lines
 
 
 def test_bad_value_exits_non_zero_with_one_line_naming_the_key(tmp_path, tokenizer):
@@ -55,4 +65,40 @@ def test_bad_value_exits_non_zero_with_one_line_naming_the_key(tmp_path, tokeniz
 def test_unknown_key_fails_naming_it(tmp_path, tokenizer):
   proc = _train(tmp_path / 'bad', tokenizer, '--config.model.flash_attention=1', check=False)
   assert proc.returncode != 0
-  assert 'flash_attention' in proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      'error: unknown config key model.flash_attention (in --config.model.flash_attention)']
+
+
+def test_user_mistakes_are_one_line_each_and_write_nothing(tmp_path, tokenizer):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('not a folder')
+  cases = [
+      (['--config=configs/no_such.py'], '--config: no such file: configs/no_such.py'),
+      (['config.steps=20'], 'unexpected arguments: config.steps=20'),
+      (['--config.optimizer.lr=-0.001'], 'optimizer.lr must be positive, got -0.001'),
+      (['--config.optimizer.lr=0'], 'optimizer.lr must be positive, got 0.0'),
+      ([f'--config.workdir={a_file}'], f'workdir: {a_file} is a file, not a folder'),
+  ]
+  for args, expected in cases:
+    proc = subprocess.run(
+        [sys.executable, TRAIN, '--config=configs/tiny.py', f'--config.workdir={tmp_path / "w"}',
+         f'--config.data.tokenizer={tokenizer}', '--config.model.vocab_size=512', *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, (args, proc.stderr[-2000:])
+    assert proc.stderr.strip().splitlines() == [f'error: {expected}'], (args, proc.stderr)
+    assert not (tmp_path / 'w').exists(), args
+
+
+def test_wandb_offline_gets_the_records_and_a_resume_continues_the_same_run(tmp_path,
+                                                                             tokenizer):
+  workdir = tmp_path / 'run'
+  wandb = ['--config.wandb.project=lm-test', '--config.wandb.mode=offline']
+  _train(workdir, tokenizer, '--config.steps=2', '--config.eval_every=2', *wandb)
+  run_id = (workdir / 'wandb_id').read_text().strip()
+  _train(workdir, tokenizer, '--config.steps=3', *wandb)  # resumes, same W&B run
+  runs = sorted((workdir / 'wandb').glob(f'offline-run-*-{run_id}'))
+  assert len(runs) == 2, os.listdir(workdir / 'wandb')
+  first = (runs[0] / f'run-{run_id}.wandb').read_bytes()
+  for key in (b'loss', b'grad_norm', b'eval_loss', b'eval_bits_per_byte', b'vocab_size'):
+    assert key in first, key  # the records and the resolved config
+  assert b'loss' in (runs[1] / f'run-{run_id}.wandb').read_bytes()
