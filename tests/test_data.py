@@ -223,6 +223,28 @@ def test_missing_tokenizer_file():
     Tokenizer('/no/such/tok.model')
 
 
+@pytest.mark.parametrize('content', [b'', b'garbage bytes, not a model proto' * 4])
+def test_garbled_tokenizer_file(tmp_path, content):
+  bad = tmp_path / 'tokenizer.model'
+  bad.write_bytes(content)
+  with pytest.raises(ValueError, match='is not a sentencepiece model') as e:
+    Tokenizer(str(bad))
+  assert str(bad) in str(e.value) and '\n' not in str(e.value)
+  # A garbled run folder model fails the same way when the run reuses it.
+  with pytest.raises(ValueError, match='is not a sentencepiece model'):
+    load_or_train(DataConfig(), str(tmp_path), 512)
+
+
+def test_bad_data_tokenizer_is_not_copied(tmp_path):
+  bad = tmp_path / 'notes.model'
+  bad.write_text('just some text\n')
+  run = tmp_path / 'run'
+  with pytest.raises(ValueError, match='data.tokenizer: .* is not a sentencepiece model') as e:
+    load_or_train(DataConfig(tokenizer=str(bad)), str(run), 512)
+  assert str(bad) in str(e.value)
+  assert not run.exists()  # Checked before anything is written.
+
+
 # Packing.
 
 
