@@ -949,6 +949,27 @@ def test_missing_text_column(tok, tmp_path):
   assert str(tmp_path / 'x.jsonl') in str(e.value)
 
 
+def test_datasets_cache_is_per_user_and_named_when_unusable(tmp_path, monkeypatch):
+  _write_jsonl(tmp_path / 'x.jsonl', ['hello'])
+  cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'))
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  assert [d.text for d in sources.documents(sources.open_source(cfg), repeat=False)] == ['hello']
+  assert (tmp_path / 'cache' / 'lm' / 'datasets').is_dir()
+  monkeypatch.delenv('XDG_CACHE_HOME')
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  next(sources.documents(sources.open_source(cfg), repeat=False))
+  assert (tmp_path / 'home' / '.cache' / 'lm' / 'datasets').is_dir()
+  # A cache home under a regular file cannot be made (even by root): the error names the
+  # cache folder, not the data file.
+  (tmp_path / 'plain').write_text('a file')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'plain' / 'cache'))
+  with pytest.raises(sources.DataError, match='datasets cache folder') as e:
+    next(sources.documents(sources.open_source(cfg), repeat=False))
+  msg = str(e.value)
+  assert str(tmp_path / 'plain' / 'cache' / 'lm' / 'datasets') in msg
+  assert 'XDG_CACHE_HOME' in msg and 'x.jsonl' not in msg and '\n' not in msg
+
+
 def test_unknown_source(tok):
   with pytest.raises(ValueError, match='data.source'):
     TrainBatches(DataConfig(source='web'), tok, 2, 16)
