@@ -729,6 +729,7 @@ def eval_batches(
   _check_sizes(batch_size, seq_len, process_index, process_count)
   if num_batches <= 0:
     return []
+  reader_lib.check_has_documents(cfg)  # Else an empty data file reads as 'holds out none'.
   packer = Packer(seq_len, tokenizer.eos_id, tokenizer.bos_id if add_bos else None)
   global_rows = batch_size * process_count
   wanted = num_batches * global_rows

@@ -158,6 +158,17 @@ class MixtureReader:
       r.load_state_dict(s)
 
 
+def check_has_documents(cfg: DataConfig) -> None:
+  """Raises DataError naming a source (its files) that holds no documents at all.
+
+  Run before training a tokenizer or splitting off held-out text, whose own errors
+  ('no text', 'holds out none') would blame the wrong thing. Reads at most up to each
+  source's first non-blank document.
+  """
+  for _, c in mixture.components(cfg):
+    sources.open_source(c).check_has_documents()
+
+
 def single_pass(cfg: DataConfig, *, heldout: bool) -> Iterator[sources.Document]:
   """One pass over the training (or held-out) documents in listed order, cleaned.
 

@@ -82,6 +82,13 @@ class Source:
   def rows(self, shard: int, start: int) -> Iterator[tuple[str, str]]:
     raise NotImplementedError
 
+  def check_has_documents(self) -> None:
+    """Raises DataError if the source holds no non-blank document, where that is cheap
+    to tell (a hub dataset is only opened when read)."""
+
+  def no_documents_message(self) -> str:
+    return f'{self.label or "the data source"} holds no documents'
+
 
 class StdlibSource(Source):
   """One document per standard-library file; the key is its relative path."""
@@ -139,6 +146,23 @@ class FileSource(Source):
       if isinstance(e, DataError):
         raise
       raise DataError(f'data.files: cannot read {path}: {type(e).__name__}: {e}') from e
+
+  def check_has_documents(self) -> None:
+    """Raises DataError naming the files unless one holds a non-blank document.
+
+    Cheap on a large corpus: reading stops at the first such document, and zero-byte
+    files are not opened.
+    """
+    for shard, (_, path) in enumerate(self._files):
+      if os.path.getsize(path) and any(text.strip() for _, text in self.rows(shard, 0)):
+        return
+    raise DataError(self.no_documents_message())
+
+  def no_documents_message(self) -> str:
+    paths = [path for _, path in self._files]
+    named = ', '.join(paths[:3]) + (f' and {len(paths) - 3} more' if len(paths) > 3 else '')
+    verb = 'holds' if len(paths) == 1 else 'hold'
+    return f'{self.label}: {named} {verb} no documents (empty or blank text only)'
 
 
 class HubSource(Source):
@@ -231,7 +255,7 @@ def documents(
     if not repeat:
       return
     if index == 0:  # A whole epoch without a document: repeating would spin forever.
-      raise DataError(f'{source.label or "the data source"} holds no documents')
+      raise DataError(source.no_documents_message())
     pos = Position(epoch=pos.epoch + 1)
 
 

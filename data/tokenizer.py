@@ -182,6 +182,7 @@ def load_or_train(cfg: DataConfig, workdir: str, vocab_size: int) -> Tokenizer:
     return Tokenizer(run_model)
   if os.path.isfile(run_model):
     return Tokenizer(run_model)
+  reader.check_has_documents(cfg)  # Else an empty data file reads as 'no text'.
   return train_tokenizer(training_texts(cfg), vocab_size, run_model)
 
 

@@ -1012,6 +1012,44 @@ def test_empty_corpus_after_cleaning(tok, tmp_path):
     train_tokenizer(training_texts(cfg), 300, str(tmp_path / 'x.model'))
 
 
+@pytest.mark.parametrize('name,content', [
+    ('empty.txt', b''),
+    ('blank.txt', b'\n\n  \n\n\t\n'),
+    ('blank.jsonl', b'{"text": ""}\n{"text": "  "}\n'),
+])
+def test_empty_data_file_is_named(tok, tmp_path, name, content):
+  path = tmp_path / name
+  path.write_bytes(content)
+  cfg = DataConfig(source='files', files=str(path))
+  run = tmp_path / 'run'
+  # Before the tokenizer's 'no text' and the held-out split's 'holds out none'.
+  for call in (lambda: load_or_train(cfg, str(run), 300),
+               lambda: eval_batches(cfg, tok, 2, 16, 2)):
+    with pytest.raises(sources.DataError, match='no documents') as e:
+      call()
+    assert str(e.value).startswith('data.files=') and str(path) in str(e.value)
+  assert not (run / 'tokenizer.model').exists()
+  if not content:  # Training batches say the same.
+    with pytest.raises(sources.DataError, match=f'{path} holds no documents'):
+      next(TrainBatches(cfg, tok, 2, 16, prefetch=0))
+
+
+def test_empty_files_check_is_cheap_and_names_every_file(tmp_path):
+  _write_jsonl(tmp_path / 'a.jsonl', ['', 'a document'])
+  (tmp_path / 'b.parquet').write_bytes(b'not a parquet file')
+  cfg = DataConfig(source='files', files=f'{tmp_path}/a.jsonl,{tmp_path}/b.parquet')
+  reader_lib.check_has_documents(cfg)  # Stops at a.jsonl's document: b is never read.
+  _write_jsonl(tmp_path / 'a.jsonl', [''])
+  with pytest.raises(sources.DataError, match='cannot read .*b.parquet'):
+    reader_lib.check_has_documents(cfg)
+  for i in range(4):
+    (tmp_path / f'e{i}.txt').write_text('')
+  with pytest.raises(sources.DataError) as e:
+    reader_lib.check_has_documents(DataConfig(mixture=f'stdlib:1;files:{tmp_path}/e*.txt:1'))
+  assert f'{tmp_path}/e0.txt, {tmp_path}/e1.txt, {tmp_path}/e2.txt and 1 more hold no' in str(
+      e.value)
+
+
 def test_mixture_names_its_bad_source(tok, tmp_path):
   with pytest.raises(ValueError, match='/no/where/[*].jsonl'):
     TrainBatches(DataConfig(mixture='stdlib:1;files:/no/where/*.jsonl:1'), tok, 2, 16)
