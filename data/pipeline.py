@@ -539,9 +539,10 @@ class TrainBatches:
     The counts are of every process's documents (except next to a hub source split per
     host: this process's), over every epoch, up to the earliest document this process's
     streams still use: 'kept', 'heldout', and the cleaning drops 'empty', 'short',
-    'duplicate'.
+    'duplicate', 'binary' (a state saved before 'binary' existed counts it from 0).
     """
-    per_source = [dict(s['counts']) for s in self._state['reader']['sources']]
+    per_source = [{**cleaning.zero_counts(), **s['counts']}
+                  for s in self._state['reader']['sources']]
     total = {k: sum(c.get(k, 0) for c in per_source) for k in cleaning.zero_counts()}
     return {'total': total,
             'sources': [dict(c, source=r.label) for c, r in zip(per_source, self._reader.readers)]}
