@@ -17,9 +17,10 @@ arrive as U+FFFD) are dropped by a rule on their first BINARY_HEAD characters, a
 git and grep look at a file's head: a NUL, or more than half of them U+FFFD or C0
 control characters other than tab, newline, vertical tab, form feed and carriage
 return. Random bytes come out about 55% such characters and nearly always hold a NUL;
-UTF-16 text is full of NULs; Latin-1 prose has a few percent. The half is set above the
-standard library's worst file (a KOI8-R test module, 42%) so that the default corpus
-loses none. A source most of whose documents are binary is refused (`mostly_binary`).
+UTF-16 text is full of NULs; accented Latin-1 prose stays well under half (10-15%). The
+half is set above the standard library's worst file (a KOI8-R test module, 42%) so that the
+default corpus loses none. A source whose documents are mostly binary is refused
+(`mostly_binary`).
 """
 
 import hashlib
