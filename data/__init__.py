@@ -1,6 +1,6 @@
 """Input pipeline: sources, cleaning, mixtures, tokenizer, packing, process sharding.
 
-sources.py reads documents (stdlib, files, hub); cleaning.py drops blank, short and
+sources.py reads documents (stdlib, files, hub); cleaning.py drops blank, binary, short and
 duplicate ones; mixture.py weighs several sources; reader.py turns them into one
 resumable sequence of training documents; pipeline.py deals that sequence out to packing
 streams and packs them into batches whose rows come from different documents, the same

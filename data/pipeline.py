@@ -539,9 +539,10 @@ class TrainBatches:
     The counts are of every process's documents (except next to a hub source split per
     host: this process's), over every epoch, up to the earliest document this process's
     streams still use: 'kept', 'heldout', and the cleaning drops 'empty', 'short',
-    'duplicate'.
+    'duplicate', 'binary' (a state saved before 'binary' existed counts it from 0).
     """
-    per_source = [dict(s['counts']) for s in self._state['reader']['sources']]
+    per_source = [{**cleaning.zero_counts(), **s['counts']}
+                  for s in self._state['reader']['sources']]
     total = {k: sum(c.get(k, 0) for c in per_source) for k in cleaning.zero_counts()}
     return {'total': total,
             'sources': [dict(c, source=r.label) for c, r in zip(per_source, self._reader.readers)]}
@@ -729,6 +730,7 @@ def eval_batches(
   _check_sizes(batch_size, seq_len, process_index, process_count)
   if num_batches <= 0:
     return []
+  reader_lib.check_has_documents(cfg)  # Else an empty data file reads as 'holds out none'.
   packer = Packer(seq_len, tokenizer.eos_id, tokenizer.bos_id if add_bos else None)
   global_rows = batch_size * process_count
   wanted = num_batches * global_rows

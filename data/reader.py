@@ -80,6 +80,8 @@ class SourceReader:
         reason = 'heldout'
       if reason is not None:
         self._counts[reason] += 1
+        if reason == 'binary' and cleaning.mostly_binary(self._counts):
+          raise sources.DataError(binary_message(self.label, self._counts))
         continue
       self._counts['kept'] += 1
       if self._kept_in_epoch is not None:
@@ -89,13 +91,15 @@ class SourceReader:
 
   def _end_epoch(self) -> None:
     i, n = self._process
+    if cleaning.mostly_binary(self._counts, done=True):
+      raise sources.DataError(binary_message(self.label, self._counts))
     if self._kept_in_epoch == 0:
       who = f'process {i} of {n} has' if self._share[1] > 1 else 'has'
       raise sources.DataError(
           f'{self.label}: {who} no training documents in epoch '
           f'{self._epoch} (so far: {cleaning.describe(self._counts)}); the source has too '
-          'few, data.eval_fraction holds them all out, or cleaning (blank documents, '
-          'data.min_chars, data.dedup) drops them')
+          'few, data.eval_fraction holds them all out, or cleaning (blank or binary '
+          'documents, data.min_chars, data.dedup) drops them')
     log.info('%s: epoch %d done on process %d of %d; documents so far: %s', self.label,
              self._epoch, i, n, cleaning.describe(self._counts))
     self._kept_in_epoch = 0
@@ -158,6 +162,17 @@ class MixtureReader:
       r.load_state_dict(s)
 
 
+def check_has_documents(cfg: DataConfig) -> None:
+  """Raises DataError naming a source (its files) that holds no documents at all.
+
+  Run before training a tokenizer or splitting off held-out text, whose own errors
+  ('no text', 'holds out none') would blame the wrong thing. Reads at most up to each
+  source's first non-blank document.
+  """
+  for _, c in mixture.components(cfg):
+    sources.open_source(c).check_has_documents()
+
+
 def single_pass(cfg: DataConfig, *, heldout: bool) -> Iterator[sources.Document]:
   """One pass over the training (or held-out) documents in listed order, cleaned.
 
@@ -179,9 +194,22 @@ def single_pass(cfg: DataConfig, *, heldout: bool) -> Iterator[sources.Document]
     yield doc
 
 
+def binary_message(label: str, counts: dict[str, int]) -> str:
+  return (f'{label}: {counts["binary"]} of the {sum(counts.values())} documents read are '
+          'binary or not UTF-8 text (NUL bytes, or mostly undecodable or control '
+          'characters; see data/cleaning.py); is that the right data?')
+
+
 def _one_pass(cfg: DataConfig, heldout: bool) -> Iterator[sources.Document]:
   cleaner = cleaning.Cleaner(cfg.min_chars, cfg.dedup)
-  for doc in sources.documents(sources.open_source(cfg), repeat=False):
-    if (cleaner.verdict(doc.text) is None
-        and split.is_heldout(doc.key, cfg.eval_fraction) == heldout):
+  source = sources.open_source(cfg)
+  counts = cleaning.zero_counts()  # Both splits: the binary check judges the source.
+  for doc in sources.documents(source, repeat=False):
+    reason = cleaner.verdict(doc.text)
+    counts[reason or 'kept'] += 1
+    if reason == 'binary' and cleaning.mostly_binary(counts):
+      raise sources.DataError(binary_message(source.label, counts))
+    if reason is None and split.is_heldout(doc.key, cfg.eval_fraction) == heldout:
       yield doc
+  if cleaning.mostly_binary(counts, done=True):
+    raise sources.DataError(binary_message(source.label, counts))

@@ -9,6 +9,7 @@ Reading errors (an unreadable or corrupt file, a missing column) are raised as o
 """
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import itertools
@@ -81,6 +82,13 @@ class Source:
   def rows(self, shard: int, start: int) -> Iterator[tuple[str, str]]:
     raise NotImplementedError
 
+  def check_has_documents(self) -> None:
+    """Raises DataError if the source holds no non-blank document, where that is cheap
+    to tell (a hub dataset is only opened when read)."""
+
+  def no_documents_message(self) -> str:
+    return f'{self.label or "the data source"} holds no documents'
+
 
 class StdlibSource(Source):
   """One document per standard-library file; the key is its relative path."""
@@ -125,11 +133,12 @@ class FileSource(Source):
     else:
       kwargs = {}
     text_key = 'text' if builder == 'text' else self._text_key
+    cache_dir = _local_cache_dir()  # Outside the try: its error is not the file's.
     _quiet()
     try:
       ds = datasets.load_dataset(
           builder, data_files=[path], split='train', streaming=True,
-          cache_dir=_local_cache_dir(), **kwargs)
+          cache_dir=cache_dir, **kwargs)
       yield from _rows(ds, text_key, start, name, path)
     except Exception as e:  # pyarrow, json and OS errors: the user needs the file.
       # Only builtins in the except clause: at interpreter exit a suspended generator is
@@ -137,6 +146,23 @@ class FileSource(Source):
       if isinstance(e, DataError):
         raise
       raise DataError(f'data.files: cannot read {path}: {type(e).__name__}: {e}') from e
+
+  def check_has_documents(self) -> None:
+    """Raises DataError naming the files unless one holds a non-blank document.
+
+    Cheap on a large corpus: reading stops at the first such document, and zero-byte
+    files are not opened.
+    """
+    for shard, (_, path) in enumerate(self._files):
+      if os.path.getsize(path) and any(text.strip() for _, text in self.rows(shard, 0)):
+        return
+    raise DataError(self.no_documents_message())
+
+  def no_documents_message(self) -> str:
+    paths = [path for _, path in self._files]
+    named = ', '.join(paths[:3]) + (f' and {len(paths) - 3} more' if len(paths) > 3 else '')
+    verb = 'holds' if len(paths) == 1 else 'hold'
+    return f'{self.label}: {named} {verb} no documents (empty or blank text only)'
 
 
 class HubSource(Source):
@@ -229,7 +255,7 @@ def documents(
     if not repeat:
       return
     if index == 0:  # A whole epoch without a document: repeating would spin forever.
-      raise DataError(f'{source.label or "the data source"} holds no documents')
+      raise DataError(source.no_documents_message())
     pos = Position(epoch=pos.epoch + 1)
 
 
@@ -301,8 +327,29 @@ def _rows(ds: Any, text_key: str, start: int, name: str, label: str, *,
 
 
 def _local_cache_dir() -> str:
-  # Streaming local files only leaves lock files behind; keep them out of ~ and the repo.
-  return os.path.join(tempfile.gettempdir(), 'lm-data-datasets-cache')
+  """This user's folder for the lock files that streaming local files leaves behind.
+
+  Per user (one shared folder in the temp dir belongs to whoever made it first), under
+  $XDG_CACHE_HOME or ~/.cache, out of the repo; DataError names it if it is not usable.
+  """
+  home = os.environ.get('XDG_CACHE_HOME', '')
+  if not os.path.isabs(home):  # The XDG spec says to ignore a relative path.
+    home = os.path.join(os.path.expanduser('~'), '.cache')
+  return _usable_dir(os.path.join(home, 'lm', 'datasets'))
+
+
+@functools.lru_cache(maxsize=8)
+def _usable_dir(path: str) -> str:
+  """`path`, created and checked by writing a file there (root ignores mode bits)."""
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise DataError(
+        f'cannot use the datasets cache folder {path} ({type(e).__name__}: {e.strerror or e}); '
+        'set XDG_CACHE_HOME to a writable folder') from e
+  return path
 
 
 def _quiet() -> None:

@@ -29,7 +29,10 @@ class Tokenizer:
     if not os.path.isfile(path):
       raise ValueError(f'tokenizer model not found: {path}')
     self._path = path
-    self._sp = spm.SentencePieceProcessor(model_file=path)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:  # A garbled or foreign file: one line, no trace.
+      raise ValueError(f'{path} is not a sentencepiece model: {" ".join(str(e).split())}') from e
     self._num_threads = num_threads or os.cpu_count() or 1
     self._mark_ids = [self._sp.piece_to_id(f'<0x{b:02X}>') for b in _SPACE_MARK.encode()]
     if any(self._sp.id_to_piece(i) != f'<0x{b:02X}>'
@@ -156,14 +159,19 @@ def train_tokenizer(
 def load_or_train(cfg: DataConfig, workdir: str, vocab_size: int) -> Tokenizer:
   """The run's tokenizer, always saved as <workdir>/tokenizer.model.
 
-  data.tokenizer set: that file (copied into the run folder). Otherwise the run
-  folder's model if there is one, else a new one trained on the training split.
+  data.tokenizer set: that file (checked to load, then copied into the run folder).
+  Otherwise the run folder's model if there is one, else a new one trained on the
+  training split. A file that is not a sentencepiece model raises ValueError naming it.
   """
   cfg.validate()
   run_model = os.path.join(workdir, 'tokenizer.model')
   if cfg.tokenizer:
     if not os.path.isfile(cfg.tokenizer):
       raise ValueError(f'data.tokenizer: no such file: {cfg.tokenizer}')
+    try:  # Loaded before the copy, so a bad file leaves nothing in the run folder.
+      Tokenizer(cfg.tokenizer)
+    except ValueError as e:
+      raise ValueError(f'data.tokenizer: {e}') from e
     if os.path.isfile(run_model):
       if not _same_bytes(cfg.tokenizer, run_model):
         raise ValueError(
@@ -174,6 +182,7 @@ def load_or_train(cfg: DataConfig, workdir: str, vocab_size: int) -> Tokenizer:
     return Tokenizer(run_model)
   if os.path.isfile(run_model):
     return Tokenizer(run_model)
+  reader.check_has_documents(cfg)  # Else an empty data file reads as 'no text'.
   return train_tokenizer(training_texts(cfg), vocab_size, run_model)
 
 

@@ -36,8 +36,12 @@ def run_names(workdirs: Sequence[str]) -> list[str]:
   return [n if names.count(n) == 1 else w for n, w in zip(names, workdirs)]
 
 
-def plot_runs(workdirs: Sequence[str], out: str) -> None:
-  """Writes a PNG: train loss (left) and eval loss (right) against step, one line a run."""
+def plot_runs(workdirs: Sequence[str], out: str) -> str:
+  """Writes a PNG: train loss (left) and eval loss (right) against step, one line a run.
+
+  `out` ending in another format matplotlib writes (.svg, .pdf, ...) gets that format;
+  otherwise '.png' is appended. Returns the path written.
+  """
   import matplotlib  # Imported here: only plotting needs it.
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
@@ -60,5 +64,11 @@ def plot_runs(workdirs: Sequence[str], out: str) -> None:
       ax.legend()
   train_ax.set_ylabel('loss (nats/token)')
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
+  # Given the format, matplotlib writes exactly this path (it would append '.png'
+  # itself, unseen by the caller, or reject a name like 'runs/v1.2').
+  fmt = os.path.splitext(out)[1][1:].lower()
+  if fmt not in fig.canvas.get_supported_filetypes():
+    out, fmt = out + '.png', 'png'
+  fig.savefig(out, dpi=100, format=fmt)
   plt.close(fig)
+  return out

@@ -2,7 +2,8 @@
 
 Prints one JSON line: tokens/s, step time, MFU (PaLM formula; `mfu_causal` counts only
 the causal half of attention), TFLOP/s, compile time, per-device memory, and the input
-pipeline's own tokens/s. `--aot` compiles for the config's mesh from shapes alone.
+pipeline's own tokens/s (over at least --data_seconds). `--aot` compiles for the config's
+mesh from shapes alone.
 
 `--vary=KEY=V1,V2` (repeatable) measures the config, then each value of each key on its
 own, one JSON line each with a "variant" label: every lever both ways in one process.
@@ -18,7 +19,10 @@ _AOT = flags.DEFINE_bool('aot', False, 'Compile without running: memory and FLOP
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps before timing.')
 _DATA_BATCHES = flags.DEFINE_integer('data_batches', 20,
-                                     'Batches for data_tokens_per_sec; 0 skips it.')
+                                     'Fewest batches for data_tokens_per_sec; 0 skips it.')
+_DATA_SECONDS = flags.DEFINE_float(
+    'data_seconds', 5.0, 'Fewest seconds for data_tokens_per_sec, so that tokenising (a '
+    'chunk of documents at a time, ahead of the batches) is inside the measurement.')
 _VARY = flags.DEFINE_multi_string(
     'vary', [], 'KEY=V1,V2,...: also measure the config with KEY set to each value.')
 
@@ -34,7 +38,8 @@ def main(argv):
       return bench.run_aot(config)
     result = bench.run_steps(config, steps=_STEPS.value, warmup=_WARMUP.value)
     if _DATA_BATCHES.value and data_too:
-      result.update(bench.data_throughput(config, batches=_DATA_BATCHES.value))
+      result.update(bench.data_throughput(config, batches=_DATA_BATCHES.value,
+                                          seconds=_DATA_SECONDS.value))
     return result
 
   if not _VARY.value:

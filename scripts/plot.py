@@ -4,7 +4,8 @@ import sys
 
 from absl import app, flags
 
-_OUT = flags.DEFINE_string('out', 'loss.png', 'The PNG to write.')
+_OUT = flags.DEFINE_string(
+    'out', 'loss.png', "The PNG to write ('.png' is appended unless it names a format).")
 
 
 def main(argv):
@@ -15,11 +16,11 @@ def main(argv):
   from lm import plotting  # After flag parsing, so --help stays fast.
 
   try:
-    plotting.plot_runs(runs, _OUT.value)
+    written = plotting.plot_runs(runs, _OUT.value)
   except (ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(_OUT.value)
+  print(written)
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -61,6 +62,31 @@ def test_bench_script_prints_the_spec_keys():
   assert {'config', 'devices', 'tokens_per_sec', 'step_ms', 'mfu', 'tflops_per_sec',
           'compile_s', 'memory_bytes_per_device', 'data_tokens_per_sec'} <= set(result)
   assert result['devices'] == 8 and result['memory_bytes_per_device'] > 0
+
+
+def test_data_throughput_times_the_tokenising(tmp_path, tokenizer, monkeypatch):
+  # Encoding made to cost 20 us a token (at most 50k tokens/s): a figure far above that
+  # was served from documents tokenised before the clock started.
+  from data.tokenizer import Tokenizer
+  real = Tokenizer.encode_batch
+
+  def slow(self, texts, num_threads=None):
+    out = real(self, texts, num_threads)
+    time.sleep(20e-6 * sum(len(ids) for ids in out))
+    return out
+
+  monkeypatch.setattr(Tokenizer, 'encode_batch', slow)
+  words = 'alpha beta gamma delta epsilon zeta eta theta'.split()
+  with open(tmp_path / 'x.jsonl', 'w') as f:
+    for i in range(400):
+      f.write(json.dumps({'text': ' '.join(words[(i + j) % 8] for j in range(10 + i % 30))}))
+      f.write('\n')
+  c = tiny.get_config()
+  c.batch_size, c.seq_len = 2, 16
+  c.data.source, c.data.files, c.data.tokenizer = 'files', str(tmp_path / 'x.jsonl'), tokenizer
+  out = bench.data_throughput(c, batches=5, seconds=0.5)
+  assert out['data_seconds'] >= 0.5 and out['data_batches'] >= 5
+  assert 0 < out['data_tokens_per_sec'] < 1.5 * 50_000, out
 
 
 @pytest.mark.parametrize('kind,peak', [('NVIDIA H100 80GB HBM3', 989e12),

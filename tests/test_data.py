@@ -1,9 +1,13 @@
 """Tests for the data/ package: sources, split, tokenizer, packing, resume, sharding."""
 
+import copy
 import dataclasses
 import gzip
+import itertools
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -221,6 +225,28 @@ def test_check_vocab(tok):
 def test_missing_tokenizer_file():
   with pytest.raises(ValueError, match='/no/such/tok.model'):
     Tokenizer('/no/such/tok.model')
+
+
+@pytest.mark.parametrize('content', [b'', b'garbage bytes, not a model proto' * 4])
+def test_garbled_tokenizer_file(tmp_path, content):
+  bad = tmp_path / 'tokenizer.model'
+  bad.write_bytes(content)
+  with pytest.raises(ValueError, match='is not a sentencepiece model') as e:
+    Tokenizer(str(bad))
+  assert str(bad) in str(e.value) and '\n' not in str(e.value)
+  # A garbled run folder model fails the same way when the run reuses it.
+  with pytest.raises(ValueError, match='is not a sentencepiece model'):
+    load_or_train(DataConfig(), str(tmp_path), 512)
+
+
+def test_bad_data_tokenizer_is_not_copied(tmp_path):
+  bad = tmp_path / 'notes.model'
+  bad.write_text('just some text\n')
+  run = tmp_path / 'run'
+  with pytest.raises(ValueError, match='data.tokenizer: .* is not a sentencepiece model') as e:
+    load_or_train(DataConfig(tokenizer=str(bad)), str(run), 512)
+  assert str(bad) in str(e.value)
+  assert not run.exists()  # Checked before anything is written.
 
 
 # Packing.
@@ -753,14 +779,17 @@ def test_cleaning_counts(tok, tmp_path):
   cfg = dataclasses.replace(base_cfg, min_chars=10, dedup=True)
   r = reader_lib.SourceReader(cfg, seed=0)
   assert [r.next().text for _ in range(3)] == KEPT
-  assert r.counts == {'kept': 3, 'heldout': 0, 'empty': 3, 'short': 2, 'duplicate': 2}
+  assert r.counts == {'kept': 3, 'heldout': 0, 'empty': 3, 'short': 2, 'duplicate': 2,
+                      'binary': 0}
   # The next epoch starts a new dedup set, so it keeps the same three.
   assert [r.next().text for _ in range(3)] == KEPT
-  assert r.counts == {'kept': 6, 'heldout': 0, 'empty': 6, 'short': 4, 'duplicate': 4}
+  assert r.counts == {'kept': 6, 'heldout': 0, 'empty': 6, 'short': 4, 'duplicate': 4,
+                      'binary': 0}
   # By default only blank documents go.
   r = reader_lib.SourceReader(base_cfg, seed=0)
   assert [r.next().text for _ in range(7)] == [t for t in CLEANING_TEXTS if t.strip()]
-  assert r.counts == {'kept': 7, 'heldout': 0, 'empty': 3, 'short': 0, 'duplicate': 0}
+  assert r.counts == {'kept': 7, 'heldout': 0, 'empty': 3, 'short': 0, 'duplicate': 0,
+                      'binary': 0}
   # The tokenizer's sample and the training batches follow the same rules.
   assert list(training_texts(cfg)) == KEPT
   it = TrainBatches(cfg, tok, 2, 8, prefetch=0)
@@ -772,6 +801,102 @@ def test_cleaning_counts(tok, tmp_path):
   assert stats[0]['total'] == dict.fromkeys(stats[0]['total'], 0)
   assert stats[1]['total']['kept'] >= 4 and stats[1]['total']['duplicate'] >= 2
   assert stats[1]['sources'][0]['source'].startswith('data.files=')
+
+
+# Random bytes with NUL and newline taken out (so one paragraph, no NUL): binary only by
+# their share of U+FFFD and control characters once decoded (about 55%).
+RANDOM_BYTES = np.random.default_rng(0).bytes(3000).replace(b'\x00', b'').replace(b'\n', b'')
+
+
+@pytest.mark.parametrize('text,binary', [
+    ('plain text\n\twith tabs,\r\n\f and \v feeds', False),
+    ('caf\ufffd cr\ufffdme, latin-1 read as UTF-8 ' * 20, False),
+    (RANDOM_BYTES.decode('utf-8', 'replace'), True),
+    ('text with one NUL\x00 in it', True),
+    ('hello'.encode('utf-16').decode('utf-8', 'replace'), True),  # UTF-16: NULs.
+    ('\ufffd\ufffd\x01 a', True),  # 3 of 5 undecodable or control: over half.
+    ('\ufffd\ufffd\x01abc', False),  # 3 of 6: not over half.
+    ('x' * cleaning.BINARY_HEAD + '\x00', False),  # Only the head is looked at.
+])
+def test_binary_rule(text, binary):
+  assert cleaning.is_binary(text) == binary
+  assert cleaning.Cleaner().verdict(text) == ('binary' if binary else None)
+
+
+def test_binary_rule_keeps_every_stdlib_document():
+  # A drop here would change every default run's data (the worst file, a KOI8-R test
+  # module, is 42% undecodable).
+  dropped = [p for p in stdlib.list_files() if cleaning.is_binary(stdlib.read(p))]
+  assert dropped == []
+
+
+def _binary_corpus(tmp_path, n_text, n_binary):
+  """jsonl of text documents and binary ones (NUL bytes), interleaved."""
+  texts = [_doc_text(i) for i in range(n_text)]
+  binary = [f'\x00\x01bin{i}\x00' + RANDOM_BYTES.decode('latin-1')[:200] for i in range(n_binary)]
+  docs = [d for pair in itertools.zip_longest(texts, binary) for d in pair if d is not None]
+  _write_jsonl(tmp_path / 'x.jsonl', docs)
+  return DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.0)
+
+
+def test_binary_documents_are_dropped_and_counted(tok, tmp_path, caplog):
+  cfg = _binary_corpus(tmp_path, 10, 2)
+  (tmp_path / 'y.txt').write_bytes(RANDOM_BYTES)  # A binary file saved as text.
+  cfg = dataclasses.replace(cfg, files=f'{cfg.files},{tmp_path}/y.txt')
+  r = reader_lib.SourceReader(cfg, seed=0)
+  caplog.set_level(logging.INFO, logger='data.reader')
+  got = [r.next().text for _ in range(11)]  # One epoch and the next one's first.
+  assert got[:10] == [_doc_text(i) for i in range(10)] and got[10] == got[0]
+  # The epoch's log line counts the three; the next epoch's shard order may put the
+  # binary file first.
+  assert '10 kept, 0 heldout, 0 empty, 0 short, 0 duplicate, 3 binary' in caplog.text
+  assert r.counts['kept'] == 11 and r.counts['binary'] >= 3
+  assert '\x00' not in ''.join(training_texts(cfg))
+
+
+def test_mostly_binary_source_is_refused(tok, tmp_path):
+  # Large: refused once the first BINARY_REFUSE_AFTER documents are mostly binary.
+  cfg = _binary_corpus(tmp_path, 40, 80)
+  for call in (lambda: next(TrainBatches(cfg, tok, 2, 16, prefetch=0)),
+               lambda: list(training_texts(cfg))):
+    with pytest.raises(sources.DataError, match='binary or not UTF-8') as e:
+      call()
+    assert str(e.value).startswith(f'data.files={cfg.files!r}: ')
+    read = int(re.search(r'of the (\d+) documents read', str(e.value))[1])
+    assert cleaning.BINARY_REFUSE_AFTER <= read < 120
+  # Small: refused at the end of its first epoch or pass, before 'no text' and the like.
+  (tmp_path / 'y.txt').write_bytes(RANDOM_BYTES + b'\x00')
+  cfg = DataConfig(source='files', files=str(tmp_path / 'y.txt'))
+  for call in (lambda: next(TrainBatches(cfg, tok, 2, 16, prefetch=0)),
+               lambda: load_or_train(cfg, str(tmp_path / 'run'), 300),
+               lambda: eval_batches(cfg, tok, 2, 16, 2)):
+    with pytest.raises(sources.DataError, match='1 of the 1 documents read are binary') as e:
+      call()
+    assert str(tmp_path / 'y.txt') in str(e.value)
+  # A source with a binary minority only drops them.
+  cfg = _binary_corpus(tmp_path, 40, 30)
+  assert len(list(training_texts(cfg))) == 40
+
+
+def test_binary_counts_in_saved_and_merged_states(tok, tmp_path):
+  cfg = _binary_corpus(tmp_path, 40, 8)
+  full, states = _global_batches(cfg, tok, 10, 2)  # Merged states of two processes.
+  assert states[6]['reader']['sources'][0]['counts']['binary'] == 2
+  # A state saved before 'binary' was counted resumes exactly (on one process or two,
+  # merging again) and counts binary documents from 0.
+  old = copy.deepcopy(states[6])
+  del old['reader']['sources'][0]['counts']['binary']
+  it = TrainBatches(cfg, tok, 8, 32, seed=2, encode_docs=8, prefetch=0)
+  it.load_state_dict(old)
+  assert it.stats()['total']['binary'] == 0
+  for want in full[7:]:
+    np.testing.assert_array_equal(next(it), want)
+  assert it.stats()['total']['binary'] == 6
+  it.close()
+  rest, merged = _global_batches(cfg, tok, 3, 2, state=old)
+  for a, b in zip(full[7:], rest):
+    np.testing.assert_array_equal(a, b)
+  assert merged[-1]['reader']['sources'][0]['counts']['binary'] == 6
 
 
 def test_dedup_spans_hosts_and_splits(tmp_path):
@@ -927,6 +1052,27 @@ def test_missing_text_column(tok, tmp_path):
   assert str(tmp_path / 'x.jsonl') in str(e.value)
 
 
+def test_datasets_cache_is_per_user_and_named_when_unusable(tmp_path, monkeypatch):
+  _write_jsonl(tmp_path / 'x.jsonl', ['hello'])
+  cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'))
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  assert [d.text for d in sources.documents(sources.open_source(cfg), repeat=False)] == ['hello']
+  assert (tmp_path / 'cache' / 'lm' / 'datasets').is_dir()
+  monkeypatch.delenv('XDG_CACHE_HOME')
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  next(sources.documents(sources.open_source(cfg), repeat=False))
+  assert (tmp_path / 'home' / '.cache' / 'lm' / 'datasets').is_dir()
+  # A cache home under a regular file cannot be made (even by root): the error names the
+  # cache folder, not the data file.
+  (tmp_path / 'plain').write_text('a file')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'plain' / 'cache'))
+  with pytest.raises(sources.DataError, match='datasets cache folder') as e:
+    next(sources.documents(sources.open_source(cfg), repeat=False))
+  msg = str(e.value)
+  assert str(tmp_path / 'plain' / 'cache' / 'lm' / 'datasets') in msg
+  assert 'XDG_CACHE_HOME' in msg and 'x.jsonl' not in msg and '\n' not in msg
+
+
 def test_unknown_source(tok):
   with pytest.raises(ValueError, match='data.source'):
     TrainBatches(DataConfig(source='web'), tok, 2, 16)
@@ -967,6 +1113,44 @@ def test_empty_corpus_after_cleaning(tok, tmp_path):
   assert str(tmp_path / 'x.jsonl') in str(e.value) and '3 empty, 1 short' in str(e.value)
   with pytest.raises(ValueError, match='no text'):
     train_tokenizer(training_texts(cfg), 300, str(tmp_path / 'x.model'))
+
+
+@pytest.mark.parametrize('name,content', [
+    ('empty.txt', b''),
+    ('blank.txt', b'\n\n  \n\n\t\n'),
+    ('blank.jsonl', b'{"text": ""}\n{"text": "  "}\n'),
+])
+def test_empty_data_file_is_named(tok, tmp_path, name, content):
+  path = tmp_path / name
+  path.write_bytes(content)
+  cfg = DataConfig(source='files', files=str(path))
+  run = tmp_path / 'run'
+  # Before the tokenizer's 'no text' and the held-out split's 'holds out none'.
+  for call in (lambda: load_or_train(cfg, str(run), 300),
+               lambda: eval_batches(cfg, tok, 2, 16, 2)):
+    with pytest.raises(sources.DataError, match='no documents') as e:
+      call()
+    assert str(e.value).startswith('data.files=') and str(path) in str(e.value)
+  assert not (run / 'tokenizer.model').exists()
+  if not content:  # Training batches say the same.
+    with pytest.raises(sources.DataError, match=f'{path} holds no documents'):
+      next(TrainBatches(cfg, tok, 2, 16, prefetch=0))
+
+
+def test_empty_files_check_is_cheap_and_names_every_file(tmp_path):
+  _write_jsonl(tmp_path / 'a.jsonl', ['', 'a document'])
+  (tmp_path / 'b.parquet').write_bytes(b'not a parquet file')
+  cfg = DataConfig(source='files', files=f'{tmp_path}/a.jsonl,{tmp_path}/b.parquet')
+  reader_lib.check_has_documents(cfg)  # Stops at a.jsonl's document: b is never read.
+  _write_jsonl(tmp_path / 'a.jsonl', [''])
+  with pytest.raises(sources.DataError, match='cannot read .*b.parquet'):
+    reader_lib.check_has_documents(cfg)
+  for i in range(4):
+    (tmp_path / f'e{i}.txt').write_text('')
+  with pytest.raises(sources.DataError) as e:
+    reader_lib.check_has_documents(DataConfig(mixture=f'stdlib:1;files:{tmp_path}/e*.txt:1'))
+  assert f'{tmp_path}/e0.txt, {tmp_path}/e1.txt, {tmp_path}/e2.txt and 1 more hold no' in str(
+      e.value)
 
 
 def test_mixture_names_its_bad_source(tok, tmp_path):

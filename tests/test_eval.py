@@ -263,7 +263,8 @@ def test_plot_script_writes_a_png_of_several_runs(tmp_path):
     lines += [{'step': s, 'eval_loss': scale * 7 / s} for s in (5, 10)]
     (folder / 'metrics.jsonl').write_text(''.join(json.dumps(x) + '\n' for x in lines))
   out = tmp_path / 'loss.png'
-  _script('plot.py', str(tmp_path / 'run_a'), str(tmp_path / 'run_b'), f'--out={out}')
+  proc = _script('plot.py', str(tmp_path / 'run_a'), str(tmp_path / 'run_b'), f'--out={out}')
+  assert proc.stdout.strip().splitlines()[-1] == str(out)
   from matplotlib import image
   pixels = image.imread(out)
   assert pixels.shape[:2] == (450, 1200)
@@ -273,6 +274,22 @@ def test_plot_script_writes_a_png_of_several_runs(tmp_path):
                 f'--out={tmp_path / "x.png"}', check=False)
   assert bad.returncode == 1 and 'nope' in bad.stderr
   assert not (tmp_path / 'x.png').exists()
+
+
+def test_plot_prints_the_path_it_writes(tmp_path):
+  run = tmp_path / 'run_a'
+  run.mkdir()
+  (run / 'metrics.jsonl').write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
+  # Without an extension matplotlib appends '.png': the printed path must say so.
+  proc = _script('plot.py', str(run), f'--out={tmp_path / "curves"}')
+  assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / 'curves.png')
+  assert (tmp_path / 'curves.png').is_file() and not (tmp_path / 'curves').exists()
+  from lm.plotting import plot_runs
+  # A dot that names no format is part of the name; a format's extension is kept.
+  assert plot_runs([str(run)], str(tmp_path / 'v1.2')) == str(tmp_path / 'v1.2.png')
+  assert (tmp_path / 'v1.2.png').read_bytes().startswith(b'\x89PNG')
+  assert plot_runs([str(run)], str(tmp_path / 'c.svg')) == str(tmp_path / 'c.svg')
+  assert b'<svg' in (tmp_path / 'c.svg').read_bytes()[:1000]
 
 
 def test_plot_curves_keep_the_last_value_of_a_repeated_step(tmp_path):
