@@ -235,3 +235,43 @@ def _literal(text: str) -> Any:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
     return text
+
+
+def checkpoint_timing(config: ml_collections.ConfigDict, *, repeats: int = 3) -> dict[str, Any]:
+  """Seconds to save and restore the config's train state, and what checksums cost of it.
+
+  Medians over `repeats` saves (into a temporary folder, committed) and restores (with
+  verification); `checksum_s` is computing the checksums of the state once more, the
+  part of each save and of each restore that checksums add.
+  """
+  from lm import checksums
+  from lm.checkpoint import Checkpointer
+
+  cfgs = parse(config)
+  rules, model, tx, _ = _setup(cfgs)
+  state, _ = init_state(model, tx, cfgs.run.seq_len, rules, cfgs.run.seed)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  t0 = time.perf_counter()
+  checksums.of_arrays(state)  # Compiles once per state structure.
+  first = time.perf_counter() - t0
+  timings: dict[str, list[float]] = {'save_s': [], 'restore_s': [], 'checksum_s': []}
+  with tempfile.TemporaryDirectory(prefix='lm-bench-ckpt-') as tmp:
+    ckpt = Checkpointer(tmp, keep=repeats + 1)
+    try:
+      for step in range(1, repeats + 1):
+        t0 = time.perf_counter()
+        ckpt.save(step, state, {'position': step})
+        ckpt.wait()
+        timings['save_s'].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(ckpt.restore(step, abstract))
+        timings['restore_s'].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        checksums.of_arrays(state)
+        timings['checksum_s'].append(time.perf_counter() - t0)
+    finally:
+      ckpt.close()
+  return {'config': cfgs.run.name, 'devices': jax.device_count(),
+          'state_bytes': sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)),
+          'checksum_first_s': first, **{k: float(np.median(v)) for k, v in timings.items()}}

@@ -245,7 +245,7 @@ def _build_locked(config: ml_collections.ConfigDict, cfgs: Configs, plan: resume
   compiled = jit_train_step(parts.step_fn, start.shardings, rules,
                             (run.batch_size, run.seq_len + 1))
   header = run_header(cfgs, rules, start, tokenizer_origin,
-                      parameter_count(start.state.params))
+                      flops.count_params(start.state.params))
   return Experiment(cfgs, rules, model, tokenizer, start.state, start.shardings, compiled,
                     batches, checkpointer, start.step, lock, run_log, header)
 
@@ -258,10 +258,6 @@ def describe_tokenizer(data_cfg: Any, workdir: str) -> str:
   if os.path.isfile(own):
     return own
   return f'trained now on the training split, saved as {own}'
-
-
-def parameter_count(params: Any) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 def run_header(cfgs: Configs, rules: AxisRules, start: resume.Start, tokenizer: str,

@@ -5,8 +5,10 @@ the causal half of attention), TFLOP/s, compile time, per-device memory, and the
 pipeline's own tokens/s (over at least --data_seconds). `--aot` compiles for the config's
 mesh from shapes alone.
 
-`--vary=KEY=V1,V2` (repeatable) measures the config, then each value of each key on its
-own, one JSON line each with a "variant" label: every lever both ways in one process.
+`--checkpoint` times saving and restoring the train state instead (and the checksums'
+share of it). `--vary=KEY=V1,V2` (repeatable) measures the config, then each value of
+each key on its own, one JSON line each with a "variant" label: every lever both ways in
+one process.
 """
 
 import json
@@ -23,6 +25,9 @@ _DATA_BATCHES = flags.DEFINE_integer('data_batches', 20,
 _DATA_SECONDS = flags.DEFINE_float(
     'data_seconds', 5.0, 'Fewest seconds for data_tokens_per_sec, so that tokenising (a '
     'chunk of documents at a time, ahead of the batches) is inside the measurement.')
+_CHECKPOINT = flags.DEFINE_bool(
+    'checkpoint', False, 'Time saving and restoring the train state instead, and what the '
+    'checkpoint checksums cost of it.')
 _VARY = flags.DEFINE_multi_string(
     'vary', [], 'KEY=V1,V2,...: also measure the config with KEY set to each value.')
 
@@ -32,6 +37,9 @@ def main(argv):
   from lm import bench, cli  # After flag parsing, so --help stays fast.
 
   cli.reject_extra_args(argv)
+  if _CHECKPOINT.value:
+    print(json.dumps(cli.run_or_exit(lambda: bench.checkpoint_timing(_CONFIG.value))))
+    return
 
   def measure(config, data_too):
     if _AOT.value:

@@ -131,3 +131,13 @@ def test_packed_documents_are_benchmarked_with_their_mask():
   # The same tokens, masked by document: a different loss, so the mask was in the step.
   assert a['loss'] != b['loss']
   assert bench.run_aot(packed)['memory_bytes_per_device'] > 0
+
+
+def test_checkpoint_timing_saves_restores_and_sizes_the_state():
+  config = _small(fsdp=8, data=1)
+  result = bench.checkpoint_timing(config, repeats=1)
+  state = [v for k, v in result.items() if k.endswith('_s')]
+  assert all(t > 0 for t in state), result
+  # Parameters plus Adam's two moments, float32, a few scalars besides.
+  n = flops.num_params(parse(config).model)
+  assert 3 * 4 * n <= result['state_bytes'] < 3 * 4 * n + 1024, (result['state_bytes'], n)
