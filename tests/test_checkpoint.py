@@ -496,11 +496,13 @@ def _assert_stopped_at_the_failed_save(proc, workdir, elapsed):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('error: could not save the checkpoint of step 20 in '
                          f'{workdir}/checkpoints: '), proc.stderr[-3000:]
-  assert 'Traceback' not in proc.stderr and 'Event loop is closed' not in proc.stderr
-  assert elapsed < 120, elapsed  # Orbax's waiting threads would hold the exit ~300 s.
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert 'Event loop is closed' not in proc.stderr, proc.stderr[-3000:]
+  # Orbax's threads, waiting for a folder that was never made, would hold the exit 300 s.
+  assert elapsed < 200, (elapsed, proc.stderr[-3000:])
   assert committed_steps(str(workdir)) == [10]  # the good checkpoint stays
   logged = [s for s, _ in _losses(workdir)]
-  assert logged == list(range(1, logged[-1] + 1)) and logged[-1] >= 20
+  assert logged == list(range(1, logged[-1] + 1)) and logged[-1] >= 20, logged
 
 
 def test_a_full_disk_stops_the_run_with_one_line_and_resuming_later_is_bit_exact(
@@ -510,7 +512,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_resuming_later_is_bit_exact
   proc = _run(_with_file_size_limit(_argv(workdir, tokenizer), 128), _env(compile_cache),
               check=False)
   _assert_stopped_at_the_failed_save(proc, workdir, time.monotonic() - start)
-  assert 'File too large' in proc.stderr
+  assert 'File too large' in proc.stderr, proc.stderr[-3000:]
   _run(_argv(workdir, tokenizer), _env(compile_cache))  # space freed: on to the end
   _assert_same_losses(workdir, straight[1])
   assert [s for s, _ in _losses(workdir)] == list(range(1, STEPS + 1))
@@ -523,7 +525,7 @@ def test_a_read_only_checkpoint_folder_stops_the_run_at_once(tmp_path, tokenizer
   start = time.monotonic()
   proc = _run(_argv(workdir, tokenizer), env, check=False)
   _assert_stopped_at_the_failed_save(proc, workdir, time.monotonic() - start)
-  assert 'Read-only file system' in proc.stderr
+  assert 'Read-only file system' in proc.stderr, proc.stderr[-3000:]
 
 
 def _flip_bit(path, offset):
