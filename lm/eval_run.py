@@ -18,19 +18,20 @@ import numpy as np
 
 from data import packing, sources
 from data.packing import Packer
-from data.pipeline import eval_batches
 from data.tokenizer import Tokenizer
-from lm.evaluation import evaluate, make_eval_step, summarize
+from lm.evaluation import (
+  ScoredBatch,
+  evaluate,
+  heldout_rows,
+  make_eval_step,
+  summarize,
+  token_byte_lengths,
+)
 from lm.run_folder import Run, load_run
-from lm.trainer import token_byte_lengths
-
-# Tokens (B, T + 1) int32 (or {'tokens', 'segment_ids'} where the run packs documents
-# with segment ids) and the target mask (B, T) int32.
-Batch = tuple[Any, np.ndarray]
 
 
 def pack_texts(texts: Iterable[str], tokenizer: Tokenizer, seq_len: int,
-               max_tokens: int = 0) -> Batch:
+               max_tokens: int = 0) -> ScoredBatch:
   """All rows of the texts' token stream, with a mask of the targets to score.
 
   Every token but the stream's first is a target once; with max_tokens > 0 only the
@@ -55,7 +56,7 @@ def pack_texts(texts: Iterable[str], tokenizer: Tokenizer, seq_len: int,
   return tokens, mask
 
 
-def global_batches(rows: Batch, batch_size: int) -> list[Batch]:
+def global_batches(rows: ScoredBatch, batch_size: int) -> list[ScoredBatch]:
   """Rows grouped into batches of batch_size; the last is filled with masked-out rows."""
   tokens, mask = rows
   pad = -len(tokens) % batch_size
@@ -65,28 +66,18 @@ def global_batches(rows: Batch, batch_size: int) -> list[Batch]:
           for i in range(0, len(tokens), batch_size)]
 
 
-def local_rows(batch: Batch) -> Batch:
+def local_rows(batch: ScoredBatch) -> ScoredBatch:
   """This process's share of a global batch (the rows `global_batch` expects)."""
   n = batch[1].shape[0] // jax.process_count()
   start = jax.process_index() * n
   return jax.tree.map(lambda rows: rows[start:start + n], batch)
 
 
-def heldout(run: Run, max_tokens: int = 0) -> list[Batch]:
-  """This process's rows of the held-out batches: run.eval_batches, or max_tokens' worth."""
-  b, t = run.cfgs.run.batch_size, run.cfgs.run.seq_len
-  local = b // jax.process_count()
-  num = math.ceil(max_tokens / (b * t)) if max_tokens else run.cfgs.run.eval_batches
-  out = []
-  for i, tokens in enumerate(eval_batches(
-      run.cfgs.data, run.tokenizer, local, t, num,
-      process_index=jax.process_index(), process_count=jax.process_count())):
-    # Index of each target in the global stream of targets, to cut at max_tokens.
-    row_B = i * b + jax.process_index() * local + np.arange(local)
-    target_BxT = row_B[:, None] * t + np.arange(t)
-    keep = target_BxT < max_tokens if max_tokens else np.ones_like(target_BxT, bool)
-    out.append((tokens, keep.astype(np.int32)))
-  return out
+def heldout(run: Run, max_tokens: int = 0) -> list[ScoredBatch]:
+  """This process's rows of the run's held-out batches: eval_batches, or max_tokens' worth."""
+  r = run.cfgs.run
+  return heldout_rows(run.cfgs.data, run.tokenizer, r.batch_size, r.seq_len, r.eval_batches,
+                      max_tokens)
 
 
 def file_texts(spec: str, text_key: str) -> Iterator[tuple[str, Iterator[str]]]:
@@ -99,7 +90,7 @@ def file_texts(spec: str, text_key: str) -> Iterator[tuple[str, Iterator[str]]]:
     yield name, (text for _, text in source.rows(i, 0) if text)
 
 
-def score(run: Run, batches: list[Batch], eval_step: Any = None) -> dict[str, Any]:
+def score(run: Run, batches: list[ScoredBatch], eval_step: Any = None) -> dict[str, Any]:
   """Loss, perplexity, bits per byte, tokens and bytes over the masked targets."""
   if eval_step is None:
     eval_step = make_step(run)
@@ -110,7 +101,7 @@ def make_step(run: Run) -> Any:
   shape = (run.cfgs.run.batch_size, run.cfgs.run.seq_len + 1)
   shardings = jax.tree.map(lambda x: x.sharding, run.params)
   token_bytes = token_byte_lengths(run.tokenizer, run.cfgs.model.vocab_size)
-  return make_eval_step(run.model, run.rules, shape, shardings, token_bytes, masked=True)
+  return make_eval_step(run.model, run.rules, shape, shardings, token_bytes)
 
 
 def evaluate_run(workdir: str, *, step: int | None = None, files: str = '',

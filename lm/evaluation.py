@@ -1,4 +1,9 @@
-"""Held-out loss, perplexity and bits per byte.
+"""Evaluation, in one place: the eval step, the loop, the summary and byte counting.
+
+The training loop (lm/trainer.py) and scripts/eval.py (lm/eval_run.py, which adds file
+scoring) both build their step with `make_eval_step`, their held-out rows with
+`heldout_rows` and score with `evaluate`. Every batch carries a mask of the targets to
+score, so a cut or padded batch counts exactly the tokens it holds.
 
 Bits per byte divides the total negative log-likelihood (in bits) by the UTF-8 bytes of
 the text that was scored, so it compares models with different tokenizers.
@@ -15,27 +20,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data.config import DataConfig
+from data.pipeline import eval_batches
+from data.tokenizer import Tokenizer
 from lm.loss import chunked_token_nll, token_nll
 from lm.model import Transformer, output_head
-from lm.sharding import AxisRules, batch_sharding, global_batch
-from lm.train_step import next_token_pairs
+from lm.sharding import AxisRules, batch_sharding, put_rows
+from lm.train_step import Batch, next_token_pairs
+
+# A batch and the mask (B, T) of its targets to score: 1 scored, 0 padding or cut off.
+ScoredBatch = tuple[Batch | np.ndarray | dict[str, np.ndarray], np.ndarray]
+
+
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
+  """UTF-8 bytes each id decodes to; ids past the tokenizer's vocabulary score 0."""
+  out = np.zeros(vocab_size, np.int64)
+  lengths = tokenizer.byte_lengths()
+  out[:len(lengths)] = lengths
+  return out
 
 
 def make_eval_step(model: Transformer, rules: AxisRules, batch_shape: tuple[int, int],
-                   param_shardings: Any, token_bytes: np.ndarray, *,
-                   masked: bool = False) -> Callable[..., Any]:
-  """(params, batch[, mask (B, T)]) -> (summed NLL, scored tokens, their bytes).
+                   param_shardings: Any, token_bytes: np.ndarray) -> Callable[..., Any]:
+  """(params, batch, mask (B, T)) -> (summed NLL, scored tokens, their bytes).
 
   A batch is tokens (B, T + 1) or {'tokens', 'segment_ids'} (lm/train_step.py's Batch).
-  `token_bytes[id]` is the number of bytes token `id` decodes to (0 for BOS/EOS). With
-  `masked`, the step takes a third argument, an int mask over the targets: padding
-  (mask 0) adds nothing to any of the three sums. The sums are taken on the devices, so
-  they cover every host's rows.
+  `token_bytes[id]` is the number of bytes token `id` decodes to (0 for BOS/EOS). The
+  mask is an int mask over the targets: padding (mask 0) adds nothing to any of the
+  three sums. The sums are taken on the devices, so they cover every host's rows.
   """
   bytes_V = jnp.asarray(token_bytes, jnp.int32)
   cfg = model.cfg
 
-  def score(params, batch, mask_BxT=None):
+  def score(params, batch, mask_BxT):
     inputs_BxT, segments_BxT, targets_BxT = next_token_pairs(batch)
     apply = functools.partial(model.apply, {'params': params}, inputs_BxT,
                               segment_ids_BxT=segments_BxT)
@@ -44,15 +61,12 @@ def make_eval_step(model: Transformer, rules: AxisRules, batch_shape: tuple[int,
                                      targets_BxT, cfg.loss_chunk, rules)
     else:
       nll_BxT, _ = token_nll(apply(), targets_BxT)
-    if mask_BxT is None:
-      mask_BxT = jnp.ones(targets_BxT.shape, jnp.int32)
     return (jnp.sum(jnp.where(mask_BxT > 0, nll_BxT, 0.0)), jnp.sum(mask_BxT),
             jnp.sum(bytes_V[targets_BxT] * mask_BxT))
 
   # A prefix of the batch pytree: the same sharding for tokens and segment ids.
-  in_shardings = (param_shardings, batch_sharding(rules, batch_shape))
-  if masked:
-    in_shardings += (batch_sharding(rules, (batch_shape[0], batch_shape[1] - 1)),)
+  in_shardings = (param_shardings, batch_sharding(rules, batch_shape),
+                  batch_sharding(rules, (batch_shape[0], batch_shape[1] - 1)))
   return jax.jit(score, in_shardings=in_shardings, out_shardings=rules.replicated())
 
 
@@ -64,22 +78,34 @@ def summarize(total_nll: float, tokens: int, num_bytes: int) -> dict[str, float]
           'tokens': tokens, 'bytes': num_bytes}
 
 
-def evaluate(eval_step: Callable[..., Any], params: Any, batches: Iterable[Any],
+def evaluate(eval_step: Callable[..., Any], params: Any, batches: Iterable[ScoredBatch],
              rules: AxisRules) -> dict[str, float]:
-  """Scores the target tokens of `batches` (this process's rows of each global batch).
-
-  A batch is tokens (B, T + 1) or a {'tokens', 'segment_ids'} dict, or a tuple
-  (either, mask (B, T)) for a step made with `masked`.
-  """
-  def on_devices(local: np.ndarray) -> jax.Array:
-    shape = (local.shape[0] * jax.process_count(), local.shape[1])
-    return global_batch(local, batch_sharding(rules, shape))
-
+  """Scores the masked targets of `batches` (this process's rows of each global batch)."""
   total, tokens, num_bytes = 0.0, 0, 0
-  for batch in batches:
-    args = batch if isinstance(batch, tuple) else (batch,)
-    nll, n, b = eval_step(params, *jax.tree.map(on_devices, args))
+  for batch, mask in batches:
+    nll, n, b = eval_step(params, *put_rows((batch, mask), rules))
     total += float(nll)
     tokens += int(n)
     num_bytes += int(b)
   return summarize(total, tokens, num_bytes)
+
+
+def heldout_rows(data: DataConfig, tokenizer: Tokenizer, batch_size: int, seq_len: int,
+                 num_batches: int, max_tokens: int = 0) -> list[ScoredBatch]:
+  """This process's rows of the held-out batches, each with its mask of targets.
+
+  `num_batches` global batches of `batch_size` rows, or with `max_tokens` > 0 as many as
+  hold that many targets, the rest of the last one masked out.
+  """
+  local = batch_size // jax.process_count()
+  num = math.ceil(max_tokens / (batch_size * seq_len)) if max_tokens else num_batches
+  out = []
+  for i, tokens in enumerate(eval_batches(
+      data, tokenizer, local, seq_len, num, process_index=jax.process_index(),
+      process_count=jax.process_count())):
+    # Index of each target in the global stream of targets, to cut at max_tokens.
+    row_B = i * batch_size + jax.process_index() * local + np.arange(local)
+    target_BxT = row_B[:, None] * seq_len + np.arange(seq_len)
+    keep = target_BxT < max_tokens if max_tokens else np.ones_like(target_BxT, bool)
+    out.append((tokens, keep.astype(np.int32)))
+  return out

@@ -145,3 +145,16 @@ def global_batch(local_rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """Assembles each process's rows into one global array (single- or multi-host)."""
   global_shape = (local_rows.shape[0] * jax.process_count(),) + local_rows.shape[1:]
   return jax.make_array_from_process_local_data(sharding, local_rows, global_shape)
+
+
+def put_rows(rows: Any, rules: AxisRules) -> Any:
+  """This process's rows (any pytree of (b, ...) arrays) as global arrays on the devices.
+
+  Training and evaluation alike: each leaf's global batch has b * process_count rows,
+  sharded over the batch axes.
+  """
+  def put(local: np.ndarray) -> jax.Array:
+    shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+    return global_batch(local, batch_sharding(rules, shape))
+
+  return jax.tree.map(put, rows)

@@ -18,20 +18,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.experimental import multihost_utils
 
-from data.pipeline import TrainBatches, eval_batches
+from data.pipeline import TrainBatches
 from data.tokenizer import Tokenizer, check_vocab, load_or_train
 from lm import distributed, flops, resume
 from lm.checkpoint import Checkpointer, SaveFailed, file_sha256, make_metadata
 from lm.config import Configs, parse, write_config
-from lm.evaluation import evaluate, make_eval_step
+from lm.evaluation import ScoredBatch, evaluate, heldout_rows, make_eval_step, token_byte_lengths
 from lm.metrics import MetricsWriter
 from lm.model import Transformer
 from lm.run_lock import RunLock
 from lm.run_log import RunLog
-from lm.sharding import AxisRules, batch_sharding, global_batch, make_mesh
+from lm.sharding import AxisRules, make_mesh, put_rows
 from lm.train_step import TrainState, jit_train_step, step_parts
 from lm.wandb_writer import WandbWriter
 
@@ -145,14 +144,6 @@ class Experiment:
     self.checkpointer.close()  # Never raises: an error in flight is the one to see.
     self.run_log.close()
     self.lock.release()
-
-
-def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
-  """UTF-8 bytes each id decodes to; ids past the tokenizer's vocabulary score 0."""
-  out = np.zeros(vocab_size, np.int64)
-  lengths = tokenizer.byte_lengths()
-  out[:len(lengths)] = lengths
-  return out
 
 
 def is_main_process() -> bool:
@@ -303,13 +294,13 @@ class _Throughput:
                              jax.device_count(), self.peak)}
 
 
-def _held_out(exp: Experiment) -> list[np.ndarray]:
+def _held_out(exp: Experiment) -> list[ScoredBatch]:
   run = exp.cfgs.run
   if not run.eval_batches or not exp.cfgs.data.eval_fraction:
     return []
-  return eval_batches(exp.cfgs.data, exp.tokenizer, _local_rows(run.batch_size), run.seq_len,
-                      run.eval_batches, process_index=jax.process_index(),
-                      process_count=jax.process_count())
+  _local_rows(run.batch_size)  # Says so if the processes do not divide the batch.
+  return heldout_rows(exp.cfgs.data, exp.tokenizer, run.batch_size, run.seq_len,
+                      run.eval_batches)
 
 
 def train(config: ml_collections.ConfigDict, *, handle_signals: bool = True) -> dict[str, Any]:
@@ -343,7 +334,6 @@ class _Loop:
       self.eval_step = make_eval_step(
           exp.model, exp.rules, (run.batch_size, run.seq_len + 1), exp.state_shardings.params,
           token_byte_lengths(exp.tokenizer, exp.cfgs.model.vocab_size))
-    self.bsharding = batch_sharding(exp.rules, (run.batch_size, run.seq_len + 1))
     self.throughput = _Throughput(exp.cfgs, exp.start_step)
     self.interval = _Interval()  # metrics summed on the device since the last log line
     self.pending = None  # (step, sums, last, count) waiting to be read one step late
@@ -378,7 +368,7 @@ class _Loop:
   def _train_step(self) -> None:
     """Dispatches one step, then reads the previous step's metrics (never this one's)."""
     exp = self.exp
-    batch = jax.tree.map(lambda rows: global_batch(rows, self.bsharding), next(exp.batches))
+    batch = put_rows(next(exp.batches), exp.rules)
     exp.state, metrics = exp.train_step(exp.state, batch)
     self.interval.add(metrics)
     self.step += 1

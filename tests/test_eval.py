@@ -126,7 +126,7 @@ def test_masked_eval_step_matches_a_numpy_sum_over_the_unmasked_targets(tokenize
   mask = (rng.random((8, 16)) < 0.6).astype(np.int32)
   token_bytes = np.arange(512) % 5
   shardings = jax.tree.map(lambda a: a.sharding, run.params)
-  step = make_eval_step(run.model, run.rules, (8, 17), shardings, token_bytes, masked=True)
+  step = make_eval_step(run.model, run.rules, (8, 17), shardings, token_bytes)
   nll, n, b = step(params, tokens, mask)
   logits = np.asarray(jax.jit(run.model.apply)({'params': params}, tokens[:, :-1]), np.float64)
   log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
