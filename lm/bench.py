@@ -21,12 +21,12 @@ import numpy as np
 
 from lm import flops
 from lm.config import Configs, parse
-from lm.sharding import AxisRules, batch_sharding, make_mesh
+from lm.sharding import AxisRules, batch_sharding
 from lm.train_step import abstract_state, init_state, jit_train_step, step_parts
 
 
 def _setup(cfgs: Configs, devices: Sequence[jax.Device] | None = None):
-  rules = AxisRules(make_mesh(cfgs.mesh, devices), cfgs.mesh.rules)
+  rules = AxisRules.from_config(cfgs.mesh, devices)
   parts = step_parts(cfgs, rules)
   return rules, parts.model, parts.tx, parts.step_fn
 

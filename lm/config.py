@@ -89,9 +89,17 @@ def parse(config: ml_collections.ConfigDict) -> Configs:
   return cfgs
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def as_dict(cfgs: Configs) -> dict[str, Any]:
+  """The typed configs as the nested dict a ConfigDict of them would give (parse reads it
+  back): the top-level keys, then one dict per section."""
+  return {**dataclasses.asdict(cfgs.run),
+          **{name: dataclasses.asdict(section) for name, section in cfgs._asdict().items()
+             if name != 'run'}}
+
+
+def write_config(cfgs: Configs, workdir: str) -> None:
   """RUN/config.json: the resolved config, every key, as the run used it."""
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+    json.dump(as_dict(cfgs), f, indent=2, sort_keys=True)
     f.write('\n')

@@ -20,7 +20,7 @@ from data.tokenizer import Tokenizer, check_vocab
 from lm.checkpoint import Checkpointer, committed_steps, first_line, read_metadata
 from lm.config import Configs, parse
 from lm.model import Transformer
-from lm.sharding import AxisRules, make_mesh, tree_shardings
+from lm.sharding import AxisRules, tree_shardings
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,10 @@ def load_config(workdir: str) -> Configs:
 def eval_mesh_rules(cfgs: Configs) -> AxisRules:
   """The run's mesh on the devices present; all data-parallel if its sizes do not fit."""
   try:
-    mesh = make_mesh(cfgs.mesh)
+    return AxisRules.from_config(cfgs.mesh)
   except ValueError as e:
     log.warning('%s; evaluating with a data-parallel mesh instead', e)
-    mesh = make_mesh(dataclasses.replace(cfgs.mesh, data=-1, fsdp=1, tensor=1))
-  return AxisRules(mesh, cfgs.mesh.rules)
+    return AxisRules.from_config(dataclasses.replace(cfgs.mesh, data=-1, fsdp=1, tensor=1))
 
 
 def abstract_params(model: Transformer, rules: AxisRules) -> Any:

@@ -27,7 +27,10 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
-  rules: Rules = ()
+  # As configs/base.py declares them (tests/test_configs.py keeps the two in step).
+  rules: Rules = (('batch', ('data', 'fsdp')), ('embed', ('fsdp',)), ('heads', ('tensor',)),
+                  ('kv_heads', ('tensor',)), ('mlp', ('tensor',)), ('vocab', ('tensor',)),
+                  ('length', ()), ('head_dim', ()), ('layers', ()))
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> MeshConfig:
@@ -78,6 +81,12 @@ class AxisRules:
 
   mesh: Mesh
   rules: Rules
+
+  @classmethod
+  def from_config(cls, cfg: MeshConfig,
+                  devices: Sequence[jax.Device] | None = None) -> AxisRules:
+    """The config's mesh over `devices` (default: all), with the config's rules bound."""
+    return cls(make_mesh(cfg, devices), cfg.rules)
 
   def spec(self, names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
     """PartitionSpec for an array of `shape` whose axes carry `names`.

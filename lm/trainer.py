@@ -24,13 +24,13 @@ from data.pipeline import TrainBatches
 from data.tokenizer import Tokenizer, check_vocab, load_or_train
 from lm import distributed, flops, resume
 from lm.checkpoint import Checkpointer, SaveFailed, file_sha256, make_metadata
-from lm.config import Configs, parse, write_config
+from lm.config import Configs, as_dict, parse, write_config
 from lm.evaluation import ScoredBatch, evaluate, heldout_rows, make_eval_step, token_byte_lengths
 from lm.metrics import MetricsWriter
 from lm.model import Transformer
 from lm.run_lock import RunLock
 from lm.run_log import RunLog
-from lm.sharding import AxisRules, make_mesh, put_rows
+from lm.sharding import AxisRules, put_rows
 from lm.train_step import TrainState, jit_train_step, step_parts
 from lm.wandb_writer import WandbWriter
 
@@ -150,13 +150,6 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def _as_dict(cfgs: Configs) -> dict[str, Any]:
-  """The resolved config as nested dicts (for W&B)."""
-  return {**dataclasses.asdict(cfgs.run),
-          **{name: dataclasses.asdict(section) for name, section in cfgs._asdict().items()
-             if name != 'run'}}
-
-
 def _data_state(batches: TrainBatches) -> dict[str, Any]:
   """The pipeline's global state: each process's streams, merged (same on every host)."""
   states = distributed.gather_json(batches.state_dict())
@@ -170,13 +163,6 @@ def _local_rows(batch_size: int) -> int:
   return batch_size // jax.process_count()
 
 
-def _with_tokenizer(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
-  """A copy of `config` naming the tokenizer chosen for it, so config.json records it."""
-  config = config.copy_and_resolve_references()
-  config.data.tokenizer = path
-  return config
-
-
 def build(config: ml_collections.ConfigDict) -> Experiment:
   """Checks, then sets up: tokenizer, mesh, model, optimizer, state, data, checkpoints.
 
@@ -186,24 +172,23 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   """
   cfgs = parse(config)
   plan = resume.preflight(cfgs)  # Reads only: a refused resume leaves no trace.
-  if plan.tokenizer != cfgs.data.tokenizer:
-    config = _with_tokenizer(config, plan.tokenizer)
+  if plan.tokenizer != cfgs.data.tokenizer:  # config.json then records the choice.
     cfgs = cfgs._replace(data=dataclasses.replace(cfgs.data, tokenizer=plan.tokenizer))
   run = cfgs.run
-  rules = AxisRules(make_mesh(cfgs.mesh), cfgs.mesh.rules)  # A bad mesh, too, writes nothing.
+  rules = AxisRules.from_config(cfgs.mesh)  # A bad mesh, too, writes nothing.
   lock = RunLock(run.workdir)
   lock.acquire()
   run_log = RunLog(run.workdir)
   try:
-    return _build_locked(config, cfgs, plan, rules, lock, run_log)
+    return _build_locked(cfgs, plan, rules, lock, run_log)
   except BaseException:
     run_log.close()
     lock.release()
     raise
 
 
-def _build_locked(config: ml_collections.ConfigDict, cfgs: Configs, plan: resume.Plan,
-                  rules: AxisRules, lock: RunLock, run_log: RunLog) -> Experiment:
+def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules, lock: RunLock,
+                  run_log: RunLog) -> Experiment:
   run = cfgs.run
   tokenizer_origin = describe_tokenizer(cfgs.data, run.workdir)
   # Process 0 trains or copies the tokenizer into the run folder; the others then read it.
@@ -215,7 +200,7 @@ def _build_locked(config: ml_collections.ConfigDict, cfgs: Configs, plan: resume
   parts = step_parts(cfgs, rules)
   model, tx = parts.model, parts.tx
   metadata = make_metadata(dataclasses.asdict(cfgs.model), file_sha256(tokenizer.path),
-                           tokenizer.vocab_size, config.to_dict())
+                           tokenizer.vocab_size, as_dict(cfgs))
   checkpointer = Checkpointer(run.workdir, keep=run.keep_checkpoints, metadata=metadata)
   try:
     start = resume.start_state(cfgs, model, tx, rules, checkpointer, plan.source)
@@ -232,7 +217,7 @@ def _build_locked(config: ml_collections.ConfigDict, cfgs: Configs, plan: resume
     checkpointer.close()
     raise
   if jax.process_index() == 0:
-    write_config(config, run.workdir)
+    write_config(cfgs, run.workdir)
   compiled = jit_train_step(parts.step_fn, start.shardings, rules,
                             (run.batch_size, run.seq_len + 1))
   header = run_header(cfgs, rules, start, tokenizer_origin,
@@ -341,7 +326,7 @@ class _Loop:
     self.step = exp.start_step
     self.last: dict[str, Any] = {}
     main = jax.process_index() == 0
-    mirrors = [WandbWriter(exp.cfgs.wandb, run.workdir, _as_dict(exp.cfgs))] if (
+    mirrors = [WandbWriter(exp.cfgs.wandb, run.workdir, as_dict(exp.cfgs))] if (
         main and exp.cfgs.wandb.project) else []
     self.writer = MetricsWriter(run.workdir, total_steps=run.steps, start_step=exp.start_step,
                                 enabled=main, mirrors=mirrors)

@@ -33,7 +33,7 @@ from lm.config import parse
 from lm.model import Transformer
 from lm.optimizer import make_optimizer, schedule
 from lm.run_folder import checkpoint_config, load_run
-from lm.sharding import AxisRules, batch_sharding, make_mesh
+from lm.sharding import AxisRules, batch_sharding
 from lm.train_step import init_state, jit_train_step, make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -418,7 +418,7 @@ def test_init_from_a_bad_path_or_another_shape_is_one_clear_error(tmp_path, toke
 
 def test_a_non_finite_step_is_skipped_without_touching_the_state(tmp_path, tokenizer):
   cfgs = parse(_config(tmp_path, tokenizer))
-  rules = AxisRules(make_mesh(cfgs.mesh), cfgs.mesh.rules)
+  rules = AxisRules.from_config(cfgs.mesh)
   model = Transformer(cfgs.model, rules)
   tx = make_optimizer(cfgs.optimizer, STEPS)
   state, shardings = init_state(model, tx, cfgs.run.seq_len, rules, 0)

@@ -1,12 +1,15 @@
 """Every config file loads, validates, and builds an abstract model of the expected size."""
 
+import dataclasses
 import glob
 import importlib
+import json
 import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from lm import flops
@@ -76,3 +79,31 @@ def test_a_loss_chunk_that_does_not_divide_the_rows_is_named():
     parse(config)
   config.model.loss_chunk = config.seq_len // 4
   parse(config)
+
+
+def test_base_config_and_the_typed_defaults_agree_on_every_key():
+  """configs/base.py documents every key's default; the dataclasses must not disagree."""
+  from configs import base
+  from lm.config import Configs
+
+  cfgs = parse(base.get_config())
+  declared = base.get_config().to_dict()
+  for name in Configs._fields:
+    section = getattr(cfgs, name)
+    keys = declared if name == 'run' else declared[name]
+    for field in dataclasses.fields(section):
+      assert field.name in keys, f'{name}.{field.name} is not declared in configs/base.py'
+      default = type(section)()
+      assert getattr(section, field.name) == getattr(default, field.name), (
+          f'{name}.{field.name}: configs/base.py says {getattr(section, field.name)!r}, '
+          f'the dataclass {getattr(default, field.name)!r}')
+
+
+def test_config_json_round_trips_through_parse(tmp_path):
+  from configs import tiny
+  from lm.config import as_dict, write_config
+
+  cfgs = parse(tiny.get_config())
+  write_config(cfgs, str(tmp_path))
+  back = parse(ml_collections.ConfigDict(json.loads((tmp_path / 'config.json').read_text())))
+  assert back == cfgs and as_dict(back) == as_dict(cfgs)

@@ -23,7 +23,7 @@ from lm.config import parse
 from lm.evaluation import make_eval_step
 from lm.model import Transformer
 from lm.run_folder import Run, abstract_params, load_run
-from lm.sharding import AxisRules, make_mesh
+from lm.sharding import AxisRules
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ['def f(x):\n    return x + 1\n', 'import os\nprint(os.getcwd())  # où ça ? ✓\n',
@@ -73,7 +73,7 @@ def _zero_run(tokenizer, batch_size=8, seq_len=16):
   config.model.num_layers = 1
   config.batch_size, config.seq_len = batch_size, seq_len
   cfgs = parse(config)
-  rules = AxisRules(make_mesh(cfgs.mesh), cfgs.mesh.rules)
+  rules = AxisRules.from_config(cfgs.mesh)
   model = Transformer(cfgs.model, rules)
   params = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding),
                         abstract_params(model, rules))

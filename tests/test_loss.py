@@ -13,7 +13,7 @@ from lm.loss import (
   cross_entropy,
   token_nll,
 )
-from lm.sharding import AxisRules, MeshConfig, make_mesh
+from lm.sharding import AxisRules, MeshConfig
 
 B, T, D, V = 2, 12, 8, 40
 # The project's default logical-axis rules, as every config has them.
@@ -87,7 +87,7 @@ def test_chunk_length_is_the_largest_divisor_not_above_the_setting():
 def _collectives_in_loop(rules, shape):
   """Collectives XLA placed inside the chunk loop of the loss's gradient."""
   b, t, d, v = 16, 64, 32, 256
-  mesh_rules = AxisRules(make_mesh(MeshConfig(*shape, rules=RULES)), RULES)
+  mesh_rules = AxisRules.from_config(MeshConfig(*shape, rules=RULES))
   x = jax.device_put(jnp.ones((b, t, d)), mesh_rules.sharding(('batch', 'length', 'embed'),
                                                               (b, t, d)))
   head = jax.device_put(jnp.ones((d, v)), mesh_rules.sharding(('embed', 'vocab'), (d, v)))

@@ -13,7 +13,7 @@ from configs import base
 from lm import sampling
 from lm.model import ModelConfig, Transformer, stack_layers
 from lm.sampling import SamplingConfig
-from lm.sharding import AxisRules, MeshConfig, make_mesh, tree_shardings
+from lm.sharding import AxisRules, MeshConfig, tree_shardings
 
 # The project's default logical-axis rules, as every config has them.
 RULES = MeshConfig.from_dict(base.get_config().mesh).rules
@@ -171,8 +171,7 @@ def test_eos_stops_its_row_and_max_new_tokens_is_respected():
 def test_sharded_sampling_matches_one_device(shape):
   # Parameters split over fsdp and tensor (heads, kv heads, MLP, vocab): the same greedy
   # tokens and the same seeded samples as on one device.
-  rules = AxisRules(make_mesh(MeshConfig(*shape, rules=RULES), jax.devices()[:np.prod(shape)]),
-                    RULES)
+  rules = AxisRules.from_config(MeshConfig(*shape, rules=RULES), jax.devices()[:np.prod(shape)])
   shardings = tree_shardings(
       jax.eval_shape(Transformer(CFG, rules).init, jax.random.PRNGKey(0),
                      jnp.zeros((1, 4), jnp.int32))['params'], rules)

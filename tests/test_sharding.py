@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 from configs import base
 from lm.model import ModelConfig, Transformer
 from lm.optimizer import OptimizerConfig, make_optimizer, schedule
-from lm.sharding import AxisRules, MeshConfig, make_mesh
+from lm.sharding import AxisRules, MeshConfig
 from lm.train_step import init_state, jit_train_step, make_train_step
 
 RULES = MeshConfig.from_dict(base.get_config().mesh).rules
@@ -20,7 +20,7 @@ BATCH, SEQ = 8, 32
 
 def _rules(shape):
   devices = jax.devices()[:int(np.prod(shape))]
-  return AxisRules(make_mesh(MeshConfig(*shape, rules=RULES), devices), RULES)
+  return AxisRules.from_config(MeshConfig(*shape, rules=RULES), devices)
 
 
 def _train(shape, steps=3, model=MODEL, opt=OPT, segments=False):
