@@ -44,6 +44,7 @@ MIN_KEEP = 2
 RUNTIME_MODEL_KEYS = frozenset(
     {'dtype', 'param_dtype', 'remat', 'remat_policy', 'attention', 'dropout', 'loss_chunk'})
 _ITEMS = ('state', 'data', 'meta', 'checksums')
+DIRNAME = 'checkpoints'  # RUN/checkpoints/<step>/ (lm/run_folder.py has the whole layout)
 
 
 class SaveFailed(Exception):
@@ -106,7 +107,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = MIN_KEEP,
                metadata: Mapping[str, Any] | None = None, read_only: bool = False):
     self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, 'checkpoints')
+    self.directory = os.path.join(self.workdir, DIRNAME)
     self._metadata = dict(metadata) if metadata is not None else None
     self._manager = None
     self._in_flight: int | None = None  # The step being saved in the background.
@@ -122,10 +123,6 @@ class Checkpointer:
     if self._manager is None:
       return committed_steps(self.workdir)
     return sorted(self._manager.all_steps())
-
-  def latest_step(self) -> int | None:
-    steps = self.all_steps()
-    return steps[-1] if steps else None
 
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -208,9 +205,6 @@ class Checkpointer:
     """Just the parameters (fine-tuning, evaluation, export)."""
     return read_params(self.step_dir(step), abstract_params)
 
-  def metadata(self, step: int) -> dict[str, Any] | None:
-    return read_metadata(self.step_dir(step))
-
   def move_aside(self, step: int) -> str:
     """Renames an unreadable step folder into RUN/checkpoints.corrupt/; returns the path.
 
@@ -280,7 +274,7 @@ def _barrier(name: str) -> None:
 
 def committed_steps(workdir: str) -> list[int]:
   """RUN/checkpoints' committed steps, oldest first (temporary folders are skipped)."""
-  return sorted(ocp.path.step.checkpoint_steps(os.path.join(workdir, 'checkpoints')))
+  return sorted(ocp.path.step.checkpoint_steps(os.path.join(workdir, DIRNAME)))
 
 
 def _read_json(step_dir: str, item: str) -> Any:

@@ -7,8 +7,6 @@ points sees the whole ConfigDict.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -96,10 +94,3 @@ def as_dict(cfgs: Configs) -> dict[str, Any]:
           **{name: dataclasses.asdict(section) for name, section in cfgs._asdict().items()
              if name != 'run'}}
 
-
-def write_config(cfgs: Configs, workdir: str) -> None:
-  """RUN/config.json: the resolved config, every key, as the run used it."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-    json.dump(as_dict(cfgs), f, indent=2, sort_keys=True)
-    f.write('\n')

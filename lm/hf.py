@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -304,7 +303,7 @@ def write_model(out_dir: str, params: Mapping[str, Any], model_cfg: ModelConfig,
   """config.json, generation_config.json and model.safetensors; returns the tensor count."""
   from safetensors.numpy import save_file
 
-  _check_dtype(dtype)
+  check_dtype(dtype)
   tensors = to_hf(params, model_cfg, dtype)
   config = llama_config(model_cfg, max_position_embeddings=max_position_embeddings,
                         bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, dtype=dtype)
@@ -320,78 +319,6 @@ def write_model(out_dir: str, params: Mapping[str, Any], model_cfg: ModelConfig,
   return count_params(tensors)
 
 
-def export(workdir: str, out_dir: str, step: int | None = None,
-           dtype: str = 'float32') -> dict[str, Any]:
-  """Writes RUN's checkpoint (latest or `step`) as a Hugging Face Llama folder.
-
-  out_dir gets config.json, generation_config.json, model.safetensors and the
-  tokenizer (tokenizer.model plus a tokenizer.json that encodes like it). It must not
-  exist or be empty. Returns {'out', 'step', 'params'}.
-  """
-  from data import hf_tokenizer
-  from data.tokenizer import Tokenizer
-
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise ValueError(f'output path {out_dir} is a file')
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
-    raise ValueError(f'output folder {out_dir} is not empty; refusing to overwrite it')
-  _check_dtype(dtype)  # Before the restore, which may take a while.
-  if not os.path.isfile(os.path.join(workdir, 'config.json')):
-    raise ValueError(f'no config.json in {workdir}: not a run folder')
-  tokenizer_path = os.path.join(workdir, 'tokenizer.model')
-  if not os.path.isfile(tokenizer_path):
-    raise ValueError(f'no tokenizer.model in {workdir}')
-  hf_tokenizer.check_supported(tokenizer_path)
-  cfgs, step, params = restore_run(workdir, step)
-  tokenizer = Tokenizer(tokenizer_path)
-  count = write_model(out_dir, params, cfgs.model, dtype=dtype,
-                      max_position_embeddings=cfgs.run.seq_len, bos_id=tokenizer.bos_id,
-                      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  shutil.copyfile(tokenizer_path, os.path.join(out_dir, 'tokenizer.model'))
-  hf_tokenizer.write(tokenizer_path, out_dir, max_length=cfgs.run.seq_len)
-  return {'out': out_dir, 'step': step, 'params': count}
-
-
-def _check_dtype(dtype: str) -> None:
+def check_dtype(dtype: str) -> None:
   if dtype not in _DTYPES:
     raise ValueError(f'dtype: expected one of {", ".join(_DTYPES)}, got {dtype!r}')
-
-
-def restore_run(workdir: str, step: int | None = None) -> tuple[Any, int, Params]:
-  """(configs, step, params as host numpy) of RUN's checkpoint `step` (default latest)."""
-  import flax.linen as nn
-  import ml_collections
-
-  from lm.checkpoint import Checkpointer
-  from lm.config import parse
-  from lm.model import Transformer
-
-  cfgs = parse(ml_collections.ConfigDict(_read_json(os.path.join(workdir, 'config.json'))))
-  model_cfg = cfgs.model
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise ValueError(f'no checkpoints under {workdir}')
-  # Read-only: the run may still be training, and an export must not touch it.
-  checkpointer = Checkpointer(workdir, read_only=True)
-  try:
-    steps = checkpointer.all_steps()
-    if step is None:
-      if not steps:
-        raise ValueError(f'no checkpoint found in {workdir}/checkpoints')
-      step = max(steps)
-    elif step not in steps:
-      raise ValueError(f'step {step}: no such checkpoint in {workdir}/checkpoints '
-                       f'(have {sorted(steps)})')
-    model = Transformer(model_cfg)
-    boxed = jax.eval_shape(
-        lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32))['params'], jax.random.PRNGKey(0))
-    # Restored on the host where there is one: the export needs no accelerator memory.
-    try:
-      device = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
-    except RuntimeError:  # JAX_PLATFORMS excludes the CPU.
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            nn.meta.unbox(boxed))
-    params = checkpointer.restore_params(step, abstract)
-  finally:
-    checkpointer.close()
-  return cfgs, step, jax.device_get(params)

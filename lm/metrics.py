@@ -96,12 +96,9 @@ class MetricsWriter:
     else:
       print(format_line(record), file=self._stream, flush=True)
 
-  def advance(self, step: int, loss: float | None = None) -> None:
+  def advance(self, step: int) -> None:
     if self._bar is not None:
       self._bar.update(step - self._bar.n)  # update(), not n=: tqdm's rate needs it.
-      if loss is not None:
-        self._bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
-      self._bar.refresh()
 
   def close(self) -> None:
     for f in (self._bar, self._tb, self._jsonl, *self._mirrors):

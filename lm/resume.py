@@ -22,6 +22,7 @@ from lm import checkpoint
 from lm.checkpoint import Checkpointer, committed_steps, first_line
 from lm.config import Configs
 from lm.model import ModelConfig, Transformer
+from lm.run_folder import RunFolder
 from lm.sharding import AxisRules
 from lm.train_step import TrainState, abstract_state, init_state, state_from_params
 
@@ -39,11 +40,11 @@ class Source:
 
   @property
   def path(self) -> str:
-    return os.path.join(self.workdir, 'checkpoints', str(self.step))
+    return RunFolder(self.workdir).step_dir(self.step)
 
   @property
   def tokenizer(self) -> str:
-    return os.path.join(self.workdir, 'tokenizer.model')
+    return RunFolder(self.workdir).tokenizer_path
 
 
 class Plan(NamedTuple):
@@ -67,7 +68,7 @@ def resolve_init_from(init_from: str) -> Source:
   if not os.path.isdir(path):
     raise ValueError(f'init_from: no such folder: {init_from}')
   parent = os.path.dirname(path)
-  if os.path.basename(path).isdigit() and os.path.basename(parent) == 'checkpoints':
+  if os.path.basename(path).isdigit() and os.path.basename(parent) == RunFolder.CHECKPOINTS:
     source = Source(os.path.dirname(parent), int(os.path.basename(path)))
     if source.step not in committed_steps(source.workdir):
       raise ValueError(f'init_from: {init_from} is not a committed checkpoint')
@@ -98,7 +99,7 @@ def preflight(cfgs: Configs) -> Plan:
   run, tokenizer = cfgs.run, cfgs.data.tokenizer
   if tokenizer and not os.path.isfile(tokenizer):
     raise ValueError(f'data.tokenizer: no such file: {tokenizer}')
-  own_tokenizer = os.path.join(run.workdir, 'tokenizer.model')
+  own_tokenizer = RunFolder(run.workdir).tokenizer_path
   current = tokenizer or (own_tokenizer if os.path.isfile(own_tokenizer) else None)
   steps = committed_steps(run.workdir)
   if steps:
@@ -131,7 +132,7 @@ def _check(workdir: str, steps: list[int], model: ModelConfig, tokenizer_path: s
 
 def _newest_metadata(workdir: str, steps: list[int]) -> tuple[dict[str, Any] | None, str]:
   for step in sorted(steps, reverse=True):
-    step_dir = os.path.join(workdir, 'checkpoints', str(step))
+    step_dir = RunFolder(workdir).step_dir(step)
     try:
       return checkpoint.read_metadata(step_dir), step_dir
     except Exception as e:  # noqa: BLE001  Any failure to read means unreadable.

@@ -1,4 +1,5 @@
-"""Reads a run folder back for evaluation and sampling: config, tokenizer, parameters.
+"""The run folder: its layout (`RunFolder`) and reading it back for evaluation, sampling
+and export: config, tokenizer, a checkpoint's parameters.
 
 Errors are ValueErrors naming the missing path or step, for the scripts to print.
 """
@@ -17,8 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from data.tokenizer import Tokenizer, check_vocab
+from lm import checkpoint
 from lm.checkpoint import Checkpointer, committed_steps, first_line, read_metadata
-from lm.config import Configs, parse
+from lm.config import Configs, as_dict, parse
 from lm.model import Transformer
 from lm.sharding import AxisRules, tree_shardings
 
@@ -38,15 +40,101 @@ class Run:
   step: int
 
 
+class RunFolder:
+  """A run folder's layout and how to read it back; every path and error text is here.
+
+  RUN/config.json          the config of the run's latest start
+  RUN/tokenizer.model      the tokenizer the run uses
+  RUN/checkpoints/<step>/  committed checkpoints (lm/checkpoint.py), each with its config
+  """
+
+  CONFIG, TOKENIZER, CHECKPOINTS = 'config.json', 'tokenizer.model', checkpoint.DIRNAME
+
+  def __init__(self, workdir: str) -> None:
+    self.workdir = workdir
+
+  @property
+  def config_path(self) -> str:
+    return os.path.join(self.workdir, self.CONFIG)
+
+  @property
+  def tokenizer_path(self) -> str:
+    return os.path.join(self.workdir, self.TOKENIZER)
+
+  @property
+  def checkpoints(self) -> str:
+    return os.path.join(self.workdir, self.CHECKPOINTS)
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.checkpoints, str(step))
+
+  def config(self) -> Configs:
+    """RUN/config.json, validated as training validated it."""
+    if not os.path.isdir(self.workdir):
+      raise ValueError(f'no run folder at {self.workdir}')
+    if not os.path.isfile(self.config_path):
+      raise ValueError(f'no config.json in {self.workdir}: not a run folder')
+    with open(self.config_path, encoding='utf-8') as f:
+      return parse(ml_collections.ConfigDict(json.load(f)))
+
+  def write_config(self, cfgs: Configs) -> None:
+    """RUN/config.json: the resolved config, every key, as the run used it."""
+    os.makedirs(self.workdir, exist_ok=True)
+    with open(self.config_path, 'w', encoding='utf-8') as f:
+      json.dump(as_dict(cfgs), f, indent=2, sort_keys=True)
+      f.write('\n')
+
+  def tokenizer(self) -> Tokenizer:
+    if not os.path.isfile(self.tokenizer_path):
+      raise ValueError(f'no tokenizer.model in {self.workdir}')
+    return Tokenizer(self.tokenizer_path)
+
+  def steps(self) -> list[int]:
+    """Committed checkpoint steps, oldest first (none if there is no checkpoints folder)."""
+    return committed_steps(self.workdir) if os.path.isdir(self.checkpoints) else []
+
+  def pick_step(self, step: int | None = None) -> int:
+    """`step` if it was saved, else the latest; one error text when there is none."""
+    steps = self.steps()
+    if not steps:
+      raise ValueError(f'no checkpoints in {self.checkpoints}')
+    if step is None:
+      return steps[-1]
+    if step not in steps:
+      raise ValueError(f'no checkpoint for step {step} in {self.checkpoints} '
+                       f'(steps: {", ".join(map(str, steps))})')
+    return step
+
+  def checkpoint_config(self, step: int) -> Configs:
+    """The config checkpoint `step` was trained with (config.json for older ones).
+
+    config.json holds the latest start's settings; a checkpoint holds its own, so
+    evaluation holds out the very documents that checkpoint's training did.
+    """
+    try:
+      meta = read_metadata(self.step_dir(step))
+    except Exception as e:  # noqa: BLE001  Unreadable: say which checkpoint.
+      raise ValueError(f'cannot read the checkpoint {self.step_dir(step)}: '
+                       f'{first_line(e)}') from e
+    if not meta or not meta.get('config'):
+      return self.config()
+    return parse(ml_collections.ConfigDict(meta['config']))
+
+  def restore_params(self, step: int, abstract: Any) -> Any:
+    """The parameters of checkpoint `step` onto `abstract`'s shardings; never writes."""
+    checkpointer = Checkpointer(self.workdir, read_only=True)
+    try:
+      return checkpointer.restore_params(step, abstract)
+    except Exception as e:  # noqa: BLE001  A corrupt or truncated checkpoint: one line.
+      raise ValueError(f'cannot read the parameters in {self.step_dir(step)}: '
+                       f'{first_line(e)}') from e
+    finally:
+      checkpointer.close()
+
+
 def load_config(workdir: str) -> Configs:
   """RUN/config.json, validated as training validated it."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isdir(workdir):
-    raise ValueError(f'no run folder at {workdir}')
-  if not os.path.isfile(path):
-    raise ValueError(f'no config.json in {workdir}: not a run folder')
-  with open(path, encoding='utf-8') as f:
-    return parse(ml_collections.ConfigDict(json.load(f)))
+  return RunFolder(workdir).config()
 
 
 def eval_mesh_rules(cfgs: Configs) -> AxisRules:
@@ -58,29 +146,22 @@ def eval_mesh_rules(cfgs: Configs) -> AxisRules:
     return AxisRules.from_config(dataclasses.replace(cfgs.mesh, data=-1, fsdp=1, tensor=1))
 
 
-def abstract_params(model: Transformer, rules: AxisRules) -> Any:
-  """ShapeDtypeStructs of the parameters with their shardings: a restore target."""
+def abstract_params(model: Transformer, rules: AxisRules | None = None,
+                    sharding: jax.sharding.Sharding | None = None) -> Any:
+  """ShapeDtypeStructs of the parameters: a restore target, laid out by `rules`' logical
+  axes, or all on one `sharding` (say, the host, for an export)."""
   tokens = jnp.zeros((1, 1), jnp.int32)
   boxed = jax.eval_shape(lambda k: model.init({'params': k}, tokens), jax.random.PRNGKey(0))
   boxed = boxed['params']
+  shardings = (tree_shardings(boxed, rules) if rules is not None else
+               jax.tree.map(lambda _: sharding, nn.meta.unbox(boxed)))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      nn.meta.unbox(boxed), tree_shardings(boxed, rules))
+                      nn.meta.unbox(boxed), shardings)
 
 
 def checkpoint_config(workdir: str, step: int) -> Configs:
-  """The config checkpoint `step` was trained with (RUN/config.json for older ones).
-
-  config.json holds the latest run's settings; a checkpoint holds its own, so evaluation
-  holds out the very documents that checkpoint's training did.
-  """
-  step_dir = os.path.join(workdir, 'checkpoints', str(step))
-  try:
-    meta = read_metadata(step_dir)
-  except Exception as e:  # noqa: BLE001  Unreadable: say which checkpoint.
-    raise ValueError(f'cannot read the checkpoint {step_dir}: {first_line(e)}') from e
-  if not meta or not meta.get('config'):
-    return load_config(workdir)
-  return parse(ml_collections.ConfigDict(meta['config']))
+  """The config checkpoint `step` of the run in `workdir` was trained with."""
+  return RunFolder(workdir).checkpoint_config(step)
 
 
 def load_run(workdir: str, step: int | None = None) -> Run:
@@ -88,30 +169,13 @@ def load_run(workdir: str, step: int | None = None) -> Run:
 
   The parameters land on the run's mesh (`eval_mesh_rules`), sharded as in training.
   """
-  load_config(workdir)  # Says clearly when `workdir` is not a run folder.
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  steps = committed_steps(workdir) if os.path.isdir(ckpt_dir) else []
-  if not steps:
-    raise ValueError(f'no checkpoints in {ckpt_dir}')
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ValueError(f'no checkpoint for step {step} in {ckpt_dir} '
-                     f'(steps: {", ".join(map(str, steps))})')
-  cfgs = checkpoint_config(workdir, step)
-  tok_path = os.path.join(workdir, 'tokenizer.model')
-  if not os.path.isfile(tok_path):
-    raise ValueError(f'no tokenizer.model in {workdir}')
-  tokenizer = Tokenizer(tok_path)
+  folder = RunFolder(workdir)
+  folder.config()  # Says clearly when `workdir` is not a run folder.
+  step = folder.pick_step(step)
+  cfgs = folder.checkpoint_config(step)
+  tokenizer = folder.tokenizer()
   check_vocab(tokenizer, cfgs.model.vocab_size)
   rules = eval_mesh_rules(cfgs)
   model = Transformer(cfgs.model, rules)
-  checkpointer = Checkpointer(workdir, read_only=True)
-  try:
-    params = checkpointer.restore_params(step, abstract_params(model, rules))
-  except Exception as e:  # noqa: BLE001  A corrupt or truncated checkpoint: one line.
-    raise ValueError(f'cannot read the parameters in {checkpointer.step_dir(step)}: '
-                     f'{first_line(e)}') from e
-  finally:
-    checkpointer.close()
+  params = folder.restore_params(step, abstract_params(model, rules))
   return Run(workdir, cfgs, tokenizer, rules, model, params, step)

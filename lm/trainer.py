@@ -24,10 +24,11 @@ from data.pipeline import TrainBatches
 from data.tokenizer import Tokenizer, check_vocab, load_or_train
 from lm import distributed, flops, resume
 from lm.checkpoint import Checkpointer, SaveFailed, file_sha256, make_metadata
-from lm.config import Configs, as_dict, parse, write_config
+from lm.config import Configs, as_dict, parse
 from lm.evaluation import ScoredBatch, evaluate, heldout_rows, make_eval_step, token_byte_lengths
 from lm.metrics import MetricsWriter
 from lm.model import Transformer
+from lm.run_folder import RunFolder
 from lm.run_lock import RunLock
 from lm.run_log import RunLog
 from lm.sharding import AxisRules, put_rows
@@ -217,7 +218,7 @@ def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules, lock: RunL
     checkpointer.close()
     raise
   if jax.process_index() == 0:
-    write_config(cfgs, run.workdir)
+    RunFolder(run.workdir).write_config(cfgs)
   compiled = jit_train_step(parts.step_fn, start.shardings, rules,
                             (run.batch_size, run.seq_len + 1))
   header = run_header(cfgs, rules, start, tokenizer_origin,
@@ -228,7 +229,7 @@ def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules, lock: RunL
 
 def describe_tokenizer(data_cfg: Any, workdir: str) -> str:
   """Where the run's tokenizer comes from, said before it is loaded or trained."""
-  own = os.path.join(workdir, 'tokenizer.model')
+  own = RunFolder(workdir).tokenizer_path
   if data_cfg.tokenizer:
     return f'{data_cfg.tokenizer} (copied to {own})' if not os.path.isfile(own) else own
   if os.path.isfile(own):

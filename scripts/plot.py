@@ -1,7 +1,5 @@
 """Plots train and eval loss of runs: python scripts/plot.py RUN [RUN ...] --out=FILE.png"""
 
-import sys
-
 from absl import app, flags
 
 _OUT = flags.DEFINE_string(
@@ -9,18 +7,12 @@ _OUT = flags.DEFINE_string(
 
 
 def main(argv):
+  from lm import cli, plotting  # After flag parsing, so --help stays fast.
+
   runs = argv[1:]
   if not runs:
-    print('error: name at least one run folder', file=sys.stderr)
-    sys.exit(1)
-  from lm import plotting  # After flag parsing, so --help stays fast.
-
-  try:
-    written = plotting.plot_runs(runs, _OUT.value)
-  except (ValueError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
-  print(written)
+    cli.fail('name at least one run folder')
+  print(cli.run_or_exit(lambda: plotting.plot_runs(runs, _OUT.value)))
 
 
 if __name__ == '__main__':

@@ -604,10 +604,9 @@ def test_a_second_trainer_in_the_same_folder_is_refused_until_the_first_is_gone(
     tmp_path, tokenizer, straight):
   workdir = _clone(straight[0], tmp_path / 'run', 60)
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys; sys.path.insert(0, sys.argv[1]); '
-       'from lm.run_lock import RunLock; RunLock(sys.argv[2]).acquire(); print("held", '
-       'flush=True); sys.stdin.read()', REPO, str(workdir)],
-      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+      [sys.executable, '-c', 'import sys; from lm.run_lock import RunLock; '
+       'RunLock(sys.argv[1]).acquire(); print("held", flush=True); sys.stdin.read()',
+       str(workdir)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == 'held'
   before = _tree_snapshot(workdir)
   with pytest.raises(ValueError, match=rf'{workdir} is in use by another trainer '

@@ -101,9 +101,10 @@ def test_base_config_and_the_typed_defaults_agree_on_every_key():
 
 def test_config_json_round_trips_through_parse(tmp_path):
   from configs import tiny
-  from lm.config import as_dict, write_config
+  from lm.config import as_dict
+  from lm.run_folder import RunFolder
 
   cfgs = parse(tiny.get_config())
-  write_config(cfgs, str(tmp_path))
+  RunFolder(str(tmp_path)).write_config(cfgs)
   back = parse(ml_collections.ConfigDict(json.loads((tmp_path / 'config.json').read_text())))
   assert back == cfgs and as_dict(back) == as_dict(cfgs)

@@ -19,7 +19,7 @@ import sentencepiece as spm
 
 from data import hf_tokenizer, stdlib
 from data.tokenizer import Tokenizer
-from lm import hf
+from lm import export, hf
 from lm.model import ModelConfig, Transformer
 
 torch = pytest.importorskip('torch')
@@ -347,7 +347,7 @@ def test_export_script_loads_in_transformers(run, tmp_path):
   assert (theirs.eos_token_id, theirs.pad_token_id) == (ours.eos_id, ours.pad_id)
 
   # The model reproduces our logits from the checkpoint.
-  cfgs, step, params = hf.restore_run(str(run))
+  cfgs, step, params = export.restore_run(str(run))
   assert step == 2 and result['params'] == hf.count_params(params)
   model = _hf_model(str(out))
   np.testing.assert_allclose(_hf_logits(model, [ids]), _our_logits(cfgs.model, params, [ids]),
@@ -363,8 +363,8 @@ def test_export_script_loads_in_transformers(run, tmp_path):
 
 
 def test_export_names_a_missing_step_and_writes_nothing(run, tmp_path):
-  with pytest.raises(ValueError, match=r'step 7: no such checkpoint .*\[2\]'):
-    hf.export(str(run), str(tmp_path / 'x'), step=7)
+  with pytest.raises(ValueError, match=r'no checkpoint for step 7 in .* \(steps: 2\)'):
+    export.export(str(run), str(tmp_path / 'x'), step=7)
   assert not (tmp_path / 'x').exists()
   with pytest.raises(ValueError, match='config.json'):
-    hf.export(str(tmp_path), str(tmp_path / 'x'))
+    export.export(str(tmp_path), str(tmp_path / 'x'))
