@@ -12,13 +12,12 @@ small JSON-able dict that the trainer stores next to its checkpoints.
 """
 
 from data.config import DataConfig
-from data.packing import Packer
+from data.packing import Windower, wrap
 from data.pipeline import TrainBatches, eval_batches
 from data.tokenizer import Tokenizer, check_vocab, load_or_train, train_tokenizer, training_texts
 
 __all__ = [
     'DataConfig',
-    'Packer',
     'TrainBatches',
     'Tokenizer',
     'check_vocab',
@@ -26,4 +25,6 @@ __all__ = [
     'load_or_train',
     'train_tokenizer',
     'training_texts',
+    'Windower',
+    'wrap',
 ]

@@ -53,7 +53,6 @@ import numpy as np
 from data import cleaning, packing, sources
 from data import reader as reader_lib
 from data.config import DataConfig
-from data.packing import Packer
 from data.tokenizer import Tokenizer
 
 _STATE_VERSION = 4  # 4: documents dealt by characters; 3: dealt n % K.
@@ -229,12 +228,16 @@ class _Stream:
     self.index = index
     self._seq_len = seq_len
     # The document the next window starts in (before the stream's first window: the
-    # number from which on the documents dealt to it are its own) ...
+    # number from which on the documents dealt to it are its own); its offset is
+    # self._windows.offset, the token of it (counting BOS) that the window starts at.
     self.next = 0
-    self.offset = 0  # ... and the token of it (counting BOS) that it starts at.
     self._key: str | None = None  # That document's key, while resuming inside it.
     self._docs: collections.deque[_Doc] = collections.deque()  # Taken, from `next` on.
-    self._held = 0  # Tokens in self._docs.
+    self._windows = packing.Windower(seq_len)  # Their tokens.
+
+  @property
+  def offset(self) -> int:
+    return self._windows.offset
 
   @property
   def first(self) -> _Doc | None:
@@ -247,17 +250,17 @@ class _Stream:
     return out
 
   def load_state_dict(self, state: dict[str, Any]) -> None:
-    self.next, self.offset = int(state['next']), int(state['offset'])
-    if self.next < 0 or self.offset < 0:
+    self.next, offset = int(state['next']), int(state['offset'])
+    if self.next < 0 or offset < 0:
       raise ValueError(f'data state: stream {self.index} cannot start at '
-                       f'document {self.next}, token {self.offset}')
+                       f'document {self.next}, token {offset}')
     self._key = state.get('key')
     self._docs.clear()
-    self._held = 0
+    self._windows = packing.Windower(self._seq_len, offset)
 
   def fill(self, take: Callable[[int], _Doc], size: int) -> None:
     """Takes documents until `size` tokens are held from the next window's start on."""
-    while self._held - self.offset < size:
+    while self._windows.buffered < size:
       doc = take(self.index)
       # The next document dealt to this stream: after the last one it took, or from
       # number `next` on (resuming inside a document: that one, checked below).
@@ -268,28 +271,17 @@ class _Stream:
       if not self._docs and self.offset:
         self._check_resumed(doc)
       self._docs.append(doc)
-      self._held += len(doc.tokens)
+      self._windows.add(doc.tokens)
 
   def window(self, take: Callable[[int], _Doc]) -> np.ndarray:
     """The next int32 [seq_len + 1] window; the next one starts at its last token."""
-    size = self._seq_len + 1
-    self.fill(take, size)
-    parts, start, left = [], self.offset, size
-    for d in self._docs:
-      part = d.tokens[start:start + left]
-      parts.append(part)
-      left -= len(part)
-      start = 0
-      if not left:
-        break
-    self.offset += self._seq_len
-    while self.offset >= len(self._docs[0].tokens):  # The last token is always held.
-      done = self._docs.popleft()
-      self.offset -= len(done.tokens)
-      self._held -= len(done.tokens)
+    self.fill(take, self._seq_len + 1)
+    out = self._windows.pop()
+    while len(self._docs) > self._windows.pieces:  # Those it has passed.
+      self._docs.popleft()
     self.next = self._docs[0].n
     self._key = None
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return out
 
   def _check_resumed(self, doc: _Doc) -> None:
     if doc.n != self.next:  # The dealing differs: the documents' lengths do.
@@ -336,7 +328,7 @@ class TrainBatches:
       prefetch: int = 2,
       encode_docs: int = 64,
   ):
-    _check_sizes(batch_size, seq_len, process_index, process_count)
+    packing.check_sizes(batch_size, seq_len, process_index, process_count)
     self._cfg = cfg
     self._reader = reader_lib.MixtureReader(
         cfg, seed=seed, process_index=process_index, process_count=process_count)
@@ -348,7 +340,7 @@ class TrainBatches:
     self._process_index = process_index
     self._process_count = process_count
     self._seed = seed
-    self._head = [tokenizer.bos_id] if add_bos else []
+    self._bos = tokenizer.bos_id if add_bos else None
     self._prefetch = prefetch
     self._threads = cfg.encode_threads or os.cpu_count() or 1
     self._scanner = _Scanner(self._reader, self._layout.num_streams, self._encode, encode_docs)
@@ -620,14 +612,8 @@ class TrainBatches:
 
   def _encode(self, texts: list[str]) -> list[np.ndarray]:
     """Documents as they enter a stream: int32 [BOS] ids EOS."""
-    out = []
-    for ids in self._tokenizer.encode_batch(texts, num_threads=self._threads):
-      tokens = np.empty(len(self._head) + len(ids) + 1, np.int32)
-      tokens[:len(self._head)] = self._head
-      tokens[len(self._head):-1] = ids
-      tokens[-1] = self._tokenizer.eos_id
-      out.append(tokens)
-    return out
+    return [packing.wrap(ids, self._tokenizer.eos_id, self._bos)
+            for ids in self._tokenizer.encode_batch(texts, num_threads=self._threads)]
 
   def _reset(self, state: dict[str, Any]) -> None:
     """Sets what is handed out next; the streams are rebuilt from it on the next batch."""
@@ -727,11 +713,12 @@ def eval_batches(
   in listed order: every call returns the same batches. With data.segment_ids the
   batches are dicts, as TrainBatches hands out.
   """
-  _check_sizes(batch_size, seq_len, process_index, process_count)
+  packing.check_sizes(batch_size, seq_len, process_index, process_count)
   if num_batches <= 0:
     return []
   reader_lib.check_has_documents(cfg)  # Else an empty data file reads as 'holds out none'.
-  packer = Packer(seq_len, tokenizer.eos_id, tokenizer.bos_id if add_bos else None)
+  windower = packing.Windower(seq_len)
+  bos = tokenizer.bos_id if add_bos else None
   global_rows = batch_size * process_count
   wanted = num_batches * global_rows
   windows: list[np.ndarray] = []
@@ -740,8 +727,8 @@ def eval_batches(
   for docs in _chunks(reader_lib.single_pass(cfg, heldout=True), 16):
     any_docs = True
     for ids in tokenizer.encode_batch([d.text for d in docs], num_threads=threads):
-      packer.add_document(ids)
-      while len(windows) < wanted and (window := packer.pop()) is not None:
+      windower.add(packing.wrap(ids, tokenizer.eos_id, bos))
+      while len(windows) < wanted and (window := windower.pop()) is not None:
         windows.append(window)
     if len(windows) >= wanted:
       break
@@ -763,12 +750,3 @@ def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
   it = iter(items)
   while chunk := [x for _, x in zip(range(size), it)]:
     yield chunk
-
-
-def _check_sizes(batch_size: int, seq_len: int, process_index: int, process_count: int) -> None:
-  if batch_size < 1:
-    raise ValueError(f'batch_size must be positive, got {batch_size}')
-  if seq_len < 1:
-    raise ValueError(f'seq_len must be positive, got {seq_len}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')

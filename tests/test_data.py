@@ -26,7 +26,7 @@ from configs import base
 from data import cleaning, mixture, packing, sources, stdlib, throughput
 from data import reader as reader_lib
 from data.config import DataConfig
-from data.packing import Packer
+from data.packing import Windower
 from data.pipeline import TrainBatches, eval_batches
 from data.split import is_heldout
 from data.tokenizer import Tokenizer, check_vocab, load_or_train, train_tokenizer, training_texts
@@ -252,35 +252,40 @@ def test_bad_data_tokenizer_is_not_copied(tmp_path):
 # Packing.
 
 
-def test_packer_hand_checked():
-  p = Packer(seq_len=4, eos_id=3, bos_id=2)
+def _windows(windower, partial=False):
+  out = []
+  while (w := windower.pop(partial)) is not None:
+    assert w.dtype == np.int32 and len(w) <= windower.seq_len + 1
+    out.append(w.tolist())
+  return out
+
+
+def test_windower_hand_checked():
+  w = Windower(seq_len=4)
   for doc in ([10, 11, 12], [20], [30, 31, 32, 33, 34]):
-    p.add_document(doc)
+    w.add(packing.wrap(doc, eos_id=3, bos_id=2))
   # Stream: 2 10 11 12 3 | 2 20 3 | 2 30 31 32 33 34 3; windows share their edge token.
-  got = []
-  while (w := p.pop()) is not None:
-    assert w.dtype == np.int32 and w.shape == (5,)
-    got.append(w.tolist())
-  assert got == [[2, 10, 11, 12, 3], [3, 2, 20, 3, 2], [2, 30, 31, 32, 33]]
-  state = json.loads(json.dumps(p.state_dict()))
-  assert state == {'buffer': [33, 34, 3]}
-  q = Packer(seq_len=4, eos_id=3, bos_id=2)
-  q.load_state_dict(state)
-  for packer in (p, q):
-    packer.add_document([40])
-  assert p.pop().tolist() == q.pop().tolist() == [33, 34, 3, 2, 40]
+  assert _windows(w) == [[2, 10, 11, 12, 3], [3, 2, 20, 3, 2], [2, 30, 31, 32, 33]]
+  # Only the last document is still held, from its 5th token on.
+  assert (w.pieces, w.offset, w.buffered) == (1, 4, 3)
+  w.add(packing.wrap([40], eos_id=3, bos_id=2))
+  assert _windows(w) == [[33, 34, 3, 2, 40]]
+  # The rest, as a last short window; a single token has no target.
+  assert _windows(w, partial=True) == [[40, 3]] and w.pop(partial=True) is None
 
 
-def test_packer_without_bos_long_document():
-  p = Packer(seq_len=3, eos_id=9)
-  p.add_document(list(range(100)))
-  windows = []
-  while (w := p.pop()) is not None:
-    windows.append(w.tolist())
+def test_windower_without_bos_long_document():
+  w = Windower(seq_len=3)
+  w.add(packing.wrap(list(range(100)), eos_id=9))
   stream = list(range(100)) + [9]
-  assert len(windows) == 33
-  assert windows == [stream[i:i + 4] for i in range(0, 99, 3)]
-  assert p.state_dict() == {'buffer': [99, 9]}
+  assert _windows(w) == [stream[i:i + 4] for i in range(0, 99, 3)]
+  assert w.buffered == 2
+
+
+def test_windower_resumes_inside_a_document():
+  w = Windower(seq_len=3, offset=2)
+  w.add(np.arange(10, dtype=np.int32))
+  assert _windows(w) == [[2, 3, 4, 5], [5, 6, 7, 8]] and w.offset == 8
 
 
 # Training batches.
