@@ -1,26 +1,8 @@
 """Training and held-out batches: read, clean, tokenise, pack; resumable exactly.
 
-Layout. The training documents form one sequence, numbered n = 0, 1, 2, ... across
-epochs (in a mixture, n alone picks the source: data/mixture.py). They are dealt to K
-packing streams, K = data.streams or, by default, the global row count
-G = batch_size * process_count: document n goes to the stream with the fewest
-characters (len of the cleaned text) dealt so far, the lowest-numbered one on a tie. A
-stream is its documents ([BOS] ids EOS) end to end, cut into windows of seq_len + 1
-tokens that share their edge token. Global row r of batch b is the next window of stream
-(b * G + r) % K, and process p hands out the global rows [p * batch_size,
-(p + 1) * batch_size). So the rows of a batch come from different streams, not
-consecutive windows of one document, and the global batch (every process's rows in
-process order) is the same for every process count that divides G. Each process reads
-and cleans the whole sequence, so every process deals alike, but tokenises only the
-documents of its own streams, a chunk at a time on several threads; a document for a
-stream still busy with a long one waits, as text, in that stream's queue.
-
-Why by characters: every stream hands out tokens at the same rate. Dealt in turn
-(n % K), a stream that drew long documents falls behind and the documents read for the
-others meanwhile pile up, a pile that grows with the run. Dealt to the stream with the
-fewest characters, no stream gets more than the longest document ahead of another, and
-the text is known to every process before tokenising (token counts would make every
-process tokenise everything).
+Layout. The training documents form one sequence that is dealt, by characters, to
+packing streams; each row of a batch is the next window of one stream, and each process
+tokenises only its own streams' documents (data/dealing.py says how and why).
 
 State. Per stream, where its next window starts: a document number and a token offset
 into that document (a stream that has not started yet: the document from which on it
@@ -38,262 +20,25 @@ batches then depend on the process count, and its state resumes only with the sa
 process count.
 """
 
-import collections
 import copy
-import dataclasses
 import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
-from data import cleaning, packing, sources
+from data import cleaning, dealing, packing, sources
 from data import reader as reader_lib
 from data.config import DataConfig
 from data.tokenizer import Tokenizer
 
 _STATE_VERSION = 4  # 4: documents dealt by characters; 3: dealt n % K.
-# How documents are numbered: one sequence read by every process, or one per process
-# (next to a hub source split per host).
-_GLOBAL, _PER_PROCESS = 'global', 'per_process'
 _T = TypeVar('_T')
 Batch = packing.Batch
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-  """Which packing stream feeds each row, and which streams this process owns."""
-
-  kind: str  # _GLOBAL or _PER_PROCESS.
-  num_streams: int  # K packing streams, the documents dealt among them.
-  rows: int  # G: the rows of a batch in this numbering (all processes', or its own).
-  first_row: int  # This process's first row among them.
-  batch_size: int  # This process's rows.
-
-  @classmethod
-  def make(cls, cfg: DataConfig, batch_size: int, process_index: int, process_count: int,
-           per_process: bool) -> '_Layout':
-    if per_process:
-      if cfg.streams % process_count:
-        raise ValueError(
-            f'data.streams={cfg.streams} must be a multiple of the {process_count} '
-            'processes: next to a hub source split per host, each process packs its own '
-            'documents into data.streams / process_count streams')
-      k = cfg.streams // process_count or batch_size
-      return cls(_PER_PROCESS, k, batch_size, 0, batch_size)
-    rows = batch_size * process_count
-    k = cfg.streams or rows
-    # A stream must feed the rows of one process only: K a multiple of G puts stream j
-    # on global row j % G in every batch.
-    if process_count > 1 and k % rows:
-      raise ValueError(
-          f'data.streams={cfg.streams} must be 0 or a multiple of the global batch rows '
-          f'({batch_size} per process x {process_count} processes = {rows}) so that each '
-          'packing stream feeds one process')
-    return cls(_GLOBAL, k, rows, process_index * batch_size, batch_size)
-
-  def owned(self) -> list[int]:
-    """This process's streams, in order."""
-    if self.rows == self.batch_size:
-      return list(range(self.num_streams))
-    return [j for j in range(self.num_streams)
-            if self.first_row <= j % self.rows < self.first_row + self.batch_size]
-
-  def stream(self, batch: int, row: int) -> int:
-    """The stream of this process's row `row` in batch number `batch`."""
-    return (batch * self.rows + self.first_row + row) % self.num_streams
-
-
-@dataclasses.dataclass(eq=False)
-class _Doc:
-  """A document of this process's streams, from when it is read until it is packed."""
-
-  n: int  # Its number in the document sequence.
-  stream: int  # The stream it was dealt to.
-  key: str
-  text: str | None  # Dropped once encoded.
-  before: dict[str, Any]  # The reader's state just before it: restoring there reads it.
-  tokens: np.ndarray | None = None  # int32 [BOS] ids EOS; None until encoded.
-
-
-class _Scanner:
-  """Reads the document sequence, deals it to the streams, queues this process's part.
-
-  Each document goes to the stream with the fewest characters dealt so far (ties: the
-  lowest index). Documents of other processes' streams are read (the dealing, the
-  reader's positions, counters and dedup set must see them) and dropped without
-  tokenising. Encoding waits until a stream needs a document, then covers a chunk of
-  queued ones in one threaded call.
-  """
-
-  def __init__(self, reader: reader_lib.MixtureReader, num_streams: int,
-               encode: Callable[[list[str]], list[np.ndarray]], chunk: int):
-    self._reader = reader
-    self._k = num_streams
-    self._encode = encode
-    self._chunk = max(chunk, 1)
-    self._queues: dict[int, collections.deque[_Doc]] = {}
-    self._first: dict[int, int] = {}
-    self._unencoded = 0  # Queued documents not encoded yet.
-    self._dealt = np.zeros(num_streams, np.int64)  # Characters dealt to each stream.
-    # The dealt characters before document number self._since, and (stream, characters)
-    # of each document read from there on: checkpoint() rewinds the dealing with them.
-    self._since = 0
-    self._dealt_since = self._dealt.copy()
-    self._deals: collections.deque[tuple[int, int]] = collections.deque()
-
-  def restart(self, reader_state: dict[str, Any], dealt: Sequence[int],
-              first: dict[int, int]) -> None:
-    """Reads on from `reader_state`, `dealt` the characters dealt before it; stream j
-    takes the documents dealt to it from number first[j] on."""
-    self._reader.load_state_dict(reader_state)
-    self._dealt = np.array(dealt, np.int64)
-    if self._dealt.shape != (self._k,):
-      raise ValueError(f'data state deals to {len(dealt)} streams, not {self._k}')
-    self._since = self._reader.counter
-    self._dealt_since = self._dealt.copy()
-    self._deals.clear()
-    self._first = dict(first)
-    self._queues = {j: collections.deque() for j in first}
-    self._unencoded = 0
-
-  def take(self, stream: int) -> _Doc:
-    """The stream's next document, encoded."""
-    waiting = self._queues[stream]
-    while not waiting:
-      self._read()
-    doc = waiting.popleft()
-    if doc.tokens is None:
-      self._encode_chunk(doc)
-    return doc
-
-  def checkpoint(self, held: Iterable[_Doc]) -> tuple[dict[str, Any], list[int]]:
-    """A reader state no later than any document in `held` or in the queues, and the
-    characters dealt to each stream before it (less their minimum: only the differences
-    steer the dealing).
-
-    The streams pass their first documents; a stream that holds none needs either its
-    queue's first or one not read yet. Never earlier than the last checkpoint.
-    """
-    docs = list(held) + [q[0] for q in self._queues.values() if q]
-    if docs:
-      first = min(docs, key=lambda d: d.n)
-      reader_state, n = first.before, first.n
-    else:
-      reader_state, n = self._reader.state_dict(), self._reader.counter
-    if n < self._since:
-      raise AssertionError(f'checkpoint at document {n}, before the last one ({self._since})')
-    while self._since < n:
-      j, chars = self._deals.popleft()
-      self._dealt_since[j] += chars
-      self._since += 1
-    return reader_state, (self._dealt_since - self._dealt_since.min()).tolist()
-
-  def _read(self) -> None:
-    n = self._reader.counter
-    j = int(np.argmin(self._dealt))  # The first of the streams dealt the fewest.
-    mine = j in self._queues and n >= self._first[j]
-    before = self._reader.state_dict() if mine else None
-    _, read = self._reader.next()
-    self._dealt[j] += len(read.text)
-    self._deals.append((j, len(read.text)))
-    if mine:
-      self._queues[j].append(_Doc(n, j, read.key, read.text, before))
-      self._unencoded += 1
-    # Else another process's, or one its stream took before the state was saved.
-
-  def _encode_chunk(self, doc: _Doc) -> None:
-    while self._unencoded < self._chunk:  # Read ahead: one call encodes a chunk.
-      self._read()
-    # With it go the streams' next documents; those queued far behind a long document
-    # wait as text until their stream nears them.
-    depth = max(2, -(-self._chunk // len(self._queues)))
-    soon = [(level, d.n, d) for q in self._queues.values()
-            for level, d in zip(range(depth), q) if d.tokens is None]
-    soon.sort(key=lambda item: item[:2])
-    chunk = [doc] + [d for _, _, d in soon[:self._chunk - 1]]
-    for d, tokens in zip(chunk, self._encode([d.text for d in chunk])):
-      d.tokens, d.text = tokens, None
-    self._unencoded -= len(chunk)
-
-
-class _Stream:
-  """One packing stream: the documents dealt to it, end to end, cut into windows."""
-
-  def __init__(self, index: int, seq_len: int):
-    self.index = index
-    self._seq_len = seq_len
-    # The document the next window starts in (before the stream's first window: the
-    # number from which on the documents dealt to it are its own); its offset is
-    # self._windows.offset, the token of it (counting BOS) that the window starts at.
-    self.next = 0
-    self._key: str | None = None  # That document's key, while resuming inside it.
-    self._docs: collections.deque[_Doc] = collections.deque()  # Taken, from `next` on.
-    self._windows = packing.Windower(seq_len)  # Their tokens.
-
-  @property
-  def offset(self) -> int:
-    return self._windows.offset
-
-  @property
-  def first(self) -> _Doc | None:
-    return self._docs[0] if self._docs else None
-
-  def state_dict(self) -> dict[str, Any]:
-    out: dict[str, Any] = {'next': self.next, 'offset': self.offset}
-    if self.offset:  # Names the document, so a resume onto changed data fails.
-      out['key'] = self._docs[0].key if self._docs else self._key
-    return out
-
-  def load_state_dict(self, state: dict[str, Any]) -> None:
-    self.next, offset = int(state['next']), int(state['offset'])
-    if self.next < 0 or offset < 0:
-      raise ValueError(f'data state: stream {self.index} cannot start at '
-                       f'document {self.next}, token {offset}')
-    self._key = state.get('key')
-    self._docs.clear()
-    self._windows = packing.Windower(self._seq_len, offset)
-
-  def fill(self, take: Callable[[int], _Doc], size: int) -> None:
-    """Takes documents until `size` tokens are held from the next window's start on."""
-    while self._windows.buffered < size:
-      doc = take(self.index)
-      # The next document dealt to this stream: after the last one it took, or from
-      # number `next` on (resuming inside a document: that one, checked below).
-      after = self._docs[-1].n + 1 if self._docs else self.next
-      if doc.stream != self.index or doc.n < after:
-        raise AssertionError(f'stream {self.index} expected a document dealt to it from '
-                             f'number {after} on, got {doc.n} dealt to {doc.stream}')
-      if not self._docs and self.offset:
-        self._check_resumed(doc)
-      self._docs.append(doc)
-      self._windows.add(doc.tokens)
-
-  def window(self, take: Callable[[int], _Doc]) -> np.ndarray:
-    """The next int32 [seq_len + 1] window; the next one starts at its last token."""
-    self.fill(take, self._seq_len + 1)
-    out = self._windows.pop()
-    while len(self._docs) > self._windows.pieces:  # Those it has passed.
-      self._docs.popleft()
-    self.next = self._docs[0].n
-    self._key = None
-    return out
-
-  def _check_resumed(self, doc: _Doc) -> None:
-    if doc.n != self.next:  # The dealing differs: the documents' lengths do.
-      raise sources.DataError(
-          f'data state does not match the data: stream {self.index} resumes inside '
-          f'document {self.next} ({self._key!r}), but the data deals it document {doc.n} '
-          f'({doc.key!r}) first (did the data change?)')
-    if (self._key is not None and doc.key != self._key) or self.offset >= len(doc.tokens):
-      raise sources.DataError(
-          f'data state does not match the data: document {doc.n} is {doc.key!r} '
-          f'({len(doc.tokens)} tokens), the state has {self.offset} tokens of '
-          f'{self._key!r} packed (did the data change?)')
 
 
 class TrainBatches:
@@ -332,7 +77,7 @@ class TrainBatches:
     self._cfg = cfg
     self._reader = reader_lib.MixtureReader(
         cfg, seed=seed, process_index=process_index, process_count=process_count)
-    self._layout = _Layout.make(cfg, batch_size, process_index, process_count,
+    self._layout = dealing.Layout.make(cfg, batch_size, process_index, process_count,
                                 self._reader.per_process)
     self._tokenizer = tokenizer
     self._batch_size = batch_size
@@ -343,8 +88,8 @@ class TrainBatches:
     self._bos = tokenizer.bos_id if add_bos else None
     self._prefetch = prefetch
     self._threads = cfg.encode_threads or os.cpu_count() or 1
-    self._scanner = _Scanner(self._reader, self._layout.num_streams, self._encode, encode_docs)
-    self._streams: dict[int, _Stream] = {}
+    self._dealer = dealing.Dealer(self._reader, self._layout.num_streams, self._encode, encode_docs)
+    self._streams: dict[int, dealing.Stream] = {}
     self._thread: threading.Thread | None = None
     self._stop = threading.Event()
     self._queue: queue.Queue = queue.Queue()
@@ -440,8 +185,8 @@ class TrainBatches:
         raise ValueError(f'data states of different processes disagree on {key!r}: '
                          f'{[s.get(key) for s in states]}')
     states.sort(key=lambda s: int(s['process_index']))
-    if first['layout'] == _PER_PROCESS:
-      return {'version': _STATE_VERSION, 'layout': _PER_PROCESS, 'process_count': n,
+    if first['layout'] == dealing.PER_PROCESS:
+      return {'version': _STATE_VERSION, 'layout': dealing.PER_PROCESS, 'process_count': n,
               'processes': states}
     streams: dict[str, Any] = {}
     for s in states:
@@ -548,7 +293,7 @@ class TrainBatches:
 
   def _own_part(self, state: dict[str, Any]) -> dict[str, Any]:
     """This process's state out of a merged per-process one; checks a single one."""
-    if state.get('layout') != _PER_PROCESS or self._layout.kind != _PER_PROCESS:
+    if state.get('layout') != dealing.PER_PROCESS or self._layout.kind != dealing.PER_PROCESS:
       return state
     saved = int(state.get('process_count', self._process_count))
     if saved != self._process_count:
@@ -626,20 +371,20 @@ class TrainBatches:
     state = self._state
     self._streams = {}
     for j, saved in state['streams'].items():
-      stream = _Stream(int(j), self._seq_len)
+      stream = dealing.Stream(int(j), self._seq_len)
       stream.load_state_dict(saved)
       self._streams[int(j)] = stream
-    self._scanner.restart(state['reader'], state['dealt'],
+    self._dealer.restart(state['reader'], state['dealt'],
                           {j: s.next for j, s in self._streams.items()})
     for stream in self._streams.values():
       if stream.offset:  # Re-reads the document now: a changed one fails here.
-        stream.fill(self._scanner.take, 1)
+        stream.fill(self._dealer.take, 1)
     self._batches = int(state['batches'])
     self._built = True
 
   def _snapshot(self) -> dict[str, Any]:
     held = [s.first for s in self._streams.values() if s.first is not None]
-    reader_state, dealt = self._scanner.checkpoint(held)
+    reader_state, dealt = self._dealer.checkpoint(held)
     streams = {}
     for j, s in self._streams.items():
       streams[str(j)] = s.state_dict()
@@ -658,7 +403,7 @@ class TrainBatches:
   def _produce(self) -> tuple[Batch, dict[str, Any]]:
     if not self._built:
       self._build()
-    rows = [self._streams[self._layout.stream(self._batches, i)].window(self._scanner.take)
+    rows = [self._streams[self._layout.stream(self._batches, i)].window(self._dealer.take)
             for i in range(self._batch_size)]
     self._batches += 1
     batch = packing.batch(np.stack(rows), self._tokenizer.eos_id, self._cfg.segment_ids)
@@ -690,8 +435,8 @@ class TrainBatches:
           pass
 
 
-_LAYOUT_WORDS = {_GLOBAL: 'in one sequence for all processes',
-                 _PER_PROCESS: 'per process (a hub source split per host)'}
+_LAYOUT_WORDS = {dealing.GLOBAL: 'in one sequence for all processes',
+                 dealing.PER_PROCESS: 'per process (a hub source split per host)'}
 
 
 def eval_batches(

@@ -737,7 +737,7 @@ def test_balanced_dealing_keeps_the_queue_short(tok, lopsided):
   peak = 0
   for _ in range(100):  # Over two epochs.
     next(it)
-    queued = [d for q in it._scanner._queues.values() for d in q]  # Held as text.
+    queued = [d for q in it._dealer._queues.values() for d in q]  # Held as text.
     peak = max(peak, sum(len(d.text) for d in queued if d.text is not None))
   it.close()
   assert peak <= k * max(len(t) for t in texts)
