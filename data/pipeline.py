@@ -4,14 +4,9 @@ Layout. The training documents form one sequence that is dealt, by characters, t
 packing streams; each row of a batch is the next window of one stream, and each process
 tokenises only its own streams' documents (data/dealing.py says how and why).
 
-State. Per stream, where its next window starts: a document number and a token offset
-into that document (a stream that has not started yet: the document from which on it
-takes what is dealt to it). And the reader's state (per source a position and counters,
-and the mixture's counter) at a document no later than any the streams still need, with
-the characters dealt to each stream before that document. Restoring reads and deals on
-from there and skips what the streams had already taken, so batches continue bit for
-bit. A process's state_dict() holds its own streams; TrainBatches.merge_states joins
-every process's into one global state, which any process count restores.
+State. state_dict() says where every stream of this process is and where the reader
+reads on, so that restoring continues bit for bit; TrainBatches.merge_states joins
+every process's into one state that any process count restores (data/state.py).
 
 Hub sources split across hosts are the exception: each host streams its own rows
 (data/sources.py), so with several processes and a hub source each process numbers its
@@ -20,8 +15,6 @@ batches then depend on the process count, and its state resumes only with the sa
 process count.
 """
 
-import copy
-import logging
 import os
 import queue
 import threading
@@ -30,15 +23,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from data import cleaning, dealing, packing, sources
+from data import cleaning, dealing, packing
 from data import reader as reader_lib
+from data import state as data_state
 from data.config import DataConfig
 from data.tokenizer import Tokenizer
 
-_STATE_VERSION = 4  # 4: documents dealt by characters; 3: dealt n % K.
 _T = TypeVar('_T')
 Batch = packing.Batch
-log = logging.getLogger(__name__)
 
 
 class TrainBatches:
@@ -94,7 +86,7 @@ class TrainBatches:
     self._stop = threading.Event()
     self._queue: queue.Queue = queue.Queue()
     self._error: BaseException | None = None
-    self._reset(self._fresh(self._reader.state_dict(), 0))
+    self._reset(data_state.fresh(self._layout, self._reader.state_dict(), 0))
 
   # Iteration.
 
@@ -136,73 +128,19 @@ class TrainBatches:
     """JSON-serialisable state after the last batch handed out: this process's part.
 
     With several processes, TrainBatches.merge_states of every process's part is the
-    state to store. Keys: 'version', 'layout', 'num_streams', 'batches' (global batches
-    handed out), 'streams' ({stream index as a string: {'next', 'offset'[, 'key']}}),
-    'reader' (the reader state to read on from), 'dealt' (the characters dealt to each
-    stream before it, less their minimum), and for checks and readers 'shard_names',
-    'seed', 'process_index', 'process_count'.
+    state to store. What it holds: data/state.py.
     """
-    state = copy.deepcopy(self._state)
-    readers = zip(self._reader.readers, state['reader']['sources'])
-    state.update(
-        shard_names=[r.shard_name(sources.Position.from_dict(s['position']))
-                     for r, s in readers],
-        seed=self._seed,
-        process_index=self._process_index,
-        process_count=self._process_count,
-    )
-    return state
+    return data_state.with_checks(self._state, self._reader, seed=self._seed,
+                                  process_index=self._process_index,
+                                  process_count=self._process_count)
 
   @staticmethod
   def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One state from every process's state_dict(), in any order: what to store.
 
-    It holds every packing stream and the earliest reader state among them with the
-    characters dealt before it, so any number of processes restores it with
-    load_state_dict (each keeps its own streams).
-    A per-process state (a hub source split per host) becomes the list of all of them,
-    which restores with the same process count only.
+    Any number of processes restores it with load_state_dict (data/state.py's merge).
     """
-    states = [copy.deepcopy(dict(s)) for s in states]
-    if not states:
-      raise ValueError('merge_states needs the state of every process; got none')
-    if len(states) == 1:
-      return states[0]
-    first = states[0]
-    for s in states:
-      if s.get('version') != _STATE_VERSION:
-        raise ValueError(f'merge_states takes version-{_STATE_VERSION} data states; got '
-                         f'version {s.get("version")!r}')
-    n = len(states)
-    indices = sorted(int(s['process_index']) for s in states)
-    if indices != list(range(n)) or {int(s['process_count']) for s in states} != {n}:
-      raise ValueError(
-          f'merge_states needs the state of each of the processes once; got process '
-          f'indices {indices} of process counts '
-          f'{sorted({s["process_count"] for s in states})}')
-    for key in ('layout', 'num_streams', 'batches', 'seed'):
-      if len({s.get(key) for s in states}) != 1:
-        raise ValueError(f'data states of different processes disagree on {key!r}: '
-                         f'{[s.get(key) for s in states]}')
-    states.sort(key=lambda s: int(s['process_index']))
-    if first['layout'] == dealing.PER_PROCESS:
-      return {'version': _STATE_VERSION, 'layout': dealing.PER_PROCESS, 'process_count': n,
-              'processes': states}
-    streams: dict[str, Any] = {}
-    for s in states:
-      for j, stream in s['streams'].items():
-        if j in streams:
-          raise ValueError(f'data states of two processes both hold packing stream {j}')
-        streams[j] = stream
-    if len(streams) != int(first['num_streams']):
-      raise ValueError(f'data states hold {len(streams)} of {first["num_streams"]} packing '
-                       'streams; merge the state of every process')
-    # The reader state to read on from, with the characters dealt before it (its 'dealt').
-    earliest = min(states, key=lambda s: int(s['reader']['counter']))
-    merged = dict(earliest, process_count=n,
-                  streams=dict(sorted(streams.items(), key=lambda item: int(item[0]))))
-    del merged['process_index']
-    return merged
+    return data_state.merge(states)
 
   def load_state_dict(self, state: dict[str, Any]) -> None:
     """Continues from `state`: the next batch is the one after it was taken.
@@ -211,62 +149,14 @@ class TrainBatches:
     state_dict() that holds this process's streams (one saved by a single process, or
     by this process with the same process count).
     """
-    version = state.get('version')
-    if version not in (1, 2, 3, _STATE_VERSION):
-      raise ValueError(f'data state version {version!r} is not one this code reads (1 to '
-                       f'{_STATE_VERSION}); was it written by a newer version?')
-    state = self._own_part(self._upgrade(state))
-    if state.get('layout') != self._layout.kind:
-      raise ValueError(
-          f'data state numbers documents {_LAYOUT_WORDS.get(state.get("layout"), "?")}, '
-          f'this run {_LAYOUT_WORDS[self._layout.kind]}: a hub source split per host '
-          '(several processes) resumes only with the process count it was saved with')
-    reader_state = state['reader']
-    if len(reader_state['sources']) != len(self._reader.readers):
-      raise ValueError(
-          f'data state has {len(reader_state["sources"])} sources but the config names '
-          f'{len(self._reader.readers)}; did data.mixture change?')
-    names = state.get('shard_names') or [None] * len(reader_state['sources'])
-    for i, (s, name) in enumerate(zip(reader_state['sources'], names)):
-      self._check_shard(i, s['position'], name)
-    saved = state['streams']
-    counter, batches = int(reader_state['counter']), int(state['batches'])
-    self.close()
-    if int(state['num_streams']) != self._layout.num_streams or state.get('version') == 3:
-      # Another data.streams or global batch size, or streams dealt in turn (version 3):
-      # rather than failing the resume, fresh streams start at the first document no
-      # stream had started. What the streams were packing is not finished, and documents
-      # read for a stream that had not reached them are skipped.
-      start = max([int(s['next']) + (int(s['offset']) > 0) for s in saved.values()]
-                  + [counter])
-      if state.get('version') == 3:
-        log.warning('data state version 3 dealt documents to streams in turn; resuming '
-                    'with fresh streams, dealt by characters, from document %d', start)
-      else:
-        log.warning('data state has %s packing streams, resuming with %d from document %d',
-                    state['num_streams'], self._layout.num_streams, start)
-      self._reset(self._state)  # Rebuilt from its own state if what follows fails.
-      new = self._fresh(self._read_on(reader_state, start), batches)
+    state = data_state.own_part(state, self._layout, self._reader, self._process_index,
+                                self._process_count)
+    self.close()  # The prefetch thread reads with self._reader until it stops.
+    if data_state.same_streams(state, self._layout):
+      new = data_state.continued(state, self._layout, self._process_index)
     else:
-      owned = self._layout.owned()
-      missing = [j for j in owned if str(j) not in saved]
-      if missing:
-        raise ValueError(
-            f'data state lacks {len(missing)} packing streams of process '
-            f'{self._process_index} (first: {missing[0]}); restore from '
-            "TrainBatches.merge_states of every process's state_dict()")
-      new = self._fresh(reader_state, batches)
-      new['streams'] = {str(j): dict(saved[str(j)]) for j in owned}
-      new['dealt'] = [int(x) for x in state['dealt']]
-      if len(new['dealt']) != self._layout.num_streams:
-        raise ValueError(f'data state deals documents to {len(new["dealt"])} streams, not '
-                         f'{self._layout.num_streams}')
-      late = min(owned, key=lambda j: int(saved[str(j)]['next']))
-      if int(saved[str(late)]['next']) < counter:
-        raise ValueError(
-            f'data state reads on from document {counter}, after document '
-            f'{saved[str(late)]["next"]} that stream {late} still needs; restore from '
-            "TrainBatches.merge_states of every process's state_dict()")
+      self._reset(self._state)  # Rebuilt from its own state if what follows fails.
+      new = data_state.restreamed(state, self._layout, self._reader)
     self._reset(new)
     self._build()  # Now, so that a state that does not match the data fails here.
 
@@ -284,76 +174,7 @@ class TrainBatches:
     return {'total': total,
             'sources': [dict(c, source=r.label) for c, r in zip(per_source, self._reader.readers)]}
 
-  def _check_shard(self, source: int, pos: dict[str, int], name: str | None) -> None:
-    expected = self._reader.readers[source].shard_name(sources.Position.from_dict(pos))
-    if name is not None and name != expected:
-      raise ValueError(
-          f'data state points into {name!r} but the data now has {expected!r} there; '
-          'did data.files or the data change?')
-
-  def _own_part(self, state: dict[str, Any]) -> dict[str, Any]:
-    """This process's state out of a merged per-process one; checks a single one."""
-    if state.get('layout') != dealing.PER_PROCESS or self._layout.kind != dealing.PER_PROCESS:
-      return state
-    saved = int(state.get('process_count', self._process_count))
-    if saved != self._process_count:
-      raise ValueError(
-          f'data state was saved by {saved} processes that each read their own rows of a '
-          f'hub source (data/sources.py); it resumes only on {saved} processes, not '
-          f'{self._process_count}')
-    if 'processes' in state:
-      return state['processes'][self._process_index]
-    if int(state.get('process_index', self._process_index)) != self._process_index:
-      raise ValueError(
-          f'data state of process {state["process_index"]} given to process '
-          f'{self._process_index}; restore from TrainBatches.merge_states of every '
-          "process's state_dict()")
-    return state
-
-  def _upgrade(self, state: dict[str, Any]) -> dict[str, Any]:
-    """Reads a version-1 or -2 state (streams filled on demand) as a current one.
-
-    Those layouts cannot be continued exactly: fresh streams start at the first
-    document no stream had taken, and the rest of the documents in progress is lost.
-    """
-    version = state.get('version')
-    if version not in (1, 2):
-      return state
-    if version == 1:
-      pos = sources.Position.from_dict(state['position'])
-      if int(state['offset']):
-        pos = pos.next()
-      reader_state = {'counter': 0, 'sources': [{'position': pos.to_dict(), 'counts': {}}]}
-      names = [state.get('shard_name')]
-    else:
-      reader_state = state['reader']
-      names = state.get('shard_names')
-    log.warning('data state version %d: resuming at the first document its streams had '
-                'not taken; the documents they were packing are not finished', version)
-    return dict(self._fresh(reader_state, int(state['batches'])), shard_names=names)
-
   # Producing batches.
-
-  def _fresh(self, reader_state: dict[str, Any], batches: int) -> dict[str, Any]:
-    """A state whose streams start empty at the reader's document, nothing dealt yet."""
-    k = self._layout.num_streams
-    start = int(reader_state['counter'])
-    return {
-        'version': _STATE_VERSION,
-        'layout': self._layout.kind,
-        'num_streams': k,
-        'batches': batches,
-        'streams': {str(j): {'next': start, 'offset': 0} for j in self._layout.owned()},
-        'reader': reader_state,
-        'dealt': [0] * k,
-    }
-
-  def _read_on(self, reader_state: dict[str, Any], start: int) -> dict[str, Any]:
-    """The reader's state at document `start`, reading on from `reader_state`."""
-    self._reader.load_state_dict(reader_state)
-    while self._reader.counter < start:
-      self._reader.next()
-    return self._reader.state_dict()
 
   def _encode(self, texts: list[str]) -> list[np.ndarray]:
     """Documents as they enter a stream: int32 [BOS] ids EOS."""
@@ -382,24 +203,6 @@ class TrainBatches:
     self._batches = int(state['batches'])
     self._built = True
 
-  def _snapshot(self) -> dict[str, Any]:
-    held = [s.first for s in self._streams.values() if s.first is not None]
-    reader_state, dealt = self._dealer.checkpoint(held)
-    streams = {}
-    for j, s in self._streams.items():
-      streams[str(j)] = s.state_dict()
-      if s.first is None:  # Not started: nothing dealt to it before the reader state.
-        streams[str(j)]['next'] = max(s.next, int(reader_state['counter']))
-    return {
-        'version': _STATE_VERSION,
-        'layout': self._layout.kind,
-        'num_streams': self._layout.num_streams,
-        'batches': self._batches,
-        'streams': streams,
-        'reader': reader_state,
-        'dealt': dealt,
-    }
-
   def _produce(self) -> tuple[Batch, dict[str, Any]]:
     if not self._built:
       self._build()
@@ -407,7 +210,7 @@ class TrainBatches:
             for i in range(self._batch_size)]
     self._batches += 1
     batch = packing.batch(np.stack(rows), self._tokenizer.eos_id, self._cfg.segment_ids)
-    return batch, self._snapshot()
+    return batch, data_state.snapshot(self._layout, self._streams, self._dealer, self._batches)
 
   def _start_thread(self) -> None:
     self._stop = threading.Event()
@@ -433,10 +236,6 @@ class TrainBatches:
           return
         except queue.Full:
           pass
-
-
-_LAYOUT_WORDS = {dealing.GLOBAL: 'in one sequence for all processes',
-                 dealing.PER_PROCESS: 'per process (a hub source split per host)'}
 
 
 def eval_batches(

@@ -627,32 +627,7 @@ def test_segment_ids(tok, corpus):
   assert set(ev[0]) == {'tokens', 'segment_ids'}
 
 
-def test_loads_a_version_1_state(tok, corpus):
-  cfg, _ = corpus
-  src = sources.open_source(cfg)
-  docs = [d for d in sources.documents(src, repeat=False, seed=1)
-          if not is_heldout(d.key, cfg.eval_fraction)]
-  doc = next(d for d in docs if len(tok.encode(d.text)) > 30)
-  v1 = {'version': 1, 'position': doc.position.to_dict(), 'offset': 5,
-        'packer': {'buffer': [7, 8]}, 'batches': 3,
-        'shard_name': sources.shard_name(src, doc.position, 1)}
-  it = TrainBatches(cfg, tok, 2, 16, seed=1, prefetch=0)
-  it.load_state_dict(v1)
-  # The old layout cannot continue exactly: the streams start afresh with the documents
-  # after the one it was packing.
-  after = docs[docs.index(doc) + 1:]
-  batch = next(it)
-  for row, text in enumerate(after[:2]):
-    assert batch[row].tolist() == ([tok.bos_id] + tok.encode(text.text) + [tok.eos_id])[:17]
-  state = it.state_dict()
-  assert state['version'] == 4 and state['batches'] == 4
-  with pytest.raises(ValueError, match='data.files'):
-    it.load_state_dict(dict(v1, shard_name='other.jsonl'))
-  with pytest.raises(ValueError, match='data state version 99 is not one this code reads'):
-    it.load_state_dict(dict(state, version=99))
-
-
-def test_loads_a_version_3_state_or_another_stream_count(tok, corpus, caplog):
+def test_loads_a_state_of_another_stream_count(tok, corpus, caplog):
   cfg, _ = corpus
   _, states = _batches(cfg, tok, 4, prefetch=0)
   saved = states[-1]
@@ -660,21 +635,18 @@ def test_loads_a_version_3_state_or_another_stream_count(tok, corpus, caplog):
   start = max(s['next'] + (s['offset'] > 0) for s in saved['streams'].values())
   reader = reader_lib.MixtureReader(cfg, seed=0)
   docs = [reader.next()[1].text for _ in range(start + 2)]
-  v3 = {key: value for key, value in saved.items() if key != 'dealt'}
-  v3['version'] = 3  # Documents were dealt n % K, with no character counts.
-  for state, streams, words in ((v3, 0, 'version 3'), (saved, 4, '2 packing streams')):
-    it = TrainBatches(dataclasses.replace(cfg, streams=streams), tok, 2, 16, prefetch=0)
-    with caplog.at_level('WARNING', logger='data.pipeline'):
-      it.load_state_dict(state)
-    assert words in caplog.text and f'from document {start}' in caplog.text
-    caplog.clear()
-    batch = next(it)
-    for row, text in enumerate(docs[start:]):
-      assert batch[row].tolist() == ([tok.bos_id] + tok.encode(text) + [tok.eos_id])[:17]
-    after = it.state_dict()
-    it.close()
-    assert after['version'] == 4 and after['batches'] == 5
-    assert len(after['dealt']) == (streams or 2)
+  it = TrainBatches(dataclasses.replace(cfg, streams=4), tok, 2, 16, prefetch=0)
+  with caplog.at_level('WARNING', logger='data.state'):
+    it.load_state_dict(saved)
+  assert '2 packing streams' in caplog.text and f'from document {start}' in caplog.text
+  batch = next(it)
+  for row, text in enumerate(docs[start:]):
+    assert batch[row].tolist() == ([tok.bos_id] + tok.encode(text) + [tok.eos_id])[:17]
+  after = it.state_dict()
+  it.close()
+  assert after['version'] == 4 and after['batches'] == 5 and len(after['dealt']) == 4
+  with pytest.raises(ValueError, match='data state version 3 is not one this code reads'):
+    it.load_state_dict(dict(saved, version=3))
 
 
 def _lopsided_text(i: int) -> str:
