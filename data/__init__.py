@@ -12,8 +12,9 @@ small JSON-able dict that the trainer stores next to its checkpoints.
 """
 
 from data.config import DataConfig
+from data.heldout import eval_batches
 from data.packing import Windower, wrap
-from data.pipeline import TrainBatches, eval_batches
+from data.pipeline import TrainBatches
 from data.tokenizer import Tokenizer, check_vocab, load_or_train, train_tokenizer, training_texts
 
 __all__ = [

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from data import packing, sources
-from data.pipeline import eval_batches
+from data.heldout import eval_batches
 from data.tokenizer import Tokenizer
 from lm.evaluation import evaluate, make_eval_step, summarize
 from lm.run_folder import Run, load_run

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from data.pipeline import TrainBatches, eval_batches
+from data import TrainBatches, eval_batches
 from data.tokenizer import Tokenizer, check_vocab, load_or_train
 from lm import distributed, flops, resume
 from lm.checkpoint import Checkpointer, SaveFailed, file_sha256, make_metadata

@@ -26,8 +26,9 @@ from configs import base
 from data import cleaning, mixture, packing, sources, stdlib, throughput
 from data import reader as reader_lib
 from data.config import DataConfig
+from data.heldout import eval_batches
 from data.packing import Windower
-from data.pipeline import TrainBatches, eval_batches
+from data.pipeline import TrainBatches
 from data.split import is_heldout
 from data.tokenizer import Tokenizer, check_vocab, load_or_train, train_tokenizer, training_texts
 
