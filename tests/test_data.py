@@ -1143,7 +1143,7 @@ def test_mixture_names_its_bad_source(tok, tmp_path):
 
 def test_throughput_measure(tok, corpus):
   cfg, _ = corpus
-  out = throughput.measure(cfg, tok, 2, 32, batches=3, num_threads=2)
+  out = throughput.measure(cfg, tok, 2, 32, batches=3, seconds=0, num_threads=2)
   assert out['pipeline_tokens_per_sec'] > 0 and out['sentencepiece_tokens_per_sec'] > 0
   assert out['ratio'] > 0 and out['threads'] == 2 and out['documents'] > 0
 
