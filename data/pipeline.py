@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from data import cleaning, dealing, packing
+from data import dealing, packing
 from data import reader as reader_lib
 from data import state as data_state
 from data.config import DataConfig
@@ -158,20 +158,6 @@ class TrainBatches:
       new = data_state.restreamed(state, self._layout, self._reader)
     self._reset(new)
     self._build()  # Now, so that a state that does not match the data fails here.
-
-  def stats(self) -> dict[str, Any]:
-    """Document counts of the batches handed out: per source and summed over sources.
-
-    The counts are of every process's documents (except next to a hub source split per
-    host: this process's), over every epoch, up to the earliest document this process's
-    streams still use: 'kept', 'heldout', and the cleaning drops 'empty', 'short',
-    'duplicate', 'binary' (a state saved before 'binary' existed counts it from 0).
-    """
-    per_source = [{**cleaning.zero_counts(), **s['counts']}
-                  for s in self._state['reader']['sources']]
-    total = {k: sum(c.get(k, 0) for c in per_source) for k in cleaning.zero_counts()}
-    return {'total': total,
-            'sources': [dict(c, source=r.label) for c, r in zip(per_source, self._reader.readers)]}
 
   # Producing batches.
 

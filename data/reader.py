@@ -42,11 +42,6 @@ class SourceReader:
   def label(self) -> str:
     return self.source.label
 
-  @property
-  def counts(self) -> dict[str, int]:
-    """This process's documents so far (all epochs): kept, held out, dropped by reason."""
-    return dict(self._counts)
-
   def state_dict(self) -> dict[str, Any]:
     return {'position': self._pos.to_dict(), 'counts': dict(self._counts)}
 
