@@ -10,7 +10,7 @@ every process's into one state that any process count restores (data/state.py).
 
 Hub sources split across hosts are the exception: each host streams its own rows
 (data/sources.py), so with several processes and a hub source each process numbers its
-own documents and deals them, as above, to K / process_count streams of its own. Its
+own documents and deals them, as above, to streams of its own. Its
 batches then depend on the process count, and its state resumes only with the same
 process count.
 """
