@@ -1,6 +1,9 @@
 """Tests of the data/ package's config, sources, split, tokenizer, cleaning, mixtures and
 errors; the packing, dealing, pipeline, state and held-out tests are in test_data_*.py."""
 
+# First: it keeps datasets (imported by data/sources.py) offline and out of ~.
+from tests import test_data_helpers as h  # isort: skip
+
 import copy
 import dataclasses
 import itertools
@@ -22,7 +25,6 @@ from data.heldout import eval_batches
 from data.pipeline import TrainBatches
 from data.split import is_heldout
 from data.tokenizer import Tokenizer, check_vocab, load_or_train, train_tokenizer, training_texts
-from tests import test_data_helpers as h
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
