@@ -69,7 +69,7 @@ class TrainBatches:
     self._reader = reader_lib.MixtureReader(
         cfg, seed=seed, process_index=process_index, process_count=process_count)
     self._layout = dealing.Layout.make(cfg, batch_size, process_index, process_count,
-                                self._reader.per_process)
+                                       self._reader.per_process)
     self._tokenizer = tokenizer
     self._batch_size = batch_size
     self._seq_len = seq_len
@@ -181,7 +181,7 @@ class TrainBatches:
       stream.load_state_dict(saved)
       self._streams[int(j)] = stream
     self._dealer.restart(state['reader'], state['dealt'],
-                          {j: s.next for j, s in self._streams.items()})
+                         {j: s.next for j, s in self._streams.items()})
     for stream in self._streams.values():
       if stream.offset:  # Re-reads the document now: a changed one fails here.
         stream.fill(self._dealer.take, 1)
