@@ -1,24 +1,33 @@
 """Input pipeline: sources, cleaning, mixtures, tokenizer, packing, process sharding.
 
-sources.py reads documents (stdlib, files, hub); cleaning.py drops blank, binary, short and
-duplicate ones; mixture.py weighs several sources; reader.py turns them into one
-resumable sequence of training documents; pipeline.py deals that sequence out to packing
-streams and packs them into batches whose rows come from different documents, the same
-global batches for any process count (each process tokenises only its own streams);
-throughput.py measures it.
+Where each thing lives:
+  sources.py    reads documents (stdlib, files, hub); cleaning.py drops blank, binary,
+                short and duplicate ones; split.py picks the held-out ones.
+  mixture.py    weighs several sources; reader.py turns them into one resumable
+                sequence of training documents.
+  tokenizer.py  trains and loads the sentencepiece tokenizer (hf_tokenizer.py exports it).
+  packing.py    the one [BOS] ids EOS wrap and the one seq_len + 1 windower, shared by
+                training, held-out batches and lm/eval_run.py's file scoring.
+  dealing.py    deals the training documents to packing streams, rows and processes:
+                the same global batches for any process count, each process tokenising
+                only its own streams.
+  state.py      the data state: snapshot, merging every process's, restore checks.
+  pipeline.py   TrainBatches, the prefetching facade over the above.
+  heldout.py    eval_batches, the held-out batches.
+  throughput.py measures the pipeline's tokens/s (lm/bench.py reports the same figure).
 
 This package never imports jax or flax: it hands out numpy batches, and its state is a
 small JSON-able dict that the trainer stores next to its checkpoints.
 """
 
 from data.config import DataConfig
-from data.packing import Packer
-from data.pipeline import TrainBatches, eval_batches
+from data.heldout import eval_batches
+from data.packing import Windower, wrap
+from data.pipeline import TrainBatches
 from data.tokenizer import Tokenizer, check_vocab, load_or_train, train_tokenizer, training_texts
 
 __all__ = [
     'DataConfig',
-    'Packer',
     'TrainBatches',
     'Tokenizer',
     'check_vocab',
@@ -26,4 +35,6 @@ __all__ = [
     'load_or_train',
     'train_tokenizer',
     'training_texts',
+    'Windower',
+    'wrap',
 ]

@@ -1,7 +1,13 @@
-"""Packs documents end to end into fixed windows of seq_len + 1 tokens."""
+"""Packing: documents wrapped as [BOS] ids EOS, end to end, cut into seq_len + 1 windows.
 
+`wrap` and `Windower` are the one wrapping and the one windowing that training
+(data/dealing.py's packing streams), held-out batches (data/heldout.py) and file scoring
+(lm/eval_run.py) share, so the three pack text alike. `segment_ids` and `batch` give rows
+the form the trainer takes.
+"""
+
+import collections
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -9,73 +15,75 @@ import numpy as np
 Batch = np.ndarray | dict[str, np.ndarray]
 
 
-class Packer:
-  """Concatenates documents ([BOS] ids EOS) and cuts the stream into windows.
+def wrap(ids: Sequence[int], eos_id: int, bos_id: int | None = None) -> np.ndarray:
+  """A document's token ids as they enter a stream: int32 [BOS] ids EOS (no BOS: None)."""
+  head = 0 if bos_id is None else 1
+  tokens = np.empty(head + len(ids) + 1, np.int32)
+  if head:
+    tokens[0] = bos_id
+  tokens[head:-1] = ids
+  tokens[-1] = eos_id
+  return tokens
 
-  Each window holds seq_len + 1 tokens: inputs are window[:-1], targets window[1:].
-  Consecutive windows share one token (the last of one is the first of the next), so
-  every next-token pair of the stream is trained on exactly once. Tokens that do not
-  yet fill a window are carried over to the next document.
+
+class Windower:
+  """Token arrays end to end, cut into windows of seq_len + 1 tokens.
+
+  Inputs are window[:-1], targets window[1:]. Consecutive windows share one token (the
+  last of one is the first of the next), so every next-token pair of the stream is
+  trained on exactly once. The arrays are held, not copied, until the next window
+  starts after them.
   """
 
-  def __init__(self, seq_len: int, eos_id: int, bos_id: int | None = None):
+  def __init__(self, seq_len: int, offset: int = 0):
     if seq_len < 1:
       raise ValueError(f'seq_len must be positive, got {seq_len}')
     self.seq_len = seq_len
-    self.eos_id = eos_id
-    self.bos_id = bos_id  # None: no BOS before documents.
-    # Tokens waiting for a window are self._buffer[self._start:]; popping advances
-    # _start and compacts now and then, so a long document is not shifted per window.
-    self._buffer: list[int] = []
-    self._start = 0
+    # Where the next window starts in the first array held (or in the next one added,
+    # while none is: a packing stream resuming inside a document).
+    self.offset = offset
+    self._pieces: collections.deque[np.ndarray] = collections.deque()
+    self._held = 0  # Tokens in self._pieces.
 
   @property
-  def window(self) -> int:
-    return self.seq_len + 1
+  def pieces(self) -> int:
+    """The arrays held: those the next window starts in or after."""
+    return len(self._pieces)
 
   @property
   def buffered(self) -> int:
-    """Tokens waiting for a window."""
-    return len(self._buffer) - self._start
+    """Tokens from the next window's start on."""
+    return self._held - self.offset
 
-  def wrap(self, ids: Sequence[int]) -> list[int]:
-    """A document's tokens as they enter the stream."""
-    head = [] if self.bos_id is None else [self.bos_id]
-    return head + _ints(ids) + [self.eos_id]
+  def add(self, tokens: np.ndarray) -> None:
+    self._pieces.append(tokens)
+    self._held += len(tokens)
 
-  def add_document(self, ids: Sequence[int]) -> None:
-    self.add(self.wrap(ids))
+  def pop(self, partial: bool = False) -> np.ndarray | None:
+    """The next int32 [seq_len + 1] window, or None if not that many tokens are buffered.
 
-  def add(self, tokens: Sequence[int]) -> None:
-    """Appends raw stream tokens (already wrapped): Python ints or a numpy array."""
-    self._buffer.extend(_ints(tokens))
-
-  def pop(self) -> np.ndarray | None:
-    """The next full window as int32 [seq_len + 1], or None if there is not one yet."""
-    if self.buffered < self.window:
-      return None
-    out = np.asarray(self._buffer[self._start:self._start + self.window], dtype=np.int32)
-    self._start += self.seq_len  # Keep the shared last token.
-    if self._start > len(self._buffer) // 2:
-      del self._buffer[:self._start]
-      self._start = 0
-    return out
-
-  def state_dict(self) -> dict[str, Any]:
-    return {'buffer': self._buffer[self._start:]}
-
-  def load_state_dict(self, state: dict[str, Any]) -> None:
-    self._buffer = [int(t) for t in state['buffer']]
-    self._start = 0
-
-
-def _ints(ids: Sequence[int] | np.ndarray) -> list[int]:
-  # Token ids are Python ints (as sentencepiece returns them) or a numpy array; either
-  # becomes a list of Python ints in C, not per token in Python, and the state stays
-  # JSON-able.
-  if isinstance(ids, np.ndarray):
-    return ids.tolist()
-  return list(ids)
+    With `partial`, the last tokens (at least 2: one target) come as a shorter window.
+    """
+    size = self.seq_len + 1
+    if self.buffered < size:
+      if not partial or self.buffered < 2:
+        return None
+      size = self.buffered
+    parts, start, left = [], self.offset, size
+    for piece in self._pieces:
+      part = piece[start:start + left]
+      parts.append(part)
+      left -= len(part)
+      start = 0
+      if not left:
+        break
+    self.offset += self.seq_len
+    # Drop what the next window starts after; after a full window its first token is held.
+    while self._pieces and self.offset >= len(self._pieces[0]):
+      done = self._pieces.popleft()
+      self.offset -= len(done)
+      self._held -= len(done)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def segment_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
@@ -96,3 +104,13 @@ def batch(tokens: np.ndarray, eos_id: int, with_segments: bool) -> Batch:
   if not with_segments:
     return tokens
   return {'tokens': tokens, 'segment_ids': segment_ids(tokens, eos_id)}
+
+
+def check_sizes(batch_size: int, seq_len: int, process_index: int, process_count: int) -> None:
+  """Raises ValueError for a batch shape or process that no batches can have."""
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  if seq_len < 1:
+    raise ValueError(f'seq_len must be positive, got {seq_len}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')

@@ -1,307 +1,35 @@
-"""Training and held-out batches: read, clean, tokenise, pack; resumable exactly.
+"""TrainBatches: training batches read, cleaned, tokenised, packed, prefetched; resumable.
 
-Layout. The training documents form one sequence, numbered n = 0, 1, 2, ... across
-epochs (in a mixture, n alone picks the source: data/mixture.py). They are dealt to K
-packing streams, K = data.streams or, by default, the global row count
-G = batch_size * process_count: document n goes to the stream with the fewest
-characters (len of the cleaned text) dealt so far, the lowest-numbered one on a tie. A
-stream is its documents ([BOS] ids EOS) end to end, cut into windows of seq_len + 1
-tokens that share their edge token. Global row r of batch b is the next window of stream
-(b * G + r) % K, and process p hands out the global rows [p * batch_size,
-(p + 1) * batch_size). So the rows of a batch come from different streams, not
-consecutive windows of one document, and the global batch (every process's rows in
-process order) is the same for every process count that divides G. Each process reads
-and cleans the whole sequence, so every process deals alike, but tokenises only the
-documents of its own streams, a chunk at a time on several threads; a document for a
-stream still busy with a long one waits, as text, in that stream's queue.
+Layout. The training documents form one sequence that is dealt, by characters, to
+packing streams; each row of a batch is the next window of one stream, and each process
+tokenises only its own streams' documents (data/dealing.py says how and why).
 
-Why by characters: every stream hands out tokens at the same rate. Dealt in turn
-(n % K), a stream that drew long documents falls behind and the documents read for the
-others meanwhile pile up, a pile that grows with the run. Dealt to the stream with the
-fewest characters, no stream gets more than the longest document ahead of another, and
-the text is known to every process before tokenising (token counts would make every
-process tokenise everything).
-
-State. Per stream, where its next window starts: a document number and a token offset
-into that document (a stream that has not started yet: the document from which on it
-takes what is dealt to it). And the reader's state (per source a position and counters,
-and the mixture's counter) at a document no later than any the streams still need, with
-the characters dealt to each stream before that document. Restoring reads and deals on
-from there and skips what the streams had already taken, so batches continue bit for
-bit. A process's state_dict() holds its own streams; TrainBatches.merge_states joins
-every process's into one global state, which any process count restores.
+State. state_dict() says where every stream of this process is and where the reader
+reads on, so that restoring continues bit for bit; TrainBatches.merge_states joins
+every process's into one state that any process count restores (data/state.py).
 
 Hub sources split across hosts are the exception: each host streams its own rows
 (data/sources.py), so with several processes and a hub source each process numbers its
-own documents and deals them, as above, to K / process_count streams of its own. Its
+own documents and deals them, as above, to streams of its own. Its
 batches then depend on the process count, and its state resumes only with the same
 process count.
 """
 
-import collections
-import copy
-import dataclasses
-import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from data import cleaning, packing, sources
+from data import dealing, packing
 from data import reader as reader_lib
+from data import state as data_state
 from data.config import DataConfig
-from data.packing import Packer
 from data.tokenizer import Tokenizer
 
-_STATE_VERSION = 4  # 4: documents dealt by characters; 3: dealt n % K.
-# How documents are numbered: one sequence read by every process, or one per process
-# (next to a hub source split per host).
-_GLOBAL, _PER_PROCESS = 'global', 'per_process'
-_T = TypeVar('_T')
 Batch = packing.Batch
-log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-  """Which packing stream feeds each row, and which streams this process owns."""
-
-  kind: str  # _GLOBAL or _PER_PROCESS.
-  num_streams: int  # K packing streams, the documents dealt among them.
-  rows: int  # G: the rows of a batch in this numbering (all processes', or its own).
-  first_row: int  # This process's first row among them.
-  batch_size: int  # This process's rows.
-
-  @classmethod
-  def make(cls, cfg: DataConfig, batch_size: int, process_index: int, process_count: int,
-           per_process: bool) -> '_Layout':
-    if per_process:
-      if cfg.streams % process_count:
-        raise ValueError(
-            f'data.streams={cfg.streams} must be a multiple of the {process_count} '
-            'processes: next to a hub source split per host, each process packs its own '
-            'documents into data.streams / process_count streams')
-      k = cfg.streams // process_count or batch_size
-      return cls(_PER_PROCESS, k, batch_size, 0, batch_size)
-    rows = batch_size * process_count
-    k = cfg.streams or rows
-    # A stream must feed the rows of one process only: K a multiple of G puts stream j
-    # on global row j % G in every batch.
-    if process_count > 1 and k % rows:
-      raise ValueError(
-          f'data.streams={cfg.streams} must be 0 or a multiple of the global batch rows '
-          f'({batch_size} per process x {process_count} processes = {rows}) so that each '
-          'packing stream feeds one process')
-    return cls(_GLOBAL, k, rows, process_index * batch_size, batch_size)
-
-  def owned(self) -> list[int]:
-    """This process's streams, in order."""
-    if self.rows == self.batch_size:
-      return list(range(self.num_streams))
-    return [j for j in range(self.num_streams)
-            if self.first_row <= j % self.rows < self.first_row + self.batch_size]
-
-  def stream(self, batch: int, row: int) -> int:
-    """The stream of this process's row `row` in batch number `batch`."""
-    return (batch * self.rows + self.first_row + row) % self.num_streams
-
-
-@dataclasses.dataclass(eq=False)
-class _Doc:
-  """A document of this process's streams, from when it is read until it is packed."""
-
-  n: int  # Its number in the document sequence.
-  stream: int  # The stream it was dealt to.
-  key: str
-  text: str | None  # Dropped once encoded.
-  before: dict[str, Any]  # The reader's state just before it: restoring there reads it.
-  tokens: np.ndarray | None = None  # int32 [BOS] ids EOS; None until encoded.
-
-
-class _Scanner:
-  """Reads the document sequence, deals it to the streams, queues this process's part.
-
-  Each document goes to the stream with the fewest characters dealt so far (ties: the
-  lowest index). Documents of other processes' streams are read (the dealing, the
-  reader's positions, counters and dedup set must see them) and dropped without
-  tokenising. Encoding waits until a stream needs a document, then covers a chunk of
-  queued ones in one threaded call.
-  """
-
-  def __init__(self, reader: reader_lib.MixtureReader, num_streams: int,
-               encode: Callable[[list[str]], list[np.ndarray]], chunk: int):
-    self._reader = reader
-    self._k = num_streams
-    self._encode = encode
-    self._chunk = max(chunk, 1)
-    self._queues: dict[int, collections.deque[_Doc]] = {}
-    self._first: dict[int, int] = {}
-    self._unencoded = 0  # Queued documents not encoded yet.
-    self._dealt = np.zeros(num_streams, np.int64)  # Characters dealt to each stream.
-    # The dealt characters before document number self._since, and (stream, characters)
-    # of each document read from there on: checkpoint() rewinds the dealing with them.
-    self._since = 0
-    self._dealt_since = self._dealt.copy()
-    self._deals: collections.deque[tuple[int, int]] = collections.deque()
-
-  def restart(self, reader_state: dict[str, Any], dealt: Sequence[int],
-              first: dict[int, int]) -> None:
-    """Reads on from `reader_state`, `dealt` the characters dealt before it; stream j
-    takes the documents dealt to it from number first[j] on."""
-    self._reader.load_state_dict(reader_state)
-    self._dealt = np.array(dealt, np.int64)
-    if self._dealt.shape != (self._k,):
-      raise ValueError(f'data state deals to {len(dealt)} streams, not {self._k}')
-    self._since = self._reader.counter
-    self._dealt_since = self._dealt.copy()
-    self._deals.clear()
-    self._first = dict(first)
-    self._queues = {j: collections.deque() for j in first}
-    self._unencoded = 0
-
-  def take(self, stream: int) -> _Doc:
-    """The stream's next document, encoded."""
-    waiting = self._queues[stream]
-    while not waiting:
-      self._read()
-    doc = waiting.popleft()
-    if doc.tokens is None:
-      self._encode_chunk(doc)
-    return doc
-
-  def checkpoint(self, held: Iterable[_Doc]) -> tuple[dict[str, Any], list[int]]:
-    """A reader state no later than any document in `held` or in the queues, and the
-    characters dealt to each stream before it (less their minimum: only the differences
-    steer the dealing).
-
-    The streams pass their first documents; a stream that holds none needs either its
-    queue's first or one not read yet. Never earlier than the last checkpoint.
-    """
-    docs = list(held) + [q[0] for q in self._queues.values() if q]
-    if docs:
-      first = min(docs, key=lambda d: d.n)
-      reader_state, n = first.before, first.n
-    else:
-      reader_state, n = self._reader.state_dict(), self._reader.counter
-    if n < self._since:
-      raise AssertionError(f'checkpoint at document {n}, before the last one ({self._since})')
-    while self._since < n:
-      j, chars = self._deals.popleft()
-      self._dealt_since[j] += chars
-      self._since += 1
-    return reader_state, (self._dealt_since - self._dealt_since.min()).tolist()
-
-  def _read(self) -> None:
-    n = self._reader.counter
-    j = int(np.argmin(self._dealt))  # The first of the streams dealt the fewest.
-    mine = j in self._queues and n >= self._first[j]
-    before = self._reader.state_dict() if mine else None
-    _, read = self._reader.next()
-    self._dealt[j] += len(read.text)
-    self._deals.append((j, len(read.text)))
-    if mine:
-      self._queues[j].append(_Doc(n, j, read.key, read.text, before))
-      self._unencoded += 1
-    # Else another process's, or one its stream took before the state was saved.
-
-  def _encode_chunk(self, doc: _Doc) -> None:
-    while self._unencoded < self._chunk:  # Read ahead: one call encodes a chunk.
-      self._read()
-    # With it go the streams' next documents; those queued far behind a long document
-    # wait as text until their stream nears them.
-    depth = max(2, -(-self._chunk // len(self._queues)))
-    soon = [(level, d.n, d) for q in self._queues.values()
-            for level, d in zip(range(depth), q) if d.tokens is None]
-    soon.sort(key=lambda item: item[:2])
-    chunk = [doc] + [d for _, _, d in soon[:self._chunk - 1]]
-    for d, tokens in zip(chunk, self._encode([d.text for d in chunk])):
-      d.tokens, d.text = tokens, None
-    self._unencoded -= len(chunk)
-
-
-class _Stream:
-  """One packing stream: the documents dealt to it, end to end, cut into windows."""
-
-  def __init__(self, index: int, seq_len: int):
-    self.index = index
-    self._seq_len = seq_len
-    # The document the next window starts in (before the stream's first window: the
-    # number from which on the documents dealt to it are its own) ...
-    self.next = 0
-    self.offset = 0  # ... and the token of it (counting BOS) that it starts at.
-    self._key: str | None = None  # That document's key, while resuming inside it.
-    self._docs: collections.deque[_Doc] = collections.deque()  # Taken, from `next` on.
-    self._held = 0  # Tokens in self._docs.
-
-  @property
-  def first(self) -> _Doc | None:
-    return self._docs[0] if self._docs else None
-
-  def state_dict(self) -> dict[str, Any]:
-    out: dict[str, Any] = {'next': self.next, 'offset': self.offset}
-    if self.offset:  # Names the document, so a resume onto changed data fails.
-      out['key'] = self._docs[0].key if self._docs else self._key
-    return out
-
-  def load_state_dict(self, state: dict[str, Any]) -> None:
-    self.next, self.offset = int(state['next']), int(state['offset'])
-    if self.next < 0 or self.offset < 0:
-      raise ValueError(f'data state: stream {self.index} cannot start at '
-                       f'document {self.next}, token {self.offset}')
-    self._key = state.get('key')
-    self._docs.clear()
-    self._held = 0
-
-  def fill(self, take: Callable[[int], _Doc], size: int) -> None:
-    """Takes documents until `size` tokens are held from the next window's start on."""
-    while self._held - self.offset < size:
-      doc = take(self.index)
-      # The next document dealt to this stream: after the last one it took, or from
-      # number `next` on (resuming inside a document: that one, checked below).
-      after = self._docs[-1].n + 1 if self._docs else self.next
-      if doc.stream != self.index or doc.n < after:
-        raise AssertionError(f'stream {self.index} expected a document dealt to it from '
-                             f'number {after} on, got {doc.n} dealt to {doc.stream}')
-      if not self._docs and self.offset:
-        self._check_resumed(doc)
-      self._docs.append(doc)
-      self._held += len(doc.tokens)
-
-  def window(self, take: Callable[[int], _Doc]) -> np.ndarray:
-    """The next int32 [seq_len + 1] window; the next one starts at its last token."""
-    size = self._seq_len + 1
-    self.fill(take, size)
-    parts, start, left = [], self.offset, size
-    for d in self._docs:
-      part = d.tokens[start:start + left]
-      parts.append(part)
-      left -= len(part)
-      start = 0
-      if not left:
-        break
-    self.offset += self._seq_len
-    while self.offset >= len(self._docs[0].tokens):  # The last token is always held.
-      done = self._docs.popleft()
-      self.offset -= len(done.tokens)
-      self._held -= len(done.tokens)
-    self.next = self._docs[0].n
-    self._key = None
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-  def _check_resumed(self, doc: _Doc) -> None:
-    if doc.n != self.next:  # The dealing differs: the documents' lengths do.
-      raise sources.DataError(
-          f'data state does not match the data: stream {self.index} resumes inside '
-          f'document {self.next} ({self._key!r}), but the data deals it document {doc.n} '
-          f'({doc.key!r}) first (did the data change?)')
-    if (self._key is not None and doc.key != self._key) or self.offset >= len(doc.tokens):
-      raise sources.DataError(
-          f'data state does not match the data: document {doc.n} is {doc.key!r} '
-          f'({len(doc.tokens)} tokens), the state has {self.offset} tokens of '
-          f'{self._key!r} packed (did the data change?)')
 
 
 class TrainBatches:
@@ -336,28 +64,28 @@ class TrainBatches:
       prefetch: int = 2,
       encode_docs: int = 64,
   ):
-    _check_sizes(batch_size, seq_len, process_index, process_count)
+    packing.check_sizes(batch_size, seq_len, process_index, process_count)
     self._cfg = cfg
     self._reader = reader_lib.MixtureReader(
         cfg, seed=seed, process_index=process_index, process_count=process_count)
-    self._layout = _Layout.make(cfg, batch_size, process_index, process_count,
-                                self._reader.per_process)
+    self._layout = dealing.Layout.make(cfg, batch_size, process_index, process_count,
+                                       self._reader.per_process)
     self._tokenizer = tokenizer
     self._batch_size = batch_size
     self._seq_len = seq_len
     self._process_index = process_index
     self._process_count = process_count
     self._seed = seed
-    self._head = [tokenizer.bos_id] if add_bos else []
+    self._bos = tokenizer.bos_id if add_bos else None
     self._prefetch = prefetch
     self._threads = cfg.encode_threads or os.cpu_count() or 1
-    self._scanner = _Scanner(self._reader, self._layout.num_streams, self._encode, encode_docs)
-    self._streams: dict[int, _Stream] = {}
+    self._dealer = dealing.Dealer(self._reader, self._layout.num_streams, self._encode, encode_docs)
+    self._streams: dict[int, dealing.Stream] = {}
     self._thread: threading.Thread | None = None
     self._stop = threading.Event()
     self._queue: queue.Queue = queue.Queue()
     self._error: BaseException | None = None
-    self._reset(self._fresh(self._reader.state_dict(), 0))
+    self._reset(data_state.fresh(self._layout, self._reader.state_dict(), 0))
 
   # Iteration.
 
@@ -399,73 +127,19 @@ class TrainBatches:
     """JSON-serialisable state after the last batch handed out: this process's part.
 
     With several processes, TrainBatches.merge_states of every process's part is the
-    state to store. Keys: 'version', 'layout', 'num_streams', 'batches' (global batches
-    handed out), 'streams' ({stream index as a string: {'next', 'offset'[, 'key']}}),
-    'reader' (the reader state to read on from), 'dealt' (the characters dealt to each
-    stream before it, less their minimum), and for checks and readers 'shard_names',
-    'seed', 'process_index', 'process_count'.
+    state to store. What it holds: data/state.py.
     """
-    state = copy.deepcopy(self._state)
-    readers = zip(self._reader.readers, state['reader']['sources'])
-    state.update(
-        shard_names=[r.shard_name(sources.Position.from_dict(s['position']))
-                     for r, s in readers],
-        seed=self._seed,
-        process_index=self._process_index,
-        process_count=self._process_count,
-    )
-    return state
+    return data_state.with_checks(self._state, self._reader, seed=self._seed,
+                                  process_index=self._process_index,
+                                  process_count=self._process_count)
 
   @staticmethod
   def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One state from every process's state_dict(), in any order: what to store.
 
-    It holds every packing stream and the earliest reader state among them with the
-    characters dealt before it, so any number of processes restores it with
-    load_state_dict (each keeps its own streams).
-    A per-process state (a hub source split per host) becomes the list of all of them,
-    which restores with the same process count only.
+    Any number of processes restores it with load_state_dict (data/state.py's merge).
     """
-    states = [copy.deepcopy(dict(s)) for s in states]
-    if not states:
-      raise ValueError('merge_states needs the state of every process; got none')
-    if len(states) == 1:
-      return states[0]
-    first = states[0]
-    for s in states:
-      if s.get('version') != _STATE_VERSION:
-        raise ValueError(f'merge_states takes version-{_STATE_VERSION} data states; got '
-                         f'version {s.get("version")!r}')
-    n = len(states)
-    indices = sorted(int(s['process_index']) for s in states)
-    if indices != list(range(n)) or {int(s['process_count']) for s in states} != {n}:
-      raise ValueError(
-          f'merge_states needs the state of each of the processes once; got process '
-          f'indices {indices} of process counts '
-          f'{sorted({s["process_count"] for s in states})}')
-    for key in ('layout', 'num_streams', 'batches', 'seed'):
-      if len({s.get(key) for s in states}) != 1:
-        raise ValueError(f'data states of different processes disagree on {key!r}: '
-                         f'{[s.get(key) for s in states]}')
-    states.sort(key=lambda s: int(s['process_index']))
-    if first['layout'] == _PER_PROCESS:
-      return {'version': _STATE_VERSION, 'layout': _PER_PROCESS, 'process_count': n,
-              'processes': states}
-    streams: dict[str, Any] = {}
-    for s in states:
-      for j, stream in s['streams'].items():
-        if j in streams:
-          raise ValueError(f'data states of two processes both hold packing stream {j}')
-        streams[j] = stream
-    if len(streams) != int(first['num_streams']):
-      raise ValueError(f'data states hold {len(streams)} of {first["num_streams"]} packing '
-                       'streams; merge the state of every process')
-    # The reader state to read on from, with the characters dealt before it (its 'dealt').
-    earliest = min(states, key=lambda s: int(s['reader']['counter']))
-    merged = dict(earliest, process_count=n,
-                  streams=dict(sorted(streams.items(), key=lambda item: int(item[0]))))
-    del merged['process_index']
-    return merged
+    return data_state.merge(states)
 
   def load_state_dict(self, state: dict[str, Any]) -> None:
     """Continues from `state`: the next batch is the one after it was taken.
@@ -474,160 +148,23 @@ class TrainBatches:
     state_dict() that holds this process's streams (one saved by a single process, or
     by this process with the same process count).
     """
-    version = state.get('version')
-    if version not in (1, 2, 3, _STATE_VERSION):
-      raise ValueError(f'data state version {version!r} is not one this code reads (1 to '
-                       f'{_STATE_VERSION}); was it written by a newer version?')
-    state = self._own_part(self._upgrade(state))
-    if state.get('layout') != self._layout.kind:
-      raise ValueError(
-          f'data state numbers documents {_LAYOUT_WORDS.get(state.get("layout"), "?")}, '
-          f'this run {_LAYOUT_WORDS[self._layout.kind]}: a hub source split per host '
-          '(several processes) resumes only with the process count it was saved with')
-    reader_state = state['reader']
-    if len(reader_state['sources']) != len(self._reader.readers):
-      raise ValueError(
-          f'data state has {len(reader_state["sources"])} sources but the config names '
-          f'{len(self._reader.readers)}; did data.mixture change?')
-    names = state.get('shard_names') or [None] * len(reader_state['sources'])
-    for i, (s, name) in enumerate(zip(reader_state['sources'], names)):
-      self._check_shard(i, s['position'], name)
-    saved = state['streams']
-    counter, batches = int(reader_state['counter']), int(state['batches'])
-    self.close()
-    if int(state['num_streams']) != self._layout.num_streams or state.get('version') == 3:
-      # Another data.streams or global batch size, or streams dealt in turn (version 3):
-      # rather than failing the resume, fresh streams start at the first document no
-      # stream had started. What the streams were packing is not finished, and documents
-      # read for a stream that had not reached them are skipped.
-      start = max([int(s['next']) + (int(s['offset']) > 0) for s in saved.values()]
-                  + [counter])
-      if state.get('version') == 3:
-        log.warning('data state version 3 dealt documents to streams in turn; resuming '
-                    'with fresh streams, dealt by characters, from document %d', start)
-      else:
-        log.warning('data state has %s packing streams, resuming with %d from document %d',
-                    state['num_streams'], self._layout.num_streams, start)
-      self._reset(self._state)  # Rebuilt from its own state if what follows fails.
-      new = self._fresh(self._read_on(reader_state, start), batches)
+    state = data_state.own_part(state, self._layout, self._reader, self._process_index,
+                                self._process_count)
+    self.close()  # The prefetch thread reads with self._reader until it stops.
+    if data_state.same_streams(state, self._layout):
+      new = data_state.continued(state, self._layout, self._process_index)
     else:
-      owned = self._layout.owned()
-      missing = [j for j in owned if str(j) not in saved]
-      if missing:
-        raise ValueError(
-            f'data state lacks {len(missing)} packing streams of process '
-            f'{self._process_index} (first: {missing[0]}); restore from '
-            "TrainBatches.merge_states of every process's state_dict()")
-      new = self._fresh(reader_state, batches)
-      new['streams'] = {str(j): dict(saved[str(j)]) for j in owned}
-      new['dealt'] = [int(x) for x in state['dealt']]
-      if len(new['dealt']) != self._layout.num_streams:
-        raise ValueError(f'data state deals documents to {len(new["dealt"])} streams, not '
-                         f'{self._layout.num_streams}')
-      late = min(owned, key=lambda j: int(saved[str(j)]['next']))
-      if int(saved[str(late)]['next']) < counter:
-        raise ValueError(
-            f'data state reads on from document {counter}, after document '
-            f'{saved[str(late)]["next"]} that stream {late} still needs; restore from '
-            "TrainBatches.merge_states of every process's state_dict()")
+      self._reset(self._state)  # Rebuilt from its own state if what follows fails.
+      new = data_state.restreamed(state, self._layout, self._reader)
     self._reset(new)
     self._build()  # Now, so that a state that does not match the data fails here.
 
-  def stats(self) -> dict[str, Any]:
-    """Document counts of the batches handed out: per source and summed over sources.
-
-    The counts are of every process's documents (except next to a hub source split per
-    host: this process's), over every epoch, up to the earliest document this process's
-    streams still use: 'kept', 'heldout', and the cleaning drops 'empty', 'short',
-    'duplicate', 'binary' (a state saved before 'binary' existed counts it from 0).
-    """
-    per_source = [{**cleaning.zero_counts(), **s['counts']}
-                  for s in self._state['reader']['sources']]
-    total = {k: sum(c.get(k, 0) for c in per_source) for k in cleaning.zero_counts()}
-    return {'total': total,
-            'sources': [dict(c, source=r.label) for c, r in zip(per_source, self._reader.readers)]}
-
-  def _check_shard(self, source: int, pos: dict[str, int], name: str | None) -> None:
-    expected = self._reader.readers[source].shard_name(sources.Position.from_dict(pos))
-    if name is not None and name != expected:
-      raise ValueError(
-          f'data state points into {name!r} but the data now has {expected!r} there; '
-          'did data.files or the data change?')
-
-  def _own_part(self, state: dict[str, Any]) -> dict[str, Any]:
-    """This process's state out of a merged per-process one; checks a single one."""
-    if state.get('layout') != _PER_PROCESS or self._layout.kind != _PER_PROCESS:
-      return state
-    saved = int(state.get('process_count', self._process_count))
-    if saved != self._process_count:
-      raise ValueError(
-          f'data state was saved by {saved} processes that each read their own rows of a '
-          f'hub source (data/sources.py); it resumes only on {saved} processes, not '
-          f'{self._process_count}')
-    if 'processes' in state:
-      return state['processes'][self._process_index]
-    if int(state.get('process_index', self._process_index)) != self._process_index:
-      raise ValueError(
-          f'data state of process {state["process_index"]} given to process '
-          f'{self._process_index}; restore from TrainBatches.merge_states of every '
-          "process's state_dict()")
-    return state
-
-  def _upgrade(self, state: dict[str, Any]) -> dict[str, Any]:
-    """Reads a version-1 or -2 state (streams filled on demand) as a current one.
-
-    Those layouts cannot be continued exactly: fresh streams start at the first
-    document no stream had taken, and the rest of the documents in progress is lost.
-    """
-    version = state.get('version')
-    if version not in (1, 2):
-      return state
-    if version == 1:
-      pos = sources.Position.from_dict(state['position'])
-      if int(state['offset']):
-        pos = pos.next()
-      reader_state = {'counter': 0, 'sources': [{'position': pos.to_dict(), 'counts': {}}]}
-      names = [state.get('shard_name')]
-    else:
-      reader_state = state['reader']
-      names = state.get('shard_names')
-    log.warning('data state version %d: resuming at the first document its streams had '
-                'not taken; the documents they were packing are not finished', version)
-    return dict(self._fresh(reader_state, int(state['batches'])), shard_names=names)
-
   # Producing batches.
-
-  def _fresh(self, reader_state: dict[str, Any], batches: int) -> dict[str, Any]:
-    """A state whose streams start empty at the reader's document, nothing dealt yet."""
-    k = self._layout.num_streams
-    start = int(reader_state['counter'])
-    return {
-        'version': _STATE_VERSION,
-        'layout': self._layout.kind,
-        'num_streams': k,
-        'batches': batches,
-        'streams': {str(j): {'next': start, 'offset': 0} for j in self._layout.owned()},
-        'reader': reader_state,
-        'dealt': [0] * k,
-    }
-
-  def _read_on(self, reader_state: dict[str, Any], start: int) -> dict[str, Any]:
-    """The reader's state at document `start`, reading on from `reader_state`."""
-    self._reader.load_state_dict(reader_state)
-    while self._reader.counter < start:
-      self._reader.next()
-    return self._reader.state_dict()
 
   def _encode(self, texts: list[str]) -> list[np.ndarray]:
     """Documents as they enter a stream: int32 [BOS] ids EOS."""
-    out = []
-    for ids in self._tokenizer.encode_batch(texts, num_threads=self._threads):
-      tokens = np.empty(len(self._head) + len(ids) + 1, np.int32)
-      tokens[:len(self._head)] = self._head
-      tokens[len(self._head):-1] = ids
-      tokens[-1] = self._tokenizer.eos_id
-      out.append(tokens)
-    return out
+    return [packing.wrap(ids, self._tokenizer.eos_id, self._bos)
+            for ids in self._tokenizer.encode_batch(texts, num_threads=self._threads)]
 
   def _reset(self, state: dict[str, Any]) -> None:
     """Sets what is handed out next; the streams are rebuilt from it on the next batch."""
@@ -640,43 +177,25 @@ class TrainBatches:
     state = self._state
     self._streams = {}
     for j, saved in state['streams'].items():
-      stream = _Stream(int(j), self._seq_len)
+      stream = dealing.Stream(int(j), self._seq_len)
       stream.load_state_dict(saved)
       self._streams[int(j)] = stream
-    self._scanner.restart(state['reader'], state['dealt'],
-                          {j: s.next for j, s in self._streams.items()})
+    self._dealer.restart(state['reader'], state['dealt'],
+                         {j: s.next for j, s in self._streams.items()})
     for stream in self._streams.values():
       if stream.offset:  # Re-reads the document now: a changed one fails here.
-        stream.fill(self._scanner.take, 1)
+        stream.fill(self._dealer.take, 1)
     self._batches = int(state['batches'])
     self._built = True
-
-  def _snapshot(self) -> dict[str, Any]:
-    held = [s.first for s in self._streams.values() if s.first is not None]
-    reader_state, dealt = self._scanner.checkpoint(held)
-    streams = {}
-    for j, s in self._streams.items():
-      streams[str(j)] = s.state_dict()
-      if s.first is None:  # Not started: nothing dealt to it before the reader state.
-        streams[str(j)]['next'] = max(s.next, int(reader_state['counter']))
-    return {
-        'version': _STATE_VERSION,
-        'layout': self._layout.kind,
-        'num_streams': self._layout.num_streams,
-        'batches': self._batches,
-        'streams': streams,
-        'reader': reader_state,
-        'dealt': dealt,
-    }
 
   def _produce(self) -> tuple[Batch, dict[str, Any]]:
     if not self._built:
       self._build()
-    rows = [self._streams[self._layout.stream(self._batches, i)].window(self._scanner.take)
+    rows = [self._streams[self._layout.stream(self._batches, i)].window(self._dealer.take)
             for i in range(self._batch_size)]
     self._batches += 1
     batch = packing.batch(np.stack(rows), self._tokenizer.eos_id, self._cfg.segment_ids)
-    return batch, self._snapshot()
+    return batch, data_state.snapshot(self._layout, self._streams, self._dealer, self._batches)
 
   def _start_thread(self) -> None:
     self._stop = threading.Event()
@@ -702,73 +221,3 @@ class TrainBatches:
           return
         except queue.Full:
           pass
-
-
-_LAYOUT_WORDS = {_GLOBAL: 'in one sequence for all processes',
-                 _PER_PROCESS: 'per process (a hub source split per host)'}
-
-
-def eval_batches(
-    cfg: DataConfig,
-    tokenizer: Tokenizer,
-    batch_size: int,
-    seq_len: int,
-    num_batches: int,
-    *,
-    process_index: int = 0,
-    process_count: int = 1,
-    add_bos: bool = True,
-) -> list[Batch]:
-  """Up to num_batches batches [batch_size, seq_len + 1] of held-out documents.
-
-  Every process packs the same held-out stream into global batches of
-  batch_size * process_count rows and keeps its own rows, so all processes get the
-  same number of batches and the set does not depend on the process count. One pass
-  in listed order: every call returns the same batches. With data.segment_ids the
-  batches are dicts, as TrainBatches hands out.
-  """
-  _check_sizes(batch_size, seq_len, process_index, process_count)
-  if num_batches <= 0:
-    return []
-  reader_lib.check_has_documents(cfg)  # Else an empty data file reads as 'holds out none'.
-  packer = Packer(seq_len, tokenizer.eos_id, tokenizer.bos_id if add_bos else None)
-  global_rows = batch_size * process_count
-  wanted = num_batches * global_rows
-  windows: list[np.ndarray] = []
-  threads = cfg.encode_threads or os.cpu_count() or 1
-  any_docs = False
-  for docs in _chunks(reader_lib.single_pass(cfg, heldout=True), 16):
-    any_docs = True
-    for ids in tokenizer.encode_batch([d.text for d in docs], num_threads=threads):
-      packer.add_document(ids)
-      while len(windows) < wanted and (window := packer.pop()) is not None:
-        windows.append(window)
-    if len(windows) >= wanted:
-      break
-  if not any_docs:
-    raise ValueError(
-        f'no held-out documents: data.eval_fraction={cfg.eval_fraction} holds out none '
-        'of this source; raise it')
-  full = len(windows) // global_rows
-  if not full:
-    raise ValueError(
-        f'the held-out documents fill {len(windows)} windows, fewer than one eval batch '
-        f'of {global_rows}; raise data.eval_fraction or lower the batch size')
-  first = [b * global_rows + process_index * batch_size for b in range(full)]
-  return [packing.batch(np.stack(windows[i:i + batch_size]), tokenizer.eos_id,
-                        cfg.segment_ids) for i in first]
-
-
-def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
-  it = iter(items)
-  while chunk := [x for _, x in zip(range(size), it)]:
-    yield chunk
-
-
-def _check_sizes(batch_size: int, seq_len: int, process_index: int, process_count: int) -> None:
-  if batch_size < 1:
-    raise ValueError(f'batch_size must be positive, got {batch_size}')
-  if seq_len < 1:
-    raise ValueError(f'seq_len must be positive, got {seq_len}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')

@@ -3,7 +3,7 @@
 A reader's state is where the next document to examine sits in each source, the
 mixture's document counter and the cleaning counters: a few integers per source.
 
-Normally every process reads the same sequence of training documents (data/pipeline.py
+Normally every process reads the same sequence of training documents (data/dealing.py
 decides which of them each process tokenises), so all processes agree on every reader
 state and count. Only a hub source split across hosts (data/sources.py) gives each
 process its own sequence; then the other sources of the mixture are split by process too.
@@ -41,11 +41,6 @@ class SourceReader:
   @property
   def label(self) -> str:
     return self.source.label
-
-  @property
-  def counts(self) -> dict[str, int]:
-    """This process's documents so far (all epochs): kept, held out, dropped by reason."""
-    return dict(self._counts)
 
   def state_dict(self) -> dict[str, Any]:
     return {'position': self._pos.to_dict(), 'counts': dict(self._counts)}

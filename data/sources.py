@@ -206,7 +206,7 @@ def open_source(cfg: DataConfig, process_index: int = 0, process_count: int = 1)
   """The source of a single-source config (see data/mixture.py for several).
 
   Only hub sources use the process arguments: they split the stream per host. Other
-  sources are read whole by every process (data/pipeline.py decides which documents
+  sources are read whole by every process (data/dealing.py decides which documents
   each one packs).
   """
   cfg.validate()

@@ -167,17 +167,9 @@ def run_steps(config: ml_collections.ConfigDict, *, steps: int = 20,
 
 def data_throughput(config: ml_collections.ConfigDict, *, batches: int = 20,
                     seconds: float = 5.0) -> dict[str, Any]:
-  """Tokens/s the real input pipeline (read, clean, tokenise, pack) sustains for the config.
-
-  The pipeline tokenises a chunk of documents at a time ahead of the batches (for the
-  stdlib and configs/tiny.py, some hundreds of batches' worth) and prefetches batches on a
-  thread, so a few batches after start-up come from text tokenised before the clock
-  started (20 of them read 5-26 M tokens/s where about 2 M is sustained). So after an
-  untimed first batch (start-up: opening sources, the first chunk), batches are timed
-  for at least `seconds` and at least `batches` of them; what was tokenised before the
-  clock started is then a small share of the window.
-  """
-  from data.pipeline import TrainBatches
+  """Tokens/s the real input pipeline (read, clean, tokenise, pack) sustains for the config:
+  data.throughput.pipeline_rate, at least `batches` batches and `seconds` timed."""
+  from data.throughput import pipeline_rate
   from data.tokenizer import Tokenizer, load_or_train
 
   cfgs = parse(config)
@@ -187,16 +179,10 @@ def data_throughput(config: ml_collections.ConfigDict, *, batches: int = 20,
     # A throwaway run folder: the benchmark must not write into a real run.
     tokenizer = load_or_train(cfgs.data, tempfile.mkdtemp(prefix='bench-tok-'),
                               cfgs.model.vocab_size)
-  with TrainBatches(cfgs.data, tokenizer, cfgs.run.batch_size, cfgs.run.seq_len,
-                    seed=cfgs.run.seed) as it:
-    next(it)
-    n, t0 = 0, time.perf_counter()
-    while n < batches or time.perf_counter() - t0 < seconds:
-      next(it)
-      n += 1
-    elapsed = time.perf_counter() - t0
-  return {'data_tokens_per_sec': n * cfgs.run.batch_size * cfgs.run.seq_len / elapsed,
-          'data_batches': n, 'data_seconds': elapsed}
+  rate = pipeline_rate(cfgs.data, tokenizer, cfgs.run.batch_size, cfgs.run.seq_len,
+                       seed=cfgs.run.seed, batches=batches, seconds=seconds)
+  return {'data_tokens_per_sec': rate['tokens_per_sec'], 'data_batches': rate['batches'],
+          'data_seconds': rate['seconds']}
 
 
 def variants(config: ml_collections.ConfigDict,

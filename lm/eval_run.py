@@ -8,7 +8,6 @@ or batch is padded, and a mask keeps padding out of the loss, token and byte cou
 from __future__ import annotations
 
 import glob
-import math
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -17,7 +16,6 @@ import jax
 import numpy as np
 
 from data import packing, sources
-from data.packing import Packer
 from data.tokenizer import Tokenizer
 from lm.evaluation import (
   ScoredBatch,
@@ -37,20 +35,22 @@ def pack_texts(texts: Iterable[str], tokenizer: Tokenizer, seq_len: int,
   Every token but the stream's first is a target once; with max_tokens > 0 only the
   first max_tokens targets are kept.
   """
-  packer = Packer(seq_len, tokenizer.eos_id, tokenizer.bos_id)
-  stream: list[int] = []
+  windower = packing.Windower(seq_len)
+  left = max_tokens + 1 if max_tokens else -1  # Stream tokens still to keep; -1: all.
   for chunk in _chunks(texts, 16):
     for ids in tokenizer.encode_batch(chunk):
-      stream.extend(packer.wrap(ids))
-    if max_tokens and len(stream) > max_tokens:
+      tokens = packing.wrap(ids, tokenizer.eos_id, tokenizer.bos_id)
+      if left >= 0:
+        tokens, left = tokens[:left], max(left - len(tokens), 0)
+      windower.add(tokens)
+    if left == 0:
       break
-  if max_tokens:
-    stream = stream[:max_tokens + 1]
-  num_rows = math.ceil(max(len(stream) - 1, 0) / seq_len)
-  tokens = np.zeros((num_rows, seq_len + 1), np.int32)
-  mask = np.zeros((num_rows, seq_len), np.int32)
-  for r in range(num_rows):
-    window = stream[r * seq_len:r * seq_len + seq_len + 1]
+  windows = []
+  while (window := windower.pop(partial=True)) is not None:  # The last one may be short.
+    windows.append(window)
+  tokens = np.zeros((len(windows), seq_len + 1), np.int32)
+  mask = np.zeros((len(windows), seq_len), np.int32)
+  for r, window in enumerate(windows):
     tokens[r, :len(window)] = window
     mask[r, :len(window) - 1] = 1
   return tokens, mask

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.config import DataConfig
-from data.pipeline import eval_batches
+from data.heldout import eval_batches
 from data.tokenizer import Tokenizer
 from lm.loss import chunked_token_nll, token_nll
 from lm.model import Transformer, output_head

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.experimental import multihost_utils
 
-from data.pipeline import TrainBatches
+from data import TrainBatches
 from data.tokenizer import Tokenizer, check_vocab, load_or_train
 from lm import distributed, flops, resume
 from lm.checkpoint import Checkpointer, SaveFailed, file_sha256, make_metadata

@@ -1,8 +1,11 @@
-"""Tests for the data/ package: sources, split, tokenizer, packing, resume, sharding."""
+"""Tests of the data/ package's config, sources, split, tokenizer, cleaning, mixtures and
+errors; the packing, dealing, pipeline, state and held-out tests are in test_data_*.py."""
+
+# First: it keeps datasets (imported by data/sources.py) offline and out of ~.
+from tests import test_data_helpers as h  # isort: skip
 
 import copy
 import dataclasses
-import gzip
 import itertools
 import json
 import logging
@@ -10,42 +13,20 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
-
-# datasets reads these when imported: keep its files out of ~ and off the network.
-os.environ.setdefault('HF_DATASETS_CACHE', tempfile.mkdtemp(prefix='test_data_hf_'))
-os.environ['HF_HUB_OFFLINE'] = '1'
-os.environ['HF_DATASETS_OFFLINE'] = '1'
-os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from configs import base
-from data import cleaning, mixture, packing, sources, stdlib, throughput
+from data import cleaning, mixture, sources, stdlib, throughput
 from data import reader as reader_lib
 from data.config import DataConfig
-from data.packing import Packer
-from data.pipeline import TrainBatches, eval_batches
+from data.heldout import eval_batches
+from data.pipeline import TrainBatches
 from data.split import is_heldout
 from data.tokenizer import Tokenizer, check_vocab, load_or_train, train_tokenizer, training_texts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ('alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi '
-         'omicron pi rho sigma tau upsilon phi chi psi omega').split()
-
-
-def _doc_text(i: int) -> str:
-  """A unique, variable-length document (5 to 60 words) with its id in it."""
-  n = 5 + (i * 37) % 56
-  return f'doc{i:03d} ' + ' '.join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
-
-
-def _write_jsonl(path, texts, key='text'):
-  with open(path, 'w', encoding='utf-8') as f:
-    for t in texts:
-      f.write(json.dumps({key: t, 'other': len(t)}) + '\n')
 
 
 @pytest.fixture(scope='session')
@@ -55,17 +36,7 @@ def tok(tokenizer) -> Tokenizer:
 
 @pytest.fixture(scope='session')
 def corpus(tmp_path_factory):
-  """60 small documents over .jsonl, .jsonl.gz, .txt and .parquet files."""
-  d = tmp_path_factory.mktemp('corpus')
-  texts = [_doc_text(i) for i in range(60)]
-  _write_jsonl(d / 'a.jsonl', texts[0:15])
-  with gzip.open(d / 'b.jsonl.gz', 'wt', encoding='utf-8') as f:
-    for t in texts[15:30]:
-      f.write(json.dumps({'text': t}) + '\n')
-  (d / 'c.txt').write_text('\n\n'.join(texts[30:45]) + '\n', encoding='utf-8')
-  pd.DataFrame({'text': texts[45:60]}).to_parquet(d / 'd.parquet')
-  globs = ','.join(str(d / p) for p in ('*.jsonl', '*.jsonl.gz', '*.txt', '*.parquet'))
-  return DataConfig(source='files', files=globs, eval_fraction=0.2), texts
+  return h.make_corpus(tmp_path_factory.mktemp('corpus'))
 
 
 # Config.
@@ -249,513 +220,6 @@ def test_bad_data_tokenizer_is_not_copied(tmp_path):
   assert not run.exists()  # Checked before anything is written.
 
 
-# Packing.
-
-
-def test_packer_hand_checked():
-  p = Packer(seq_len=4, eos_id=3, bos_id=2)
-  for doc in ([10, 11, 12], [20], [30, 31, 32, 33, 34]):
-    p.add_document(doc)
-  # Stream: 2 10 11 12 3 | 2 20 3 | 2 30 31 32 33 34 3; windows share their edge token.
-  got = []
-  while (w := p.pop()) is not None:
-    assert w.dtype == np.int32 and w.shape == (5,)
-    got.append(w.tolist())
-  assert got == [[2, 10, 11, 12, 3], [3, 2, 20, 3, 2], [2, 30, 31, 32, 33]]
-  state = json.loads(json.dumps(p.state_dict()))
-  assert state == {'buffer': [33, 34, 3]}
-  q = Packer(seq_len=4, eos_id=3, bos_id=2)
-  q.load_state_dict(state)
-  for packer in (p, q):
-    packer.add_document([40])
-  assert p.pop().tolist() == q.pop().tolist() == [33, 34, 3, 2, 40]
-
-
-def test_packer_without_bos_long_document():
-  p = Packer(seq_len=3, eos_id=9)
-  p.add_document(list(range(100)))
-  windows = []
-  while (w := p.pop()) is not None:
-    windows.append(w.tolist())
-  stream = list(range(100)) + [9]
-  assert len(windows) == 33
-  assert windows == [stream[i:i + 4] for i in range(0, 99, 3)]
-  assert p.state_dict() == {'buffer': [99, 9]}
-
-
-# Training batches.
-
-
-def _batches(cfg, tok, n, state=None, **kw):
-  it = TrainBatches(cfg, tok, kw.pop('batch_size', 2), kw.pop('seq_len', 16), **kw)
-  if state is not None:
-    it.load_state_dict(state)
-  out, states = [], []
-  for _ in range(n):
-    out.append(next(it))
-    states.append(json.loads(json.dumps(it.state_dict())))
-  it.close()
-  return out, states
-
-
-@pytest.mark.parametrize('prefetch', [0, 2])
-def test_resume_is_exact_stdlib(tok, prefetch):
-  cfg = DataConfig()
-  kw = dict(batch_size=8, seq_len=256, prefetch=prefetch, seed=3)
-  full, states = _batches(cfg, tok, 10, **kw)
-  assert all(b.shape == (8, 257) and b.dtype == np.int32 for b in full)
-  rest, _ = _batches(cfg, tok, 6, state=states[3], **kw)
-  for a, b in zip(full[4:], rest):
-    np.testing.assert_array_equal(a, b)
-  # Resumed inside documents; small: a document number and an offset per stream.
-  assert len(states[3]['streams']) == 8
-  assert all(s['offset'] > 0 for s in states[3]['streams'].values())
-  assert len(json.dumps(states[3])) < 2000
-
-
-def test_resume_is_exact_files_across_epochs(tok, corpus):
-  cfg, _ = corpus
-  kw = dict(batch_size=4, seq_len=64, seed=1, prefetch=0)
-  n = 40
-  full, states = _batches(cfg, tok, n, **kw)
-  epochs = [_reader_position(s)['epoch'] for s in states]
-  assert epochs[-1] >= 1, 'the test should cross an epoch'
-  assert len({json.dumps(s) for s in states}) == n
-  crossing = epochs.index(epochs[-1])
-  for k in sorted({0, 7, 13, crossing - 1, crossing, n - 2}):
-    rest, _ = _batches(cfg, tok, n - 1 - k, state=states[k], **dict(kw, prefetch=k % 3))
-    for a, b in zip(full[k + 1:], rest):
-      np.testing.assert_array_equal(a, b)
-
-
-def test_close_drops_prefetched_batches(tok, corpus):
-  cfg, _ = corpus
-  full, _ = _batches(cfg, tok, 12, batch_size=2, seq_len=16, prefetch=0)
-  it = TrainBatches(cfg, tok, 2, 16, prefetch=3)
-  got = [next(it) for _ in range(5)]
-  it.close()  # The thread has run ahead; the next batch must still be the 6th.
-  got += [next(it) for _ in range(7)]
-  it.close()
-  for a, b in zip(full, got):
-    np.testing.assert_array_equal(a, b)
-
-
-def test_resume_rejects_changed_files(tok, corpus, tmp_path):
-  cfg, texts = corpus
-  _, states = _batches(cfg, tok, 3, prefetch=0)
-  (tmp_path / 'other.jsonl').write_text('')
-  _write_jsonl(tmp_path / 'other.jsonl', texts[:5])
-  other = DataConfig(source='files', files=str(tmp_path / '*.jsonl'), eval_fraction=0.2)
-  with pytest.raises(ValueError, match='data.files'):
-    TrainBatches(other, tok, 2, 16, prefetch=0).load_state_dict(states[-1])
-
-
-def _reader_position(state, source=0):
-  return state['reader']['sources'][source]['position']
-
-
-def _streams(batches):
-  """Each packing stream's tokens: row r of consecutive batches, edge tokens once."""
-  return [[t for b in batches for t in b[r][:-1].tolist()] for r in range(len(batches[0]))]
-
-
-def _split_docs(tok, stream):
-  """The documents wholly contained in a token stream, decoded."""
-  docs, cur = [], None
-  for t in stream:
-    if t == tok.bos_id:
-      cur = []
-    elif t == tok.eos_id:
-      if cur is not None:
-        docs.append(tok.decode(cur))
-      cur = None
-    elif cur is not None:
-      cur.append(t)
-  return docs
-
-
-def _stream_docs(tok, batches, by_row=True):
-  """Decodes the documents of training batches (per stream) or eval batches (row-major)."""
-  if by_row:
-    return [d for stream in _streams(batches) for d in _split_docs(tok, stream)]
-  return _split_docs(tok, [t for b in batches for row in b for t in row[:-1].tolist()])
-
-
-def test_batches_are_documents_separated_by_eos(tok, tmp_path):
-  texts = [_doc_text(i) for i in range(12)]
-  _write_jsonl(tmp_path / 'x.jsonl', texts)
-  cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.0)
-  expected = [t for text in texts for t in [tok.bos_id] + tok.encode(text) + [tok.eos_id]]
-  # One stream: the documents in order, cut into consecutive windows, then the next epoch.
-  batches, _ = _batches(dataclasses.replace(cfg, streams=1), tok, 40, batch_size=2,
-                        seq_len=32, prefetch=0)
-  stream = [t for b in batches for row in b for t in row[:-1].tolist()]
-  assert stream[:len(expected)] == expected
-  assert stream[len(expected):len(expected) + 5] == expected[:5]
-  # Two streams (the default for two rows): each stream is whole documents in reader
-  # order, and between them they hold every document of the epoch once.
-  batches, _ = _batches(cfg, tok, 40, batch_size=2, seq_len=32, prefetch=0)
-  per_stream = [_split_docs(tok, s) for s in _streams(batches)]
-  for docs in per_stream:
-    order = [texts.index(d) for d in docs]
-    assert len(order) > 3 and sum(b < a for a, b in zip(order, order[1:])) <= 1  # Epochs.
-  assert set(per_stream[0]) | set(per_stream[1]) == set(texts)
-
-
-def _token_docs(tok, stream):
-  """The document number ('docNNN' in its text) of every token of a stream."""
-  bos = [i for i, t in enumerate(stream) if t == tok.bos_id] + [len(stream)]
-  out = [None] * bos[0]
-  for start, end in zip(bos, bos[1:]):
-    name = tok.decode(stream[start + 1:end])[3:6]
-    out += [int(name) if name.isdigit() else ('cut', start)] * (end - start)
-  return out
-
-
-def test_rows_of_a_batch_come_from_different_documents(tok, tmp_path):
-  texts = [_doc_text(i) for i in range(200)]
-  _write_jsonl(tmp_path / 'x.jsonl', texts)
-  cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.0)
-  seq_len, rows = 32, 8
-  for streams in (0, 1):
-    batches, _ = _batches(dataclasses.replace(cfg, streams=streams), tok, 12,
-                          batch_size=rows, seq_len=seq_len, prefetch=0)
-    if streams == 0:  # Row r of every batch continues row r of the batch before.
-      docs = [_token_docs(tok, s + [batches[-1][r][-1]])
-              for r, s in enumerate(_streams(batches))]
-      row_docs = [[set(docs[r][b * seq_len:(b + 1) * seq_len + 1]) for r in range(rows)]
-                  for b in range(len(batches))]
-    else:  # The old layout: one stream cut into consecutive rows.
-      flat = [t for b in batches for row in b for t in row[:-1].tolist()]
-      docs = _token_docs(tok, flat + [batches[-1][-1][-1]])
-      row_docs = [[set(docs[(b * rows + r) * seq_len:(b * rows + r + 1) * seq_len + 1])
-                   for r in range(rows)] for b in range(len(batches))]
-    shared = sum(bool(rd[r] & rd[r + 1]) for rd in row_docs for r in range(rows - 1))
-    if streams == 0:
-      # No document has tokens in two rows of one batch: each batch mixes 8+ documents.
-      for rd in row_docs:
-        assert sum(len(d) for d in rd) == len(set().union(*rd)) >= rows
-    else:
-      assert shared == len(batches) * (rows - 1)  # Neighbouring rows share their edge.
-
-
-def test_two_hosts_tokenise_disjoint_documents(tok, tmp_path):
-  texts = [_doc_text(i) for i in range(40)]
-  _write_jsonl(tmp_path / 'one.jsonl', texts)
-  cfg = DataConfig(source='files', files=str(tmp_path / 'one.jsonl'), eval_fraction=0.25)
-  train = [t for i, t in enumerate(texts) if not is_heldout(f'one.jsonl:{i}', 0.25)]
-  assert 0 < 40 - len(train) < 20
-  # Training document n (n = 0, 1, ... over epochs) goes to the global stream of the 4
-  # with the fewest characters so far; stream j is process j // 2's local row j % 2.
-  dealt = _deal([len(train[n % len(train)]) for n in range(2 * len(train))], 4)
-  epoch0 = []
-  for host in range(2):
-    it = TrainBatches(cfg, tok, 2, 32, process_index=host, process_count=2, prefetch=0)
-    batches = [next(it)]
-    while _reader_position(it.state_dict())['epoch'] < 1:  # Every stream is past epoch 0.
-      batches.append(next(it))
-    it.close()
-    for row, stream in enumerate(_streams(batches)):
-      mine = [n for n, j in enumerate(dealt) if j == 2 * host + row]
-      for n, text in zip(mine, _split_docs(tok, stream)):
-        if n < len(train):
-          assert text == train[n], (host, row, n)
-          epoch0.append((host, text))
-  # So in an epoch no document is tokenised into two processes' rows, and each is once.
-  assert sorted(text for _, text in epoch0) == sorted(train)
-  assert {host for host, _ in epoch0} == {0, 1}
-
-
-def _deal(lengths, k):
-  """The stream of each document: of k, the one dealt the fewest characters so far (the
-  lowest on a tie)."""
-  totals, out = [0] * k, []
-  for length in lengths:
-    j = totals.index(min(totals))
-    totals[j] += length
-    out.append(j)
-  return out
-
-
-def _global_batches(cfg, tok, n, processes, state=None, rows=8, **kw):
-  """n global batches of `rows` rows from `processes` processes, and their merged states."""
-  its = [TrainBatches(cfg, tok, rows // processes, 32, process_index=p,
-                      process_count=processes, seed=2, encode_docs=8, **kw)
-         for p in range(processes)]
-  for it in its:
-    if state is not None:
-      it.load_state_dict(state)
-  out, states = [], []
-  for _ in range(n):
-    out.append(np.concatenate([next(it) for it in its]))
-    merged = TrainBatches.merge_states([it.state_dict() for it in its])
-    states.append(json.loads(json.dumps(merged)))
-  for it in its:
-    it.close()
-  return out, states
-
-
-@pytest.mark.parametrize('kind', ['stdlib', 'files', 'mixture', 'more_streams'])
-def test_global_batches_do_not_depend_on_process_count(tok, corpus, kind):
-  files, _ = corpus
-  cfg = {'stdlib': DataConfig(), 'files': files,
-         'mixture': DataConfig(mixture=f'stdlib:1;files:{files.files}:3', dedup=True,
-                               eval_fraction=0.2),
-         'more_streams': dataclasses.replace(files, streams=16)}[kind]
-  full, _ = _global_batches(cfg, tok, 10, 1)
-  for processes in (4, 2):
-    got, states = _global_batches(cfg, tok, 10, processes, prefetch=processes - 2)
-    for a, b in zip(full, got):
-      np.testing.assert_array_equal(a, b)
-  # Elastic resume: the merged state after 4 batches on 2 processes continues on 1 or 4.
-  assert sorted(states[3]['streams'], key=int) == [str(j) for j in range(cfg.streams or 8)]
-  for processes in (1, 4):
-    rest, _ = _global_batches(cfg, tok, 6, processes, state=states[3], prefetch=1)
-    for a, b in zip(full[4:], rest):
-      np.testing.assert_array_equal(a, b)
-
-
-def test_merge_states_checks_its_input(tok, corpus):
-  cfg, _ = corpus
-  its = [TrainBatches(cfg, tok, 2, 16, process_index=p, process_count=2, prefetch=0)
-         for p in range(2)]
-  for it in its:
-    next(it)
-  parts = [it.state_dict() for it in its]
-  with pytest.raises(ValueError, match='each of the processes once'):
-    TrainBatches.merge_states([parts[0], parts[0]])
-  with pytest.raises(ValueError, match='batches'):
-    TrainBatches.merge_states([parts[0], dict(parts[1], batches=7)])
-  # A process's own part does not restore another process, nor a different count.
-  with pytest.raises(ValueError, match='merge_states'):
-    its[1].load_state_dict(parts[0])
-  with pytest.raises(ValueError, match='merge_states'):
-    TrainBatches(cfg, tok, 4, 16, prefetch=0).load_state_dict(parts[0])
-  its[0].load_state_dict(parts[0])  # Its own part restores it.
-  merged = TrainBatches.merge_states(parts[::-1])
-  assert merged == TrainBatches.merge_states(parts) and 'process_index' not in merged
-  # Several processes need streams that each feed one process.
-  with pytest.raises(ValueError, match='data.streams'):
-    TrainBatches(dataclasses.replace(cfg, streams=2), tok, 2, 16, process_count=2)
-
-
-def test_hub_source_reads_a_local_dataset_folder(tok, tmp_path):
-  texts = [_doc_text(i) for i in range(20)]
-  _write_jsonl(tmp_path / 'train.jsonl', texts)
-  cfg = DataConfig(source='hub', name=str(tmp_path), split='train', eval_fraction=0.2)
-  docs = list(sources.documents(sources.open_source(cfg), repeat=False))
-  assert [d.text for d in docs] == texts
-  assert docs[3].key == f'{tmp_path}:3'
-  full, states = _batches(cfg, tok, 6, prefetch=0)
-  rest, _ = _batches(cfg, tok, 3, state=states[2], prefetch=0)
-  for a, b in zip(full[3:], rest):
-    np.testing.assert_array_equal(a, b)
-  with pytest.raises(ValueError, match="'body'"):
-    next(TrainBatches(DataConfig(source='hub', name=str(tmp_path), text_key='body'), tok, 2, 16,
-                      prefetch=0))
-
-
-def _resume_matches(cfg, tok, n=10, k=3, **kw):
-  """Takes n batches; a pipeline restored after batch k + 1 gives batches k + 2 .. n."""
-  full, states = _batches(cfg, tok, n, **kw)
-  rest, _ = _batches(cfg, tok, n - 1 - k, state=states[k], **kw)
-  assert len(rest) == n - 1 - k
-  for a, b in zip(full[k + 1:], rest):
-    np.testing.assert_array_equal(a, b)
-  return states
-
-
-def test_resume_is_exact_shuffled_mixture_with_cleaning(tok, corpus, tmp_path):
-  cfg, _ = corpus
-  # Texts 0, 0, 1, 0, 2, 1, 3, 1, ...: deduplication drops the later copies.
-  rows = [_doc_text(j) for i in range(30) for j in (i, i // 2)]
-  _write_jsonl(tmp_path / 'dup.jsonl', rows)
-  mix = DataConfig(mixture=f'stdlib:1; files:{cfg.files}:2; files:{tmp_path}/dup.jsonl:3',
-                   eval_fraction=0.1, dedup=True, min_chars=120)
-  states = _resume_matches(mix, tok, n=16, k=5, batch_size=4, seq_len=64, seed=5, prefetch=2)
-  # The resumed pipeline reads on from the first document a stream still needs (a long
-  # stdlib file holds it back), inside an epoch of the duplicated file.
-  at = states[5]['reader']
-  start = at['sources'][2]['position']['index']
-  assert at['counter'] > 0 and start > 0
-  # Up to the last document a stream started, it dropped copies of texts seen before
-  # that point (so it had to rebuild the set of texts already seen).
-  reader = reader_lib.MixtureReader(mix, seed=5)
-  while reader.counter <= max(s['next'] for s in states[-1]['streams'].values()):
-    reader.next()
-  end = reader.state_dict()['sources']
-  seen = {t for t in rows[:start] if len(t) >= 120}
-  assert seen & set(rows[start:end[2]['position']['index']])
-  assert at['sources'][2]['counts']['duplicate'] < end[2]['counts']['duplicate']
-  assert end[1]['counts']['short'] > 0
-
-
-def test_resume_with_segment_ids_and_more_streams_than_rows(tok, corpus):
-  cfg, _ = corpus
-  cfg = dataclasses.replace(cfg, streams=3, segment_ids=True)
-  full, states = _batches(cfg, tok, 8, batch_size=2, seq_len=16, prefetch=0)
-  rest, _ = _batches(cfg, tok, 4, state=states[3], batch_size=2, seq_len=16, prefetch=1)
-  for a, b in zip(full[4:], rest):
-    assert set(a) == {'tokens', 'segment_ids'}
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key])
-  # Rows go round the 3 streams: batch 0 takes streams 0 and 1, batch 1 streams 2 and 0.
-  # Stream 2, not started after batch 0, takes what is dealt to it from document 0 on.
-  fresh = {'next': 0, 'offset': 0}
-  assert states[0]['streams']['2'] == fresh and states[1]['streams']['2'] != fresh
-  assert states[0]['streams']['0']['offset'] == 16 and states[1]['streams']['0']['offset'] == 32
-
-
-def test_segment_ids(tok, corpus):
-  tokens = np.array([[3, 2, 10, 3, 2, 20], [2, 5, 6, 7, 8, 9], [2, 3, 3, 2, 4, 3]])
-  np.testing.assert_array_equal(packing.segment_ids(tokens, eos_id=3), [
-      [1, 2, 2, 2, 3, 3], [1, 1, 1, 1, 1, 1], [1, 1, 2, 3, 3, 3]])
-  cfg, _ = corpus
-  plain, _ = _batches(cfg, tok, 3, prefetch=0)
-  with_ids, _ = _batches(dataclasses.replace(cfg, segment_ids=True), tok, 3, prefetch=0)
-  for p, d in zip(plain, with_ids):
-    np.testing.assert_array_equal(p, d['tokens'])
-    seg = d['segment_ids']
-    assert seg.shape == p.shape and seg.dtype == np.int32 and (seg[:, 0] == 1).all()
-    np.testing.assert_array_equal(np.diff(seg, axis=1), p[:, :-1] == tok.eos_id)
-  ev = eval_batches(dataclasses.replace(cfg, segment_ids=True), tok, 2, 16, 1)
-  assert set(ev[0]) == {'tokens', 'segment_ids'}
-
-
-def test_loads_a_version_1_state(tok, corpus):
-  cfg, _ = corpus
-  src = sources.open_source(cfg)
-  docs = [d for d in sources.documents(src, repeat=False, seed=1)
-          if not is_heldout(d.key, cfg.eval_fraction)]
-  doc = next(d for d in docs if len(tok.encode(d.text)) > 30)
-  v1 = {'version': 1, 'position': doc.position.to_dict(), 'offset': 5,
-        'packer': {'buffer': [7, 8]}, 'batches': 3,
-        'shard_name': sources.shard_name(src, doc.position, 1)}
-  it = TrainBatches(cfg, tok, 2, 16, seed=1, prefetch=0)
-  it.load_state_dict(v1)
-  # The old layout cannot continue exactly: the streams start afresh with the documents
-  # after the one it was packing.
-  after = docs[docs.index(doc) + 1:]
-  batch = next(it)
-  for row, text in enumerate(after[:2]):
-    assert batch[row].tolist() == ([tok.bos_id] + tok.encode(text.text) + [tok.eos_id])[:17]
-  state = it.state_dict()
-  assert state['version'] == 4 and state['batches'] == 4
-  with pytest.raises(ValueError, match='data.files'):
-    it.load_state_dict(dict(v1, shard_name='other.jsonl'))
-  with pytest.raises(ValueError, match='data state version 99 is not one this code reads'):
-    it.load_state_dict(dict(state, version=99))
-
-
-def test_loads_a_version_3_state_or_another_stream_count(tok, corpus, caplog):
-  cfg, _ = corpus
-  _, states = _batches(cfg, tok, 4, prefetch=0)
-  saved = states[-1]
-  # The first document no stream had started: the fresh streams begin there.
-  start = max(s['next'] + (s['offset'] > 0) for s in saved['streams'].values())
-  reader = reader_lib.MixtureReader(cfg, seed=0)
-  docs = [reader.next()[1].text for _ in range(start + 2)]
-  v3 = {key: value for key, value in saved.items() if key != 'dealt'}
-  v3['version'] = 3  # Documents were dealt n % K, with no character counts.
-  for state, streams, words in ((v3, 0, 'version 3'), (saved, 4, '2 packing streams')):
-    it = TrainBatches(dataclasses.replace(cfg, streams=streams), tok, 2, 16, prefetch=0)
-    with caplog.at_level('WARNING', logger='data.pipeline'):
-      it.load_state_dict(state)
-    assert words in caplog.text and f'from document {start}' in caplog.text
-    caplog.clear()
-    batch = next(it)
-    for row, text in enumerate(docs[start:]):
-      assert batch[row].tolist() == ([tok.bos_id] + tok.encode(text) + [tok.eos_id])[:17]
-    after = it.state_dict()
-    it.close()
-    assert after['version'] == 4 and after['batches'] == 5
-    assert len(after['dealt']) == (streams or 2)
-
-
-def _lopsided_text(i: int) -> str:
-  """Every fourth document long (50 to 149 words), the others 3 to 7 words."""
-  n = 50 + (i * 53) % 100 if i % 4 == 0 else 3 + i % 5
-  return f'doc{i:03d} ' + ' '.join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
-
-
-@pytest.fixture(scope='module')
-def lopsided(tmp_path_factory):
-  """60 documents of very unequal lengths; dealt in turn to 4 streams, the long ones
-  would all go to stream 0."""
-  d = tmp_path_factory.mktemp('lopsided')
-  texts = [_lopsided_text(i) for i in range(60)]
-  _write_jsonl(d / 'x.jsonl', texts)
-  return DataConfig(source='files', files=str(d / 'x.jsonl'), eval_fraction=0.0), texts
-
-
-def _spread(lengths, streams):
-  """The most characters by which one stream was ever ahead of another."""
-  totals, worst = [0] * (max(streams) + 1), 0
-  for length, j in zip(lengths, streams):
-    totals[j] += length
-    worst = max(worst, max(totals) - min(totals))
-  return worst
-
-
-def test_documents_are_dealt_by_characters(tok, lopsided):
-  cfg, texts = lopsided
-  k = 4
-  batches, states = _batches(cfg, tok, 40, batch_size=k, seq_len=32, prefetch=0)
-  # Each stream's whole documents, in order (all in the first epoch).
-  per_stream = [[int(d[3:6]) for d in _split_docs(tok, s)] for s in _streams(batches)]
-  assert all(docs == sorted(set(docs)) for docs in per_stream)
-  # Every stream has packed all its documents before the one it is in.
-  upto = min(s['next'] for s in states[-1]['streams'].values())
-  stream_of = [(n, j) for j, docs in enumerate(per_stream) for n in docs if n < upto]
-  assert sorted(n for n, _ in stream_of) == list(range(upto)) and upto > 16
-  dealt = [j for _, j in sorted(stream_of)]
-  lengths = [len(t) for t in texts[:upto]]
-  # Each to the stream dealt the fewest characters so far, the lowest on a tie ...
-  assert dealt == _deal(lengths, k)
-  # ... so no stream is ever more than the longest document ahead of another, where
-  # dealing in turn would put stream 0 far ahead.
-  longest = max(len(t) for t in texts)
-  assert _spread(lengths, dealt) <= longest < _spread(lengths, [n % k for n in range(upto)])
-  # The state counts the characters dealt, less the least of them.
-  for s in states:
-    assert len(s['dealt']) == k and min(s['dealt']) == 0 and max(s['dealt']) <= longest
-
-
-def test_balanced_dealing_keeps_the_queue_short(tok, lopsided):
-  # Every stream hands out tokens at the same rate. Dealt in turn, stream 0 would fall
-  # behind with the long documents, and the queue of documents read for the others
-  # meanwhile would grow with the run (by about 1500 characters a batch here). Balanced,
-  # it stays under one longest document per stream.
-  cfg, texts = lopsided
-  k = 4
-  it = TrainBatches(cfg, tok, k, 32, prefetch=0, encode_docs=1)
-  peak = 0
-  for _ in range(100):  # Over two epochs.
-    next(it)
-    queued = [d for q in it._scanner._queues.values() for d in q]  # Held as text.
-    peak = max(peak, sum(len(d.text) for d in queued if d.text is not None))
-  it.close()
-  assert peak <= k * max(len(t) for t in texts)
-
-
-def test_resume_is_exact_with_lopsided_documents(tok, lopsided):
-  cfg, _ = lopsided
-  for prefetch in (0, 2):
-    _resume_matches(cfg, tok, n=12, k=4, batch_size=4, seq_len=32, prefetch=prefetch)
-  # One process and two give the same batches and, merged, the same states; each
-  # restores on the other count.
-  one, one_states = _global_batches(cfg, tok, 10, 1, rows=4)
-  two, two_states = _global_batches(cfg, tok, 10, 2, rows=4)
-  for a, b in zip(one, two):
-    np.testing.assert_array_equal(a, b)
-  for a, b in zip(one_states, two_states):
-    assert dict(a, process_count=2, process_index=0) == dict(b, process_index=0)
-  for states, processes in ((two_states, 1), (one_states, 2)):
-    rest, _ = _global_batches(cfg, tok, 6, processes, state=states[3], rows=4, prefetch=1)
-    for a, b in zip(one[4:], rest):
-      np.testing.assert_array_equal(a, b)
-
-
 # Cleaning.
 
 CLEANING_TEXTS = [
@@ -774,33 +238,37 @@ KEPT = [CLEANING_TEXTS[i] for i in (0, 5, 9)]
 
 
 def test_cleaning_counts(tok, tmp_path):
-  _write_jsonl(tmp_path / 'c.jsonl', CLEANING_TEXTS)
+  h.write_jsonl(tmp_path / 'c.jsonl', CLEANING_TEXTS)
   base_cfg = DataConfig(source='files', files=str(tmp_path / 'c.jsonl'), eval_fraction=0.0)
   cfg = dataclasses.replace(base_cfg, min_chars=10, dedup=True)
   r = reader_lib.SourceReader(cfg, seed=0)
   assert [r.next().text for _ in range(3)] == KEPT
-  assert r.counts == {'kept': 3, 'heldout': 0, 'empty': 3, 'short': 2, 'duplicate': 2,
-                      'binary': 0}
+  assert r.state_dict()['counts'] == {
+      'kept': 3, 'heldout': 0, 'empty': 3, 'short': 2, 'duplicate': 2, 'binary': 0}
   # The next epoch starts a new dedup set, so it keeps the same three.
   assert [r.next().text for _ in range(3)] == KEPT
-  assert r.counts == {'kept': 6, 'heldout': 0, 'empty': 6, 'short': 4, 'duplicate': 4,
-                      'binary': 0}
+  assert r.state_dict()['counts'] == {
+      'kept': 6, 'heldout': 0, 'empty': 6, 'short': 4, 'duplicate': 4, 'binary': 0}
   # By default only blank documents go.
   r = reader_lib.SourceReader(base_cfg, seed=0)
   assert [r.next().text for _ in range(7)] == [t for t in CLEANING_TEXTS if t.strip()]
-  assert r.counts == {'kept': 7, 'heldout': 0, 'empty': 3, 'short': 0, 'duplicate': 0,
-                      'binary': 0}
+  assert r.state_dict()['counts'] == {
+      'kept': 7, 'heldout': 0, 'empty': 3, 'short': 0, 'duplicate': 0, 'binary': 0}
   # The tokenizer's sample and the training batches follow the same rules.
   assert list(training_texts(cfg)) == KEPT
   it = TrainBatches(cfg, tok, 2, 8, prefetch=0)
-  stats = [it.stats()]
+  counts = [_counts(it)]
   for _ in range(30):
     next(it)
-  stats.append(it.stats())
+  counts.append(_counts(it))
   it.close()
-  assert stats[0]['total'] == dict.fromkeys(stats[0]['total'], 0)
-  assert stats[1]['total']['kept'] >= 4 and stats[1]['total']['duplicate'] >= 2
-  assert stats[1]['sources'][0]['source'].startswith('data.files=')
+  assert counts[0] == dict.fromkeys(counts[0], 0)
+  assert counts[1]['kept'] >= 4 and counts[1]['duplicate'] >= 2
+
+
+def _counts(it, source=0):
+  """The cleaning counts in a pipeline's state ('binary' from 0 if a state lacks it)."""
+  return {**cleaning.zero_counts(), **it.state_dict()['reader']['sources'][source]['counts']}
 
 
 # Random bytes with NUL and newline taken out (so one paragraph, no NUL): binary only by
@@ -832,10 +300,10 @@ def test_binary_rule_keeps_every_stdlib_document():
 
 def _binary_corpus(tmp_path, n_text, n_binary):
   """jsonl of text documents and binary ones (NUL bytes), interleaved."""
-  texts = [_doc_text(i) for i in range(n_text)]
+  texts = [h.doc_text(i) for i in range(n_text)]
   binary = [f'\x00\x01bin{i}\x00' + RANDOM_BYTES.decode('latin-1')[:200] for i in range(n_binary)]
   docs = [d for pair in itertools.zip_longest(texts, binary) for d in pair if d is not None]
-  _write_jsonl(tmp_path / 'x.jsonl', docs)
+  h.write_jsonl(tmp_path / 'x.jsonl', docs)
   return DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.0)
 
 
@@ -846,11 +314,11 @@ def test_binary_documents_are_dropped_and_counted(tok, tmp_path, caplog):
   r = reader_lib.SourceReader(cfg, seed=0)
   caplog.set_level(logging.INFO, logger='data.reader')
   got = [r.next().text for _ in range(11)]  # One epoch and the next one's first.
-  assert got[:10] == [_doc_text(i) for i in range(10)] and got[10] == got[0]
+  assert got[:10] == [h.doc_text(i) for i in range(10)] and got[10] == got[0]
   # The epoch's log line counts the three; the next epoch's shard order may put the
   # binary file first.
   assert '10 kept, 0 heldout, 0 empty, 0 short, 0 duplicate, 3 binary' in caplog.text
-  assert r.counts['kept'] == 11 and r.counts['binary'] >= 3
+  assert r.state_dict()['counts']['kept'] == 11 and r.state_dict()['counts']['binary'] >= 3
   assert '\x00' not in ''.join(training_texts(cfg))
 
 
@@ -880,7 +348,7 @@ def test_mostly_binary_source_is_refused(tok, tmp_path):
 
 def test_binary_counts_in_saved_and_merged_states(tok, tmp_path):
   cfg = _binary_corpus(tmp_path, 40, 8)
-  full, states = _global_batches(cfg, tok, 10, 2)  # Merged states of two processes.
+  full, states = h.global_batches(cfg, tok, 10, 2)  # Merged states of two processes.
   assert states[6]['reader']['sources'][0]['counts']['binary'] == 2
   # A state saved before 'binary' was counted resumes exactly (on one process or two,
   # merging again) and counts binary documents from 0.
@@ -888,20 +356,20 @@ def test_binary_counts_in_saved_and_merged_states(tok, tmp_path):
   del old['reader']['sources'][0]['counts']['binary']
   it = TrainBatches(cfg, tok, 8, 32, seed=2, encode_docs=8, prefetch=0)
   it.load_state_dict(old)
-  assert it.stats()['total']['binary'] == 0
+  assert _counts(it)['binary'] == 0
   for want in full[7:]:
     np.testing.assert_array_equal(next(it), want)
-  assert it.stats()['total']['binary'] == 6
+  assert _counts(it)['binary'] == 6
   it.close()
-  rest, merged = _global_batches(cfg, tok, 3, 2, state=old)
+  rest, merged = h.global_batches(cfg, tok, 3, 2, state=old)
   for a, b in zip(full[7:], rest):
     np.testing.assert_array_equal(a, b)
   assert merged[-1]['reader']['sources'][0]['counts']['binary'] == 6
 
 
 def test_dedup_spans_hosts_and_splits(tmp_path):
-  texts = [_doc_text(i % 10) for i in range(40)]
-  _write_jsonl(tmp_path / 'x.jsonl', texts)
+  texts = [h.doc_text(i % 10) for i in range(40)]
+  h.write_jsonl(tmp_path / 'x.jsonl', texts)
   cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.3, dedup=True)
   # Over one epoch every distinct text is kept exactly once: by one host, in one split.
   heldout = [d.text for d in reader_lib.single_pass(cfg, heldout=True)]
@@ -957,8 +425,8 @@ def test_mixture_proportions_follow_weights_and_seed(tmp_path):
   assert picks == [mixture.Chooser(weights, seed=7)(n) for n in range(20000)]
   assert picks != [mixture.Chooser(weights, seed=8)(n) for n in range(20000)]
   # The reader takes each document from the source chosen for it.
-  _write_jsonl(tmp_path / 'a.jsonl', [f'a{i} ' + _doc_text(i) for i in range(60)])
-  _write_jsonl(tmp_path / 'b.jsonl', [f'b{i} ' + _doc_text(i) for i in range(60)])
+  h.write_jsonl(tmp_path / 'a.jsonl', [f'a{i} ' + h.doc_text(i) for i in range(60)])
+  h.write_jsonl(tmp_path / 'b.jsonl', [f'b{i} ' + h.doc_text(i) for i in range(60)])
   cfg = DataConfig(mixture=f'files:{tmp_path}/a.jsonl:1;files:{tmp_path}/b.jsonl:3',
                    eval_fraction=0.0)
   runs = []
@@ -976,9 +444,9 @@ def test_mixture_proportions_follow_weights_and_seed(tmp_path):
 
 @pytest.mark.parametrize('num_files', [2, 3])  # By shards; by rows (3 files, 2 hosts).
 def test_hub_hosts_read_disjoint_rows(tok, tmp_path, num_files):
-  texts = [_doc_text(i) for i in range(30)]
+  texts = [h.doc_text(i) for i in range(30)]
   for f in range(num_files):
-    _write_jsonl(tmp_path / f'part{f}.jsonl', texts[f::num_files])
+    h.write_jsonl(tmp_path / f'part{f}.jsonl', texts[f::num_files])
   cfg = DataConfig(source='hub', name=str(tmp_path), eval_fraction=0.0)
   got = []
   for host in range(2):
@@ -990,48 +458,19 @@ def test_hub_hosts_read_disjoint_rows(tok, tmp_path, num_files):
   # The pipeline trains each host on its own rows, and resumes exactly there, from the
   # merged state of both hosts as from its own (but with no other process count).
   kw = dict(batch_size=2, seq_len=32, prefetch=0, process_count=2)
-  full, states = _batches(cfg, tok, 6, process_index=1, **kw)
-  assert set(_stream_docs(tok, full)) <= set(got[1])
+  full, states = h.batches(cfg, tok, 6, process_index=1, **kw)
+  assert set(h.stream_docs(tok, full)) <= set(got[1])
   if num_files == 3:
-    _, other = _batches(cfg, tok, 3, process_index=0, **kw)
+    _, other = h.batches(cfg, tok, 3, process_index=0, **kw)
     merged = TrainBatches.merge_states([states[2], other[2]])
     assert merged['layout'] == 'per_process' and len(merged['processes']) == 2
     with pytest.raises(ValueError, match='only on 2 processes'):
       TrainBatches(cfg, tok, 2, 32, process_count=4, prefetch=0).load_state_dict(merged)
   else:
     merged = states[2]
-  rest, _ = _batches(cfg, tok, 3, state=merged, process_index=1, **kw)
+  rest, _ = h.batches(cfg, tok, 3, state=merged, process_index=1, **kw)
   for a, b in zip(full[3:], rest):
     np.testing.assert_array_equal(a, b)
-
-
-# Held-out batches.
-
-
-def test_eval_batches_repeatable_and_heldout_only(tok, corpus):
-  cfg, texts = corpus
-  ev = eval_batches(cfg, tok, 2, 16, 1000)
-  assert ev and all(b.shape == (2, 17) and b.dtype == np.int32 for b in ev)
-  again = eval_batches(cfg, tok, 2, 16, 1000)
-  assert len(again) == len(ev) and all((a == b).all() for a, b in zip(ev, again))
-  docs = list(sources.documents(sources.open_source(cfg), repeat=False))
-  held = {d.text for d in docs if is_heldout(d.key, cfg.eval_fraction)}
-  got = set(_stream_docs(tok, ev, by_row=False))
-  assert got and got <= held
-  train, _ = _batches(cfg, tok, 80, prefetch=0)
-  assert not set(_stream_docs(tok, train)) & held
-  # Two processes split the same global batches.
-  assert len(eval_batches(cfg, tok, 2, 16, 3)) == 3
-  halves = [eval_batches(cfg, tok, 1, 16, 3, process_index=i, process_count=2) for i in (0, 1)]
-  for b, (h0, h1) in enumerate(zip(*halves)):
-    np.testing.assert_array_equal(np.concatenate([h0, h1]), ev[b])
-
-
-def test_eval_batches_needs_heldout_documents(tok, corpus):
-  cfg, _ = corpus
-  with pytest.raises(ValueError, match='data.eval_fraction'):
-    eval_batches(DataConfig(source=cfg.source, files=cfg.files, eval_fraction=0.0),
-                 tok, 2, 16, 2)
 
 
 # Bad input.
@@ -1045,7 +484,7 @@ def test_glob_matching_nothing(tmp_path):
 
 
 def test_missing_text_column(tok, tmp_path):
-  _write_jsonl(tmp_path / 'x.jsonl', ['hello'], key='content')
+  h.write_jsonl(tmp_path / 'x.jsonl', ['hello'], key='content')
   cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'))
   with pytest.raises(ValueError, match="'text'") as e:
     next(TrainBatches(cfg, tok, 2, 16, prefetch=2))
@@ -1053,7 +492,7 @@ def test_missing_text_column(tok, tmp_path):
 
 
 def test_datasets_cache_is_per_user_and_named_when_unusable(tmp_path, monkeypatch):
-  _write_jsonl(tmp_path / 'x.jsonl', ['hello'])
+  h.write_jsonl(tmp_path / 'x.jsonl', ['hello'])
   cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'))
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
   assert [d.text for d in sources.documents(sources.open_source(cfg), repeat=False)] == ['hello']
@@ -1082,7 +521,7 @@ def test_one_document_feeds_every_process(tok, tmp_path):
   # Documents are numbered over epochs and dealt to the stream with the fewest characters
   # (here, all being alike, in turn), so even a single document reaches every process's
   # rows (its copies of later epochs).
-  _write_jsonl(tmp_path / 'x.jsonl', ['only one'])
+  h.write_jsonl(tmp_path / 'x.jsonl', ['only one'])
   cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.0)
   it = TrainBatches(cfg, tok, 2, 16, process_index=1, process_count=2, prefetch=0)
   stream = [tok.bos_id] + tok.encode('only one') + [tok.eos_id]
@@ -1105,7 +544,7 @@ def test_unreadable_file(tok, tmp_path, name, content):
 
 
 def test_empty_corpus_after_cleaning(tok, tmp_path):
-  _write_jsonl(tmp_path / 'x.jsonl', ['', '  \n', '\t', 'short'])
+  h.write_jsonl(tmp_path / 'x.jsonl', ['', '  \n', '\t', 'short'])
   cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.0,
                    min_chars=10)
   with pytest.raises(ValueError, match='no training documents') as e:
@@ -1138,11 +577,11 @@ def test_empty_data_file_is_named(tok, tmp_path, name, content):
 
 
 def test_empty_files_check_is_cheap_and_names_every_file(tmp_path):
-  _write_jsonl(tmp_path / 'a.jsonl', ['', 'a document'])
+  h.write_jsonl(tmp_path / 'a.jsonl', ['', 'a document'])
   (tmp_path / 'b.parquet').write_bytes(b'not a parquet file')
   cfg = DataConfig(source='files', files=f'{tmp_path}/a.jsonl,{tmp_path}/b.parquet')
   reader_lib.check_has_documents(cfg)  # Stops at a.jsonl's document: b is never read.
-  _write_jsonl(tmp_path / 'a.jsonl', [''])
+  h.write_jsonl(tmp_path / 'a.jsonl', [''])
   with pytest.raises(sources.DataError, match='cannot read .*b.parquet'):
     reader_lib.check_has_documents(cfg)
   for i in range(4):
@@ -1156,7 +595,7 @@ def test_empty_files_check_is_cheap_and_names_every_file(tmp_path):
 def test_mixture_names_its_bad_source(tok, tmp_path):
   with pytest.raises(ValueError, match='/no/where/[*].jsonl'):
     TrainBatches(DataConfig(mixture='stdlib:1;files:/no/where/*.jsonl:1'), tok, 2, 16)
-  _write_jsonl(tmp_path / 'x.jsonl', ['hello world, a document'], key='body')
+  h.write_jsonl(tmp_path / 'x.jsonl', ['hello world, a document'], key='body')
   cfg = DataConfig(mixture=f'files:{tmp_path}/x.jsonl:1')
   with pytest.raises(ValueError, match="column 'text' not found") as e:
     next(TrainBatches(cfg, tok, 2, 16, prefetch=0))
@@ -1165,7 +604,7 @@ def test_mixture_names_its_bad_source(tok, tmp_path):
 
 def test_throughput_measure(tok, corpus):
   cfg, _ = corpus
-  out = throughput.measure(cfg, tok, 2, 32, batches=3, num_threads=2)
+  out = throughput.measure(cfg, tok, 2, 32, batches=3, seconds=0, num_threads=2)
   assert out['pipeline_tokens_per_sec'] > 0 and out['sentencepiece_tokens_per_sec'] > 0
   assert out['ratio'] > 0 and out['threads'] == 2 and out['documents'] > 0
 
