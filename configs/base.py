@@ -90,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_fraction = 0.01  # Share of documents held out (stable hash of their key).
   c.data.mixture = ''  # Weighted sources 'KIND[:ARG]:WEIGHT;...' (data/mixture.py); '' = off.
   # Packing streams over all hosts; 0 = one per global row. Each document goes to the
-  # stream dealt the fewest characters so far, which keeps them level (data/pipeline.py).
+  # stream dealt the fewest characters so far, which keeps them level (data/dealing.py).
   c.data.streams = 0
   c.data.min_chars = 0  # Drop documents shorter than this (blank ones are always dropped).
   c.data.dedup = False  # Drop exact duplicate documents within an epoch of each source.
