@@ -58,9 +58,10 @@ class DataConfig:
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f'unknown config key(s): {", ".join("data." + k for k in unknown)}')
-    cfg = cls(**d)
-    cfg.validate()
-    return cfg
+    return cls(**d)
+
+  def __post_init__(self) -> None:
+    self.validate()  # Once, wherever a DataConfig is made: parse, a mixture's parts, tests.
 
   def validate(self) -> None:
     """Raises ValueError naming the first bad key."""

@@ -68,9 +68,7 @@ def components(cfg: Any) -> list[tuple[float, Any]]:
     elif e.kind == 'hub':
       name, _, config_name = e.arg.partition(':')
       fields.update(name=name, config_name=config_name)
-    part = dataclasses.replace(cfg, **fields)
-    part.validate()
-    out.append((e.weight / total, part))
+    out.append((e.weight / total, dataclasses.replace(cfg, **fields)))  # Validates it.
   return out
 
 

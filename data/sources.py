@@ -209,7 +209,6 @@ def open_source(cfg: DataConfig, process_index: int = 0, process_count: int = 1)
   sources are read whole by every process (data/dealing.py decides which documents
   each one packs).
   """
-  cfg.validate()
   if cfg.source == 'stdlib':
     return StdlibSource()
   if cfg.source == 'files':

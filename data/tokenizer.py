@@ -163,7 +163,6 @@ def load_or_train(cfg: DataConfig, workdir: str, vocab_size: int) -> Tokenizer:
   Otherwise the run folder's model if there is one, else a new one trained on the
   training split. A file that is not a sentencepiece model raises ValueError naming it.
   """
-  cfg.validate()
   run_model = os.path.join(workdir, 'tokenizer.model')
   if cfg.tokenizer:
     if not os.path.isfile(cfg.tokenizer):

@@ -72,7 +72,6 @@ def parse(config: ml_collections.ConfigDict) -> Configs:
   run = _section(RunConfig, d, '')
   run.validate()
   data = _section(DataConfig, sections['data'], 'data.')
-  data.validate()
   cfgs = Configs(run=run, mesh=_section(MeshConfig, sections['mesh'], 'mesh.'),
                  model=_section(ModelConfig, sections['model'], 'model.'),
                  optimizer=_section(OptimizerConfig, sections['optimizer'], 'optimizer.'),

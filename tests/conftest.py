@@ -12,6 +12,12 @@ os.environ['JAX_PLATFORMS'] = 'cpu'
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='lm-test-jax-cache-'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# `datasets` reads these when it is first imported, by whichever test module comes first:
+# its cache out of ~, and never the network.
+os.environ.setdefault('HF_DATASETS_CACHE', tempfile.mkdtemp(prefix='lm-test-hf-'))
+os.environ['HF_HUB_OFFLINE'] = '1'
+os.environ['HF_DATASETS_OFFLINE'] = '1'
+os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'
 
 
 import pytest  # noqa: E402  (after the environment above is set)

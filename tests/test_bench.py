@@ -1,8 +1,6 @@
 """The benchmark's figures agree with the compiler and respond to the mesh as they should."""
 
 import json
-import os
-import subprocess
 import sys
 import time
 
@@ -11,8 +9,7 @@ import pytest
 from configs import tiny
 from lm import bench, flops
 from lm.config import parse
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
 
 
 def _small(**mesh):
@@ -56,8 +53,7 @@ def test_aot_memory_shrinks_with_fsdp():
 def test_bench_script_prints_the_spec_keys():
   cmd = [sys.executable, 'scripts/bench.py', '--config=configs/tiny.py', '--aot',
          '--config.model.num_layers=1']
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = helpers.run(cmd, timeout=300)
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert {'config', 'devices', 'tokens_per_sec', 'step_ms', 'mfu', 'tflops_per_sec',
           'compile_s', 'memory_bytes_per_device', 'data_tokens_per_sec'} <= set(result)
@@ -103,8 +99,7 @@ def test_vary_measures_each_lever_alone_from_the_config():
   cmd = [sys.executable, 'scripts/bench.py', '--config=configs/tiny.py', '--aot',
          '--config.model.num_layers=1', '--vary=model.loss_chunk=0,16',
          '--vary=model.tie_embeddings=False']
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = helpers.run(cmd, timeout=300)
   lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
   assert [r['variant'] for r in lines] == [
       'base', 'model.loss_chunk=0', 'model.loss_chunk=16', 'model.tie_embeddings=False']

@@ -35,8 +35,8 @@ from lm.optimizer import make_optimizer, schedule
 from lm.run_folder import checkpoint_config, load_run
 from lm.sharding import AxisRules, batch_sharding
 from lm.train_step import init_state, jit_train_step, make_train_step
+from tests.helpers import REPO, read_metrics, run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, 'scripts', 'train.py')
 STEPS = 60
 # A small model on an 8-way FSDP mesh; dropout on, so a resume that lost the RNG shows.
@@ -95,18 +95,12 @@ def _env(compile_cache, devices=8):
 
 
 def _run(argv, env, *, check=True):
-  proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-                        check=False)
-  if check:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
+  return run(argv, env=env, check=check)
 
 
 def _losses(workdir) -> list[tuple[int, float | None]]:
-  """(step, loss) of every train line, repeats included (a resume replays lost steps)."""
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    lines = [json.loads(line) for line in f]
-  return [(m['step'], m['loss']) for m in lines if 'loss' in m]
+  """(step, loss) of every train line, in the order written."""
+  return [(m['step'], m['loss']) for m in read_metrics(workdir) if 'loss' in m]
 
 
 def _assert_same_losses(workdir, reference: dict[int, float], steps=range(1, STEPS + 1)):

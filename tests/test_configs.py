@@ -15,8 +15,9 @@ import pytest
 from lm import flops
 from lm.config import parse
 from lm.model import Transformer
+from tests.helpers import REPO
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+CONFIG_DIR = os.path.join(REPO, 'configs')
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, '*.py'))
                if not p.endswith('__init__.py'))
 

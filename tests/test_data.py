@@ -1,9 +1,6 @@
 """Tests of the data/ package's config, sources, split, tokenizer, cleaning, mixtures and
 errors; the packing, dealing, pipeline, state and held-out tests are in test_data_*.py."""
 
-# First: it keeps datasets (imported by data/sources.py) offline and out of ~.
-from tests import test_data_helpers as h  # isort: skip
-
 import copy
 import dataclasses
 import itertools
@@ -11,7 +8,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -25,8 +21,8 @@ from data.heldout import eval_batches
 from data.pipeline import TrainBatches
 from data.split import is_heldout
 from data.tokenizer import Tokenizer, check_vocab, load_or_train, train_tokenizer, training_texts
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import data_helpers as h
+from tests import helpers
 
 
 @pytest.fixture(scope='session')
@@ -96,11 +92,8 @@ def test_heldout_split_is_stable_disjoint_and_sized():
   # Other processes (with other hash() salts) choose the same keys.
   code = ('from data.split import is_heldout; '
           f'print(sum(1 << i for i, k in enumerate({keys[:60]!r}) if is_heldout(k, 0.3)))')
-  outs = {
-      subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
-                     cwd=REPO, env=dict(os.environ, PYTHONHASHSEED=seed)).stdout
-      for seed in ('1', '2')
-  }
+  outs = {helpers.run([sys.executable, '-c', code],
+                      env=dict(os.environ, PYTHONHASHSEED=seed)).stdout for seed in ('1', '2')}
   mine = sum(1 << i for i, k in enumerate(keys[:60]) if is_heldout(k, 0.3))
   assert outs == {f'{mine}\n'}
 
@@ -614,20 +607,15 @@ def test_throughput_measure(tok, corpus):
 
 def test_train_tokenizer_script(tmp_path, corpus):
   cfg, _ = corpus
-  script = os.path.join(REPO, 'scripts', 'train_tokenizer.py')
   out = str(tmp_path / 'x.model')
-  env = dict(os.environ, PYTHONPATH=REPO)
-  ok = subprocess.run(
-      [sys.executable, script, '--config=configs/tiny.py', '--vocab_size=300',
-       '--config.data.source=files', f'--config.data.files={cfg.files}', f'--out={out}'],
-      capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-  assert ok.returncode == 0, ok.stderr
+  ok = helpers.script('train_tokenizer.py', '--config=configs/tiny.py', '--vocab_size=300',
+                      '--config.data.source=files', f'--config.data.files={cfg.files}',
+                      f'--out={out}', timeout=120)
   line = json.loads(ok.stdout.strip().splitlines()[-1])
   assert line['path'] == out and line['vocab_size'] == 300 and line['seconds'] >= 0
   assert Tokenizer(out).vocab_size == 300
-  bad = subprocess.run(
-      [sys.executable, script, '--config=configs/tiny.py', '--config.data.source=files',
-       '--config.data.files=/no/where/*.jsonl', f'--out={out}'],
-      capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+  bad = helpers.script('train_tokenizer.py', '--config=configs/tiny.py',
+                       '--config.data.source=files', '--config.data.files=/no/where/*.jsonl',
+                       f'--out={out}', check=False, timeout=120)
   assert bad.returncode != 0
   assert len(bad.stderr.strip().splitlines()) == 1 and '/no/where/*.jsonl' in bad.stderr

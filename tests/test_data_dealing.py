@@ -1,8 +1,5 @@
 """Tests of data/dealing.py: which stream, row and process each document goes to."""
 
-# First: it keeps datasets (imported by data/sources.py) offline and out of ~.
-from tests import test_data_helpers as h  # isort: skip
-
 import dataclasses
 
 import numpy as np
@@ -12,6 +9,7 @@ from data.config import DataConfig
 from data.pipeline import TrainBatches
 from data.split import is_heldout
 from data.tokenizer import Tokenizer
+from tests import data_helpers as h
 
 
 @pytest.fixture(scope='session')

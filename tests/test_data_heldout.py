@@ -1,8 +1,5 @@
 """Tests of data/heldout.py: held-out batches."""
 
-# First: it keeps datasets (imported by data/sources.py) offline and out of ~.
-from tests import test_data_helpers as h  # isort: skip
-
 import numpy as np
 import pytest
 
@@ -11,6 +8,7 @@ from data.config import DataConfig
 from data.heldout import eval_batches
 from data.split import is_heldout
 from data.tokenizer import Tokenizer
+from tests import data_helpers as h
 
 
 @pytest.fixture(scope='session')

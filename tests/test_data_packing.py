@@ -1,8 +1,5 @@
 """Tests of data/packing.py: wrapping, windowing, segment ids."""
 
-# First: it keeps datasets (imported by data/sources.py) offline and out of ~.
-from tests import test_data_helpers as h  # isort: skip
-
 import dataclasses
 
 import numpy as np
@@ -12,6 +9,7 @@ from data import packing
 from data.heldout import eval_batches
 from data.packing import Windower
 from data.tokenizer import Tokenizer
+from tests import data_helpers as h
 
 
 @pytest.fixture(scope='session')

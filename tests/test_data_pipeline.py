@@ -1,8 +1,5 @@
 """Tests of data/pipeline.py: TrainBatches resumes exactly, with or without prefetching."""
 
-# First: it keeps datasets (imported by data/sources.py) offline and out of ~.
-from tests import test_data_helpers as h  # isort: skip
-
 import json
 
 import numpy as np
@@ -11,6 +8,7 @@ import pytest
 from data.config import DataConfig
 from data.pipeline import TrainBatches
 from data.tokenizer import Tokenizer
+from tests import data_helpers as h
 
 
 @pytest.fixture(scope='session')

@@ -1,8 +1,5 @@
 """Tests of data/state.py: saved, merged and restored data states continue exactly."""
 
-# First: it keeps datasets (imported by data/sources.py) offline and out of ~.
-from tests import test_data_helpers as h  # isort: skip
-
 import dataclasses
 import json
 
@@ -14,6 +11,7 @@ from data import sources
 from data.config import DataConfig
 from data.pipeline import TrainBatches
 from data.tokenizer import Tokenizer
+from tests import data_helpers as h
 
 
 @pytest.fixture(scope='session')

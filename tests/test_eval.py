@@ -8,8 +8,6 @@ import json
 import math
 import os
 import struct
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +22,8 @@ from lm.evaluation import make_eval_step
 from lm.model import Transformer
 from lm.run_folder import Run, abstract_params, load_run
 from lm.sharding import AxisRules
+from tests.helpers import script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ['def f(x):\n    return x + 1\n', 'import os\nprint(os.getcwd())  # où ça ? ✓\n',
         'class A:\n    pass\n' * 5]
 
@@ -34,7 +32,7 @@ DOCS = ['def f(x):\n    return x + 1\n', 'import os\nprint(os.getcwd())  # où �
 def run_dir(tmp_path_factory, tokenizer) -> str:
   """A 2-step tiny run (smaller than configs/tiny.py, to keep the test fast)."""
   workdir = str(tmp_path_factory.mktemp('run') / 'tiny')
-  _script('train.py', '--config=configs/tiny.py', '--config.steps=2',
+  script('train.py', '--config=configs/tiny.py', '--config.steps=2',
           '--config.model.vocab_size=512', f'--config.data.tokenizer={tokenizer}',
           f'--config.workdir={workdir}', '--config.model.num_layers=2', '--config.seq_len=64',
           '--config.eval_every=2', '--config.eval_batches=1', '--config.data.eval_fraction=0.05')
@@ -49,14 +47,6 @@ def text_files(tmp_path_factory) -> str:
       f.write(json.dumps({'text': doc}) + '\n')
   (folder / 'b.txt').write_text(DOCS[2], encoding='utf-8')  # One paragraph: one document.
   return str(folder)
-
-
-def _script(name, *args, check=True):
-  proc = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', name), *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=600)
-  if check:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
 
 
 def _last_json(proc):
@@ -140,7 +130,7 @@ def test_masked_eval_step_matches_a_numpy_sum_over_the_unmasked_targets(tokenize
 
 
 def test_eval_script_scores_the_held_out_split_as_training_did(run_dir):
-  result = _last_json(_script('eval.py', f'--workdir={run_dir}'))
+  result = _last_json(script('eval.py', f'--workdir={run_dir}'))
   assert set(result) == {'step', 'loss', 'perplexity', 'bits_per_byte', 'tokens', 'bytes'}
   assert result['step'] == 2
   assert result['tokens'] == 8 * 64  # eval_batches=1 batch of 8 x 64 targets
@@ -174,7 +164,7 @@ def test_a_packed_run_with_a_chunked_loss_is_scored_as_training_scored_it(tmp_pa
 
 
 def test_eval_script_scores_files_one_by_one(run_dir, text_files):
-  proc = _script('eval.py', f'--workdir={run_dir}', '--step=2',
+  proc = script('eval.py', f'--workdir={run_dir}', '--step=2',
                  f'--files={text_files}/*.jsonl,{text_files}/*.txt')
   result = _last_json(proc)
   files = result['files']
@@ -192,7 +182,7 @@ def test_eval_script_scores_files_one_by_one(run_dir, text_files):
 
 
 def test_eval_script_errors_are_one_line_naming_the_cause(run_dir):
-  proc = _script('eval.py', f'--workdir={run_dir}', '--step=5', check=False)
+  proc = script('eval.py', f'--workdir={run_dir}', '--step=5', check=False)
   assert proc.returncode == 1
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and 'step 5' in lines[0] and run_dir in lines[0], proc.stderr
@@ -216,7 +206,7 @@ def test_load_errors_name_the_missing_path(tmp_path, run_dir):
 
 def test_generate_script_is_greedy_at_temperature_zero(run_dir):
   args = (f'--workdir={run_dir}', '--prompt=def main(', '--max_new_tokens=5', '--temperature=0')
-  proc = _script('generate.py', *args)
+  proc = script('generate.py', *args)
   result = _last_json(proc)
   tok = Tokenizer(os.path.join(run_dir, 'tokenizer.model'))
   assert result['prompt_ids'] == [tok.bos_id] + tok.encode('def main(')
@@ -226,7 +216,7 @@ def test_generate_script_is_greedy_at_temperature_zero(run_dir):
   assert result['text'] == tok.decode(ids)
   assert proc.stdout.splitlines()[0].startswith('def main(')
 
-  missing = _script('generate.py', f'--workdir={run_dir}/nope', '--prompt=x', check=False)
+  missing = script('generate.py', f'--workdir={run_dir}/nope', '--prompt=x', check=False)
   assert missing.returncode == 1 and f'{run_dir}/nope' in missing.stderr.strip()
 
 
@@ -263,14 +253,14 @@ def test_plot_script_writes_a_png_of_several_runs(tmp_path):
     lines += [{'step': s, 'eval_loss': scale * 7 / s} for s in (5, 10)]
     (folder / 'metrics.jsonl').write_text(''.join(json.dumps(x) + '\n' for x in lines))
   out = tmp_path / 'loss.png'
-  proc = _script('plot.py', str(tmp_path / 'run_a'), str(tmp_path / 'run_b'), f'--out={out}')
+  proc = script('plot.py', str(tmp_path / 'run_a'), str(tmp_path / 'run_b'), f'--out={out}')
   assert proc.stdout.strip().splitlines()[-1] == str(out)
   from matplotlib import image
   pixels = image.imread(out)
   assert pixels.shape[:2] == (450, 1200)
   assert pixels[..., :3].std() > 0.05  # not a blank canvas
 
-  bad = _script('plot.py', str(tmp_path / 'run_a'), str(tmp_path / 'nope'),
+  bad = script('plot.py', str(tmp_path / 'run_a'), str(tmp_path / 'nope'),
                 f'--out={tmp_path / "x.png"}', check=False)
   assert bad.returncode == 1 and 'nope' in bad.stderr
   assert not (tmp_path / 'x.png').exists()
@@ -281,7 +271,7 @@ def test_plot_prints_the_path_it_writes(tmp_path):
   run.mkdir()
   (run / 'metrics.jsonl').write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
   # Without an extension matplotlib appends '.png': the printed path must say so.
-  proc = _script('plot.py', str(run), f'--out={tmp_path / "curves"}')
+  proc = script('plot.py', str(run), f'--out={tmp_path / "curves"}')
   assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / 'curves.png')
   assert (tmp_path / 'curves.png').is_file() and not (tmp_path / 'curves').exists()
   from lm.plotting import plot_runs

@@ -5,8 +5,6 @@ import functools
 import io
 import json
 import os
-import subprocess
-import sys
 
 os.environ['HF_HUB_OFFLINE'] = '1'  # Everything here is local; never reach the Hub.
 
@@ -21,11 +19,11 @@ from data import hf_tokenizer, stdlib
 from data.tokenizer import Tokenizer
 from lm import export, hf
 from lm.model import ModelConfig, Transformer
+from tests.helpers import script
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {'vocab_size': 128, 'd_model': 64, 'num_layers': 2, 'num_heads': 4, 'num_kv_heads': 2,
          'd_ff': 96}
 CONFIGS = {
@@ -248,16 +246,14 @@ def test_missing_files_are_named(tmp_path, folder):
 def run(tmp_path_factory, tokenizer):
   """A tiny run (GQA, untied) trained for two steps."""
   workdir = tmp_path_factory.mktemp('hf_run') / 'run'
-  cmd = [sys.executable, os.path.join(REPO, 'scripts', 'train.py'), '--config=configs/tiny.py',
+  script('train.py', '--config=configs/tiny.py',
          '--config.steps=2', '--config.model.vocab_size=512',
          f'--config.data.tokenizer={tokenizer}', f'--config.workdir={workdir}',
          '--config.eval_every=0', '--config.seq_len=64',
          '--config.model.num_layers=2', '--config.model.d_model=128', '--config.model.d_ff=256',
          '--config.model.num_heads=4', '--config.model.num_kv_heads=2',
-         '--config.model.tie_embeddings=false', '--config.data.eval_fraction=0']
-  proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env=_one_device_env())
-  assert proc.returncode == 0, proc.stderr[-3000:]
+         '--config.model.tie_embeddings=false', '--config.data.eval_fraction=0',
+         env=_one_device_env())
   return workdir
 
 
@@ -320,9 +316,7 @@ def test_unconvertible_tokenizer_is_refused(tokenizer, tmp_path, change, message
 
 
 def _export(*args):
-  cmd = [sys.executable, os.path.join(REPO, 'scripts', 'export_hf.py'), *args]
-  return subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env=_one_device_env())
+  return script('export_hf.py', *args, check=False, env=_one_device_env())
 
 
 def test_export_script_loads_in_transformers(run, tmp_path):

@@ -98,7 +98,7 @@ def test_packed_documents_see_only_themselves(scan):
 
 def test_gqa_equals_multi_head_with_repeated_kv_heads():
   gqa = SMALL
-  mha = ModelConfig(**{**SMALL.__dict__, 'num_kv_heads': SMALL.num_heads})
+  mha = dataclasses.replace(SMALL, num_kv_heads=SMALL.num_heads)
   params = _init(gqa)
   groups = gqa.num_heads // gqa.num_kv_heads
   mha_params = jax.tree.map(lambda x: x, params)
@@ -142,7 +142,7 @@ def test_model_is_invariant_to_a_shift_of_all_positions():
 @pytest.mark.parametrize('remat,scan', [(True, False), (False, True), (True, True)])
 def test_remat_and_scan_match_the_plain_model(remat, scan):
   params = _init(SMALL)
-  variant = ModelConfig(**{**SMALL.__dict__, 'remat': remat, 'scan_layers': scan})
+  variant = dataclasses.replace(SMALL, remat=remat, scan_layers=scan)
   vparams = stack_layers(params, SMALL.num_layers) if scan else params
   tokens = _tokens((2, 16))
 
@@ -161,7 +161,7 @@ def test_remat_and_scan_match_the_plain_model(remat, scan):
 
 def test_scanned_init_has_the_plain_structure_stacked():
   plain = _init(SMALL)
-  scanned = _init(ModelConfig(**{**SMALL.__dict__, 'scan_layers': True}))
+  scanned = _init(dataclasses.replace(SMALL, scan_layers=True))
   expect = jax.tree.map(lambda x: x.shape, stack_layers(plain, SMALL.num_layers))
   assert jax.tree.map(lambda x: x.shape, scanned) == expect
 
@@ -223,7 +223,7 @@ def test_rmsnorm_and_loss_on_hand_derivable_inputs():
 
 def test_param_count_formula_matches_the_initialised_tree():
   for tie in (True, False):
-    cfg = ModelConfig(**{**SMALL.__dict__, 'tie_embeddings': tie})
+    cfg = dataclasses.replace(SMALL, tie_embeddings=tie)
     assert flops.count_params(_init(cfg)) == flops.num_params(cfg)
 
 
@@ -244,14 +244,14 @@ def test_parameters_carry_logical_axis_names():
   assert tuple(specs['block_0']['attn']['q']) == ('embed', 'heads', 'head_dim')
   assert tuple(specs['block_0']['attn']['k']) == ('embed', 'kv_heads', 'head_dim')
   assert tuple(specs['block_0']['mlp']['down']) == ('mlp', 'embed')
-  scanned = Transformer(ModelConfig(**{**SMALL.__dict__, 'scan_layers': True})).init(
+  scanned = Transformer(dataclasses.replace(SMALL, scan_layers=True)).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   specs = nn.get_partition_spec(scanned)['params']
   assert tuple(specs['blocks']['mlp']['gate']) == ('layers', 'embed', 'mlp')
 
 
 def test_dropout_is_active_only_in_training():
-  cfg = ModelConfig(**{**SMALL.__dict__, 'dropout': 0.5})
+  cfg = dataclasses.replace(SMALL, dropout=0.5)
   params = _init(cfg)
   tokens = _tokens((1, 16))
   model = Transformer(cfg)
@@ -264,7 +264,7 @@ def test_dropout_is_active_only_in_training():
 
 
 def test_bf16_compute_keeps_float32_params():
-  cfg = ModelConfig(**{**SMALL.__dict__, 'dtype': 'bfloat16'})
+  cfg = dataclasses.replace(SMALL, dtype='bfloat16')
   params = _init(cfg)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   logits = _apply(cfg, params, _tokens((1, 8)))
@@ -281,4 +281,4 @@ def test_bf16_compute_keeps_float32_params():
 ])
 def test_bad_model_config_names_the_key(key, value, message):
   with pytest.raises(ValueError, match=message):
-    ModelConfig.from_dict({**SMALL.__dict__, key: value})
+    ModelConfig.from_dict({**dataclasses.asdict(SMALL), key: value})

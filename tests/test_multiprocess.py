@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO, read_metrics
+
 TRAIN = os.path.join(REPO, 'scripts', 'train.py')
 SMALL = ('--config.model.vocab_size=512', '--config.model.num_layers=2',
          '--config.model.d_model=64', '--config.model.d_ff=128', '--config.seq_len=32',
@@ -61,8 +62,7 @@ def _wait(procs, timeout=400):
 
 
 def _losses(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [(m['step'], m['loss']) for m in map(json.loads, f) if 'loss' in m]
+  return [(m['step'], m['loss']) for m in read_metrics(workdir) if 'loss' in m]
 
 
 @pytest.fixture(scope='module')

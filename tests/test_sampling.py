@@ -20,7 +20,7 @@ RULES = MeshConfig.from_dict(base.get_config().mesh).rules
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   d_ff=64, tie_embeddings=False)
-SCANNED = ModelConfig(**{**CFG.__dict__, 'scan_layers': True})
+SCANNED = dataclasses.replace(CFG, scan_layers=True)
 PROMPTS = [[2, 11, 12, 13, 14, 15], [2, 21], [2, 31, 32, 33]]
 
 

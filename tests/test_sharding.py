@@ -1,5 +1,7 @@
 """Meshes: the same training steps on any layout, and parameters sharded as the rules say."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -81,20 +83,20 @@ def test_a_dimension_the_mesh_does_not_divide_is_replicated():
 
 def test_grad_accumulation_matches_the_full_batch():
   full, _ = _train((2, 2, 2))
-  accum, _ = _train((2, 2, 2), opt=OptimizerConfig(**{**OPT.__dict__, 'grad_accum': 2}))
+  accum, _ = _train((2, 2, 2), opt=dataclasses.replace(OPT, grad_accum=2))
   np.testing.assert_allclose(accum, full, rtol=1e-5)
 
 
 def test_chunked_loss_trains_as_the_plain_loss_on_a_mesh(reference):
-  chunked, _ = _train((2, 2, 2), model=ModelConfig(**{**MODEL.__dict__, 'loss_chunk': 8}))
+  chunked, _ = _train((2, 2, 2), model=dataclasses.replace(MODEL, loss_chunk=8))
   np.testing.assert_allclose(chunked, reference[0], rtol=1e-5)
 
 
 def test_packed_documents_train_alike_on_every_layout_and_with_accumulation():
   one = _train((1, 1, 1), segments=True)[0]
-  accum = OptimizerConfig(**{**OPT.__dict__, 'grad_accum': 2})
+  accum = dataclasses.replace(OPT, grad_accum=2)
   np.testing.assert_allclose(_train((2, 2, 2), opt=accum, segments=True)[0], one, rtol=1e-5)
-  chunked = ModelConfig(**{**MODEL.__dict__, 'loss_chunk': 8})
+  chunked = dataclasses.replace(MODEL, loss_chunk=8)
   np.testing.assert_allclose(_train((1, 8, 1), model=chunked, segments=True)[0], one,
                              rtol=1e-5)
   # The segment ids change the model's view: not the losses of unmasked rows.

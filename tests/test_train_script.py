@@ -2,27 +2,15 @@
 
 import json
 import os
-import subprocess
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(REPO, 'scripts', 'train.py')
+from tests.helpers import read_metrics, script
 
 
 def _train(workdir, tokenizer, *overrides, check=True):
-  cmd = [sys.executable, TRAIN, '--config=configs/tiny.py', f'--config.workdir={workdir}',
-         f'--config.data.tokenizer={tokenizer}', '--config.model.vocab_size=512',
-         '--config.log_every=1', '--config.eval_batches=1', '--config.data.eval_fraction=0.05',
-         *overrides]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-  if check:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
-
-
-def _metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [json.loads(line) for line in f]
+  return script('train.py', '--config=configs/tiny.py', f'--config.workdir={workdir}',
+                f'--config.data.tokenizer={tokenizer}', '--config.model.vocab_size=512',
+                '--config.log_every=1', '--config.eval_batches=1',
+                '--config.data.eval_fraction=0.05', *overrides, check=check)
 
 
 def test_tiny_trains_two_steps_and_writes_the_run_folder(tmp_path, tokenizer):
@@ -34,7 +22,7 @@ def test_tiny_trains_two_steps_and_writes_the_run_folder(tmp_path, tokenizer):
   assert '2' in os.listdir(workdir / 'checkpoints')
   config = json.loads((workdir / 'config.json').read_text())
   assert config['model']['vocab_size'] == 512 and config['steps'] == 2
-  lines = _metrics(workdir)
+  lines = read_metrics(workdir)
   train = [m for m in lines if 'loss' in m]
   assert [m['step'] for m in train] == [1, 2]
   for m in train:
@@ -52,7 +40,7 @@ def test_tiny_trains_two_steps_and_writes_the_run_folder(tmp_path, tokenizer):
   # Run again, the finished run resumes at its end: no step trained, nothing written twice.
   again = _train(workdir, tokenizer, '--config.steps=2', '--config.eval_every=2')
   assert 'start: resumed from step 2' in again.stdout
-  assert _metrics(workdir) == lines
+  assert read_metrics(workdir) == lines
 
 
 def test_bad_value_exits_non_zero_with_one_line_naming_the_key(tmp_path, tokenizer):
@@ -80,10 +68,9 @@ def test_user_mistakes_are_one_line_each_and_write_nothing(tmp_path, tokenizer):
       ([f'--config.workdir={a_file}'], f'workdir: {a_file} is a file, not a folder'),
   ]
   for args, expected in cases:
-    proc = subprocess.run(
-        [sys.executable, TRAIN, '--config=configs/tiny.py', f'--config.workdir={tmp_path / "w"}',
-         f'--config.data.tokenizer={tokenizer}', '--config.model.vocab_size=512', *args],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = script('train.py', '--config=configs/tiny.py', f'--config.workdir={tmp_path / "w"}',
+                  f'--config.data.tokenizer={tokenizer}', '--config.model.vocab_size=512', *args,
+                  check=False)
     assert proc.returncode == 1, (args, proc.stderr[-2000:])
     assert proc.stderr.strip().splitlines() == [f'error: {expected}'], (args, proc.stderr)
     assert not (tmp_path / 'w').exists(), args

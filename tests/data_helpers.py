@@ -2,15 +2,7 @@
 
 import gzip
 import json
-import os
 import pathlib
-import tempfile
-
-# datasets reads these when imported: keep its files out of ~ and off the network.
-os.environ.setdefault('HF_DATASETS_CACHE', tempfile.mkdtemp(prefix='test_data_hf_'))
-os.environ['HF_HUB_OFFLINE'] = '1'
-os.environ['HF_DATASETS_OFFLINE'] = '1'
-os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'
 
 import numpy as np
 import pandas as pd

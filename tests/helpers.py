@@ -1,0 +1,30 @@
+"""Plain helpers the tests share (fixtures and the test environment are in conftest.py)."""
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(argv: Sequence[str], *, env: Mapping[str, str] | None = None, check: bool = True,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+  """Runs a command in the repository, output captured; `check`: it must exit 0."""
+  proc = subprocess.run(list(argv), cwd=REPO, env=None if env is None else dict(env),
+                        capture_output=True, text=True, timeout=timeout, check=False)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def script(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+  """`python scripts/NAME ARGS...` (see `run` for the keyword arguments)."""
+  return run([sys.executable, os.path.join(REPO, 'scripts', name), *args], **kwargs)
+
+
+def read_metrics(workdir) -> list[dict]:
+  """Every record of RUN/metrics.jsonl, in order."""
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
