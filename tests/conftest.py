@@ -33,3 +33,24 @@ def tokenizer(tmp_path_factory) -> str:
   path = str(tmp_path_factory.mktemp('tok') / 'tok.model')
   train_tokenizer((stdlib.read(p) for p in stdlib.list_files()), 512, path, max_bytes=1 << 20)
   return path
+
+
+# The data tests' shared inputs (tests/data_helpers.py builds them); read, never changed.
+
+
+@pytest.fixture(scope='session')
+def tok(tokenizer):
+  from data.tokenizer import Tokenizer
+  return Tokenizer(tokenizer)
+
+
+@pytest.fixture(scope='session')
+def corpus(tmp_path_factory):
+  from tests import data_helpers
+  return data_helpers.make_corpus(tmp_path_factory.mktemp('corpus'))
+
+
+@pytest.fixture(scope='session')
+def lopsided(tmp_path_factory):
+  from tests import data_helpers
+  return data_helpers.make_lopsided(tmp_path_factory.mktemp('lopsided'))

@@ -24,17 +24,6 @@ from data.tokenizer import Tokenizer, check_vocab, load_or_train, train_tokenize
 from tests import data_helpers as h
 from tests import helpers
 
-
-@pytest.fixture(scope='session')
-def tok(tokenizer) -> Tokenizer:
-  return Tokenizer(tokenizer)
-
-
-@pytest.fixture(scope='session')
-def corpus(tmp_path_factory):
-  return h.make_corpus(tmp_path_factory.mktemp('corpus'))
-
-
 # Config.
 
 

@@ -8,23 +8,7 @@ import pytest
 from data.config import DataConfig
 from data.pipeline import TrainBatches
 from data.split import is_heldout
-from data.tokenizer import Tokenizer
 from tests import data_helpers as h
-
-
-@pytest.fixture(scope='session')
-def tok(tokenizer) -> Tokenizer:
-  return Tokenizer(tokenizer)
-
-
-@pytest.fixture(scope='session')
-def corpus(tmp_path_factory):
-  return h.make_corpus(tmp_path_factory.mktemp('corpus'))
-
-
-@pytest.fixture(scope='module')
-def lopsided(tmp_path_factory):
-  return h.make_lopsided(tmp_path_factory.mktemp('lopsided'))
 
 
 def test_batches_are_documents_separated_by_eos(tok, tmp_path):

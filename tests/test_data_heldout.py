@@ -7,18 +7,7 @@ from data import sources
 from data.config import DataConfig
 from data.heldout import eval_batches
 from data.split import is_heldout
-from data.tokenizer import Tokenizer
 from tests import data_helpers as h
-
-
-@pytest.fixture(scope='session')
-def tok(tokenizer) -> Tokenizer:
-  return Tokenizer(tokenizer)
-
-
-@pytest.fixture(scope='session')
-def corpus(tmp_path_factory):
-  return h.make_corpus(tmp_path_factory.mktemp('corpus'))
 
 
 def test_eval_batches_repeatable_and_heldout_only(tok, corpus):

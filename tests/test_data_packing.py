@@ -3,23 +3,11 @@
 import dataclasses
 
 import numpy as np
-import pytest
 
 from data import packing
 from data.heldout import eval_batches
 from data.packing import Windower
-from data.tokenizer import Tokenizer
 from tests import data_helpers as h
-
-
-@pytest.fixture(scope='session')
-def tok(tokenizer) -> Tokenizer:
-  return Tokenizer(tokenizer)
-
-
-@pytest.fixture(scope='session')
-def corpus(tmp_path_factory):
-  return h.make_corpus(tmp_path_factory.mktemp('corpus'))
 
 
 def _windows(windower, partial=False):

@@ -7,18 +7,7 @@ import pytest
 
 from data.config import DataConfig
 from data.pipeline import TrainBatches
-from data.tokenizer import Tokenizer
 from tests import data_helpers as h
-
-
-@pytest.fixture(scope='session')
-def tok(tokenizer) -> Tokenizer:
-  return Tokenizer(tokenizer)
-
-
-@pytest.fixture(scope='session')
-def corpus(tmp_path_factory):
-  return h.make_corpus(tmp_path_factory.mktemp('corpus'))
 
 
 @pytest.mark.parametrize('prefetch', [0, 2])

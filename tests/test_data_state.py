@@ -10,23 +10,7 @@ from data import reader as reader_lib
 from data import sources
 from data.config import DataConfig
 from data.pipeline import TrainBatches
-from data.tokenizer import Tokenizer
 from tests import data_helpers as h
-
-
-@pytest.fixture(scope='session')
-def tok(tokenizer) -> Tokenizer:
-  return Tokenizer(tokenizer)
-
-
-@pytest.fixture(scope='session')
-def corpus(tmp_path_factory):
-  return h.make_corpus(tmp_path_factory.mktemp('corpus'))
-
-
-@pytest.fixture(scope='module')
-def lopsided(tmp_path_factory):
-  return h.make_lopsided(tmp_path_factory.mktemp('lopsided'))
 
 
 def test_resume_is_exact_files_across_epochs(tok, corpus):
