@@ -282,11 +282,20 @@ def _read_json(step_dir: str, item: str) -> Any:
     return reader.restore(os.path.join(step_dir, item))
 
 
-def _verify(step_dir: str, state: Any | None, json_items: dict[str, Any]) -> None:
-  """Raises CorruptCheckpoint if what was read differs from the saved checksums."""
+def _verify(step_dir: str, state: Any | None, json_items: dict[str, Any], *,
+            under: str = '') -> None:
+  """Raises CorruptCheckpoint if what was read differs from the saved checksums.
+
+  `under`: `state` is only this part of the train state (say '.params'), whose saved
+  checksums are keyed by paths into the whole TrainState.
+  """
   if not os.path.isdir(os.path.join(step_dir, 'checksums')):
     return  # Written before checkpoints carried checksums.
-  bad = checksums.mismatches(_read_json(step_dir, 'checksums'), state, json_items)
+  saved = _read_json(step_dir, 'checksums')
+  if under:
+    saved = {**saved, 'arrays': {k[len(under):]: v for k, v in saved['arrays'].items()
+                                 if k.startswith(under)}}
+  bad = checksums.mismatches(saved, state, json_items)
   if bad:
     more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''
     raise CorruptCheckpoint(f'checksum mismatch in {", ".join(bad[:3])}{more}')
@@ -309,17 +318,5 @@ def read_params(step_dir: str, abstract_params: Any) -> Any:
       restore_args=ocp.checkpoint_utils.construct_restore_args(target))
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
     params = reader.restore(os.path.join(step_dir, 'state'), args=args)['params']
-  _verify_params(step_dir, params)
+  _verify(step_dir, params, {}, under='.params')
   return params
-
-
-def _verify_params(step_dir: str, params: Any) -> None:
-  if not os.path.isdir(os.path.join(step_dir, 'checksums')):
-    return
-  saved = _read_json(step_dir, 'checksums')
-  # The state's checksums are keyed by paths into TrainState, whose params are `.params`.
-  saved = {**saved, 'arrays': {k[len('.params'):]: v for k, v in saved['arrays'].items()
-                               if k.startswith('.params')}}
-  bad = checksums.mismatches(saved, params)
-  if bad:
-    raise CorruptCheckpoint(f'{step_dir}: checksum mismatch in {", ".join(bad[:3])}')

@@ -159,8 +159,7 @@ def start_state(cfgs: Configs, model: Transformer, tx: optax.GradientTransformat
     params = _hf_params(run.init_from[len(HF_PREFIX):], cfgs.model, abstract.params)
     origin = run.init_from
   else:
-    state, shardings = init_state(model, tx, run.seq_len, rules,
-                                  run.seed)
+    state, shardings = init_state(model, tx, run.seq_len, rules, run.seed)
     return Start(state, shardings, None, 0, 'new run')
   # Fine-tuning: the parameters only; a fresh optimizer, step 0, this run's seed.
   return Start(state_from_params(params, tx, run.seed, shardings), shardings, None, 0,
@@ -203,10 +202,9 @@ def _everywhere(ok: bool) -> bool:
 def _source_params(source: Source, abstract_params: Any) -> Any:
   log.info('initialising parameters from %s', source.path)
   try:
-    return checkpoint.read_params(source.path, abstract_params)
-  except Exception as e:  # Reported as one line naming the folder.
-    raise ValueError(f'init_from: cannot read the parameters in {source.path}: '
-                     f'{first_line(e)}') from e
+    return RunFolder(source.workdir).restore_params(source.step, abstract_params)
+  except ValueError as e:  # One line naming the folder, as eval.py's.
+    raise ValueError(f'init_from: {e}') from e
 
 
 def _hf_params(path: str, model_cfg: ModelConfig, abstract_params: Any) -> Any:

@@ -19,7 +19,7 @@ import ml_collections
 
 from data.tokenizer import Tokenizer, check_vocab
 from lm import checkpoint
-from lm.checkpoint import Checkpointer, committed_steps, first_line, read_metadata
+from lm.checkpoint import committed_steps, first_line, read_metadata, read_params
 from lm.config import Configs, as_dict, parse
 from lm.model import Transformer
 from lm.sharding import AxisRules, tree_shardings
@@ -122,19 +122,11 @@ class RunFolder:
 
   def restore_params(self, step: int, abstract: Any) -> Any:
     """The parameters of checkpoint `step` onto `abstract`'s shardings; never writes."""
-    checkpointer = Checkpointer(self.workdir, read_only=True)
     try:
-      return checkpointer.restore_params(step, abstract)
+      return read_params(self.step_dir(step), abstract)
     except Exception as e:  # noqa: BLE001  A corrupt or truncated checkpoint: one line.
       raise ValueError(f'cannot read the parameters in {self.step_dir(step)}: '
                        f'{first_line(e)}') from e
-    finally:
-      checkpointer.close()
-
-
-def load_config(workdir: str) -> Configs:
-  """RUN/config.json, validated as training validated it."""
-  return RunFolder(workdir).config()
 
 
 def eval_mesh_rules(cfgs: Configs) -> AxisRules:
@@ -157,11 +149,6 @@ def abstract_params(model: Transformer, rules: AxisRules | None = None,
                jax.tree.map(lambda _: sharding, nn.meta.unbox(boxed)))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       nn.meta.unbox(boxed), shardings)
-
-
-def checkpoint_config(workdir: str, step: int) -> Configs:
-  """The config checkpoint `step` of the run in `workdir` was trained with."""
-  return RunFolder(workdir).checkpoint_config(step)
 
 
 def load_run(workdir: str, step: int | None = None) -> Run:

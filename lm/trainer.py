@@ -51,19 +51,14 @@ class Experiment:
   batches: TrainBatches
   checkpointer: Checkpointer
   start_step: int
-  lock: RunLock
-  run_log: RunLog
   header: list[str]
+  # What `build` took, released in reverse: the lock, the run log, Orbax's threads, the
+  # data threads.
+  resources: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
 
   def close(self) -> None:
-    """Releases what `build` took: data threads, Orbax's threads, the run log, the lock.
-
-    Safe to call more than once.
-    """
-    self.batches.close()
-    self.checkpointer.close()  # Never raises: an error in flight is the one to see.
-    self.run_log.close()
-    self.lock.release()
+    """Releases what `build` took. Safe to call more than once."""
+    self.resources.close()
 
 
 def is_main_process() -> bool:
@@ -96,19 +91,18 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     cfgs = cfgs._replace(data=dataclasses.replace(cfgs.data, tokenizer=plan.tokenizer))
   run = cfgs.run
   rules = AxisRules.from_config(cfgs.mesh)  # A bad mesh, too, writes nothing.
-  lock = RunLock(run.workdir)
-  lock.acquire()
-  run_log = RunLog(run.workdir)
-  try:
-    return _build_locked(cfgs, plan, rules, lock, run_log)
-  except BaseException:
-    run_log.close()
-    lock.release()
-    raise
+  with contextlib.ExitStack() as stack:  # Released in reverse if anything below fails.
+    lock = RunLock(run.workdir)
+    lock.acquire()
+    stack.callback(lock.release)
+    stack.callback(RunLog(run.workdir).close)
+    exp = _build_locked(cfgs, plan, rules, stack)
+    exp.resources = stack.pop_all()  # Built: the Experiment releases them from now on.
+  return exp
 
 
-def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules, lock: RunLock,
-                  run_log: RunLog) -> Experiment:
+def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules,
+                  stack: contextlib.ExitStack) -> Experiment:
   run = cfgs.run
   tokenizer_origin = describe_tokenizer(cfgs.data, run.workdir)
   # Process 0 trains or copies the tokenizer into the run folder; the others then read it.
@@ -122,20 +116,14 @@ def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules, lock: RunL
   metadata = make_metadata(dataclasses.asdict(cfgs.model), file_sha256(tokenizer.path),
                            tokenizer.vocab_size, as_dict(cfgs))
   checkpointer = Checkpointer(run.workdir, keep=run.keep_checkpoints, metadata=metadata)
-  try:
-    start = resume.start_state(cfgs, model, tx, rules, checkpointer, plan.source)
-    batches = TrainBatches(cfgs.data, tokenizer, _local_rows(run.batch_size), run.seq_len,
-                           process_index=jax.process_index(),
-                           process_count=jax.process_count(), seed=run.seed)
-    if start.data_state is not None:
-      try:
-        batches.load_state_dict(start.data_state)
-      except BaseException:
-        batches.close()
-        raise
-  except BaseException:
-    checkpointer.close()
-    raise
+  stack.callback(checkpointer.close)  # Never raises: an error in flight is the one to see.
+  start = resume.start_state(cfgs, model, tx, rules, checkpointer, plan.source)
+  batches = TrainBatches(cfgs.data, tokenizer, _local_rows(run.batch_size), run.seq_len,
+                         process_index=jax.process_index(),
+                         process_count=jax.process_count(), seed=run.seed)
+  stack.callback(batches.close)
+  if start.data_state is not None:
+    batches.load_state_dict(start.data_state)
   if jax.process_index() == 0:
     RunFolder(run.workdir).write_config(cfgs)
   compiled = jit_train_step(parts.step_fn, start.shardings, rules,
@@ -143,7 +131,7 @@ def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules, lock: RunL
   header = run_header(cfgs, rules, start, tokenizer_origin,
                       flops.count_params(start.state.params))
   return Experiment(cfgs, rules, model, tokenizer, start.state, start.shardings, compiled,
-                    batches, checkpointer, start.step, lock, run_log, header)
+                    batches, checkpointer, start.step, header)
 
 
 def describe_tokenizer(data_cfg: Any, workdir: str) -> str:
@@ -203,7 +191,6 @@ def _held_out(exp: Experiment) -> list[ScoredBatch]:
   run = exp.cfgs.run
   if not run.eval_batches or not exp.cfgs.data.eval_fraction:
     return []
-  _local_rows(run.batch_size)  # Says so if the processes do not divide the batch.
   return heldout_rows(exp.cfgs.data, exp.tokenizer, run.batch_size, run.seq_len,
                       run.eval_batches)
 

@@ -32,7 +32,7 @@ from lm.checkpoint import Checkpointer, committed_steps
 from lm.config import parse
 from lm.model import Transformer
 from lm.optimizer import make_optimizer, schedule
-from lm.run_folder import checkpoint_config, load_run
+from lm.run_folder import RunFolder, load_run
 from lm.sharding import AxisRules, batch_sharding
 from lm.train_step import init_state, jit_train_step, make_train_step
 from tests.helpers import REPO, read_metrics, run
@@ -591,7 +591,7 @@ def test_a_refused_resume_leaves_the_run_folder_as_it_was(tmp_path, tokenizer, s
   # Evaluation reads the settings a checkpoint was trained with, whatever config.json says.
   saved = json.loads((workdir / 'config.json').read_text())
   (workdir / 'config.json').write_text(json.dumps({**saved, 'seed': 7}))
-  assert checkpoint_config(str(workdir), 20).run.seed == saved['seed']
+  assert RunFolder(str(workdir)).checkpoint_config(20).run.seed == saved['seed']
 
 
 def test_a_second_trainer_in_the_same_folder_is_refused_until_the_first_is_gone(
