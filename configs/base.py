@@ -61,9 +61,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10000.0  # RoPE base frequency.
   c.model.norm_eps = 1e-5  # RMSNorm epsilon.
   c.model.attention = 'auto'  # 'auto' (cuDNN on GPU in 16-bit, else XLA), 'xla', 'cudnn'.
+
+  # How the loss is computed (lm/loss.py); the z-loss weight is optimizer.z_loss.
+  c.loss = ml_collections.ConfigDict()
   # Tokens per row in each chunk of the float32 loss (and its gradient), so the full
   # B x T x V logits never exist; 0 = whole rows. Must divide seq_len.
-  c.model.loss_chunk = 0
+  c.loss.chunk = 0
+  # The key's old name, linked: setting either sets both (lm/config.py MOVED_KEYS).
+  c.model.loss_chunk = c.loss.get_ref('chunk')
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 3e-3  # Peak learning rate.

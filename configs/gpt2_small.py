@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_kv_heads = 12
   c.model.d_ff = 2048
   c.model.dtype = 'bfloat16'
-  c.model.loss_chunk = 128  # The float32 loss 128 tokens per row at a time: no full logits.
+  c.loss.chunk = 128  # The float32 loss 128 tokens per row at a time: no full logits.
   c.optimizer.lr = 6e-4
   c.optimizer.min_lr = 6e-5
   c.optimizer.warmup_steps = 700

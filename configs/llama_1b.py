@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_kv_heads = 4
   c.model.d_ff = 5632
   c.model.dtype = 'bfloat16'
-  c.model.loss_chunk = 256  # The float32 loss 256 tokens per row at a time: no full logits.
+  c.loss.chunk = 256  # The float32 loss 256 tokens per row at a time: no full logits.
   c.model.tie_embeddings = False
   c.model.scan_layers = True
   c.model.remat = True

@@ -9,6 +9,7 @@ is rented.
 from __future__ import annotations
 
 import ast
+import copy
 import tempfile
 import time
 from collections.abc import Sequence
@@ -199,7 +200,7 @@ def variants(config: ml_collections.ConfigDict,
     if not sep or not key or not values.strip():
       raise ValueError(f'--vary={spec!r}: expected KEY=VALUE[,VALUE...]')
     for raw in values.split(','):
-      variant = config.copy_and_resolve_references()
+      variant = copy.deepcopy(config)  # Keeps linked keys (configs/base.py) linked.
       *parents, name = key.split('.')
       node = variant
       try:

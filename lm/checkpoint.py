@@ -42,7 +42,7 @@ MIN_KEEP = 2
 # Model keys that change how the same parameters are computed with, not what they are:
 # a resume or a fine-tune may change them. Every other model key must match.
 RUNTIME_MODEL_KEYS = frozenset(
-    {'dtype', 'param_dtype', 'remat', 'remat_policy', 'attention', 'dropout', 'loss_chunk'})
+    {'dtype', 'param_dtype', 'remat', 'remat_policy', 'attention', 'dropout'})
 _ITEMS = ('state', 'data', 'meta', 'checksums')
 DIRNAME = 'checkpoints'  # RUN/checkpoints/<step>/ (lm/run_folder.py has the whole layout)
 

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import ml_collections
 
 from data.config import DataConfig
+from lm.loss import LossConfig
 from lm.model import ModelConfig
 from lm.optimizer import OptimizerConfig
 from lm.sharding import MeshConfig
@@ -52,7 +53,14 @@ class Configs(NamedTuple):
   model: ModelConfig
   optimizer: OptimizerConfig
   data: DataConfig
+  loss: LossConfig = LossConfig()
   wandb: WandbConfig = WandbConfig()
+
+
+# Keys that moved, old name -> new. configs/base.py links each old name to the new key
+# (a FieldReference), so command lines and config files that use it keep working; here
+# the old name is folded in for config.json files written before the move.
+MOVED_KEYS = {'model.loss_chunk': 'loss.chunk'}
 
 
 def _section(cls, d: Mapping[str, Any], prefix: str):
@@ -63,10 +71,23 @@ def _section(cls, d: Mapping[str, Any], prefix: str):
   return cls.from_dict(d) if hasattr(cls, 'from_dict') else cls(**d)
 
 
+def _fold_moved_keys(d: dict[str, Any]) -> None:
+  for old, new in MOVED_KEYS.items():
+    (old_section, old_key), (new_section, new_key) = old.split('.'), new.split('.')
+    if old_key not in d.get(old_section, {}):
+      continue
+    value, target = d[old_section].pop(old_key), d.setdefault(new_section, {})
+    if target.setdefault(new_key, value) != value:
+      raise ValueError(f'{old}={value} and {new}={target[new_key]} disagree; {old} is '
+                       f'the old name of {new}: set {new} only')
+
+
 def parse(config: ml_collections.ConfigDict) -> Configs:
   """Validates every section once; errors name the offending key."""
   d = config.to_dict()
+  _fold_moved_keys(d)
   sections = {k: d.pop(k) for k in ('mesh', 'model', 'optimizer', 'data')}
+  loss = _section(LossConfig, d.pop('loss', {}), 'loss.')  # Older runs lack it.
   wandb = _section(WandbConfig, d.pop('wandb', {}), 'wandb.')  # Older runs lack it.
   wandb.validate()
   run = _section(RunConfig, d, '')
@@ -75,11 +96,8 @@ def parse(config: ml_collections.ConfigDict) -> Configs:
   cfgs = Configs(run=run, mesh=_section(MeshConfig, sections['mesh'], 'mesh.'),
                  model=_section(ModelConfig, sections['model'], 'model.'),
                  optimizer=_section(OptimizerConfig, sections['optimizer'], 'optimizer.'),
-                 data=data, wandb=wandb)
-  chunk = cfgs.model.loss_chunk
-  if chunk and chunk < run.seq_len and run.seq_len % chunk:
-    # A chunk that does not divide the rows would shrink to a divisor, possibly 1 token.
-    raise ValueError(f'model.loss_chunk={chunk} does not divide seq_len={run.seq_len}')
+                 data=data, loss=loss, wandb=wandb)
+  loss.validate(run.seq_len)
   if run.batch_size % cfgs.optimizer.grad_accum:
     raise ValueError(f'optimizer.grad_accum={cfgs.optimizer.grad_accum} does not divide '
                      f'batch_size={run.batch_size}')

@@ -101,7 +101,8 @@ def make_step(run: Run) -> Any:
   shape = (run.cfgs.run.batch_size, run.cfgs.run.seq_len + 1)
   shardings = jax.tree.map(lambda x: x.sharding, run.params)
   token_bytes = token_byte_lengths(run.tokenizer, run.cfgs.model.vocab_size)
-  return make_eval_step(run.model, run.rules, shape, shardings, token_bytes)
+  return make_eval_step(run.model, run.rules, shape, shardings, token_bytes,
+                        loss_chunk=run.cfgs.loss.chunk)
 
 
 def evaluate_run(workdir: str, *, step: int | None = None, files: str = '',

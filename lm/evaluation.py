@@ -41,13 +41,15 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
 
 
 def make_eval_step(model: Transformer, rules: AxisRules, batch_shape: tuple[int, int],
-                   param_shardings: Any, token_bytes: np.ndarray) -> Callable[..., Any]:
+                   param_shardings: Any, token_bytes: np.ndarray, *,
+                   loss_chunk: int = 0) -> Callable[..., Any]:
   """(params, batch, mask (B, T)) -> (summed NLL, scored tokens, their bytes).
 
   A batch is tokens (B, T + 1) or {'tokens', 'segment_ids'} (lm/train_step.py's Batch).
   `token_bytes[id]` is the number of bytes token `id` decodes to (0 for BOS/EOS). The
   mask is an int mask over the targets: padding (mask 0) adds nothing to any of the
   three sums. The sums are taken on the devices, so they cover every host's rows.
+  `loss_chunk` > 0: the float32 NLL a chunk of tokens at a time, as training computes it.
   """
   bytes_V = jnp.asarray(token_bytes, jnp.int32)
   cfg = model.cfg
@@ -56,9 +58,9 @@ def make_eval_step(model: Transformer, rules: AxisRules, batch_shape: tuple[int,
     inputs_BxT, segments_BxT, targets_BxT = next_token_pairs(batch)
     apply = functools.partial(model.apply, {'params': params}, inputs_BxT,
                               segment_ids_BxT=segments_BxT)
-    if cfg.loss_chunk:
+    if loss_chunk:
       nll_BxT, _ = chunked_token_nll(apply(features=True), output_head(params, cfg),
-                                     targets_BxT, cfg.loss_chunk, rules)
+                                     targets_BxT, loss_chunk, rules)
     else:
       nll_BxT, _ = token_nll(apply(), targets_BxT)
     return (jnp.sum(jnp.where(mask_BxT > 0, nll_BxT, 0.0)), jnp.sum(mask_BxT),

@@ -49,7 +49,6 @@ class ModelConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
   attention: str = 'auto'
-  loss_chunk: int = 0  # Tokens per row per chunk of the training loss; 0 = whole rows.
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -79,8 +78,6 @@ class ModelConfig:
         bad(key, f'expected float32, bfloat16 or float16, got {getattr(self, key)!r}')
     if self.attention not in ('auto', 'xla', 'cudnn'):
       bad('attention', f"expected 'auto', 'xla' or 'cudnn', got {self.attention!r}")
-    if self.loss_chunk < 0:
-      bad('loss_chunk', f'must be >= 0, got {self.loss_chunk}')
     if not 0.0 <= self.dropout < 1.0:
       bad('dropout', f'must be in [0, 1), got {self.dropout}')
     if not hasattr(jax.checkpoint_policies, self.remat_policy):

@@ -41,18 +41,17 @@ def next_token_pairs(batch: Batch) -> tuple[jax.Array, jax.Array | None, jax.Arr
   return tokens_BxT1[:, :-1], segments_BxT, tokens_BxT1[:, 1:]
 
 
-def model_loss(model: Transformer, params: Any, batch: Batch, *, z_loss: float = 0.0,
-               train: bool = False, rngs: dict[str, jax.Array] | None = None
-               ) -> tuple[jax.Array, Metrics]:
-  """The next-token loss of `batch`; chunked (lm/loss.py) when model.loss_chunk > 0."""
+def model_loss(model: Transformer, params: Any, batch: Batch, *, chunk: int = 0,
+               z_loss: float = 0.0, train: bool = False,
+               rngs: dict[str, jax.Array] | None = None) -> tuple[jax.Array, Metrics]:
+  """The next-token loss of `batch`; chunked (lm/loss.py) when `chunk` > 0."""
   inputs_BxT, segments_BxT, targets_BxT = next_token_pairs(batch)
   apply = functools.partial(model.apply, {'params': params}, inputs_BxT,
                             segment_ids_BxT=segments_BxT, train=train, rngs=rngs)
-  cfg = model.cfg
-  if cfg.loss_chunk:
+  if chunk:
     x_BxTxD = apply(features=True)
-    return chunked_cross_entropy(x_BxTxD, output_head(params, cfg), targets_BxT,
-                                 chunk=cfg.loss_chunk, z_loss=z_loss, rules=model.rules)
+    return chunked_cross_entropy(x_BxTxD, output_head(params, model.cfg), targets_BxT,
+                                 chunk=chunk, z_loss=z_loss, rules=model.rules)
   return cross_entropy(apply(), targets_BxT, z_loss)
 
 
@@ -123,7 +122,8 @@ def _microbatches(batch: Batch, n: int, rules: AxisRules) -> Batch:
 
 def make_train_step(model: Transformer, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, *, grad_accum: int = 1,
-                    z_loss: float = 0.0, rules: AxisRules) -> Callable[..., Any]:
+                    z_loss: float = 0.0, loss_chunk: int = 0,
+                    rules: AxisRules) -> Callable[..., Any]:
   """Returns the pure `(state, batch) -> (state, metrics)`; see `Batch` for the batch.
 
   metrics: loss, z_loss, grad_norm (0 on a skipped step), lr, and nonfinite (1 when the
@@ -131,7 +131,8 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
   """
 
   def loss_fn(params, batch, key):
-    return model_loss(model, params, batch, z_loss=z_loss, train=True, rngs={'dropout': key})
+    return model_loss(model, params, batch, chunk=loss_chunk, z_loss=z_loss, train=True,
+                      rngs={'dropout': key})
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -185,7 +186,7 @@ def step_parts(cfgs: Configs, rules: AxisRules) -> StepParts:
   lr = schedule(opt, steps)
   tx = make_optimizer(opt, steps)
   step_fn = make_train_step(model, tx, lr, grad_accum=opt.grad_accum, z_loss=opt.z_loss,
-                            rules=rules)
+                            loss_chunk=cfgs.loss.chunk, rules=rules)
   return StepParts(model, tx, lr, step_fn)
 
 

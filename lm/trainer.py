@@ -225,7 +225,8 @@ class _Loop:
     if self.held_out:
       self.eval_step = make_eval_step(
           exp.model, exp.rules, (run.batch_size, run.seq_len + 1), exp.state_shardings.params,
-          token_byte_lengths(exp.tokenizer, exp.cfgs.model.vocab_size))
+          token_byte_lengths(exp.tokenizer, exp.cfgs.model.vocab_size),
+          loss_chunk=exp.cfgs.loss.chunk)
     self.throughput = _Throughput(exp.cfgs, exp.start_step)
     self.interval = _Interval()  # metrics summed on the device since the last log line
     self.pending = None  # (step, sums, last, count) waiting to be read one step late

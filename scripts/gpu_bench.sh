@@ -14,7 +14,7 @@
 #     at batch 12 and 32, block 1024; then scripts/bench.py --config=configs/gpt2_small.py
 #     at the same batches and T=1024;
 #  2. levers (docs/performance.md), each alone from gpt2_small at batch 32: attention xla
-#     (against auto = cuDNN), loss_chunk 0/256/1024, batch 16/48/64, scan_layers, remat;
+#     (against auto = cuDNN), loss.chunk 0/256/1024, batch 16/48/64, scan_layers, remat;
 #  3. sizes: gpt2_medium; llama_1b (its scan and remat, and remat_policy nothing_saveable);
 #  4. XLA flags, one process each: latency-hiding scheduler on, Triton GEMM off.
 # Every JSON line ("system": "lm" or "nanoGPT", "config", "batch_size", "seq_len",
@@ -44,10 +44,10 @@ if [[ $SMALL == 1 ]]; then
   # The same toy width for both systems: 2 layers, d=64, vocab 50304.
   TINY=(--config.model.num_layers=2 --config.model.d_model=64 --config.model.num_heads=2
         --config.model.num_kv_heads=2 --config.model.d_ff=176 --config.seq_len=$T
-        --config.model.loss_chunk=32)
+        --config.loss.chunk=32)
   STEPS=(--steps=3 --warmup=1)
   NANO=(--cpu --tiny)
-  LEVERS=(--vary=model.attention=xla --vary=model.loss_chunk=0,16 --vary=batch_size=8
+  LEVERS=(--vary=model.attention=xla --vary=loss.chunk=0,16 --vary=batch_size=8
           --vary=model.scan_layers=True --vary=model.remat=True)
   DATA=(--data_seconds=1 --data_batches=2)
 else
@@ -56,7 +56,7 @@ else
   TINY=()
   STEPS=()
   NANO=()
-  LEVERS=(--vary=model.attention=xla --vary=model.loss_chunk=0,256,1024
+  LEVERS=(--vary=model.attention=xla --vary=loss.chunk=0,256,1024
           --vary=batch_size=16,48,64 --vary=model.scan_layers=True --vary=model.remat=True)
   DATA=()
 fi

@@ -97,12 +97,12 @@ def test_peak_table(kind, peak):
 
 def test_vary_measures_each_lever_alone_from_the_config():
   cmd = [sys.executable, 'scripts/bench.py', '--config=configs/tiny.py', '--aot',
-         '--config.model.num_layers=1', '--vary=model.loss_chunk=0,16',
+         '--config.model.num_layers=1', '--vary=loss.chunk=0,16',
          '--vary=model.tie_embeddings=False']
   proc = helpers.run(cmd, timeout=300)
   lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
   assert [r['variant'] for r in lines] == [
-      'base', 'model.loss_chunk=0', 'model.loss_chunk=16', 'model.tie_embeddings=False']
+      'base', 'loss.chunk=0', 'loss.chunk=16', 'model.tie_embeddings=False']
   # Each variant really ran its own config: an untied head adds V x D parameters.
   cfg = tiny.get_config()
   assert lines[3]['params'] - lines[0]['params'] == cfg.model.vocab_size * cfg.model.d_model
@@ -110,7 +110,7 @@ def test_vary_measures_each_lever_alone_from_the_config():
 
 
 @pytest.mark.parametrize('vary,message', [('model.nope=1', 'no config key model.nope'),
-                                          ('model.loss_chunk=abc', 'cannot set'),
+                                          ('loss.chunk=abc', 'cannot set'),
                                           ('junk', 'expected KEY=VALUE')])
 def test_bad_vary_is_one_clear_error(vary, message):
   with pytest.raises(ValueError, match=message):

@@ -318,7 +318,7 @@ def test_vocabulary_and_tokenizer_changes_are_named_runtime_keys_are_not(
   # How the same parameters are computed may change on resume.
   resume.preflight(parse(_config(workdir, tokenizer, {'model.remat': True,
                                                       'model.dropout': 0.0,
-                                                      'model.loss_chunk': 8})))
+                                                      'loss.chunk': 8})))
 
 
 # Resharding.

@@ -5,6 +5,8 @@ import glob
 import importlib
 import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -74,12 +76,34 @@ def test_unknown_and_bad_keys_are_named():
 
 def test_a_loss_chunk_that_does_not_divide_the_rows_is_named():
   config = importlib.import_module('configs.tiny').get_config()
-  config.model.loss_chunk = 3 * config.seq_len // 4 + 1
-  with pytest.raises(ValueError, match=f'model.loss_chunk={config.model.loss_chunk} does not '
+  config.loss.chunk = 3 * config.seq_len // 4 + 1
+  with pytest.raises(ValueError, match=f'loss.chunk={config.loss.chunk} does not '
                                        f'divide seq_len={config.seq_len}'):
     parse(config)
-  config.model.loss_chunk = config.seq_len // 4
+  config.loss.chunk = config.seq_len // 4
   parse(config)
+
+
+def test_the_old_name_of_loss_chunk_still_sets_it():
+  from configs import tiny
+
+  # On the command line (and in config files): the old key is linked to the new one.
+  proc = subprocess.run([sys.executable, '-c', (
+      'import sys; from absl import flags; from ml_collections import config_flags; '
+      'from lm import cli; from lm.config import parse; '
+      "c = config_flags.DEFINE_config_file('config', lock_config=True); "
+      'cli.parse_flags(sys.argv); print(parse(c.value).loss.chunk)'),
+      '--config=configs/tiny.py', '--config.model.loss_chunk=32'],
+      cwd=REPO, capture_output=True, text=True, check=True)
+  assert proc.stdout.split() == ['32']
+  # In the config.json of a run written before the key moved.
+  old = tiny.get_config().to_dict()
+  del old['loss']
+  old['model']['loss_chunk'] = 16
+  assert parse(ml_collections.ConfigDict(old)).loss.chunk == 16
+  old['loss'] = {'chunk': 8}
+  with pytest.raises(ValueError, match='model.loss_chunk=16 and loss.chunk=8 disagree'):
+    parse(ml_collections.ConfigDict(old))
 
 
 def test_base_config_and_the_typed_defaults_agree_on_every_key():

@@ -146,14 +146,14 @@ def test_eval_script_scores_the_held_out_split_as_training_did(run_dir):
 
 def test_a_packed_run_with_a_chunked_loss_is_scored_as_training_scored_it(tmp_path, tokenizer,
                                                                            text_files):
-  # data.segment_ids and model.loss_chunk change both training and scoring; the eval
+  # data.segment_ids and loss.chunk change both training and scoring; the eval
   # script must score the held-out split exactly as the loop did.
   config = tiny.get_config()
   config.update_from_flattened_dict({
       'steps': 2, 'model.vocab_size': 512, 'model.num_layers': 1, 'seq_len': 32,
       'eval_every': 2, 'eval_batches': 1, 'data.eval_fraction': 0.05,
       'data.tokenizer': tokenizer, 'workdir': str(tmp_path / 'packed'),
-      'data.segment_ids': True, 'model.loss_chunk': 8})
+      'data.segment_ids': True, 'loss.chunk': 8})
   trainer.train(config, handle_signals=False)
   with open(tmp_path / 'packed' / 'metrics.jsonl', encoding='utf-8') as f:
     logged = [json.loads(line) for line in f if 'eval_loss' in line][-1]

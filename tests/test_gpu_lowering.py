@@ -37,11 +37,12 @@ def as_on_gpu(monkeypatch):
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
 
 
-def _gpt2_shaped(**model):
+def _gpt2_shaped(loss_chunk=128, **model):
   """GPT-2-small's attention shape (head dim 64, T=1024) and vocab, two thin layers."""
   c = tiny.get_config()
   c.model.update(vocab_size=50304, d_model=128, num_heads=2, num_kv_heads=2, d_ff=256,
-                 num_layers=2, dtype='bfloat16', attention='auto', loss_chunk=128)
+                 num_layers=2, dtype='bfloat16', attention='auto')
+  c.loss.chunk = loss_chunk
   c.model.update(model)
   c.batch_size, c.seq_len = 2, 1024
   return c
