@@ -1,8 +1,6 @@
 """The typed `data` config block: the same keys and defaults as `c.data` in configs/base.py."""
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 from data import mixture
 
@@ -49,16 +47,6 @@ class DataConfig:
   """Batches are {'tokens', 'segment_ids'} dicts instead of plain token arrays."""
   encode_threads: int = 0
   """Threads for batched sentencepiece encoding; 0 = every core."""
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> 'DataConfig':
-    """Builds and validates a config from `c.data` (a ConfigDict or a plain dict)."""
-    d = dict(d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f'unknown config key(s): {", ".join("data." + k for k in unknown)}')
-    return cls(**d)
 
   def __post_init__(self) -> None:
     self.validate()  # Once, wherever a DataConfig is made: parse, a mixture's parts, tests.

@@ -83,7 +83,8 @@ def main() -> None:
   parser.add_argument('--files', default='')
   args = parser.parse_args()
   cfg = DataConfig(source=args.source, files=args.files, tokenizer=args.tokenizer)
-  tokenizer = load_or_train(cfg, tempfile.mkdtemp(prefix='throughput-'), args.vocab_size)
+  tokenizer = load_or_train(cfg, os.path.join(tempfile.mkdtemp(prefix='throughput-'), 'tok.model'),
+                            args.vocab_size)
   print(json.dumps(measure(cfg, tokenizer, args.batch_size, args.seq_len,
                            batches=args.batches, seconds=args.seconds,
                            num_threads=args.threads)))

@@ -156,14 +156,13 @@ def train_tokenizer(
   return Tokenizer(out_path)
 
 
-def load_or_train(cfg: DataConfig, workdir: str, vocab_size: int) -> Tokenizer:
-  """The run's tokenizer, always saved as <workdir>/tokenizer.model.
+def load_or_train(cfg: DataConfig, run_model: str, vocab_size: int) -> Tokenizer:
+  """The run's tokenizer, always kept at `run_model` (the run folder's copy).
 
-  data.tokenizer set: that file (checked to load, then copied into the run folder).
-  Otherwise the run folder's model if there is one, else a new one trained on the
-  training split. A file that is not a sentencepiece model raises ValueError naming it.
+  data.tokenizer set: that file (checked to load, then copied to `run_model`).
+  Otherwise `run_model` if it exists, else a new one trained on the training split
+  and saved there. A file that is not a sentencepiece model raises ValueError naming it.
   """
-  run_model = os.path.join(workdir, 'tokenizer.model')
   if cfg.tokenizer:
     if not os.path.isfile(cfg.tokenizer):
       raise ValueError(f'data.tokenizer: no such file: {cfg.tokenizer}')

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -177,9 +178,9 @@ def data_throughput(config: ml_collections.ConfigDict, *, batches: int = 20,
   if cfgs.data.tokenizer:
     tokenizer = Tokenizer(cfgs.data.tokenizer)
   else:
-    # A throwaway run folder: the benchmark must not write into a real run.
-    tokenizer = load_or_train(cfgs.data, tempfile.mkdtemp(prefix='bench-tok-'),
-                              cfgs.model.vocab_size)
+    # A throwaway file: the benchmark must not write into a real run.
+    path = os.path.join(tempfile.mkdtemp(prefix='bench-'), 'tok.model')
+    tokenizer = load_or_train(cfgs.data, path, cfgs.model.vocab_size)
   rate = pipeline_rate(cfgs.data, tokenizer, cfgs.run.batch_size, cfgs.run.seq_len,
                        seed=cfgs.run.seed, batches=batches, seconds=seconds)
   return {'data_tokens_per_sec': rate['tokens_per_sec'], 'data_batches': rate['batches'],

@@ -124,7 +124,8 @@ def _check(workdir: str, steps: list[int], model: ModelConfig, tokenizer_path: s
     return  # Written before checkpoints carried metadata: nothing to compare.
   if tokenizer_path is None and saved.get('tokenizer'):
     raise ValueError(f'{step_dir} was trained with a tokenizer, but '
-                     f'{workdir}/tokenizer.model is missing and data.tokenizer is empty')
+                     f'{RunFolder(workdir).tokenizer_path} is missing and data.tokenizer is '
+                     'empty')
   diffs = checkpoint.incompatibilities(saved, fingerprint(model, tokenizer_path))
   if diffs:
     raise ValueError(f'{step_dir} does not match this config: {"; ".join(diffs)} ({hint})')

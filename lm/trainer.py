@@ -105,11 +105,12 @@ def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules,
                   stack: contextlib.ExitStack) -> Experiment:
   run = cfgs.run
   tokenizer_origin = describe_tokenizer(cfgs.data, run.workdir)
+  run_tokenizer = RunFolder(run.workdir).tokenizer_path
   # Process 0 trains or copies the tokenizer into the run folder; the others then read it.
   if jax.process_index() == 0:
-    load_or_train(cfgs.data, run.workdir, cfgs.model.vocab_size)
+    load_or_train(cfgs.data, run_tokenizer, cfgs.model.vocab_size)
   distributed.barrier('tokenizer')
-  tokenizer = load_or_train(cfgs.data, run.workdir, cfgs.model.vocab_size)
+  tokenizer = load_or_train(cfgs.data, run_tokenizer, cfgs.model.vocab_size)
   check_vocab(tokenizer, cfgs.model.vocab_size)
   parts = step_parts(cfgs, rules)
   model, tx = parts.model, parts.tx

@@ -20,17 +20,17 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   import data  # After flag parsing, so --help stays fast.
   from lm import cli
+  from lm.config import parse
 
   cli.reject_extra_args(argv)
 
   def train() -> dict:
     if not _OUT.value:
       raise ValueError('--out must name the .model file to write')
-    config = _CONFIG.value
-    cfg = data.DataConfig.from_dict(config.data)
-    vocab_size = _VOCAB_SIZE.value or config.model.vocab_size
+    cfgs = parse(_CONFIG.value)  # Every key checked, as training checks it.
+    vocab_size = _VOCAB_SIZE.value or cfgs.model.vocab_size
     start = time.perf_counter()
-    tokenizer = data.train_tokenizer(data.training_texts(cfg), vocab_size, _OUT.value)
+    tokenizer = data.train_tokenizer(data.training_texts(cfgs.data), vocab_size, _OUT.value)
     return {'path': tokenizer.path, 'vocab_size': tokenizer.vocab_size,
             'seconds': round(time.perf_counter() - start, 3)}
 

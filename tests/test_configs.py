@@ -68,6 +68,10 @@ def test_unknown_and_bad_keys_are_named():
   config.model.flash = True
   with pytest.raises(ValueError, match='model.flash'):
     parse(config)
+  del config.model['flash']
+  config.data.sourse = 'stdlib'
+  with pytest.raises(ValueError, match='unknown config key data.sourse'):
+    parse(config)
   config = importlib.import_module('configs.tiny').get_config()
   config.optimizer.schedule = 'linear'
   with pytest.raises(ValueError, match='optimizer.schedule'):
