@@ -102,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Mark each packed document: attention stays inside it and positions restart at 0.
   c.data.segment_ids = False
   c.data.encode_threads = 0  # Threads for batched sentencepiece encoding; 0 = every core.
+  # 'text': plain documents. 'sft': JSON lines of {"prompt", "response"}, {"messages"} or
+  # task examples {"context", "choices", "label"}, packed whole, loss on responses only.
+  c.data.format = 'text'
 
   # Optional Weights & Biases mirror of metrics.jsonl (pip install 'lm[wandb]').
   c.wandb = ml_collections.ConfigDict()

@@ -5,6 +5,7 @@ import dataclasses
 from data import mixture
 
 SOURCES = mixture.KINDS
+FORMATS = ('text', 'sft')
 _KINDS = {str: 'a string', int: 'an integer', float: 'a number', bool: 'a bool'}
 
 
@@ -47,6 +48,9 @@ class DataConfig:
   """Batches are {'tokens', 'segment_ids'} dicts instead of plain token arrays."""
   encode_threads: int = 0
   """Threads for batched sentencepiece encoding; 0 = every core."""
+  format: str = 'text'
+  """'text': plain documents. 'sft': JSON-lines records (prompt/response, chat messages
+  or task examples; data/sft.py), packed whole, trained on the responses only."""
 
   def __post_init__(self) -> None:
     self.validate()  # Once, wherever a DataConfig is made: parse, a mixture's parts, tests.
@@ -70,6 +74,11 @@ class DataConfig:
         raise ValueError("data.files must name at least one glob when data.source='files'")
       if self.source == 'hub' and not self.name:
         raise ValueError("data.name must name a dataset when data.source='hub'")
+    if self.format not in FORMATS:
+      raise ValueError(f'data.format must be one of {", ".join(FORMATS)}; got {self.format!r}')
+    if self.format == 'sft' and self.source == 'stdlib' and not self.mixture:
+      raise ValueError("data.format='sft' reads records from data.files or a hub dataset; "
+                       "data.source='stdlib' has none")
     if self.source == 'hub' and not self.split:
       raise ValueError("data.split must not be empty when data.source='hub'")
     if self.source != 'stdlib' and not self.text_key:

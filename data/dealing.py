@@ -101,7 +101,8 @@ class Doc:
   key: str
   text: str | None  # Dropped once encoded.
   before: dict[str, Any]  # The reader's state just before it: restoring there reads it.
-  tokens: np.ndarray | None = None  # int32 [BOS] ids EOS; None until encoded.
+  # int32 [BOS] ids EOS (data.format='sft': [N, 2], data/sft.py); None until encoded.
+  tokens: np.ndarray | None = None
 
 
 class Dealer:
@@ -206,18 +207,23 @@ class Dealer:
 
 
 class Stream:
-  """One packing stream: the documents dealt to it, end to end, cut into windows."""
+  """One packing stream: the documents dealt to it, end to end, cut into windows.
 
-  def __init__(self, index: int, seq_len: int):
+  `whole`: fine-tuning examples, packed whole into padded rows (packing.RowPacker)
+  instead; a row then always starts at an example, so the offset stays 0.
+  """
+
+  def __init__(self, index: int, seq_len: int, whole: bool = False):
     self.index = index
     self._seq_len = seq_len
+    self._whole = whole
     # The document the next window starts in (before the stream's first window: the
     # number from which on the documents dealt to it are its own); its offset is
     # self._windows.offset, the token of it (counting BOS) that the window starts at.
     self.next = 0
     self._key: str | None = None  # That document's key, while resuming inside it.
     self._docs: collections.deque[Doc] = collections.deque()  # Taken, from `next` on.
-    self._windows = packing.Windower(seq_len)  # Their tokens.
+    self._windows = self._packer(0)  # Their tokens.
 
   @property
   def offset(self) -> int:
@@ -240,7 +246,15 @@ class Stream:
                        f'document {self.next}, token {offset}')
     self._key = state.get('key')
     self._docs.clear()
-    self._windows = packing.Windower(self._seq_len, offset)
+    self._windows = self._packer(offset)
+
+  def _packer(self, offset: int) -> 'packing.Windower | packing.RowPacker':
+    if not self._whole:
+      return packing.Windower(self._seq_len, offset)
+    if offset:
+      raise ValueError(f'data state: stream {self.index} resumes inside an example '
+                       f'(token {offset}), but examples are packed whole')
+    return packing.RowPacker(self._seq_len)
 
   def fill(self, take: Callable[[int], Doc], size: int) -> None:
     """Takes documents until `size` tokens are held from the next window's start on."""
@@ -260,10 +274,12 @@ class Stream:
   def window(self, take: Callable[[int], Doc]) -> np.ndarray:
     """The next int32 [seq_len + 1] window; the next one starts at its last token."""
     self.fill(take, self._seq_len + 1)
+    last = self._docs[-1].n
     out = self._windows.pop()
     while len(self._docs) > self._windows.pieces:  # Those it has passed.
       self._docs.popleft()
-    self.next = self._docs[0].n
+    # A row of whole examples may use up every document held.
+    self.next = self._docs[0].n if self._docs else last + 1
     self._key = None
     return out
 

@@ -3,7 +3,6 @@
 eval_batches is what the trainer evaluates on and lm/eval_run.py scores a run with.
 """
 
-import os
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -41,21 +40,24 @@ def eval_batches(
   if num_batches <= 0:
     return []
   reader_lib.check_has_documents(cfg)  # Else an empty data file reads as 'holds out none'.
-  windower = packing.Windower(seq_len)
-  bos = tokenizer.bos_id if add_bos else None
+  whole = cfg.format == 'sft'
+  windower = packing.RowPacker(seq_len) if whole else packing.Windower(seq_len)
   global_rows = batch_size * process_count
   wanted = num_batches * global_rows
   windows: list[np.ndarray] = []
-  threads = cfg.encode_threads or os.cpu_count() or 1
+  encode = packing.encoder(tokenizer, seq_len, examples=whole, add_bos=add_bos,
+                            threads=cfg.encode_threads)
   any_docs = False
   for docs in _chunks(reader_lib.single_pass(cfg, heldout=True), 16):
     any_docs = True
-    for ids in tokenizer.encode_batch([d.text for d in docs], num_threads=threads):
-      windower.add(packing.wrap(ids, tokenizer.eos_id, bos))
+    for piece in encode([d.text for d in docs]):
+      windower.add(piece)
       while len(windows) < wanted and (window := windower.pop()) is not None:
         windows.append(window)
     if len(windows) >= wanted:
       break
+  if whole and len(windows) < wanted and (window := windower.pop(partial=True)) is not None:
+    windows.append(window)  # The last examples, in a padded row.
   if not any_docs:
     raise ValueError(
         f'no held-out documents: data.eval_fraction={cfg.eval_fraction} holds out none '

@@ -1,4 +1,5 @@
-"""Packing: documents wrapped as [BOS] ids EOS, end to end, cut into seq_len + 1 windows.
+"""Packing: documents wrapped as [BOS] ids EOS, end to end, cut into seq_len + 1 windows;
+fine-tuning examples packed whole into padded rows (RowPacker).
 
 `wrap` and `Windower` are the one wrapping and the one windowing that training
 (data/dealing.py's packing streams), held-out batches (data/heldout.py) and file scoring
@@ -7,11 +8,16 @@ the form the trainer takes.
 """
 
 import collections
-from collections.abc import Sequence
+import functools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-# Token rows [B, seq_len + 1], or {'tokens', 'segment_ids'} of that shape.
+from data import sft
+
+# Token rows [B, seq_len + 1], or {'tokens', 'segment_ids'(, 'loss_mask')} of that shape.
 Batch = np.ndarray | dict[str, np.ndarray]
 
 
@@ -24,6 +30,22 @@ def wrap(ids: Sequence[int], eos_id: int, bos_id: int | None = None) -> np.ndarr
   tokens[head:-1] = ids
   tokens[-1] = eos_id
   return tokens
+
+
+def encoder(tokenizer: Any, seq_len: int, *, examples: bool, add_bos: bool = True,
+            threads: int = 0) -> Callable[[list[str]], list[np.ndarray]]:
+  """texts -> what a stream packs: each document's `wrap`, or with `examples` each
+  fine-tuning example's [N, 2] tokens and loss flags, cut to seq_len + 1 (data/sft.py).
+
+  Training, held-out batches and task fine-tuning's checks all encode with it; `threads`
+  0 = every core.
+  """
+  encode = functools.partial(tokenizer.encode_batch, num_threads=threads or os.cpu_count() or 1)
+  if examples:
+    return lambda texts: [e.rows for e in sft.encode_texts(
+        texts, encode, tokenizer.bos_id, tokenizer.eos_id, seq_len + 1)]
+  bos = tokenizer.bos_id if add_bos else None
+  return lambda texts: [wrap(ids, tokenizer.eos_id, bos) for ids in encode(texts)]
 
 
 class Windower:
@@ -86,6 +108,59 @@ class Windower:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+class RowPacker:
+  """Whole examples (int32 [N, 2]: id, loss flag; data/sft.py) packed into rows.
+
+  The interface of Windower, for fine-tuning: a row takes examples in order while they
+  fit in seq_len + 1 tokens and is padded after them, so no example is split across
+  rows and every row starts at an example. Rows come as int32 [seq_len + 1, 3]: the id,
+  the loss flag and the example's number in the row (from 1; 0 for padding, which is id
+  0 and never trained on). Examples must be at most seq_len + 1 tokens (data/sft.py cuts
+  them); empty ones (skipped) pass through without a trace.
+  """
+
+  offset = 0  # Rows start at an example, never inside one.
+
+  def __init__(self, seq_len: int):
+    if seq_len < 1:
+      raise ValueError(f'seq_len must be positive, got {seq_len}')
+    self.seq_len = seq_len
+    self._pieces: collections.deque[np.ndarray] = collections.deque()
+    self._held = 0
+
+  @property
+  def pieces(self) -> int:
+    return len(self._pieces)
+
+  @property
+  def buffered(self) -> int:
+    """Tokens held: a row is decided once they reach seq_len + 1 (or with `partial`)."""
+    return self._held
+
+  def add(self, rows: np.ndarray) -> None:
+    if len(rows) > self.seq_len + 1:
+      raise ValueError(f'an example of {len(rows)} tokens does not fit a row of '
+                       f'{self.seq_len + 1}')
+    self._pieces.append(rows)
+    self._held += len(rows)
+
+  def pop(self, partial: bool = False) -> np.ndarray | None:
+    """The next row, or None while it may still take another example."""
+    size = self.seq_len + 1
+    if self._held < size and not (partial and self._held):
+      return None
+    out = np.zeros((size, 3), np.int32)
+    used, number = 0, 0
+    while self._pieces and used + len(self._pieces[0]) <= size:
+      piece = self._pieces.popleft()
+      self._held -= len(piece)
+      number += 1
+      out[used:used + len(piece), :2] = piece
+      out[used:used + len(piece), 2] = number
+      used += len(piece)
+    return out
+
+
 def segment_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
   """Which document each token of a row belongs to, numbered from 1 in every row.
 
@@ -100,7 +175,14 @@ def segment_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
 
 
 def batch(tokens: np.ndarray, eos_id: int, with_segments: bool) -> Batch:
-  """Rows as the trainer takes them: plain, or with their segment ids (data.segment_ids)."""
+  """Rows as the trainer takes them: plain, or with their segment ids (data.segment_ids).
+
+  RowPacker's rows [B, T + 1, 3] give {'tokens', 'segment_ids', 'loss_mask'}: the
+  packer numbers the examples, and loss_mask[:, i] says whether token i is trained on.
+  """
+  if tokens.ndim == 3:
+    return {'tokens': tokens[..., 0], 'loss_mask': tokens[..., 1],
+            'segment_ids': tokens[..., 2]}
   if not with_segments:
     return tokens
   return {'tokens': tokens, 'segment_ids': segment_ids(tokens, eos_id)}

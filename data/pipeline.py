@@ -15,6 +15,7 @@ batches then depend on the process count, and its state resumes only with the sa
 process count.
 """
 
+import functools
 import os
 import queue
 import threading
@@ -76,10 +77,10 @@ class TrainBatches:
     self._process_index = process_index
     self._process_count = process_count
     self._seed = seed
-    self._bos = tokenizer.bos_id if add_bos else None
     self._prefetch = prefetch
-    self._threads = cfg.encode_threads or os.cpu_count() or 1
-    self._dealer = dealing.Dealer(self._reader, self._layout.num_streams, self._encode, encode_docs)
+    encode = packing.encoder(tokenizer, seq_len, examples=cfg.format == 'sft',
+                             add_bos=add_bos, threads=cfg.encode_threads)
+    self._dealer = dealing.Dealer(self._reader, self._layout.num_streams, encode, encode_docs)
     self._streams: dict[int, dealing.Stream] = {}
     self._thread: threading.Thread | None = None
     self._stop = threading.Event()
@@ -161,11 +162,6 @@ class TrainBatches:
 
   # Producing batches.
 
-  def _encode(self, texts: list[str]) -> list[np.ndarray]:
-    """Documents as they enter a stream: int32 [BOS] ids EOS."""
-    return [packing.wrap(ids, self._tokenizer.eos_id, self._bos)
-            for ids in self._tokenizer.encode_batch(texts, num_threads=self._threads)]
-
   def _reset(self, state: dict[str, Any]) -> None:
     """Sets what is handed out next; the streams are rebuilt from it on the next batch."""
     self._state = state
@@ -177,7 +173,7 @@ class TrainBatches:
     state = self._state
     self._streams = {}
     for j, saved in state['streams'].items():
-      stream = dealing.Stream(int(j), self._seq_len)
+      stream = dealing.Stream(int(j), self._seq_len, whole=self._cfg.format == 'sft')
       stream.load_state_dict(saved)
       self._streams[int(j)] = stream
     self._dealer.restart(state['reader'], state['dealt'],
@@ -221,3 +217,22 @@ class TrainBatches:
           return
         except queue.Full:
           pass
+
+
+def sft_summary(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int) -> str:
+  """data.format='sft': one line saying how many training examples there are and how
+  many are truncated or skipped for length (data/sft.py's rules).
+
+  One pass over the training split before the run starts; a hub dataset, which may be
+  endless, is not counted ahead.
+  """
+  from data import mixture, sft  # Only fine-tuning runs need them.
+
+  if any(c.source == 'hub' for _, c in mixture.components(cfg)):
+    return (f'examples longer than {seq_len + 1} tokens (seq_len + 1) are truncated at the '
+            'end; those whose prompt leaves no response token within them are skipped')
+  docs = ((d.key, d.text) for d in reader_lib.single_pass(cfg, heldout=False))
+  encode = functools.partial(tokenizer.encode_batch,
+                             num_threads=cfg.encode_threads or os.cpu_count() or 1)
+  counts = sft.count(docs, encode, tokenizer.bos_id, tokenizer.eos_id, seq_len + 1)
+  return f'training {counts.line(seq_len + 1)}'

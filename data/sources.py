@@ -22,7 +22,7 @@ from typing import Any
 import datasets
 import datasets.distributed
 
-from data import cleaning, stdlib
+from data import cleaning, sft, stdlib
 from data.config import DataConfig
 
 # File suffix -> `datasets` packaged builder. Compressed files are read on the fly.
@@ -113,8 +113,8 @@ class FileSource(Source):
   held-out split does not change when the data moves or the working directory does.
   """
 
-  def __init__(self, files: str, text_key: str):
-    self._text_key = text_key
+  def __init__(self, files: str, text_key: str | None):
+    self._text_key = text_key  # None: whole records (data.format='sft').
     self._files = resolve_files(files)
     self.shard_names = tuple(name for name, _ in self._files)
     self.label = f'data.files={files!r}'
@@ -132,6 +132,8 @@ class FileSource(Source):
       kwargs['encoding'] = 'utf-8-sig'
     else:
       kwargs = {}
+    if builder == 'text' and self._text_key is None:
+      raise DataError(f"data.format='sft' reads .jsonl or .parquet records, not text: {path}")
     text_key = 'text' if builder == 'text' else self._text_key
     cache_dir = _local_cache_dir()  # Outside the try: its error is not the file's.
     _quiet()
@@ -168,7 +170,7 @@ class FileSource(Source):
 class HubSource(Source):
   """A dataset split streamed by `datasets.load_dataset(name, config, split=...)`."""
 
-  def __init__(self, name: str, config_name: str, split: str, text_key: str,
+  def __init__(self, name: str, config_name: str, split: str, text_key: str | None,
                process_index: int = 0, process_count: int = 1):
     self._name, self._config_name = name, config_name or None
     self._split, self._text_key = split, text_key
@@ -211,9 +213,10 @@ def open_source(cfg: DataConfig, process_index: int = 0, process_count: int = 1)
   """
   if cfg.source == 'stdlib':
     return StdlibSource()
+  text_key = None if cfg.format == 'sft' else cfg.text_key
   if cfg.source == 'files':
-    return FileSource(cfg.files, cfg.text_key)
-  return HubSource(cfg.name, cfg.config_name, cfg.split, cfg.text_key,
+    return FileSource(cfg.files, text_key)
+  return HubSource(cfg.name, cfg.config_name, cfg.split, text_key,
                    process_index, process_count)
 
 
@@ -304,13 +307,22 @@ def _builder(path: str) -> str | None:
   return None
 
 
-def _rows(ds: Any, text_key: str, start: int, name: str, label: str, *,
+def _rows(ds: Any, text_key: str | None, start: int, name: str, label: str, *,
           fast_skip: bool = True) -> Iterator[tuple[str, str]]:
+  """(key, text) of each row from `start` on; text_key None: the whole record as
+  data/sft.py's document, checked (a bad record names its line)."""
   if start and fast_skip:  # skip() drops whole Arrow tables without making rows.
     ds = ds.skip(start)
   elif start:
     ds = itertools.islice(ds, start, None)
   for row, example in enumerate(ds, start):
+    if text_key is None:
+      try:
+        text = sft.record_text(example, f'{label} line {row + 1}')
+      except sft.RecordError as e:
+        raise DataError(str(e)) from None
+      yield f'{name}:{row}', cleaning.fix_text(text)
+      continue
     if text_key not in example:
       raise DataError(
           f'data.text_key: column {text_key!r} not found in {label} '

@@ -109,5 +109,7 @@ def heldout_rows(data: DataConfig, tokenizer: Tokenizer, batch_size: int, seq_le
     row_B = i * batch_size + jax.process_index() * local + np.arange(local)
     target_BxT = row_B[:, None] * seq_len + np.arange(seq_len)
     keep = target_BxT < max_tokens if max_tokens else np.ones_like(target_BxT, bool)
+    if isinstance(tokens, dict) and 'loss_mask' in tokens:  # Fine-tuning: responses only.
+      keep &= tokens['loss_mask'][:, 1:] > 0
     out.append((tokens, keep.astype(np.int32)))
   return out

@@ -39,12 +39,26 @@ class LossConfig:
       raise ValueError(f'loss.chunk={self.chunk} does not divide seq_len={seq_len}')
 
 
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
-                  z_loss: float = 0.0) -> tuple[jax.Array, Metrics]:
-  """Mean next-token cross-entropy in float32, plus z_loss · mean(log Z ^ 2)."""
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, z_loss: float = 0.0,
+                  weights_BxT: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+  """Mean next-token cross-entropy in float32, plus z_loss · mean(log Z ^ 2).
+
+  `weights_BxT`: a weighted sum instead of the mean (fine-tuning's loss mask, divided by
+  the number of trained tokens: see loss_weights).
+  """
   nll_BxT, log_z_BxT = token_nll(logits_BxTxV, targets_BxT)
-  nll, z = jnp.mean(nll_BxT), jnp.mean(jnp.square(log_z_BxT))
+  if weights_BxT is None:
+    nll, z = jnp.mean(nll_BxT), jnp.mean(jnp.square(log_z_BxT))
+  else:
+    nll, z = jnp.sum(nll_BxT * weights_BxT), jnp.sum(jnp.square(log_z_BxT) * weights_BxT)
   return nll + z_loss * z, {'loss': nll, 'z_loss': z}
+
+
+def loss_weights(mask_BxT: jax.Array, scale: float = 1.0) -> jax.Array:
+  """float32 weights: the mask over its sum, times `scale`, so a weighted sum is the mean
+  over the masked tokens (scale = micro-batches: their mean is the whole batch's)."""
+  mask = mask_BxT.astype(jnp.float32)
+  return mask * (scale / jnp.maximum(jnp.sum(mask), 1.0))
 
 
 def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -95,15 +109,17 @@ def chunked_token_nll(x_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.
 
 def chunked_cross_entropy(x_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.Array,
                           *, chunk: int, z_loss: float = 0.0,
-                          rules: AxisRules | None = None) -> tuple[jax.Array, Metrics]:
-  """`cross_entropy(x @ head, targets, z_loss)`, chunked; differentiable in x and head.
+                          rules: AxisRules | None = None,
+                          weights_BxT: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+  """`cross_entropy(x @ head, targets, z_loss, weights)`, chunked; differentiable in x
+  and head.
 
   `rules`: the mesh the batch is split over. Each batch shard then sums its own part of
   the head's gradient over the chunks, and the shards are summed once at the end: one
   all-reduce per (micro-)batch, as for the unchunked loss, not one per chunk. The
   accumulator costs each device a float32 D x V (over tensor) array.
   """
-  total, nll, z = _fused(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss, rules)
+  total, nll, z = _fused(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules)
   return total, {'loss': jax.lax.stop_gradient(nll), 'z_loss': jax.lax.stop_gradient(z)}
 
 
@@ -114,17 +130,17 @@ def _batch_shards(rules: AxisRules | None, b: int) -> int:
   return math.prod(rules.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fused(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss, rules):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules):
   """(loss, mean NLL, mean log Z ^ 2). Only the first output carries a gradient."""
-  return _fused_fwd(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss, rules)[0]
+  return _fused_fwd(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules)[0]
 
 
-def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss, rules):
+def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules):
   b, t, _ = x_BxTxD.shape
   c = chunk_length(t, chunk)
   s = _batch_shards(rules, b)  # S: the head gradient is kept per batch shard.
-  scale = 1.0 / (b * t)  # Every token weighs the same in the mean.
+  scale = 1.0 / (b * t)  # Without weights every token weighs the same in the mean.
   # FSDP's gather of the head, once here rather than once per chunk inside the loop.
   head_DxV = constrain(head_DxV, (None, 'vocab'), rules)
 
@@ -132,7 +148,7 @@ def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss, rules):
     return a_BxCx_.reshape(s, b // s, *a_BxCx_.shape[1:])
 
   def one(d_head_SxDxV, xs):
-    x_BxCxD, t_BxC = xs
+    x_BxCxD, t_BxC, *w_BxC = xs
     logits_BxCxV = _chunk_logits(x_BxCxD, head_DxV)
     nll_BxC, log_z_BxC = token_nll(logits_BxCxV, t_BxC)
     # d loss / d logits: softmax - one-hot for the NLL, 2 z_loss log Z softmax for the
@@ -140,7 +156,8 @@ def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss, rules):
     p_BxCxV = jnp.exp(logits_BxCxV - log_z_BxC[..., None])
     g_BxCxV = p_BxCxV * (1.0 + 2.0 * z_loss * log_z_BxC)[..., None]
     g_BxCxV = g_BxCxV - jax.nn.one_hot(t_BxC, g_BxCxV.shape[-1], dtype=jnp.float32)
-    g_BxCxV = (g_BxCxV * scale).astype(x_BxCxD.dtype)
+    g_BxCxV = g_BxCxV * (w_BxC[0][..., None] if w_BxC else scale)
+    g_BxCxV = g_BxCxV.astype(x_BxCxD.dtype)
     dx_BxCxD = jnp.einsum('bcv,dv->bcd', g_BxCxV, head_DxV,
                           preferred_element_type=jnp.float32).astype(x_BxCxD.dtype)
     d_head_SxDxV += jnp.einsum('sbcd,sbcv->sdv', per_shard(x_BxCxD), per_shard(g_BxCxV),
@@ -151,19 +168,26 @@ def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, chunk, z_loss, rules):
   d_head = constrain(jnp.zeros((s, *head_DxV.shape), jnp.float32),
                      ('batch', 'embed', 'vocab'), rules)
   d_head, (nll, log_z, dx) = jax.lax.scan(
-      one, d_head, (_chunks(x_BxTxD, c), _chunks(targets_BxT, c)))
+      one, d_head, (_chunks(x_BxTxD, c), _chunks(targets_BxT, c),
+                    *([] if weights_BxT is None else [_chunks(weights_BxT, c)])))
   d_head = jnp.sum(d_head, axis=0)
-  nll_mean, z_mean = jnp.mean(nll), jnp.mean(jnp.square(log_z))
+  if weights_BxT is None:
+    nll_mean, z_mean = jnp.mean(nll), jnp.mean(jnp.square(log_z))
+  else:  # nll and log_z are chunk-major: (T / C) x B x C.
+    w_NxBxC = _chunks(weights_BxT, c)
+    nll_mean, z_mean = jnp.sum(nll * w_NxBxC), jnp.sum(jnp.square(log_z) * w_NxBxC)
   dx_BxTxD = jnp.swapaxes(dx, 0, 1).reshape(x_BxTxD.shape)
   out = (nll_mean + z_loss * z_mean, nll_mean, z_mean)
-  return out, (dx_BxTxD, d_head.astype(head_DxV.dtype))
+  d_weights = None if weights_BxT is None else jnp.zeros_like(weights_BxT)
+  return out, (dx_BxTxD, d_head.astype(head_DxV.dtype), d_weights)
 
 
 def _fused_bwd(chunk, z_loss, rules, residuals, cotangents):
   del chunk, z_loss, rules
-  dx_BxTxD, d_head_DxV = residuals
+  dx_BxTxD, d_head_DxV, d_weights = residuals  # The weights are data: no gradient.
   g = cotangents[0]  # The metrics' cotangents are ignored: they are not differentiated.
-  return (g * dx_BxTxD).astype(dx_BxTxD.dtype), (g * d_head_DxV).astype(d_head_DxV.dtype), None
+  return ((g * dx_BxTxD).astype(dx_BxTxD.dtype), (g * d_head_DxV).astype(d_head_DxV.dtype),
+          None, d_weights)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

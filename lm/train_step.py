@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import optax
 
 from lm.config import Configs
-from lm.loss import Metrics, chunked_cross_entropy, cross_entropy
+from lm.loss import Metrics, chunked_cross_entropy, cross_entropy, loss_weights
 from lm.model import Transformer, output_head
 from lm.optimizer import global_norm, make_optimizer, schedule
 from lm.sharding import AxisRules, batch_sharding, tree_shardings
 
-# Token rows (B, T + 1), or {'tokens', 'segment_ids'} of that shape (packed documents).
+# Token rows (B, T + 1), or {'tokens', 'segment_ids'} of that shape (packed documents),
+# plus 'loss_mask' (fine-tuning: 1 where a token is trained on; data/packing.py).
 Batch = jax.Array | dict[str, jax.Array]
 
 
@@ -41,18 +42,33 @@ def next_token_pairs(batch: Batch) -> tuple[jax.Array, jax.Array | None, jax.Arr
   return tokens_BxT1[:, :-1], segments_BxT, tokens_BxT1[:, 1:]
 
 
+def target_weights(batch: Batch, scale: float = 1.0) -> jax.Array | None:
+  """float32 (B, T) weights of the targets, for the mean over trained tokens only, or
+  None (every target alike). Already in the batch when the train step split it."""
+  if not isinstance(batch, dict):
+    return None
+  if 'weights' in batch:
+    return batch['weights']
+  if 'loss_mask' in batch:
+    return loss_weights(batch['loss_mask'][:, 1:], scale)
+  return None
+
+
 def model_loss(model: Transformer, params: Any, batch: Batch, *, chunk: int = 0,
                z_loss: float = 0.0, train: bool = False,
                rngs: dict[str, jax.Array] | None = None) -> tuple[jax.Array, Metrics]:
-  """The next-token loss of `batch`; chunked (lm/loss.py) when `chunk` > 0."""
+  """The next-token loss of `batch`; chunked (lm/loss.py) when `chunk` > 0; a mean over
+  the trained tokens only when the batch has a loss mask."""
   inputs_BxT, segments_BxT, targets_BxT = next_token_pairs(batch)
+  weights_BxT = target_weights(batch)
   apply = functools.partial(model.apply, {'params': params}, inputs_BxT,
                             segment_ids_BxT=segments_BxT, train=train, rngs=rngs)
   if chunk:
     x_BxTxD = apply(features=True)
     return chunked_cross_entropy(x_BxTxD, output_head(params, model.cfg), targets_BxT,
-                                 chunk=chunk, z_loss=z_loss, rules=model.rules)
-  return cross_entropy(apply(), targets_BxT, z_loss)
+                                 chunk=chunk, z_loss=z_loss, rules=model.rules,
+                                 weights_BxT=weights_BxT)
+  return cross_entropy(apply(), targets_BxT, z_loss, weights_BxT)
 
 
 def _boxed_state_fn(model: Transformer, tx: optax.GradientTransformation, seq_len: int):
@@ -138,6 +154,11 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     key = jax.random.fold_in(state.rng, state.step)
+    if isinstance(batch, dict) and 'loss_mask' in batch:
+      # Weighed over the whole batch before it is split: the micro-batches' mean is then
+      # the mean over every trained token of the batch, however they fall.
+      batch = {'tokens': batch['tokens'], 'segment_ids': batch['segment_ids'],
+               'weights': target_weights(batch, float(grad_accum))}
     if grad_accum == 1:
       (_, aux), grads = grad_fn(state.params, batch, key)
     else:

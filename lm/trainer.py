@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from data import TrainBatches
+from data.pipeline import sft_summary
 from data.tokenizer import Tokenizer, check_vocab, load_or_train
 from lm import distributed, flops, resume
 from lm.checkpoint import Checkpointer, SaveFailed, file_sha256, make_metadata
@@ -131,6 +132,9 @@ def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules,
                             (run.batch_size, run.seq_len + 1))
   header = run_header(cfgs, rules, start, tokenizer_origin,
                       flops.count_params(start.state.params))
+  if cfgs.data.format == 'sft' and jax.process_index() == 0:
+    header.insert(-1, f'fine-tuning on responses only: '
+                      f'{sft_summary(cfgs.data, tokenizer, run.seq_len)}')
   return Experiment(cfgs, rules, model, tokenizer, start.state, start.shardings, compiled,
                     batches, checkpointer, start.step, header)
 
