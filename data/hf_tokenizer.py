@@ -139,8 +139,16 @@ def special_tokens(model_path: str) -> dict[str, str]:
   return out
 
 
-def write(model_path: str, out_dir: str, *, max_length: int, add_bos: bool = True) -> None:
-  """tokenizer.json, tokenizer_config.json and special_tokens_map.json in out_dir."""
+def write(model_path: str, out_dir: str, *, max_length: int, add_bos: bool = True,
+          chat_template: str | None = None) -> None:
+  """tokenizer.json, tokenizer_config.json and special_tokens_map.json in out_dir.
+
+  Special tokens are read as such in text (split_special_tokens off, as in every Llama
+  tokenizer): a chat template writes BOS and EOS as "<s>" and "</s>", so
+  `apply_chat_template` gives the ids training used (data/sft.py). sentencepiece reads
+  those strings as characters; `tokenizer(text, split_special_tokens=True)` does too,
+  and so does `apply_chat_template(..., sanitize_control_tokens=True)` for message text.
+  """
   tokens = special_tokens(model_path)
   config = {
       'tokenizer_class': 'PreTrainedTokenizerFast',
@@ -148,10 +156,9 @@ def write(model_path: str, out_dir: str, *, max_length: int, add_bos: bool = Tru
       'add_bos_token': add_bos and 'bos_token' in tokens,
       'add_eos_token': False,
       'clean_up_tokenization_spaces': False,
-      # sentencepiece reads a literal "<s>" in text as characters, never as the control
-      # token; without this Hugging Face would turn it into BOS.
-      'split_special_tokens': True,
+      'split_special_tokens': False,
       **tokens,
+      **({'chat_template': chat_template} if chat_template else {}),
   }
   files = {'tokenizer.json': tokenizer_json(model_path, add_bos=add_bos),
            'tokenizer_config.json': config, 'special_tokens_map.json': tokens}

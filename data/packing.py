@@ -154,7 +154,7 @@ class RowPacker:
     while self._pieces and used + len(self._pieces[0]) <= size:
       piece = self._pieces.popleft()
       self._held -= len(piece)
-      number += 1
+      number += len(piece) > 0  # A skipped example leaves no trace.
       out[used:used + len(piece), :2] = piece
       out[used:used + len(piece), 2] = number
       used += len(piece)

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from data import hf_tokenizer
+from data import hf_tokenizer, sft
 from lm import hf
 from lm.config import Configs
 from lm.model import Transformer
@@ -41,7 +41,8 @@ def export(workdir: str, out_dir: str, step: int | None = None,
                          max_position_embeddings=cfgs.run.seq_len, bos_id=tokenizer.bos_id,
                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
   shutil.copyfile(folder.tokenizer_path, os.path.join(out_dir, RunFolder.TOKENIZER))
-  hf_tokenizer.write(folder.tokenizer_path, out_dir, max_length=cfgs.run.seq_len)
+  hf_tokenizer.write(folder.tokenizer_path, out_dir, max_length=cfgs.run.seq_len,
+                     chat_template=sft.CHAT_TEMPLATE)
   return {'out': out_dir, 'step': step, 'params': count}
 
 

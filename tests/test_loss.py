@@ -11,6 +11,7 @@ from lm.loss import (
   chunked_cross_entropy,
   chunked_token_nll,
   cross_entropy,
+  loss_weights,
   token_nll,
 )
 from lm.sharding import AxisRules, MeshConfig
@@ -106,3 +107,36 @@ def test_data_parallel_chunks_communicate_once_not_per_chunk(shape):
   # (the control: the check can see it); with it, once after the loop.
   assert _collectives_in_loop(False, shape)
   assert not _collectives_in_loop(True, shape)
+
+
+@pytest.mark.parametrize('chunk', [4, 0])
+def test_weighted_loss_is_the_mean_over_masked_tokens(chunk):
+  x, head, targets = _inputs()
+  mask = np.zeros((B, T), np.int32)
+  mask[0, 3:7], mask[1, 10:] = 1, 1  # Six trained tokens.
+  weights = loss_weights(jnp.asarray(mask))
+  logits = np.einsum('btd,dv->btv', np.asarray(x, np.float64), np.asarray(head, np.float64))
+  log_z = np.log(np.exp(logits).sum(-1))
+  nll = log_z - np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0]
+  want = nll[mask == 1].mean()
+  z_want = (log_z[mask == 1] ** 2).mean()
+
+  def loss(x, h):
+    if chunk:
+      return chunked_cross_entropy(x, h, targets, chunk=chunk, z_loss=1e-2, weights_BxT=weights)
+    logits = jnp.einsum('btd,dv->btv', x, h, preferred_element_type=jnp.float32)
+    return cross_entropy(logits, targets, 1e-2, weights)
+
+  (total, aux), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, head)
+  np.testing.assert_allclose(aux['loss'], want, rtol=1e-5)
+  np.testing.assert_allclose(aux['z_loss'], z_want, rtol=1e-5)
+  np.testing.assert_allclose(total, want + 1e-2 * z_want, rtol=1e-5)
+  # Untrained tokens get no gradient; trained ones do.
+  dx = np.abs(np.asarray(grads[0])).sum(-1)
+  assert (dx[mask == 0] == 0).all() and (dx[mask == 1] > 0).all()
+  if chunk:  # The chunked gradient equals the plain one.
+    plain = jax.grad(lambda x, h: cross_entropy(
+        jnp.einsum('btd,dv->btv', x, h, preferred_element_type=jnp.float32), targets, 1e-2,
+        weights)[0], argnums=(0, 1))(x, head)
+    for a, b in zip(plain, grads):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
