@@ -16,6 +16,13 @@ tokens and a model exported with scripts/export_hf.py gets the same log-likeliho
   `add_bos_token=True` to lm-eval);
 - the model reads context + choice minus the choice's last token, cut from the left to
   the model's window: row = (context + choice)[-(seq_len + 1):].
+
+lm-eval refuses (asserts on) a choice longer than the window and one whose text merges
+whole into the context's last token, leaving it no token of its own; so does this, with
+the file and line. Two corners still differ, both from the exported tokenizer rather
+than this rule: a context that starts with the text of the BOS piece ('<s>') makes
+lm-eval leave BOS out, and a literal U+2581 is bytes to data/tokenizer.py but a space
+mark to sentencepiece and tokenizer.json.
 """
 
 from __future__ import annotations

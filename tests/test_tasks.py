@@ -204,6 +204,10 @@ def _next_text_examples(tok, n, seed=0):
       continue
     label = rng.randrange(3)
     spans.insert(label, spans.pop(0))
+    try:  # A choice merged whole into the context's last token: lm-eval refuses it too.
+      choice_tokens(tok, Example(context, tuple(spans), label, ''))
+    except ValueError:
+      continue
     out.append({'context': context, 'choices': spans, 'label': label})
   return out
 
