@@ -40,8 +40,9 @@ def bucket_length(n: int, seq_len: int) -> int:
 
 def pack_rows(rows: Sequence[ChoiceRow], batch_size: int,
               seq_len: int) -> list[tuple[np.ndarray, ScoredBatch]]:
-  """Global batches of (tokens (B, T + 1), mask (B, T)), each with the index of the row
-  each of its first rows holds. Rows go longest first; the rest are zeros, masked out."""
+  """Global batches (tokens (B, T + 1), mask (B, T)), each with `index`: batch row r
+  holds rows[index[r]], and the rows past len(index) are zeros, masked out. Rows go
+  longest first."""
   order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
   out = []
   start = 0
@@ -49,13 +50,13 @@ def pack_rows(rows: Sequence[ChoiceRow], batch_size: int,
     t = bucket_length(len(rows[order[start]].tokens) - 1, seq_len)
     num = batch_size * max(1, seq_len // t)
     index = np.array(order[start:start + num])
-    tokens = np.zeros((num, t + 1), np.int32)
-    mask = np.zeros((num, t), np.int32)
+    tokens_BxT1 = np.zeros((num, t + 1), np.int32)
+    mask_BxT = np.zeros((num, t), np.int32)
     for r, i in enumerate(index):
       ids, n = rows[i].tokens, rows[i].scored
-      tokens[r, :len(ids)] = ids
-      mask[r, len(ids) - 1 - n:len(ids) - 1] = 1  # Targets are ids[1:]: the last n.
-    out.append((index, (tokens, mask)))
+      tokens_BxT1[r, :len(ids)] = ids
+      mask_BxT[r, len(ids) - 1 - n:len(ids) - 1] = 1  # Targets are ids[1:]: the last n.
+    out.append((index, (tokens_BxT1, mask_BxT)))
     start += num
   return out
 
