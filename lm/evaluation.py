@@ -3,7 +3,8 @@
 The training loop (lm/trainer.py) and scripts/eval.py (lm/eval_run.py, which adds file
 scoring) both build their step with `make_eval_step`, their held-out rows with
 `heldout_rows` and score with `evaluate`. Every batch carries a mask of the targets to
-score, so a cut or padded batch counts exactly the tokens it holds.
+score, so a cut or padded batch counts exactly the tokens it holds. Task scoring
+(lm/task_eval.py) builds `make_row_nll_step`, the same forward pass summed per row.
 
 Bits per byte divides the total negative log-likelihood (in bits) by the UTF-8 bytes of
 the text that was scored, so it compares models with different tokenizers.
@@ -40,6 +41,28 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
   return out
 
 
+def _token_nll(model: Transformer, rules: AxisRules, params: Any, batch: Batch,
+               loss_chunk: int) -> tuple[jax.Array, jax.Array]:
+  """(NLL (B, T) of each target, the targets (B, T)); chunked when loss_chunk > 0."""
+  inputs_BxT, segments_BxT, targets_BxT = next_token_pairs(batch)
+  apply = functools.partial(model.apply, {'params': params}, inputs_BxT,
+                            segment_ids_BxT=segments_BxT)
+  cfg = model.cfg
+  if loss_chunk:
+    nll_BxT, _ = chunked_token_nll(apply(features=True), output_head(params, cfg),
+                                   targets_BxT, loss_chunk, rules)
+  else:
+    nll_BxT, _ = token_nll(apply(), targets_BxT)
+  return nll_BxT, targets_BxT
+
+
+def _in_shardings(rules: AxisRules, batch_shape: tuple[int, int],
+                  param_shardings: Any) -> tuple[Any, ...]:
+  # A prefix of the batch pytree: the same sharding for tokens and segment ids.
+  return (param_shardings, batch_sharding(rules, batch_shape),
+          batch_sharding(rules, (batch_shape[0], batch_shape[1] - 1)))
+
+
 def make_eval_step(model: Transformer, rules: AxisRules, batch_shape: tuple[int, int],
                    param_shardings: Any, token_bytes: np.ndarray, *,
                    loss_chunk: int = 0) -> Callable[..., Any]:
@@ -52,24 +75,30 @@ def make_eval_step(model: Transformer, rules: AxisRules, batch_shape: tuple[int,
   `loss_chunk` > 0: the float32 NLL a chunk of tokens at a time, as training computes it.
   """
   bytes_V = jnp.asarray(token_bytes, jnp.int32)
-  cfg = model.cfg
 
   def score(params, batch, mask_BxT):
-    inputs_BxT, segments_BxT, targets_BxT = next_token_pairs(batch)
-    apply = functools.partial(model.apply, {'params': params}, inputs_BxT,
-                              segment_ids_BxT=segments_BxT)
-    if loss_chunk:
-      nll_BxT, _ = chunked_token_nll(apply(features=True), output_head(params, cfg),
-                                     targets_BxT, loss_chunk, rules)
-    else:
-      nll_BxT, _ = token_nll(apply(), targets_BxT)
+    nll_BxT, targets_BxT = _token_nll(model, rules, params, batch, loss_chunk)
     return (jnp.sum(jnp.where(mask_BxT > 0, nll_BxT, 0.0)), jnp.sum(mask_BxT),
             jnp.sum(bytes_V[targets_BxT] * mask_BxT))
 
-  # A prefix of the batch pytree: the same sharding for tokens and segment ids.
-  in_shardings = (param_shardings, batch_sharding(rules, batch_shape),
-                  batch_sharding(rules, (batch_shape[0], batch_shape[1] - 1)))
-  return jax.jit(score, in_shardings=in_shardings, out_shardings=rules.replicated())
+  return jax.jit(score, in_shardings=_in_shardings(rules, batch_shape, param_shardings),
+                 out_shardings=rules.replicated())
+
+
+def make_row_nll_step(model: Transformer, rules: AxisRules, batch_shape: tuple[int, int],
+                      param_shardings: Any, *, loss_chunk: int = 0) -> Callable[..., Any]:
+  """(params, batch, mask (B, T)) -> the summed NLL of each row's masked targets, (B,).
+
+  Scores several continuations at once (lm/task_eval.py): the result holds every
+  host's rows, replicated, so each host can read all of them.
+  """
+
+  def score(params, batch, mask_BxT):
+    nll_BxT, _ = _token_nll(model, rules, params, batch, loss_chunk)
+    return jnp.sum(jnp.where(mask_BxT > 0, nll_BxT, 0.0), axis=1)
+
+  return jax.jit(score, in_shardings=_in_shardings(rules, batch_shape, param_shardings),
+                 out_shardings=rules.replicated())
 
 
 def summarize(total_nll: float, tokens: int, num_bytes: int) -> dict[str, float]:

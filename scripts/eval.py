@@ -1,8 +1,12 @@
 """Scores a trained run: python scripts/eval.py --workdir=RUN [--step=N] [--files=GLOB]
-[--max_tokens=N]
+[--max_tokens=N], or on task files: --task=PATHS [--max_examples=N]
 
-Without --files it scores the run's held-out split. The last line of stdout is JSON:
-{"step", "loss", "perplexity", "bits_per_byte", "tokens", "bytes"} (+ "files" per file).
+Without --files or --task it scores the run's held-out split. The last line of stdout is
+JSON: {"step", "loss", "perplexity", "bits_per_byte", "tokens", "bytes"} (+ "files" per
+file). With --task (comma-separated JSON lines files or globs, one task each, named by
+the file's stem; lm/task_eval.py): {"step", "task", "examples", "truncated", "accuracy",
+"accuracy_norm"}, plus per-class and macro precision, recall and F1 and a confusion
+matrix when every example offers the same choices; several tasks give {"step", "tasks"}.
 """
 
 import json
@@ -16,16 +20,29 @@ _FILES = flags.DEFINE_string('files', '', 'Comma-separated globs of .txt/.jsonl/
 _MAX_TOKENS = flags.DEFINE_integer('max_tokens', 0, 'Score at most this many tokens of the '
                                    'held-out split, or of each file; 0 = held-out: the run\'s '
                                    'eval_batches, files: all.')
+_TASK = flags.DEFINE_string('task', '', 'Comma-separated paths or globs of task files (JSON '
+                            'lines of {"context", "choices", "label"}) to score, each a task.')
+_MAX_EXAMPLES = flags.DEFINE_integer('max_examples', 0, 'Score the first N examples of each '
+                                     'task file; 0 = all.')
 
 
 def main(argv):
   logging.set_verbosity(logging.ERROR)
-  from lm import cli, eval_run  # After flag parsing, so --help stays fast.
+  from lm import cli, eval_run, task_eval  # After flag parsing, so --help stays fast.
 
   cli.reject_extra_args(argv)
-  result = cli.run_or_exit(lambda: eval_run.evaluate_run(
-      _WORKDIR.value, step=_STEP.value, files=_FILES.value, max_tokens=_MAX_TOKENS.value))
-  print('\n'.join(eval_run.report_lines(result)))
+  if _TASK.value:
+    if _FILES.value or _MAX_TOKENS.value:
+      cli.fail('--task cannot be combined with --files or --max_tokens')
+    result = cli.run_or_exit(lambda: task_eval.evaluate_tasks(
+        _WORKDIR.value, _TASK.value, step=_STEP.value, max_examples=_MAX_EXAMPLES.value))
+    print('\n'.join(task_eval.report_lines(result)))
+  else:
+    if _MAX_EXAMPLES.value:
+      cli.fail('--max_examples goes with --task')
+    result = cli.run_or_exit(lambda: eval_run.evaluate_run(
+        _WORKDIR.value, step=_STEP.value, files=_FILES.value, max_tokens=_MAX_TOKENS.value))
+    print('\n'.join(eval_run.report_lines(result)))
   print(json.dumps(result))
 
 

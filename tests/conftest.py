@@ -35,6 +35,25 @@ def tokenizer(tmp_path_factory) -> str:
   return path
 
 
+@pytest.fixture(scope='session')
+def trained_run(tmp_path_factory, tokenizer):
+  """A tiny run (GQA, untied, seq_len 64) trained for two steps on one device: the run
+  that tests export (tests/test_hf.py) and score against lm-evaluation-harness
+  (tests/test_tasks.py). Read, never changed."""
+  from tests.helpers import one_device_env, script
+
+  workdir = tmp_path_factory.mktemp('trained_run') / 'run'
+  script('train.py', '--config=configs/tiny.py',
+         '--config.steps=2', '--config.model.vocab_size=512',
+         f'--config.data.tokenizer={tokenizer}', f'--config.workdir={workdir}',
+         '--config.eval_every=0', '--config.seq_len=64',
+         '--config.model.num_layers=2', '--config.model.d_model=128', '--config.model.d_ff=256',
+         '--config.model.num_heads=4', '--config.model.num_kv_heads=2',
+         '--config.model.tie_embeddings=false', '--config.data.eval_fraction=0',
+         env=one_device_env())
+  return workdir
+
+
 # The data tests' shared inputs (tests/data_helpers.py builds them); read, never changed.
 
 

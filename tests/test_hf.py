@@ -19,7 +19,7 @@ from data import hf_tokenizer, stdlib
 from data.tokenizer import Tokenizer
 from lm import export, hf
 from lm.model import ModelConfig, Transformer
-from tests.helpers import script
+from tests.helpers import one_device_env, script
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -240,28 +240,7 @@ def test_missing_files_are_named(tmp_path, folder):
     hf.load_hf(str(folder), CONFIGS['gqa_untied'])
 
 
-# --- scripts/export_hf.py on a real (two-step) run -----------------------------------------
-
-@pytest.fixture(scope='module')
-def run(tmp_path_factory, tokenizer):
-  """A tiny run (GQA, untied) trained for two steps."""
-  workdir = tmp_path_factory.mktemp('hf_run') / 'run'
-  script('train.py', '--config=configs/tiny.py',
-         '--config.steps=2', '--config.model.vocab_size=512',
-         f'--config.data.tokenizer={tokenizer}', f'--config.workdir={workdir}',
-         '--config.eval_every=0', '--config.seq_len=64',
-         '--config.model.num_layers=2', '--config.model.d_model=128', '--config.model.d_ff=256',
-         '--config.model.num_heads=4', '--config.model.num_kv_heads=2',
-         '--config.model.tie_embeddings=false', '--config.data.eval_fraction=0',
-         env=_one_device_env())
-  return workdir
-
-
-def _one_device_env():
-  # The mesh is not under test here, and one CPU device compiles in half the time.
-  flags = os.environ.get('XLA_FLAGS', '').split()
-  flags = [f for f in flags if 'force_host_platform_device_count' not in f]
-  return {**os.environ, 'XLA_FLAGS': ' '.join(flags)}
+# --- scripts/export_hf.py on a real (two-step) run: conftest's trained_run ------------------
 
 
 def _assert_same_encoding(model_path, out_dir, encode):
@@ -318,12 +297,12 @@ def test_unconvertible_tokenizer_is_refused(tokenizer, tmp_path, change, message
 
 
 def _export(*args):
-  return script('export_hf.py', *args, check=False, env=_one_device_env())
+  return script('export_hf.py', *args, check=False, env=one_device_env())
 
 
-def test_export_script_loads_in_transformers(run, tmp_path):
+def test_export_script_loads_in_transformers(trained_run, tmp_path):
   out = tmp_path / 'hf'
-  proc = _export(f'--workdir={run}', f'--out={out}')
+  proc = _export(f'--workdir={trained_run}', f'--out={out}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result['out'] == str(out) and result['step'] == 2
@@ -332,7 +311,7 @@ def test_export_script_loads_in_transformers(run, tmp_path):
     assert (out / name).is_file(), name
 
   # The tokenizer encodes and decodes like ours, with BOS first as in training.
-  ours = Tokenizer(str(run / 'tokenizer.model'))
+  ours = Tokenizer(str(trained_run / 'tokenizer.model'))
   theirs = transformers.AutoTokenizer.from_pretrained(str(out))
   text = ('class Point:\n    """A 2-d point."""\n\n    def norm(self) -> float:\n'
           '        return (self.x ** 2 + self.y ** 2) ** 0.5  # héllo\t\u00e9 \U0001f600\n')
@@ -343,7 +322,7 @@ def test_export_script_loads_in_transformers(run, tmp_path):
   assert (theirs.eos_token_id, theirs.pad_token_id) == (ours.eos_id, ours.pad_id)
 
   # The model reproduces our logits from the checkpoint.
-  cfgs, step, params = export.restore_run(str(run))
+  cfgs, step, params = export.restore_run(str(trained_run))
   assert step == 2 and result['params'] == hf.count_params(params)
   model = _hf_model(str(out))
   np.testing.assert_allclose(_hf_logits(model, [ids]), _our_logits(cfgs.model, params, [ids]),
@@ -352,15 +331,15 @@ def test_export_script_loads_in_transformers(run, tmp_path):
 
   # A second export into the same folder is refused, and the folder left as it was.
   before = sorted(os.listdir(out))
-  again = _export(f'--workdir={run}', f'--out={out}')
+  again = _export(f'--workdir={trained_run}', f'--out={out}')
   assert again.returncode == 1
   assert 'not empty' in again.stderr and str(out) in again.stderr
   assert sorted(os.listdir(out)) == before
 
 
-def test_export_names_a_missing_step_and_writes_nothing(run, tmp_path):
+def test_export_names_a_missing_step_and_writes_nothing(trained_run, tmp_path):
   with pytest.raises(ValueError, match=r'no checkpoint for step 7 in .* \(steps: 2\)'):
-    export.export(str(run), str(tmp_path / 'x'), step=7)
+    export.export(str(trained_run), str(tmp_path / 'x'), step=7)
   assert not (tmp_path / 'x').exists()
   with pytest.raises(ValueError, match='config.json'):
     export.export(str(tmp_path), str(tmp_path / 'x'))
