@@ -106,16 +106,21 @@ def plain_text(text: str) -> str:
   return ''.join(m['content'] for m in json.loads(text))
 
 
-def split_pair(encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
-  """(context ids, continuation ids) as lm-evaluation-harness splits them.
+def split_context(context: str) -> tuple[str, str]:
+  """(the context, its trailing whitespace), which lm-evaluation-harness moves to the
+  front of the continuation so that a word keeps the token it has in running text."""
+  stripped = context.rstrip()
+  return stripped, context[len(stripped):]
 
-  Trailing spaces of the context move to the continuation; the pair is encoded whole
-  and the continuation is what follows the encoded context's length. `encode` maps a
-  list of strings to their ids.
+
+def split_pair(encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
+  """(context ids, continuation ids) as lm-evaluation-harness splits them (and task
+  scoring, data/task_file.py): the pair is encoded whole, and the continuation is what
+  follows the length of the encoded context, less its trailing whitespace. `encode` maps
+  a list of strings to their ids.
   """
-  stripped = context.rstrip(' ')
-  continuation = context[len(stripped):] + continuation
-  whole, head = encode([stripped + continuation, stripped])
+  stripped, spill = split_context(context)
+  whole, head = encode([stripped + spill + continuation, stripped])
   return list(whole[:len(head)]), list(whole[len(head):])
 
 

@@ -34,6 +34,7 @@ import os
 from collections.abc import Iterator
 from typing import NamedTuple
 
+from data import sft
 from data.tokenizer import Tokenizer
 
 
@@ -125,9 +126,7 @@ def _example(record: object, where: str) -> Example:
 
 def choice_tokens(tokenizer: Tokenizer, example: Example) -> list[tuple[list[int], list[int]]]:
   """(context ids, choice ids) per choice, split at lm-eval's boundary (module docstring)."""
-  n = len(example.context) - len(example.context.rstrip())
-  context = example.context[:len(example.context) - n]
-  spill = example.context[len(context):]
+  context, spill = sft.split_context(example.context)
   bos = [tokenizer.bos_id]
   ids = tokenizer.encode_batch([context] + [context + spill + c for c in example.choices])
   context_ids = bos + ids[0]

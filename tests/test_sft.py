@@ -75,6 +75,7 @@ def test_trailing_spaces_of_a_prompt_belong_to_the_response():
   # lm-evaluation-harness's rule, which task scoring follows too.
   head, tail = sft.split_pair(chars, 'Answer: ', 'yes')
   assert (head, tail) == (ids('Answer:'), ids(' yes'))
+  assert sft.split_pair(chars, 'x\n\t ', 'y') == (ids('x'), ids('\n\t y'))
   e = sft.encode_messages([{'role': 'user', 'content': 'Answer: '},
                            {'role': 'assistant', 'content': 'yes'}], chars, BOS, EOS, 100)
   assert e.rows[e.rows[:, 1] == 1, 0].tolist() == ids(' yes') + [EOS]
