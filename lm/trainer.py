@@ -113,6 +113,10 @@ def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules,
   distributed.barrier('tokenizer')
   tokenizer = load_or_train(cfgs.data, run_tokenizer, cfgs.model.vocab_size)
   check_vocab(tokenizer, cfgs.model.vocab_size)
+  # Read before anything is written, so a bad record stops the run with nothing changed;
+  # by every process, so that all of them stop.
+  sft_line = sft_summary(cfgs.data, tokenizer, run.seq_len) if cfgs.data.format == 'sft' else ''
+
   parts = step_parts(cfgs, rules)
   model, tx = parts.model, parts.tx
   metadata = make_metadata(dataclasses.asdict(cfgs.model), file_sha256(tokenizer.path),
@@ -132,9 +136,8 @@ def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules,
                             (run.batch_size, run.seq_len + 1))
   header = run_header(cfgs, rules, start, tokenizer_origin,
                       flops.count_params(start.state.params))
-  if cfgs.data.format == 'sft' and jax.process_index() == 0:
-    header.insert(-1, f'fine-tuning on responses only: '
-                      f'{sft_summary(cfgs.data, tokenizer, run.seq_len)}')
+  if sft_line:
+    header.insert(-1, f'fine-tuning on responses only: {sft_line}')
   return Experiment(cfgs, rules, model, tokenizer, start.state, start.shardings, compiled,
                     batches, checkpointer, start.step, header)
 

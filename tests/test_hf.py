@@ -320,6 +320,9 @@ def test_export_script_loads_in_transformers(trained_run, tmp_path):
   assert ids == [ours.bos_id] + ours.encode(text)
   assert theirs.decode(ids, skip_special_tokens=True) == text
   assert (theirs.eos_token_id, theirs.pad_token_id) == (ours.eos_id, ours.pad_id)
+  # The chat template fine-tuning uses (data/sft.py; tests/test_sft.py checks its ids).
+  chat = [{'role': 'user', 'content': 'Q:'}, {'role': 'assistant', 'content': ' A'}]
+  assert theirs.apply_chat_template(chat, tokenize=False) == '<s>Q: A</s>'
 
   # The model reproduces our logits from the checkpoint.
   cfgs, step, params = export.restore_run(str(trained_run))

@@ -302,3 +302,39 @@ def test_an_example_scores_the_same_alone_and_packed_behind_another(tok, sft_fil
   # Control: without segment ids the first example leaks into the second's loss.
   leaky = dict(packed, segment_ids=jnp.ones_like(packed['segment_ids']))
   assert abs(float(loss(params, leaky)) - float(loss(params, alone))) > 1e-4
+
+
+# Hugging Face's view of the template.
+
+
+def test_apply_chat_template_gives_the_ids_training_uses(tok, tmp_path):
+  import transformers
+
+  from data import hf_tokenizer
+  hf_tokenizer.write(tok.path, str(tmp_path), max_length=64, chat_template=sft.CHAT_TEMPLATE)
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  records = _records(30) + [
+      {'prompt': 'x = 1\n# x is ', 'response': '1\n'},  # Whitespace at the boundary.
+      {'messages': [{'role': 'user', 'content': 'caf\u00e9 \U0001f600'},
+                    {'role': 'assistant', 'content': '\t\u4e2d\u6587'}]}]
+  for record in records:
+    messages = sft.to_messages(record, '')
+    ours = sft.encode_messages(messages, tok.encode_batch, tok.bos_id, tok.eos_id, 10**6)
+    assert theirs.apply_chat_template(messages, tokenize=True, return_dict=False) == (
+        ours.rows[:, 0].tolist()), record
+
+
+def test_train_script_names_a_bad_line_and_writes_no_config(tokenizer, tmp_path):
+  from tests.helpers import script
+  path = tmp_path / 'bad.jsonl'
+  path.write_text('{"context": "a", "choices": [" b"], "label": 0}\n'
+                  '{"context": "a", "choices": [" b"], "label": 3}\n')
+  run = tmp_path / 'run'
+  proc = script('train.py', '--config=configs/tiny.py', f'--config.workdir={run}',
+                f'--config.data.tokenizer={tokenizer}', '--config.model.vocab_size=512',
+                '--config.data.source=files', f'--config.data.files={path}',
+                '--config.data.format=sft', check=False, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      f'error: {path} line 2: "label" must index "choices" (0 to 0), got 3']
+  assert not (run / 'config.json').exists()
