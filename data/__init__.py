@@ -14,6 +14,11 @@ Where each thing lives:
   state.py      the data state: snapshot, merging every process's, restore checks.
   pipeline.py   TrainBatches, the prefetching facade over the above.
   heldout.py    eval_batches, the held-out batches.
+  sft.py        fine-tuning records (data.format='sft'): messages, the chat template,
+                tokens and the loss mask; packing.py's RowPacker packs them whole.
+  task_file.py  multiple-choice task files and their choices as token rows, split as
+                lm-evaluation-harness splits them (lm/task_eval.py scores them).
+  stdlib_tasks.py  scripts/make_tasks.py's tasks from held-out stdlib files.
   throughput.py measures the pipeline's tokens/s (lm/bench.py reports the same figure).
 
 This package never imports jax or flax: it hands out numpy batches, and its state is a
