@@ -277,8 +277,23 @@ def test_script_refuses_an_existing_file_and_a_bad_run(trained_run, tmp_path):
 # llama.cpp itself. llama-cpp-python builds llama.cpp from source when installed.
 
 
-def _llama(path, n_ctx):
+def _llama(path, n_ctx, monkeypatch):
+  """llama.cpp's model of the file, weights in plain CPU buffers.
+
+  Without its extra buffer types: on CPUs with AMX, llama.cpp 0.3.36's AMX buffers crash
+  on any q8_0 model, llama.cpp's own quantisation of our f16 file included.
+  `llama_cpp.Llama` offers no switch for them, so the default model params gain one.
+  """
   llama_cpp = pytest.importorskip('llama_cpp')
+  lib = llama_cpp.llama_cpp
+  defaults = lib.llama_model_default_params
+
+  def params():
+    p = defaults()
+    p.use_extra_bufts = False
+    return p
+
+  monkeypatch.setattr(lib, 'llama_model_default_params', params)
   return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, logits_all=True, n_threads=2,
                          n_batch=n_ctx, verbose=False)
 
@@ -297,14 +312,15 @@ def _nll(logits_TxV, ids):
 
 
 @pytest.mark.llama_cpp
-def test_llama_cpp_greedy_equals_ours_f16(files, checkpoint, trained_run):
+def test_llama_cpp_greedy_equals_ours_f16(files, checkpoint, trained_run, monkeypatch):
   cfgs, _, params = checkpoint
   prompt, new = _prompt(trained_run, 16), 40
-  llm = _llama(files['f16'], cfgs.run.seq_len)
+  llm = _llama(files['f16'], cfgs.run.seq_len, monkeypatch)
   assert llm.n_vocab() == cfgs.model.vocab_size
   # Its logits over the prompt first: the sharper check, whatever greedy picks.
+  tol = 1e-2  # float16 weights (and llama.cpp's float16 activations in its matmuls).
   err = np.abs(_llama_logits(llm, prompt) - _our_logits(cfgs.model, params, prompt)).max()
-  assert err < 5e-3, err
+  assert err < tol, err
   theirs = list(prompt)
   llm.reset()
   llm.eval(theirs)
@@ -313,28 +329,53 @@ def test_llama_cpp_greedy_equals_ours_f16(files, checkpoint, trained_run):
     llm.eval(theirs[-1:])
   cfg = sampling.SamplingConfig(max_new_tokens=new, temperature=0.0)
   ours = sampling.generate(sampling.sampling_model(cfgs.model), params, [prompt], cfg)[0]
-  assert theirs[len(prompt):] == ours
   assert len(set(ours)) > 1  # Not one token repeated: the context matters.
+  # A two-step model's top two logits can be closer than float16's error (down to 1e-4
+  # on this run): there, and only there, the two may part ways.
+  logits = _our_logits(cfgs.model, params, prompt + ours)[len(prompt) - 1:-1]
+  top2 = np.sort(logits, axis=-1)[:, -2:]
+  for i, (a, b) in enumerate(zip(theirs[len(prompt):], ours)):
+    if a != b:
+      margin = top2[i, 1] - top2[i, 0]
+      assert margin < 2 * tol, f'new token {i}: llama.cpp {a}, ours {b}, margin {margin}'
+      break
+
+
+def _windows(tok, n, count):
+  """`count` rows of BOS + n - 1 tokens of the stdlib's first files."""
+  ids = []
+  for path in stdlib.list_files():
+    ids += tok.encode(stdlib.read(path))
+    if len(ids) >= count * (n - 1):
+      break
+  return [[tok.bos_id] + ids[i * (n - 1):(i + 1) * (n - 1)] for i in range(count)]
+
+
+def _bits_per_byte(logits_fn, windows, byte_lengths):
+  nats = sum(_nll(logits_fn(w), w) * (len(w) - 1) for w in windows)
+  return nats / np.log(2) / sum(int(byte_lengths[w[1:]].sum()) for w in windows)
 
 
 @pytest.mark.llama_cpp
-def test_llama_cpp_q8_0_bits_per_byte_within_one_percent(files, checkpoint, trained_run):
+def test_llama_cpp_q8_0_bits_per_byte_within_one_percent(files, checkpoint, trained_run,
+                                                        monkeypatch):
   cfgs, _, params = checkpoint
   tok = Tokenizer(str(trained_run / 'tokenizer.model'))
   n = cfgs.run.seq_len
-  text = stdlib.read(stdlib.list_files()[1])
-  ids = tok.encode(text)[:4 * (n - 1)]
-  windows = [[tok.bos_id] + ids[i:i + n - 1] for i in range(0, len(ids), n - 1)]
-  llm = _llama(files['q8_0'], n)
-  ours = np.mean([_nll(_our_logits(cfgs.model, params, w), w) for w in windows])
-  theirs = np.mean([_nll(_llama_logits(llm, w), w) for w in windows])
-  # Same tokens, same bytes: bits per byte differ by the ratio of the mean NLLs.
+  windows = _windows(tok, n, 8)
+  llm = _llama(files['q8_0'], n, monkeypatch)
+  err = np.abs(_llama_logits(llm, windows[0])
+               - _our_logits(cfgs.model, params, windows[0])).max()
+  assert err < 0.25, err  # 0.09 here; the file without the q/k permutation is 3 off.
+  ours = _bits_per_byte(lambda w: _our_logits(cfgs.model, params, w), windows,
+                        tok.byte_lengths())
+  theirs = _bits_per_byte(lambda w: _llama_logits(llm, w), windows, tok.byte_lengths())
   assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
 
 
 @pytest.mark.llama_cpp
-def test_llama_cpp_tokenizes_like_sentencepiece(files, trained_run):
+def test_llama_cpp_tokenizes_like_sentencepiece(files, trained_run, monkeypatch):
   tok = Tokenizer(str(trained_run / 'tokenizer.model'))
-  llm = _llama(files['f16'], 64)
+  llm = _llama(files['f16'], 64, monkeypatch)
   text = stdlib.read(stdlib.list_files()[2])[:2000]
   assert llm.tokenize(text.encode(), add_bos=True) == [tok.bos_id] + tok.encode(text)
