@@ -247,6 +247,41 @@ def test_llama_graph_on_the_file_gives_our_logits(files, checkpoint, trained_run
   assert wrong > 1e-2, wrong
 
 
+# Tied embeddings, head_dim * num_heads != d_model and scanned layers, on random weights.
+TIED = ModelConfig(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                   head_dim=24, d_ff=96, tie_embeddings=True, scan_layers=True,
+                   rope_theta=500.0, norm_eps=1e-6)
+
+
+@pytest.fixture(scope='module')
+def tied_file(trained_run, tmp_path_factory):
+  """(path, params): TIED with random weights, written with the shared run's tokenizer."""
+  import flax.linen as nn
+
+  params = jax.device_get(nn.meta.unbox(Transformer(TIED).init(
+      jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))['params']))
+  path = str(tmp_path_factory.mktemp('tied') / 'tied.gguf')
+  gguf_export.write(path, gguf_export.gguf_tensors(params, TIED),
+                    TIED, str(trained_run / 'tokenizer.model'), context_length=64)
+  return path, params
+
+
+def test_tied_head_dim_and_scanned_layers(tied_file, trained_run):
+  path, params = tied_file
+  reader = gguf.GGUFReader(path)
+  assert _field(reader, 'llama.attention.key_length') == 24
+  assert _field(reader, 'llama.attention.value_length') == 24
+  assert _field(reader, 'llama.rope.dimension_count') == 24
+  tensors = _tensors(path)
+  assert 'output.weight' not in tensors  # llama.cpp reuses token_embd.
+  assert tensors['blk.1.attn_q.weight'][0].shape == (4 * 24, 64)
+  ids = _prompt(trained_run, 32)
+  rounded = jax.tree.map(
+      lambda x: x.astype(np.float16).astype(np.float32) if x.ndim > 1 else x, params)
+  ours = _our_logits(TIED, rounded, ids)
+  assert np.abs(_reference_logits(tensors, TIED, ids) - ours).max() < 1e-4
+
+
 def test_refuses_what_llama_cannot_express():
   @dataclasses.dataclass(frozen=True)
   class WithQKNorm(ModelConfig):
@@ -371,6 +406,15 @@ def test_llama_cpp_q8_0_bits_per_byte_within_one_percent(files, checkpoint, trai
                         tok.byte_lengths())
   theirs = _bits_per_byte(lambda w: _llama_logits(llm, w), windows, tok.byte_lengths())
   assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
+
+
+@pytest.mark.llama_cpp
+def test_llama_cpp_tied_head_dim_logits(tied_file, trained_run, monkeypatch):
+  path, params = tied_file
+  ids = _prompt(trained_run, 32)
+  err = np.abs(_llama_logits(_llama(path, 64, monkeypatch), ids)
+               - _our_logits(TIED, params, ids)).max()
+  assert err < 1e-2, err
 
 
 @pytest.mark.llama_cpp
