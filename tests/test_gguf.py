@@ -295,6 +295,17 @@ def test_refuses_what_llama_cannot_express():
                                             param_dtype='bfloat16'))
 
 
+def test_refuses_a_tokenizer_llama_cpp_would_split_differently(tokenizer, tmp_path):
+  from data import hf_tokenizer
+
+  proto = hf_tokenizer.load_proto(tokenizer)
+  proto.trainer_spec.model_type = proto.trainer_spec.UNIGRAM  # llama.cpp merges by score.
+  path = tmp_path / 'unigram.model'
+  path.write_bytes(proto.SerializeToString())
+  with pytest.raises(ValueError, match=f'{path}: cannot convert to GGUF: model_type is not BPE'):
+    hf_tokenizer.check_supported(str(path), target='GGUF')
+
+
 def test_script_refuses_an_existing_file_and_a_bad_run(trained_run, tmp_path):
   out = tmp_path / 'x.gguf'
   out.write_bytes(b'keep')
