@@ -35,12 +35,18 @@ def load_proto(model_path: str) -> sentencepiece_model_pb2.ModelProto:
   return proto
 
 
-def check_supported(model_path: str) -> None:
-  """Raises ValueError if `tokenizer_json` cannot reproduce this model's encoding."""
-  _check_supported(load_proto(model_path), model_path)
+def check_supported(model_path: str, target: str = 'tokenizer.json') -> None:
+  """Raises ValueError if `tokenizer_json` cannot reproduce this model's encoding.
+
+  llama.cpp's sentencepiece tokenizer (GGUF's 'llama' model) works the same way: no
+  normaliser, user-defined pieces matched first, merges by score, byte fallback. So the
+  same checks hold for a GGUF export (`target='GGUF'`).
+  """
+  _check_supported(load_proto(model_path), model_path, target)
 
 
-def _check_supported(proto: sentencepiece_model_pb2.ModelProto, model_path: str) -> None:
+def _check_supported(proto: sentencepiece_model_pb2.ModelProto, model_path: str,
+                     target: str = 'tokenizer.json') -> None:
   trainer, norm = proto.trainer_spec, proto.normalizer_spec
   problems = []
   if trainer.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
@@ -57,7 +63,7 @@ def _check_supported(proto: sentencepiece_model_pb2.ModelProto, model_path: str)
   if trainer.treat_whitespace_as_suffix:
     problems.append('treat_whitespace_as_suffix is on')
   if problems:
-    raise ValueError(f'tokenizer {model_path}: cannot convert to tokenizer.json: '
+    raise ValueError(f'tokenizer {model_path}: cannot convert to {target}: '
                      + '; '.join(problems))
 
 
