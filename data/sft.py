@@ -203,5 +203,6 @@ def count(docs: Iterable[tuple[str, str]], encode, bos_id: int, eos_id: int,
       out.truncated += e.truncated
       out.skipped += e.skipped
       if e.skipped and not out.first_skipped:
-        out.first_skipped = key
+        name, _, row = key.rpartition(':')  # A file's rows are keyed FILE:ROW from 0.
+        out.first_skipped = f'{name} line {int(row) + 1}' if row.isdigit() else key
   return out

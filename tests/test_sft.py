@@ -92,9 +92,9 @@ def test_long_examples_are_truncated_and_prompts_that_fill_the_row_skipped():
   assert e.skipped and len(e.rows) == 0
   lines = [json.dumps(sft.to_messages({'prompt': p, 'response': 'xy'}, '')) for p in
            ('a', 'abcd', 'abcdefgh')]
-  counts = sft.count(zip('klm', lines), chars, BOS, EOS, 6)
+  counts = sft.count(zip(['f:0', 'f:1', 'f:2'], lines), chars, BOS, EOS, 6)
   assert (counts.examples, counts.truncated, counts.skipped, counts.first_skipped) == (
-      3, 1, 1, 'm')
+      3, 1, 1, 'f line 3')
 
 
 # Packing whole examples.
