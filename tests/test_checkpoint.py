@@ -626,7 +626,8 @@ def _zero_muon_momentum(opt_state):
 
 def test_muon_resumes_bit_for_bit_and_needs_its_momentum(tmp_path, tokenizer, monkeypatch):
   """Muon's momentum and both branches' step counts are saved: resumed at step 10, the run
-  matches an uninterrupted one. Control: zeroing the restored momentum shows."""
+  matches an uninterrupted one; resumed as AdamW, it is refused. Control: zeroing the
+  restored momentum shows."""
   muon = {'optimizer.name': 'muon', 'model.scan_layers': True, 'steps': 20}
   reference = tmp_path / 'straight'
   trainer.train(_config(reference, tokenizer, {**muon, 'keep_checkpoints': 100}),
@@ -635,6 +636,12 @@ def test_muon_resumes_bit_for_bit_and_needs_its_momentum(tmp_path, tokenizer, mo
   workdir = _clone(reference, tmp_path / 'run', 10)
   trainer.train(_config(workdir, tokenizer, muon), handle_signals=False)
   _assert_same_losses(workdir, losses, steps=range(1, 21))
+  # Resumed as AdamW, its state would not restore: refused up front, nothing moved aside.
+  before = _tree_snapshot(workdir)
+  with pytest.raises(ValueError, match='optimizer.name: "muon" in checkpoint, "adamw" now'):
+    trainer.train(_config(workdir, tokenizer, {**muon, 'optimizer.name': 'adamw'}),
+                  handle_signals=False)
+  assert _tree_snapshot(workdir) == before
 
   restore = Checkpointer.restore
 
