@@ -71,9 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.loss_chunk = c.loss.get_ref('chunk')
 
   c.optimizer = ml_collections.ConfigDict()
-  # 'adamw': AdamW on every parameter. 'muon': Muon (optax.contrib.muon) on the hidden
-  # weight matrices (attention and MLP), AdamW at optimizer.lr on the rest (embeddings,
-  # output head, norm gains), both on the schedule below.
+  # 'adamw': AdamW on every parameter. 'muon': Muon (optax.contrib.muon: Nesterov momentum
+  # 0.95, 5 Newton-Schulz steps, as the reference) on the hidden weight matrices (attention
+  # and MLP), AdamW at optimizer.lr on the rest (embeddings, output head, norm gains), both
+  # on the schedule below.
   c.optimizer.name = 'adamw'
   c.optimizer.lr = 3e-3  # Peak learning rate (AdamW's; with 'muon', of the non-matrices).
   # 'muon': peak rate of the hidden matrices. Their schedule is lr's scaled by muon_lr / lr
