@@ -71,12 +71,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.loss_chunk = c.loss.get_ref('chunk')
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 3e-3  # Peak learning rate.
+  # 'adamw': AdamW on every parameter. 'muon': Muon (optax.contrib.muon: Nesterov momentum
+  # 0.95, 5 Newton-Schulz steps, as the reference) on the hidden weight matrices (attention
+  # and MLP), AdamW at optimizer.lr on the rest (embeddings, output head, norm gains), both
+  # on the schedule below.
+  c.optimizer.name = 'adamw'
+  c.optimizer.lr = 3e-3  # Peak learning rate (AdamW's; with 'muon', of the non-matrices).
+  # 'muon': peak rate of the hidden matrices. Their schedule is lr's scaled by muon_lr / lr
+  # (min_lr too), so optimizer.lr keeps one meaning whichever optimizer is chosen.
+  c.optimizer.muon_lr = 0.02
   c.optimizer.min_lr = 3e-4  # Final learning rate of the cosine / WSD decay.
   c.optimizer.warmup_steps = 50  # Linear warmup from 0.
   c.optimizer.schedule = 'cosine'  # 'cosine' | 'wsd' | 'constant'.
   c.optimizer.decay_fraction = 0.2  # WSD: fraction of steps spent decaying at the end.
-  c.optimizer.weight_decay = 0.1  # AdamW decay, applied to matrices and embeddings only.
+  # Decoupled decay (times each part's own rate) of matrices and embeddings, not norms.
+  c.optimizer.weight_decay = 0.1
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
   c.optimizer.eps = 1e-8

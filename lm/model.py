@@ -379,3 +379,10 @@ def unstack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]
   for i in range(num_layers):
     out[f'block_{i}'] = jax.tree.map(lambda x, i=i: x[i], params['blocks'])
   return out
+
+
+def param_axes(model: Transformer) -> Any:
+  """Each parameter's logical axis names (a tuple per parameter), from shapes alone."""
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+  return jax.tree.map(lambda box: tuple(box.names), boxed['params'],
+                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

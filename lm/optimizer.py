@@ -1,4 +1,9 @@
-"""AdamW with a learning-rate schedule, global-norm clipping and a weight-decay mask."""
+"""AdamW or Muon, with a learning-rate schedule, global-norm clipping and a weight-decay mask.
+
+`name='adamw'`: AdamW on every parameter. `name='muon'`: Muon (optax.contrib.muon) on the
+hidden weight matrices, each orthogonalised as the matrix it is (see `muon_dimensions`),
+and the same AdamW as above on the rest: embeddings, the output head, norm gains.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from optax.contrib import MuonDimensionNumbers
 
+OPTIMIZERS = ('adamw', 'muon')
 SCHEDULES = ('cosine', 'wsd', 'constant')
 
 # Parameters whose final name is listed here are not decayed: norm gains would shrink
@@ -19,7 +26,9 @@ NO_DECAY = frozenset({'scale', 'bias'})
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+  name: str = 'adamw'
   lr: float = 3e-3
+  muon_lr: float = 0.02
   min_lr: float = 3e-4
   warmup_steps: int = 50
   schedule: str = 'cosine'
@@ -39,8 +48,11 @@ class OptimizerConfig:
     return cfg
 
   def validate(self) -> None:
-    if not self.lr > 0:  # A zero or negative rate trains nothing, or ascends: never meant.
-      raise ValueError(f'optimizer.lr must be positive, got {self.lr}')
+    if self.name not in OPTIMIZERS:
+      raise ValueError(f'optimizer.name: expected one of {OPTIMIZERS}, got {self.name!r}')
+    for key in ('lr', 'muon_lr'):  # A zero or negative rate trains nothing, or ascends.
+      if not getattr(self, key) > 0:
+        raise ValueError(f'optimizer.{key} must be positive, got {getattr(self, key)}')
     for key in ('min_lr', 'weight_decay', 'clip_norm', 'eps', 'z_loss'):
       if getattr(self, key) < 0:
         raise ValueError(f'optimizer.{key} must be >= 0, got {getattr(self, key)}')
@@ -86,13 +98,70 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: _last_name(p) not in NO_DECAY, params)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def muon_dimensions(names: tuple[str | None, ...]) -> MuonDimensionNumbers | None:
+  """How Muon sees a parameter whose axes carry these logical names; None: AdamW's.
+
+  A hidden matrix maps the residual stream (`embed`) to something else, or back. The axes
+  on the other side of `embed` are folded into one: q (D, N, H) is the D x (N*H) matrix
+  of `x @ W` (reduction D, output N, H), the attention output (N, H, D) is (N*H) x D.
+  `layers` (stacked blocks under scan) is a batch axis: one matrix per layer. Anything
+  with `vocab` (embeddings, the output head) or fewer than two matrix axes (norm gains)
+  is AdamW's.
+  """
+  if 'vocab' in names:
+    return None
+  axes = tuple(i for i, name in enumerate(names) if name != 'layers')
+  if len(axes) < 2:
+    return None
+  if 'embed' in names and names.index('embed') == axes[0]:
+    return MuonDimensionNumbers(reduction_axis=axes[0], output_axis=axes[1:])
+  if 'embed' in names and names.index('embed') == axes[-1]:
+    return MuonDimensionNumbers(reduction_axis=axes[:-1], output_axis=axes[-1])
+  raise ValueError(f'optimizer.name=muon: no matrix layout for a parameter with axes {names} '
+                   "(expected 'embed' first or last)")
+
+
+def _is_names(x: Any) -> bool:
+  return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+
+
+def _muon(cfg: OptimizerConfig, total_steps: int, param_axes: Any,
+          adamw: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Muon on the hidden matrices, `adamw` on the rest, on one schedule shape.
+
+  The Muon rate is AdamW's schedule scaled by muon_lr / lr (min_lr included). Weight
+  decay is decoupled and, as in optax, PyTorch and the reference Muon, multiplied by each
+  part's own rate.
+  """
+  dims = jax.tree.map(muon_dimensions, param_axes, is_leaf=_is_names)
+  is_dims = lambda x: x is None or isinstance(x, MuonDimensionNumbers)
+  labels = jax.tree.map(lambda d: 'adamw' if d is None else 'muon', dims, is_leaf=is_dims)
+  # Inside the partition the Muon branch sees AdamW's parameters as MaskedNodes; its
+  # dimension numbers must have that structure.
+  muon_dims = jax.tree.map(lambda d: optax.MaskedNode() if d is None else d, dims,
+                           is_leaf=is_dims)
+  scale = cfg.muon_lr / cfg.lr
+  muon_schedule = schedule(
+      dataclasses.replace(cfg, lr=cfg.muon_lr, min_lr=cfg.min_lr * scale), total_steps)
+  muon = optax.contrib.muon(muon_schedule, weight_decay=cfg.weight_decay,
+                            muon_weight_dimension_numbers=muon_dims)
+  return optax.partition({'muon': muon, 'adamw': adamw}, labels)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int,
+                   param_axes: Any = None) -> optax.GradientTransformation:
+  """The optimizer a config describes. `param_axes`: the parameters' logical axis names,
+  a tuple per parameter (lm.model.param_axes); Muon needs them, AdamW ignores them."""
   lr = schedule(cfg, total_steps)
-  adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                      mask=decay_mask)
+  tx = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                   mask=decay_mask)
+  if cfg.name == 'muon':
+    if param_axes is None:
+      raise ValueError("optimizer.name='muon' needs the parameters' logical axis names")
+    tx = _muon(cfg, total_steps, param_axes, tx)
   if cfg.clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
-  return adamw
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+  return tx
 
 
 def global_norm(tree: Any) -> jax.Array:

@@ -104,7 +104,7 @@ def preflight(cfgs: Configs) -> Plan:
   steps = committed_steps(run.workdir)
   if steps:
     _check(run.workdir, steps, cfgs.model, current,
-           'use a new workdir, or fine-tune from it with init_from')
+           'use a new workdir, or fine-tune from it with init_from', cfgs.optimizer.name)
     return Plan(None, tokenizer)
   if not run.init_from or run.init_from.startswith(HF_PREFIX):
     return Plan(None, tokenizer)
@@ -117,8 +117,9 @@ def preflight(cfgs: Configs) -> Plan:
 
 
 def _check(workdir: str, steps: list[int], model: ModelConfig, tokenizer_path: str | None,
-           hint: str) -> None:
-  """One line: the checkpoint, each key that differs, what to do about it."""
+           hint: str, optimizer: str | None = None) -> None:
+  """One line: the checkpoint, each key that differs, what to do about it. `optimizer`
+  (a resume, which restores the optimizer state): the optimizer.name it must have had."""
   saved, step_dir = _newest_metadata(workdir, steps)
   if saved is None:
     return  # Written before checkpoints carried metadata: nothing to compare.
@@ -127,6 +128,11 @@ def _check(workdir: str, steps: list[int], model: ModelConfig, tokenizer_path: s
                      f'{RunFolder(workdir).tokenizer_path} is missing and data.tokenizer is '
                      'empty')
   diffs = checkpoint.incompatibilities(saved, fingerprint(model, tokenizer_path))
+  # The optimizer state of one optimizer cannot be restored as another's. Checkpoints
+  # from before optimizer.name existed are AdamW's.
+  before = (saved.get('config') or {}).get('optimizer', {}).get('name', 'adamw')
+  if optimizer is not None and before != optimizer:
+    diffs.append(f'optimizer.name: "{before}" in checkpoint, "{optimizer}" now')
   if diffs:
     raise ValueError(f'{step_dir} does not match this config: {"; ".join(diffs)} ({hint})')
 

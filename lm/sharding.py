@@ -138,6 +138,8 @@ def tree_shardings(abstract_tree: Any, rules: AxisRules) -> Any:
   """
 
   def one(x):
+    if _is_box(x) and not jax.tree.leaves(x.value):
+      return x.value  # An empty node (optax's MaskedNode: no state kept here).
     if _is_box(x):
       return rules.sharding(x.names, x.value.shape)
     return rules.replicated()

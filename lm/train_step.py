@@ -15,7 +15,7 @@ import optax
 
 from lm.config import Configs
 from lm.loss import Metrics, chunked_cross_entropy, cross_entropy, loss_weights
-from lm.model import Transformer, output_head
+from lm.model import Transformer, output_head, param_axes
 from lm.optimizer import global_norm, make_optimizer, schedule
 from lm.sharding import AxisRules, batch_sharding, tree_shardings
 
@@ -205,7 +205,7 @@ def step_parts(cfgs: Configs, rules: AxisRules) -> StepParts:
   model = Transformer(cfgs.model, rules)
   steps, opt = cfgs.run.steps, cfgs.optimizer
   lr = schedule(opt, steps)
-  tx = make_optimizer(opt, steps)
+  tx = make_optimizer(opt, steps, param_axes(model))
   step_fn = make_train_step(model, tx, lr, grad_accum=opt.grad_accum, z_loss=opt.z_loss,
                             loss_chunk=cfgs.loss.chunk, rules=rules)
   return StepParts(model, tx, lr, step_fn)

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
+from optax.contrib import MuonState
 
 from configs import tiny
 from data import stdlib
@@ -611,3 +612,45 @@ def test_a_second_trainer_in_the_same_folder_is_refused_until_the_first_is_gone(
   holder.communicate()
   result = trainer.train(_config(workdir, tokenizer), handle_signals=False)
   assert result['step'] == STEPS
+
+
+# Muon.
+
+
+def _zero_muon_momentum(opt_state):
+  is_muon = lambda x: isinstance(x, MuonState)
+  zero = lambda x: jax.device_put(jnp.zeros_like(x), x.sharding)
+  return jax.tree.map(lambda s: s._replace(mu=jax.tree.map(zero, s.mu)) if is_muon(s) else s,
+                      opt_state, is_leaf=is_muon)
+
+
+def test_muon_resumes_bit_for_bit_and_needs_its_momentum(tmp_path, tokenizer, monkeypatch):
+  """Muon's momentum and both branches' step counts are saved: resumed at step 10, the run
+  matches an uninterrupted one; resumed as AdamW, it is refused. Control: zeroing the
+  restored momentum shows."""
+  muon = {'optimizer.name': 'muon', 'model.scan_layers': True, 'steps': 20}
+  reference = tmp_path / 'straight'
+  trainer.train(_config(reference, tokenizer, {**muon, 'keep_checkpoints': 100}),
+                handle_signals=False)
+  losses = dict(_losses(reference))
+  workdir = _clone(reference, tmp_path / 'run', 10)
+  trainer.train(_config(workdir, tokenizer, muon), handle_signals=False)
+  _assert_same_losses(workdir, losses, steps=range(1, 21))
+  # Resumed as AdamW, its state would not restore: refused up front, nothing moved aside.
+  before = _tree_snapshot(workdir)
+  with pytest.raises(ValueError, match='optimizer.name: "muon" in checkpoint, "adamw" now'):
+    trainer.train(_config(workdir, tokenizer, {**muon, 'optimizer.name': 'adamw'}),
+                  handle_signals=False)
+  assert _tree_snapshot(workdir) == before
+
+  restore = Checkpointer.restore
+
+  def lossy_restore(self, step, abstract):
+    state, data_state = restore(self, step, abstract)
+    return state.replace(opt_state=_zero_muon_momentum(state.opt_state)), data_state
+
+  monkeypatch.setattr(Checkpointer, 'restore', lossy_restore)
+  workdir = _clone(reference, tmp_path / 'lossy', 10)
+  trainer.train(_config(workdir, tokenizer, muon), handle_signals=False)
+  with pytest.raises(AssertionError, match='losses differ'):
+    _assert_same_losses(workdir, losses, steps=range(1, 21))

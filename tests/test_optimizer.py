@@ -1,12 +1,17 @@
-"""Schedules, the weight-decay mask and clipping, against hand-computed values."""
+"""Schedules, the weight-decay mask and clipping, against hand-computed values; Muon's
+choice of parameters and the matrix it sees in each."""
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax.contrib import MuonDimensionNumbers
 
-from lm.optimizer import OptimizerConfig, decay_mask, make_optimizer, schedule
+from lm.optimizer import OptimizerConfig, decay_mask, make_optimizer, muon_dimensions, schedule
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():
@@ -68,3 +73,94 @@ def test_clipping_scales_the_gradient_to_clip_norm():
 
   np.testing.assert_allclose(update(1.0), update(0.0) / 5, rtol=1e-5)
   np.testing.assert_allclose(update(10.0), update(0.0), rtol=1e-5)
+
+
+# Muon: which parameters it takes, and the matrix each one is.
+
+L, D, N, H, V = 3, 16, 4, 8, 40  # N * H = 32 != D, so a wrong fold changes shapes' scales.
+AXES = {'blocks': {'attn': {'q': ('layers', 'embed', 'heads', 'head_dim'),
+                            'o': ('layers', 'heads', 'head_dim', 'embed')},
+                   'mlp': {'down': ('layers', 'mlp', 'embed')},
+                   'attn_norm': {'scale': ('layers', 'embed')}},
+        'embed': ('vocab', 'embed'), 'head': ('embed', 'vocab')}
+SHAPES = {'blocks': {'attn': {'q': (L, D, N, H), 'o': (L, N, H, D)}, 'mlp': {'down': (L, 24, D)},
+                     'attn_norm': {'scale': (L, D)}},
+          'embed': (V, D), 'head': (D, V)}
+MUON = OptimizerConfig(name='muon', lr=0.1, muon_lr=0.05, warmup_steps=0, schedule='constant',
+                       weight_decay=0.0, clip_norm=0.0)
+
+
+def test_muon_dimensions_follow_the_logical_axis_names():
+  M = MuonDimensionNumbers
+  assert muon_dimensions(('embed', 'heads', 'head_dim')) == M(0, (1, 2))
+  assert muon_dimensions(('layers', 'embed', 'kv_heads', 'head_dim')) == M(1, (2, 3))
+  assert muon_dimensions(('layers', 'heads', 'head_dim', 'embed')) == M((1, 2), 3)
+  assert muon_dimensions(('embed', 'mlp')) == M(0, (1,))
+  assert muon_dimensions(('layers', 'mlp', 'embed')) == M((1,), 2)
+  for names in (('vocab', 'embed'), ('embed', 'vocab'), ('embed',), ('layers', 'embed')):
+    assert muon_dimensions(names) is None  # AdamW's
+  with pytest.raises(ValueError, match="'embed' first or last"):
+    muon_dimensions(('heads', 'embed', 'head_dim'))
+
+
+def _newton_schulz(g: np.ndarray, steps: int = 5) -> np.ndarray:
+  """Muon's orthogonalisation, as modded-nanogpt writes it, in float64 numpy."""
+  a, b, c = 3.4445, -4.7750, 2.0315
+  x = g / (np.linalg.norm(g) + 1e-8)
+  tall = x.shape[0] > x.shape[1]
+  x = x.T if tall else x
+  for _ in range(steps):
+    s = x @ x.T
+    x = a * x + (b * s + c * s @ s) @ x
+  return x.T if tall else x
+
+
+def _first_updates(cfg, grads):
+  params = jax.tree.map(jnp.ones, SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+  tx = make_optimizer(cfg, 10, AXES)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return jax.tree.map(np.asarray, updates)
+
+
+def test_muon_orthogonalises_one_matrix_per_layer_with_the_heads_folded():
+  """A stacked q is L matrices D x (N*H), the output projection L of (N*H) x D."""
+  rng = np.random.default_rng(0)
+  grads = jax.tree.map(lambda s: rng.standard_normal(s).astype(np.float32), SHAPES,
+                       is_leaf=lambda x: isinstance(x, tuple))
+  updates = _first_updates(MUON, grads)
+  g_q, u_q = np.float64(grads['blocks']['attn']['q']), updates['blocks']['attn']['q']
+  g_o, u_o = np.float64(grads['blocks']['attn']['o']), updates['blocks']['attn']['o']
+  # On the first step Nesterov momentum is a multiple of the gradient, and the
+  # orthogonalisation ignores scale; wide matrices are scaled by sqrt(fan_out / fan_in).
+  want_q = np.stack([_newton_schulz(g.reshape(D, N * H)).reshape(D, N, H) for g in g_q])
+  want_o = np.stack([_newton_schulz(g.reshape(N * H, D)).reshape(N, H, D) for g in g_o])
+  np.testing.assert_allclose(u_q, -0.05 * np.sqrt(N * H / D) * want_q, atol=2e-5)
+  np.testing.assert_allclose(u_o, -0.05 * want_o, atol=2e-5)
+  # Controls: one matrix across the layers, or one per head, is a different update.
+  across = _newton_schulz(g_q.reshape(L * D, N * H)).reshape(L, D, N, H)
+  per_head = np.stack([[_newton_schulz(g[:, n]) for n in range(N)] for g in g_q])
+  for wrong in (across, per_head.transpose(0, 2, 1, 3)):
+    assert np.abs(u_q / (-0.05 * np.sqrt(N * H / D)) - wrong).max() > 0.1
+
+
+def test_muon_leaves_embeddings_head_and_norms_to_adamw():
+  rng = np.random.default_rng(1)
+  grads = jax.tree.map(lambda s: rng.standard_normal(s).astype(np.float32), SHAPES,
+                       is_leaf=lambda x: isinstance(x, tuple))
+  muon = _first_updates(MUON, grads)
+  adamw = _first_updates(dataclasses.replace(MUON, name='adamw'), grads)
+  for path in (('embed',), ('head',), ('blocks', 'attn_norm', 'scale')):
+    pick = lambda tree, path=path: functools.reduce(lambda t, k: t[k], path, tree)
+    np.testing.assert_array_equal(pick(muon), pick(adamw))
+  # The matrices are not AdamW's (whose first update is -lr * sign(g)).
+  down = muon['blocks']['mlp']['down']
+  assert not np.allclose(np.abs(down), 0.1, rtol=0.1)
+
+
+def test_muon_needs_the_axis_names_and_a_positive_rate():
+  with pytest.raises(ValueError, match='logical axis names'):
+    make_optimizer(MUON, 10)
+  with pytest.raises(ValueError, match='optimizer.muon_lr'):
+    OptimizerConfig(name='muon', muon_lr=0.0).validate()
+  with pytest.raises(ValueError, match='optimizer.name'):
+    OptimizerConfig(name='sgd').validate()

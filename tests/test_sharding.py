@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from optax.contrib import MuonState
 
 from configs import base
-from lm.model import ModelConfig, Transformer
+from lm.model import ModelConfig, Transformer, param_axes
 from lm.optimizer import OptimizerConfig, make_optimizer, schedule
 from lm.sharding import AxisRules, MeshConfig
 from lm.train_step import init_state, jit_train_step, make_train_step
@@ -28,7 +29,7 @@ def _rules(shape):
 def _train(shape, steps=3, model=MODEL, opt=OPT, segments=False, loss_chunk=0):
   rules = _rules(shape)
   net = Transformer(model, rules)
-  tx = make_optimizer(opt, 100)
+  tx = make_optimizer(opt, 100, param_axes(net))
   state, shardings = init_state(net, tx, SEQ, rules, seed=0)
   step = jit_train_step(make_train_step(net, tx, schedule(opt, 100), grad_accum=opt.grad_accum,
                                         z_loss=opt.z_loss, loss_chunk=loss_chunk,
@@ -101,6 +102,31 @@ def test_packed_documents_train_alike_on_every_layout_and_with_accumulation():
                              rtol=1e-5)
   # The segment ids change the model's view: not the losses of unmasked rows.
   assert abs(one[0] - _train((1, 1, 1), steps=1)[0][0]) > 1e-4
+
+
+MUON = dataclasses.replace(OPT, name='muon', muon_lr=0.05)
+SCANNED = dataclasses.replace(MODEL, scan_layers=True)
+
+
+@pytest.fixture(scope='module')
+def muon_reference():
+  return {scan: _train((1, 1, 1), model=SCANNED if scan else MODEL, opt=MUON)[0]
+          for scan in (False, True)}
+
+
+@pytest.mark.parametrize('shape,scan', [((2, 2, 2), True), ((1, 8, 1), True),
+                                        ((1, 1, 8), True), ((2, 2, 2), False)])
+def test_muon_trains_alike_on_every_mesh(muon_reference, shape, scan):
+  """Newton-Schulz on FSDP- and tensor-sharded matrices, stacked layers or not."""
+  losses, state = _train(shape, model=SCANNED if scan else MODEL, opt=MUON)
+  np.testing.assert_allclose(losses, muon_reference[scan], rtol=1e-5)
+  assert losses[0] != losses[-1]
+  # Muon's momentum is sharded as its parameter is, never gathered whole.
+  (muon,) = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(
+      x, MuonState)) if isinstance(s, MuonState)]
+  layer = 'blocks' if scan else 'block_0'
+  for name in ('q', 'o'):
+    assert muon.mu[layer]['attn'][name].sharding == state.params[layer]['attn'][name].sharding
 
 
 @pytest.mark.parametrize('mesh,message', [
