@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 8  # Query heads.
   c.model.num_kv_heads = 4  # Key/value heads (grouped-query); must divide num_heads.
   c.model.head_dim = 0  # Per-head width; 0 = d_model // num_heads.
-  c.model.d_ff = 768  # SwiGLU hidden width.
+  c.model.d_ff = 768  # MLP hidden width.
   c.model.dtype = 'float32'  # Compute dtype (bfloat16 on accelerators).
   c.model.param_dtype = 'float32'  # Storage dtype of parameters and optimizer state.
   c.model.tie_embeddings = True  # Output head reuses the token embedding.
@@ -61,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10000.0  # RoPE base frequency.
   c.model.norm_eps = 1e-5  # RMSNorm epsilon.
   c.model.attention = 'auto'  # 'auto' (cuDNN on GPU in 16-bit, else XLA), 'xla', 'cudnn'.
+  # Architecture switches (each changes what the parameters mean, so a resume keeps it):
+  c.model.qk_norm = False  # RMSNorm on each head's queries and keys (own gain), before RoPE.
+  c.model.mlp = 'swiglu'  # 'swiglu' (gate, up, down) or 'relu2': relu(x up)^2 down, no gate.
+  c.model.zero_init_out = False  # Attention out and MLP down projections initialised to 0.
+  c.model.logit_softcap = 0.0  # logits = cap * tanh(logits / cap) (Gemma 2 uses 30); 0 = off.
 
   # How the loss is computed (lm/loss.py); the z-loss weight is optimizer.z_loss.
   c.loss = ml_collections.ConfigDict()

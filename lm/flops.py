@@ -49,8 +49,8 @@ def num_params(cfg: ModelConfig) -> int:
   """Parameters of the model, from its shape alone."""
   d, h = cfg.d_model, cfg.head_size
   attn = d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-  mlp = 3 * d * cfg.d_ff
-  block = attn + mlp + 2 * d
+  mlp = (3 if cfg.mlp == 'swiglu' else 2) * d * cfg.d_ff
+  block = attn + mlp + 2 * d + (2 * h if cfg.qk_norm else 0)
   embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
   return cfg.num_layers * block + embed + d
 

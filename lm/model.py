@@ -1,6 +1,9 @@
 """A Llama-style decoder-only Transformer in Flax Linen.
 
 Pre-RMSNorm blocks of causal self-attention (RoPE, grouped-query heads) and a SwiGLU MLP.
+Architecture switches, each off by default: RMSNorm on queries and keys (`qk_norm`), a
+ReLU-squared MLP (`mlp='relu2'`), zero-initialised output projections (`zero_init_out`)
+and tanh soft-capped logits (`logit_softcap`).
 Tensor names carry their shapes so each einsum can be checked by eye:
   B batch, T length (queries), S length (keys), D d_model, N query heads, K kv heads,
   G = N // K query heads per kv head, H head_dim, F d_ff, V vocab, L layers.
@@ -29,6 +32,8 @@ import jax.numpy as jnp
 
 from lm.sharding import AxisRules, constrain
 
+MLPS = ('swiglu', 'relu2')
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -49,6 +54,10 @@ class ModelConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
   attention: str = 'auto'
+  qk_norm: bool = False  # RMSNorm (own scale over head_dim) on queries and keys before RoPE.
+  mlp: str = 'swiglu'  # 'swiglu' (gate, up, down) or 'relu2' (relu(x up)^2 down).
+  zero_init_out: bool = False  # Attention out and MLP down projections start at zero.
+  logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = off.
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -78,6 +87,10 @@ class ModelConfig:
         bad(key, f'expected float32, bfloat16 or float16, got {getattr(self, key)!r}')
     if self.attention not in ('auto', 'xla', 'cudnn'):
       bad('attention', f"expected 'auto', 'xla' or 'cudnn', got {self.attention!r}")
+    if self.mlp not in MLPS:
+      bad('mlp', f"expected 'swiglu' or 'relu2', got {self.mlp!r}")
+    if self.logit_softcap < 0:
+      bad('logit_softcap', f'must be >= 0 (0 = off), got {self.logit_softcap}')
     if not 0.0 <= self.dropout < 1.0:
       bad('dropout', f'must be in [0, 1), got {self.dropout}')
     if not hasattr(jax.checkpoint_policies, self.remat_policy):
@@ -93,7 +106,10 @@ def _init(names: tuple[str, ...], scale: float = 1.0, *, ones: bool = False):
   return nn.with_logical_partitioning(base, names)
 
 
-def _dense_init(names: tuple[str, ...], fan_in_axes: tuple[int, ...], scale: float = 1.0):
+def _dense_init(names: tuple[str, ...], fan_in_axes: tuple[int, ...], scale: float = 1.0,
+                *, zeros: bool = False):
+  if zeros:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
   base = nn.initializers.variance_scaling(
       scale, 'fan_in', 'truncated_normal', in_axis=fan_in_axes,
       out_axis=tuple(i for i in range(len(names)) if i not in fan_in_axes))
@@ -101,13 +117,16 @@ def _dense_init(names: tuple[str, ...], fan_in_axes: tuple[int, ...], scale: flo
 
 
 class RMSNorm(nn.Module):
+  """RMSNorm over the last axis (D, or H for the query and key norms: `axis` names it)."""
+
   eps: float
   dtype: Any
   param_dtype: Any
+  axis: str = 'embed'
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    scale_D = self.param('scale', _init(('embed',), ones=True), (x_BxTxD.shape[-1],),
+    scale_D = self.param('scale', _init((self.axis,), ones=True), (x_BxTxD.shape[-1],),
                          self.param_dtype)
     # Statistics in float32: bf16 mean-of-squares loses too much precision.
     x = x_BxTxD.astype(jnp.float32)
@@ -194,10 +213,12 @@ class Attention(nn.Module):
     w_q_DxNxH = self.param('q', q_init, (D, N, H), pdt)
     w_k_DxKxH = self.param('k', kv_init, (D, K, H), pdt)
     w_v_DxKxH = self.param('v', kv_init, (D, K, H), pdt)
-    # Output projections start small so each residual branch begins near identity.
+    # Output projections start small (or at zero) so each residual branch begins near
+    # identity.
     out_scale = 1.0 / (2 * c.num_layers)
-    w_o_NxHxD = self.param('o', _dense_init(('heads', 'head_dim', 'embed'), (0, 1), out_scale),
-                           (N, H, D), pdt)
+    o_init = _dense_init(('heads', 'head_dim', 'embed'), (0, 1), out_scale,
+                         zeros=c.zero_init_out)
+    w_o_NxHxD = self.param('o', o_init, (N, H, D), pdt)
 
     q_BxTxNxH = jnp.einsum('btd,dnh->btnh', x_BxTxD, w_q_DxNxH.astype(dt))
     k_BxSxKxH = jnp.einsum('bsd,dkh->bskh', x_BxTxD, w_k_DxKxH.astype(dt))
@@ -205,6 +226,12 @@ class Attention(nn.Module):
     q_BxTxNxH = constrain(q_BxTxNxH, ('batch', 'length', 'heads', 'head_dim'), self.rules)
     k_BxSxKxH = constrain(k_BxSxKxH, ('batch', 'length', 'kv_heads', 'head_dim'), self.rules)
     v_BxSxKxH = constrain(v_BxSxKxH, ('batch', 'length', 'kv_heads', 'head_dim'), self.rules)
+    if c.qk_norm:
+      # Each head's query and key to unit RMS times a learned gain (one per H, shared by
+      # the heads), before RoPE: bounds the attention logits.
+      norm = functools.partial(RMSNorm, c.norm_eps, dt, pdt, 'head_dim')
+      q_BxTxNxH = norm(name='q_norm')(q_BxTxNxH)
+      k_BxSxKxH = norm(name='k_norm')(k_BxSxKxH)
     q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, c.rope_theta)
     k_BxSxKxH = rope(k_BxSxKxH, positions_BxT, c.rope_theta)
 
@@ -235,6 +262,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+  """SwiGLU: silu(x gate) * (x up) down; or ReLU-squared (`mlp='relu2'`): relu(x up)^2 down."""
+
   cfg: ModelConfig
   rules: AxisRules | None
   deterministic: bool
@@ -243,13 +272,20 @@ class MLP(nn.Module):
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     c = self.cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    w_gate_DxF = self.param('gate', _dense_init(('embed', 'mlp'), (0,)), (c.d_model, c.d_ff), pdt)
+    if c.mlp == 'swiglu':
+      w_gate_DxF = self.param('gate', _dense_init(('embed', 'mlp'), (0,)), (c.d_model, c.d_ff),
+                              pdt)
     w_up_DxF = self.param('up', _dense_init(('embed', 'mlp'), (0,)), (c.d_model, c.d_ff), pdt)
-    w_down_FxD = self.param('down', _dense_init(('mlp', 'embed'), (0,), 1.0 / (2 * c.num_layers)),
-                            (c.d_ff, c.d_model), pdt)
-    gate_BxTxF = jnp.einsum('btd,df->btf', x_BxTxD, w_gate_DxF.astype(dt))
+    down_init = _dense_init(('mlp', 'embed'), (0,), 1.0 / (2 * c.num_layers),
+                            zeros=c.zero_init_out)
+    w_down_FxD = self.param('down', down_init, (c.d_ff, c.d_model), pdt)
     up_BxTxF = jnp.einsum('btd,df->btf', x_BxTxD, w_up_DxF.astype(dt))
-    h_BxTxF = constrain(nn.silu(gate_BxTxF) * up_BxTxF, ('batch', 'length', 'mlp'), self.rules)
+    if c.mlp == 'swiglu':
+      gate_BxTxF = jnp.einsum('btd,df->btf', x_BxTxD, w_gate_DxF.astype(dt))
+      h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+    else:
+      h_BxTxF = jnp.square(nn.relu(up_BxTxF))
+    h_BxTxF = constrain(h_BxTxF, ('batch', 'length', 'mlp'), self.rules)
     out_BxTxD = jnp.einsum('btf,fd->btd', h_BxTxF, w_down_FxD.astype(dt))
     return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
 
@@ -283,8 +319,8 @@ class Transformer(nn.Module):
   With `decode=True` (and the `cache` collection mutable) the T tokens continue what
   the cache holds; their `positions_BxT` are required, and -1 marks left padding.
   With `features=True` it returns the final-normed hidden states (B, T, D) instead of
-  the logits: `output_head` gives the matrix that turns them into logits, so a chunked
-  loss (lm/loss.py) can apply it a piece at a time.
+  the logits: `output_head` gives the matrix that turns them into logits (then `softcap`
+  with `logit_softcap`), so a chunked loss (lm/loss.py) can apply it a piece at a time.
   """
 
   cfg: ModelConfig
@@ -343,7 +379,7 @@ class Transformer(nn.Module):
     if features:
       return x_BxTxD
     head_DxV = output_head(params, c)
-    logits_BxTxV = jnp.einsum('btd,dv->btv', x_BxTxD, head_DxV)
+    logits_BxTxV = softcap(jnp.einsum('btd,dv->btv', x_BxTxD, head_DxV), c.logit_softcap)
     return constrain(logits_BxTxV, ('batch', 'length', 'vocab'), self.rules)
 
   def _decode_state(self, positions_BxT: jax.Array) -> DecodeState:
@@ -357,6 +393,13 @@ class Transformer(nn.Module):
         positions.value, positions_BxT.astype(jnp.int32), (0, start))
     index.value = start + t
     return DecodeState(start, decode_mask(positions.value, start, t))
+
+
+def softcap(logits: jax.Array, cap: float) -> jax.Array:
+  """cap * tanh(logits / cap), in float32, back in the input's dtype; cap 0: unchanged."""
+  if not cap:
+    return logits
+  return (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)
 
 
 def output_head(params: Mapping[str, Any], cfg: ModelConfig) -> jax.Array:
