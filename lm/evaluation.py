@@ -50,7 +50,7 @@ def _token_nll(model: Transformer, rules: AxisRules, params: Any, batch: Batch,
   cfg = model.cfg
   if loss_chunk:
     nll_BxT, _ = chunked_token_nll(apply(features=True), output_head(params, cfg),
-                                   targets_BxT, loss_chunk, rules)
+                                   targets_BxT, loss_chunk, rules, cfg.logit_softcap)
   else:
     nll_BxT, _ = token_nll(apply(), targets_BxT)
   return nll_BxT, targets_BxT

@@ -5,7 +5,9 @@ float32 are 6.6 GB for GPT-2 small at batch 32 x 1024. The chunked loss never bu
 them: it computes the head, the softmax statistics and the gradient one chunk of
 `chunk` tokens per row at a time. Its gradient is formed in the same pass (the softmax
 minus the one-hot targets, times the head), so nothing is recomputed in the backward
-pass and the FLOPs equal the unchunked loss's.
+pass and the FLOPs equal the unchunked loss's. With a logit soft-cap (`softcap`, the
+model's `logit_softcap`) the capped logits are scored and the gradient passes through
+the cap's derivative, 1 - tanh^2.
 
 Shapes as in lm/model.py: B batch, T length, C chunk length, D d_model, V vocab.
 """
@@ -19,6 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lm.model import softcap as apply_softcap
 from lm.sharding import AxisRules, constrain
 
 Metrics = dict[str, jax.Array]
@@ -93,15 +96,16 @@ def _chunk_logits(x_BxCxD: jax.Array, head_DxV: jax.Array) -> jax.Array:
 
 
 def chunked_token_nll(x_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.Array,
-                      chunk: int, rules: AxisRules | None = None
+                      chunk: int, rules: AxisRules | None = None, softcap: float = 0.0
                       ) -> tuple[jax.Array, jax.Array]:
-  """`token_nll(x @ head, targets)` without the B x T x V logits (no gradient: eval)."""
+  """`token_nll(softcap(x @ head), targets)` without the B x T x V logits (no gradient:
+  eval)."""
   c = chunk_length(x_BxTxD.shape[1], chunk)
   head_DxV = constrain(head_DxV, (None, 'vocab'), rules)  # Gathered once, not per chunk.
 
   def one(_, xs):
     x_BxCxD, t_BxC = xs
-    return None, token_nll(_chunk_logits(x_BxCxD, head_DxV), t_BxC)
+    return None, token_nll(apply_softcap(_chunk_logits(x_BxCxD, head_DxV), softcap), t_BxC)
 
   _, (nll, log_z) = jax.lax.scan(one, None, (_chunks(x_BxTxD, c), _chunks(targets_BxT, c)))
   return _unchunk(nll), _unchunk(log_z)
@@ -110,16 +114,18 @@ def chunked_token_nll(x_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.
 def chunked_cross_entropy(x_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.Array,
                           *, chunk: int, z_loss: float = 0.0,
                           rules: AxisRules | None = None,
-                          weights_BxT: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
-  """`cross_entropy(x @ head, targets, z_loss, weights)`, chunked; differentiable in x
-  and head.
+                          weights_BxT: jax.Array | None = None,
+                          softcap: float = 0.0) -> tuple[jax.Array, Metrics]:
+  """`cross_entropy(softcap(x @ head), targets, z_loss, weights)`, chunked;
+  differentiable in x and head.
 
   `rules`: the mesh the batch is split over. Each batch shard then sums its own part of
   the head's gradient over the chunks, and the shards are summed once at the end: one
   all-reduce per (micro-)batch, as for the unchunked loss, not one per chunk. The
   accumulator costs each device a float32 D x V (over tensor) array.
   """
-  total, nll, z = _fused(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules)
+  total, nll, z = _fused(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules,
+                         float(softcap))
   return total, {'loss': jax.lax.stop_gradient(nll), 'z_loss': jax.lax.stop_gradient(z)}
 
 
@@ -130,13 +136,14 @@ def _batch_shards(rules: AxisRules | None, b: int) -> int:
   return math.prod(rules.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules, softcap):
   """(loss, mean NLL, mean log Z ^ 2). Only the first output carries a gradient."""
-  return _fused_fwd(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules)[0]
+  return _fused_fwd(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules,
+                    softcap)[0]
 
 
-def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules):
+def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules, softcap):
   b, t, _ = x_BxTxD.shape
   c = chunk_length(t, chunk)
   s = _batch_shards(rules, b)  # S: the head gradient is kept per batch shard.
@@ -150,6 +157,9 @@ def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules
   def one(d_head_SxDxV, xs):
     x_BxCxD, t_BxC, *w_BxC = xs
     logits_BxCxV = _chunk_logits(x_BxCxD, head_DxV)
+    if softcap:
+      tanh_BxCxV = jnp.tanh(logits_BxCxV / softcap)
+      logits_BxCxV = softcap * tanh_BxCxV
     nll_BxC, log_z_BxC = token_nll(logits_BxCxV, t_BxC)
     # d loss / d logits: softmax - one-hot for the NLL, 2 z_loss log Z softmax for the
     # z-loss, each over B·T tokens.
@@ -157,6 +167,8 @@ def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules
     g_BxCxV = p_BxCxV * (1.0 + 2.0 * z_loss * log_z_BxC)[..., None]
     g_BxCxV = g_BxCxV - jax.nn.one_hot(t_BxC, g_BxCxV.shape[-1], dtype=jnp.float32)
     g_BxCxV = g_BxCxV * (w_BxC[0][..., None] if w_BxC else scale)
+    if softcap:  # Through the cap: d (cap tanh(u / cap)) / du = 1 - tanh^2.
+      g_BxCxV = g_BxCxV * (1.0 - jnp.square(tanh_BxCxV))
     g_BxCxV = g_BxCxV.astype(x_BxCxD.dtype)
     dx_BxCxD = jnp.einsum('bcv,dv->bcd', g_BxCxV, head_DxV,
                           preferred_element_type=jnp.float32).astype(x_BxCxD.dtype)
@@ -182,8 +194,8 @@ def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules
   return out, (dx_BxTxD, d_head.astype(head_DxV.dtype), d_weights)
 
 
-def _fused_bwd(chunk, z_loss, rules, residuals, cotangents):
-  del chunk, z_loss, rules
+def _fused_bwd(chunk, z_loss, rules, softcap, residuals, cotangents):
+  del chunk, z_loss, rules, softcap
   dx_BxTxD, d_head_DxV, d_weights = residuals  # The weights are data: no gradient.
   g = cotangents[0]  # The metrics' cotangents are ignored: they are not differentiated.
   return ((g * dx_BxTxD).astype(dx_BxTxD.dtype), (g * d_head_DxV).astype(d_head_DxV.dtype),

@@ -67,7 +67,7 @@ def model_loss(model: Transformer, params: Any, batch: Batch, *, chunk: int = 0,
     x_BxTxD = apply(features=True)
     return chunked_cross_entropy(x_BxTxD, output_head(params, model.cfg), targets_BxT,
                                  chunk=chunk, z_loss=z_loss, rules=model.rules,
-                                 weights_BxT=weights_BxT)
+                                 weights_BxT=weights_BxT, softcap=model.cfg.logit_softcap)
   return cross_entropy(apply(), targets_BxT, z_loss, weights_BxT)
 
 

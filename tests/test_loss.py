@@ -140,3 +140,28 @@ def test_weighted_loss_is_the_mean_over_masked_tokens(chunk):
         weights)[0], argnums=(0, 1))(x, head)
     for a, b in zip(plain, grads):
       np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('chunk', [5, 0])
+def test_soft_capped_chunked_loss_and_gradients_equal_the_plain_ones(chunk):
+  x, head, targets = _inputs()
+  cap = 2.0  # Logits here have a spread of about 3: the cap bites.
+
+  def plain(x, h, t):
+    logits = jnp.einsum('btd,dv->btv', x, h, preferred_element_type=jnp.float32)
+    return cross_entropy(cap * jnp.tanh(logits / cap), t, 1e-2)
+
+  def chunked(x, h, t):
+    return chunked_cross_entropy(x, h, t, chunk=chunk, z_loss=1e-2, softcap=cap)
+
+  (loss_a, _), grads_a = jax.jit(jax.value_and_grad(plain, (0, 1), has_aux=True))(x, head, targets)
+  (loss_b, _), grads_b = jax.jit(jax.value_and_grad(chunked, (0, 1), has_aux=True))(
+      x, head, targets)
+  np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+  for a, b in zip(grads_a, grads_b):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  assert abs(float(loss_a) - float(_plain(x, head, targets, 1e-2)[0])) > 1e-2  # It bites.
+  logits = cap * jnp.tanh(jnp.einsum('btd,dv->btv', x, head) / cap)
+  for got, want in zip(chunked_token_nll(x, head, targets, 5, softcap=cap),
+                       token_nll(logits, targets)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
