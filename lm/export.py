@@ -33,7 +33,9 @@ def export(workdir: str, out_dir: str, step: int | None = None,
     raise ValueError(f'output folder {out_dir} is not empty; refusing to overwrite it')
   hf.check_dtype(dtype)  # Before the restore, which may take a while.
   folder = RunFolder(workdir)
-  folder.config()  # Says clearly when `workdir` is not a run folder.
+  # Says clearly when `workdir` is not a run folder; refuses a model Llama cannot express
+  # before the restore, which may take a while (to_hf checks the checkpoint's own config).
+  hf.check_expressible(folder.config().model)
   tokenizer = folder.tokenizer()
   hf_tokenizer.check_supported(folder.tokenizer_path)
   cfgs, step, params = restore_run(workdir, step)

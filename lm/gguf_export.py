@@ -57,9 +57,8 @@ _EXPRESSED = {
     'norm_eps': 'llama.attention.layer_norm_rms_epsilon',
     'tie_embeddings': 'no output.weight tensor',
 }
-# Training and compute settings that do not change what the parameters compute.
-_NOT_IN_MODEL = ('dtype', 'param_dtype', 'dropout', 'remat', 'remat_policy', 'scan_layers',
-                 'attention')
+# Training, compute and initialisation settings: nothing the file must say.
+_NOT_IN_MODEL = hf.NOT_IN_MODEL
 
 
 def check_expressible(model_cfg: ModelConfig) -> None:

@@ -45,6 +45,29 @@ _BLOCK_MAP: tuple[tuple[tuple[str, str], str, Callable, Callable], ...] = (
 )
 
 
+# model.* keys a Llama config.json states (the shape, RoPE, norm epsilon, tying).
+_EXPRESSED = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
+              'd_ff', 'rope_theta', 'norm_eps', 'tie_embeddings')
+# Training, compute and initialisation settings: they do not change what trained
+# parameters compute, so every format expresses them (lm/gguf_export.py too).
+NOT_IN_MODEL = ('dtype', 'param_dtype', 'dropout', 'remat', 'remat_policy', 'scan_layers',
+                'attention', 'zero_init_out')
+
+
+def check_expressible(model_cfg: ModelConfig) -> None:
+  """Raises naming the first model.* key a Hugging Face Llama cannot express (QK-norm,
+  the ReLU-squared MLP, logit soft-capping: any key off its default but these)."""
+  defaults = type(model_cfg)()
+  for field in dataclasses.fields(model_cfg):
+    key = field.name
+    if key in _EXPRESSED or key in NOT_IN_MODEL:
+      continue
+    value, default = getattr(model_cfg, key), getattr(defaults, key)
+    if value != default:
+      raise ValueError(f'model.{key}={value!r}: the Hugging Face Llama format has no '
+                       f'counterpart; export and import need the default {default!r}')
+
+
 @dataclasses.dataclass(frozen=True)
 class _Dims:
   D: int
@@ -64,6 +87,7 @@ def to_hf(params: Mapping[str, Any], model_cfg: ModelConfig,
   `lm_head.weight` is left out for tied embeddings (config tie_word_embeddings=True).
   `dtype` (e.g. 'bfloat16') casts every tensor; None keeps each one's own.
   """
+  check_expressible(model_cfg)
   if 'blocks' in params:
     params = unstack_layers(params, model_cfg.num_layers)
   cast = (lambda x: np.asarray(x)) if dtype is None else (
@@ -102,6 +126,7 @@ def from_hf(state_dict: Mapping[str, Any], model_cfg: ModelConfig) -> Params:
 
   Scanned (`blocks`) when model_cfg.scan_layers. Arrays keep the state dict's dtype.
   """
+  check_expressible(model_cfg)
   state_dict = _checked(state_dict, model_cfg)
   dims = _dims(model_cfg)
   params: Params = {'embed': np.asarray(state_dict['model.embed_tokens.weight']),

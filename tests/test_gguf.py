@@ -1,7 +1,6 @@
 """GGUF export (lm/gguf_export.py): the file read back with gguf's own reader, and run by
 llama.cpp itself (llama-cpp-python) where it is installed (marker `llama_cpp`)."""
 
-import dataclasses
 import json
 import os
 
@@ -282,17 +281,16 @@ def test_tied_head_dim_and_scanned_layers(tied_file, trained_run):
   assert np.abs(_reference_logits(tensors, TIED, ids) - ours).max() < 1e-4
 
 
-def test_refuses_what_llama_cannot_express():
-  @dataclasses.dataclass(frozen=True)
-  class WithQKNorm(ModelConfig):
-    qk_norm: bool = False  # A switch GGUF's llama lacks.
-
-  gguf_export.check_expressible(WithQKNorm())  # At its default, the model is a Llama.
-  with pytest.raises(ValueError, match=r'^model\.qk_norm=True: .*llama'):
-    gguf_export.check_expressible(WithQKNorm(qk_norm=True))
-  # Training switches change nothing the file must say.
+@pytest.mark.parametrize('key,value', [('qk_norm', True), ('mlp', 'relu2'),
+                                       ('logit_softcap', 30.0)])
+def test_refuses_what_llama_cannot_express(key, value):
+  gguf_export.check_expressible(ModelConfig())  # At its defaults, the model is a Llama.
+  with pytest.raises(ValueError, match=rf'^model\.{key}={value!r}: .*llama') as e:
+    gguf_export.check_expressible(ModelConfig(**{key: value}))
+  assert '\n' not in str(e.value)
+  # Training, compute and initialisation switches change nothing the file must say.
   gguf_export.check_expressible(ModelConfig(remat=True, scan_layers=True, dropout=0.1,
-                                            param_dtype='bfloat16'))
+                                            param_dtype='bfloat16', zero_init_out=True))
 
 
 def test_refuses_a_tokenizer_llama_cpp_would_split_differently(tokenizer, tmp_path):

@@ -127,6 +127,32 @@ def test_round_trip_is_exact(tmp_path, name):
   assert rebuilt == cfg
 
 
+@pytest.mark.parametrize('key,value', [('qk_norm', True), ('mlp', 'relu2'),
+                                       ('logit_softcap', 30.0)])
+def test_switches_llama_cannot_express_are_refused_by_key(tmp_path, key, value):
+  cfg = ModelConfig(**SMALL, **{key: value})
+  params = _params(cfg)
+  out = tmp_path / 'out'
+  for action in (lambda: hf.write_model(str(out), params, cfg),  # export
+                 lambda: hf.to_hf(params, cfg),  # the GGUF export's first step
+                 lambda: hf.from_hf(hf.to_hf(_params(ModelConfig(**SMALL)), ModelConfig(**SMALL)),
+                                    cfg)):  # import (init_from=hf:...)
+    with pytest.raises(ValueError, match=rf'^model\.{key}={value!r}: .*Hugging Face Llama') as e:
+      action()
+    assert '\n' not in str(e.value)
+  assert not out.exists()
+
+
+def test_zero_init_out_is_only_an_initialisation_and_exports(tmp_path):
+  cfg = ModelConfig(**SMALL, zero_init_out=True)
+  params = _params(cfg)  # Trained-like weights: the export must carry them as they are.
+  hf.write_model(str(tmp_path), params, cfg)
+  _assert_trees_equal(hf.load_hf(str(tmp_path), cfg), params)
+  ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 16))
+  np.testing.assert_allclose(_hf_logits(_hf_model(str(tmp_path)), ids),
+                             _our_logits(cfg, params, ids), atol=1e-4, rtol=0)
+
+
 def test_to_hf_layout():
   """q (D, N, H) -> (N·H, D): row n·H + h of q_proj is head n, dim h."""
   cfg = CONFIGS['gqa_untied']
