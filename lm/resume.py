@@ -127,7 +127,8 @@ def _check(workdir: str, steps: list[int], model: ModelConfig, tokenizer_path: s
     raise ValueError(f'{step_dir} was trained with a tokenizer, but '
                      f'{RunFolder(workdir).tokenizer_path} is missing and data.tokenizer is '
                      'empty')
-  diffs = checkpoint.incompatibilities(saved, fingerprint(model, tokenizer_path))
+  diffs = checkpoint.incompatibilities(with_default_model_keys(saved),
+                                       fingerprint(model, tokenizer_path))
   # The optimizer state of one optimizer cannot be restored as another's. Checkpoints
   # from before optimizer.name existed are AdamW's.
   before = (saved.get('config') or {}).get('optimizer', {}).get('name', 'adamw')
@@ -135,6 +136,18 @@ def _check(workdir: str, steps: list[int], model: ModelConfig, tokenizer_path: s
     diffs.append(f'optimizer.name: "{before}" in checkpoint, "{optimizer}" now')
   if diffs:
     raise ValueError(f'{step_dir} does not match this config: {"; ".join(diffs)} ({hint})')
+
+
+def with_default_model_keys(saved: dict[str, Any]) -> dict[str, Any]:
+  """A checkpoint's metadata with each model key it predates at that key's default.
+
+  A new model key's default is the model as it was before the key, so an older
+  checkpoint was trained with it: turning on a switch that adds no parameter (a logit
+  soft-cap) is then refused on resume like any other change, not passed over.
+  """
+  if saved.get('model') is None:
+    return saved
+  return {**saved, 'model': {**dataclasses.asdict(ModelConfig()), **saved['model']}}
 
 
 def _newest_metadata(workdir: str, steps: list[int]) -> tuple[dict[str, Any] | None, str]:

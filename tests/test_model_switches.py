@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import flops, sampling
+from lm import checkpoint, flops, resume, sampling
 from lm.model import MLP, ModelConfig, Transformer, stack_layers
 from lm.train_step import model_loss
 
@@ -239,3 +239,21 @@ def test_softcap_chunked_loss_and_gradient_equal_the_plain_ones():
 def test_bad_switch_names_the_key(key, value):
   with pytest.raises(ValueError, match=f'model.{key}'):
     ModelConfig.from_dict({**dataclasses.asdict(SMALL), key: value})
+
+
+# Resume
+
+
+@pytest.mark.parametrize('name', SWITCHES)
+def test_a_resume_that_flips_a_switch_is_refused_by_key(name):
+  key, value = next(iter(SWITCHES[name].items()))
+  before = resume.fingerprint(SMALL, None)
+  diffs = checkpoint.incompatibilities(before, resume.fingerprint(_cfg(name), None))
+  assert len(diffs) == 1 and diffs[0].startswith(f'model.{key}: ')
+  # A checkpoint written before the key existed was trained with its default.
+  older = {'model': {k: v for k, v in before['model'].items() if k != key}}
+  assert not checkpoint.incompatibilities(resume.with_default_model_keys(older), before)
+  diffs = checkpoint.incompatibilities(resume.with_default_model_keys(older),
+                                       resume.fingerprint(_cfg(name), None))
+  assert len(diffs) == 1 and diffs[0].startswith(f'model.{key}: ')
+  assert key not in checkpoint.RUNTIME_MODEL_KEYS
