@@ -13,6 +13,7 @@ import pytest
 
 from lm import checkpoint, flops, resume, sampling
 from lm.model import MLP, ModelConfig, Transformer, stack_layers
+from lm.optimizer import muon_dimensions
 from lm.train_step import model_loss
 
 SMALL = ModelConfig(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -96,6 +97,9 @@ def test_qk_norm_parameters_and_axes():
   assert tuple(specs['k_norm']['scale']) == ('head_dim',)
   params = nn.meta.unbox(boxed)['params']['block_0']['attn']
   np.testing.assert_array_equal(params['q_norm']['scale'], np.ones(16))
+  # Gains, not matrices: with optimizer.name=muon they are AdamW's, stacked or not.
+  assert muon_dimensions(('head_dim',)) is None
+  assert muon_dimensions(('layers', 'head_dim')) is None
 
 
 def _scaled(params, path, factor):
