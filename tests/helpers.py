@@ -36,3 +36,25 @@ def read_metrics(workdir) -> list[dict]:
   """Every record of RUN/metrics.jsonl, in order."""
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
     return [json.loads(line) for line in f]
+
+
+def cached_decode(model, params, prompts, more):
+  """Logits of `prompts` prefilled at once (left-padded), then of each column of `more`
+  (B, N) fed one token at a time through the KV cache: (prefill, [N x (B, V)], padded
+  prompt length)."""
+  import functools
+
+  import jax
+
+  from lm import sampling
+
+  step = jax.jit(functools.partial(sampling.decode_step, model))
+  tokens, positions = sampling.left_pad(prompts)
+  p = tokens.shape[1]
+  cache = sampling.init_cache(model, len(prompts), p + more.shape[1])
+  prefill, cache = step(params, cache, tokens, positions)
+  decoded = []
+  for i in range(more.shape[1]):
+    logits, cache = step(params, cache, more[:, i:i + 1], positions[:, -1:] + 1 + i)
+    decoded.append(logits[:, 0])
+  return prefill, decoded, p

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import checkpoint, flops, resume, sampling
+from lm import checkpoint, flops, resume
 from lm.model import MLP, ModelConfig, Transformer, stack_layers
 from lm.optimizer import muon_dimensions
 from lm.train_step import model_loss
+from tests.helpers import cached_decode
 
 SMALL = ModelConfig(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                     d_ff=96, tie_embeddings=False)
@@ -142,18 +143,9 @@ def test_qk_norm_cached_decoding_equals_the_full_forward(scan):
     params_run = stack_layers(params, cfg.num_layers)
   else:
     params_run = params
-  model = Transformer(model_cfg)
-  step = jax.jit(functools.partial(sampling.decode_step, model))
   prompts = [[2, 11, 12, 13, 14, 15], [2, 21]]
   more = np.array([[40, 41, 42], [43, 44, 45]], np.int32)
-  tokens, positions = sampling.left_pad(prompts)
-  p = tokens.shape[1]
-  cache = sampling.init_cache(model, len(prompts), p + more.shape[1])
-  prefill, cache = step(params_run, cache, tokens, positions)
-  decoded = []
-  for i in range(more.shape[1]):
-    logits, cache = step(params_run, cache, more[:, i:i + 1], positions[:, -1:] + 1 + i)
-    decoded.append(logits[:, 0])
+  prefill, decoded, p = cached_decode(Transformer(model_cfg), params_run, prompts, more)
   for r, prompt in enumerate(prompts):
     full = np.asarray(_apply(cfg, params, jnp.asarray([prompt + more[r].tolist()])))[0]
     n = len(prompt)

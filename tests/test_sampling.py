@@ -14,6 +14,7 @@ from lm import sampling
 from lm.model import ModelConfig, Transformer, stack_layers
 from lm.sampling import SamplingConfig
 from lm.sharding import AxisRules, MeshConfig, tree_shardings
+from tests.helpers import cached_decode
 
 # The project's default logical-axis rules, as every config has them.
 RULES = MeshConfig.from_dict(base.get_config().mesh).rules
@@ -70,17 +71,8 @@ def test_cached_decoding_matches_recomputing_the_whole_sequence(model_cfg):
   params = _params()
   if model_cfg.scan_layers:
     params = stack_layers(params, CFG.num_layers)
-  model = Transformer(model_cfg)
-  step = jax.jit(functools.partial(sampling.decode_step, model))
   more = np.array([[40, 41, 42], [43, 44, 45], [46, 47, 48]], np.int32)  # fed one by one
-  tokens, positions = sampling.left_pad(PROMPTS)
-  p = tokens.shape[1]
-  cache = sampling.init_cache(model, len(PROMPTS), p + more.shape[1])
-  prefill, cache = step(params, cache, tokens, positions)
-  decoded = []
-  for i in range(more.shape[1]):
-    logits, cache = step(params, cache, more[:, i:i + 1], positions[:, -1:] + 1 + i)
-    decoded.append(logits[:, 0])
+  prefill, decoded, p = cached_decode(Transformer(model_cfg), params, PROMPTS, more)
   want = _full_logits_of([prompt + row.tolist() for prompt, row in zip(PROMPTS, more)])
   for r, prompt in enumerate(PROMPTS):
     n = len(prompt)
