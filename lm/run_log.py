@@ -25,7 +25,8 @@ def _is_closed_loop(error: BaseException | None) -> bool:
 
 
 def quiet_closed_event_loops() -> None:
-  """Sends 'Event loop is closed' errors raised in library callbacks to the log.
+  """Sends 'Event loop is closed' errors raised in library callbacks, and asyncio's reports
+  of Orbax tasks that failed unobserved, to the log as one line each.
 
   Orbax's storage layer calls back into asyncio loops that Orbax has already closed
   (after a failed save, and sometimes at exit); Python reports each as an unraisable
@@ -49,6 +50,29 @@ def quiet_closed_event_loops() -> None:
 
   hook.quiets_closed_loops = True
   sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(_OrbaxTaskErrors())
+
+
+class _OrbaxTaskErrors(logging.Filter):
+  """asyncio's 'Task exception was never retrieved' for Orbax's own tasks.
+
+  After a failed save, Orbax leaves tasks whose error nobody awaits; asyncio logs each,
+  with its traceback, whenever the garbage collector finds it, which may be after the
+  run has said what failed and even after RunLog is closed. One line is logged instead.
+  """
+
+  def __init__(self) -> None:
+    super().__init__()
+    self.seen = False
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if 'orbax' not in record.getMessage():
+      return True
+    if not self.seen:
+      self.seen = True
+      logging.getLogger('orbax.callbacks').warning(
+          'storage tasks failed after their save was reported (not logged again)')
+    return False
 
 
 class _QuietFileHandler(logging.FileHandler):
