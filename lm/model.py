@@ -156,9 +156,9 @@ class Attention(nn.Module):
                          zeros=c.zero_init_out)
     w_o_NxHxD = self.param('o', o_init, (N, H, D), pdt)
 
-    q_BxTxNxH = jnp.einsum('btd,dnh->btnh', x_BxTxD, w_q_DxNxH.astype(dt))
-    k_BxSxKxH = jnp.einsum('bsd,dkh->bskh', x_BxTxD, w_k_DxKxH.astype(dt))
-    v_BxSxKxH = jnp.einsum('bsd,dkh->bskh', x_BxTxD, w_v_DxKxH.astype(dt))
+    q_BxTxNxH = jnp.einsum('btd,dnh->btnh', x_BxTxD, jnp.asarray(w_q_DxNxH, dt))
+    k_BxSxKxH = jnp.einsum('bsd,dkh->bskh', x_BxTxD, jnp.asarray(w_k_DxKxH, dt))
+    v_BxSxKxH = jnp.einsum('bsd,dkh->bskh', x_BxTxD, jnp.asarray(w_v_DxKxH, dt))
     q_BxTxNxH = constrain(q_BxTxNxH, ('batch', 'length', 'heads', 'head_dim'), self.rules)
     k_BxSxKxH = constrain(k_BxSxKxH, ('batch', 'length', 'kv_heads', 'head_dim'), self.rules)
     v_BxSxKxH = constrain(v_BxSxKxH, ('batch', 'length', 'kv_heads', 'head_dim'), self.rules)
@@ -184,7 +184,7 @@ class Attention(nn.Module):
           q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, is_causal=True,
           implementation=attention_impl(c.attention, dt))
     out_BxTxNxH = constrain(out_BxTxNxH, ('batch', 'length', 'heads', 'head_dim'), self.rules)
-    out_BxTxD = jnp.einsum('btnh,nhd->btd', out_BxTxNxH, w_o_NxHxD.astype(dt))
+    out_BxTxD = jnp.einsum('btnh,nhd->btd', out_BxTxNxH, jnp.asarray(w_o_NxHxD, dt))
     return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
 
   def _cached(self, name: str, new_BxTxKxH: jax.Array, index: jax.Array) -> jax.Array:
@@ -215,14 +215,14 @@ class MLP(nn.Module):
     down_init = _dense_init(('mlp', 'embed'), (0,), 1.0 / (2 * c.num_layers),
                             zeros=c.zero_init_out)
     w_down_FxD = self.param('down', down_init, (c.d_ff, c.d_model), pdt)
-    up_BxTxF = jnp.einsum('btd,df->btf', x_BxTxD, w_up_DxF.astype(dt))
+    up_BxTxF = jnp.einsum('btd,df->btf', x_BxTxD, jnp.asarray(w_up_DxF, dt))
     if c.mlp == 'swiglu':
-      gate_BxTxF = jnp.einsum('btd,df->btf', x_BxTxD, w_gate_DxF.astype(dt))
+      gate_BxTxF = jnp.einsum('btd,df->btf', x_BxTxD, jnp.asarray(w_gate_DxF, dt))
       h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
     else:
       h_BxTxF = jnp.square(nn.relu(up_BxTxF))
     h_BxTxF = constrain(h_BxTxF, ('batch', 'length', 'mlp'), self.rules)
-    out_BxTxD = jnp.einsum('btf,fd->btd', h_BxTxF, w_down_FxD.astype(dt))
+    out_BxTxD = jnp.einsum('btf,fd->btd', h_BxTxF, jnp.asarray(w_down_FxD, dt))
     return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
 
 
@@ -281,11 +281,7 @@ class Transformer(nn.Module):
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     embed_VxD = self.param('embed', _init(('vocab', 'embed')), (c.vocab_size, c.d_model), pdt)
-    # The whole table before the lookup, as FSDP gathers every weight before use. Left
-    # sharded (vocab or embed), the rows come out split the wrong way for the batch-
-    # sharded activations, and the partitioner replicates them to reshard.
-    table_VxD = constrain(embed_VxD.astype(dt), (None, None), self.rules)
-    x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0)
+    x_BxTxD = embed_rows(embed_VxD, tokens_BxT, dt, self.rules)
     x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'embed'), self.rules)
     x_BxTxD = nn.Dropout(c.dropout)(x_BxTxD, deterministic=not train)
 
@@ -338,9 +334,35 @@ def softcap(logits: jax.Array, cap: float) -> jax.Array:
   return (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)
 
 
+def _quantized(w: Any) -> bool:
+  # Weights quantised for inference (lm/quantize.py) are qwix QArrays: values and scales.
+  return hasattr(w, 'qvalue')
+
+
+def embed_rows(embed_VxD: Any, tokens_BxT: jax.Array, dt: Any,
+               rules: AxisRules | None) -> jax.Array:
+  """The embedding rows of `tokens` in the compute dtype (a quantised table's rows are
+  gathered with their scales, then dequantised)."""
+  if _quantized(embed_VxD):
+    import qwix
+
+    rows = jax.tree.map(lambda a: jnp.take(a, tokens_BxT, axis=0), embed_VxD)
+    return qwix.dequantize(rows).astype(dt)
+  # The whole table before the lookup, as FSDP gathers every weight before use. Left
+  # sharded (vocab or embed), the rows come out split the wrong way for the batch-
+  # sharded activations, and the partitioner replicates them to reshard.
+  table_VxD = constrain(embed_VxD.astype(dt), (None, None), rules)
+  return jnp.take(table_VxD, tokens_BxT, axis=0)
+
+
 def output_head(params: Mapping[str, Any], cfg: ModelConfig) -> jax.Array:
   """The D x V output matrix in the compute dtype: the embedding's transpose when tied."""
-  head_DxV = params['embed'].T if cfg.tie_embeddings else params['head']
+  head = params['embed'] if cfg.tie_embeddings else params['head']
+  if _quantized(head):
+    import qwix
+
+    head = qwix.dequantize(head)
+  head_DxV = head.T if cfg.tie_embeddings else head
   return head_DxV.astype(jnp.dtype(cfg.dtype))
 
 
