@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import os
 import tempfile
 import time
@@ -23,6 +24,7 @@ import numpy as np
 
 from lm import flops
 from lm.config import Configs, parse
+from lm.quantize import QuantConfig, bytes_per_device
 from lm.sharding import AxisRules, batch_sharding
 from lm.train_step import abstract_state, init_state, jit_train_step, step_parts
 
@@ -128,6 +130,39 @@ def run_aot(config: ml_collections.ConfigDict) -> dict[str, Any]:
           'xla_flops_per_device': xla_flops(compiled),
           'data_tokens_per_sec': None,
           **memory_breakdown(compiled), **_model_figures(cfgs, None)}
+
+
+def plan_inference(config: ml_collections.ConfigDict, quant: QuantConfig) -> dict[str, Any]:
+  """Compiles the scoring step (forward pass and per-token NLL over batch_size x seq_len)
+  of the model with its weights quantised as `quant` says, from shapes alone: whether
+  a quantised model fits its mesh, before any checkpoint is read."""
+  from lm.evaluation import make_eval_step
+  from lm.model import Transformer
+  from lm.quantize import abstract_params, quantized_model
+
+  cfgs = parse(config)
+  quant.validate()
+  rules = AxisRules.from_config(cfgs.mesh)
+  model = Transformer(dataclasses.replace(cfgs.model, remat=False, dropout=0.0), rules)
+  quant.check_shapes(model)
+  model = quantized_model(model, quant)
+  params = abstract_params(model, rules, quant)
+  shape = (cfgs.run.batch_size, cfgs.run.seq_len + 1)
+  rows = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(rules, shape))
+  mask_shape = (shape[0], shape[1] - 1)
+  mask = jax.ShapeDtypeStruct(mask_shape, jnp.int32, sharding=batch_sharding(rules, mask_shape))
+  batch = {'tokens': rows, 'segment_ids': rows} if cfgs.data.segment_ids else rows
+  step = make_eval_step(model, rules, shape, jax.tree.map(lambda x: x.sharding, params),
+                        np.zeros(cfgs.model.vocab_size, np.int32), loss_chunk=cfgs.loss.chunk)
+  t0 = time.perf_counter()
+  compiled = step.lower(params, batch, mask).compile()
+  return {'config': cfgs.run.name, 'devices': jax.device_count(),
+          'mesh': dict(rules.mesh.shape), 'quantize': quant.mode,
+          'compile_s': time.perf_counter() - t0,
+          'param_bytes_per_device': bytes_per_device(params),
+          'memory_bytes_per_device': memory_per_device(compiled),
+          'temp_bytes_per_device': int(compiled.memory_analysis().temp_size_in_bytes),
+          'params': flops.num_params(cfgs.model)}
 
 
 def run_steps(config: ml_collections.ConfigDict, *, steps: int = 20,

@@ -84,3 +84,18 @@ def run_or_exit(fn: Callable[[], T], *errors: type[BaseException],
   except (ValueError, *errors) as e:
     fail(str(e), now=isinstance(e, exit_now))
     raise  # Unreachable: fail exits.
+
+
+def define_quantize_flags() -> Callable[[], tuple[str, int, bool]]:
+  """--quantize, --quantize_group and --quantize_embeddings (eval.py, generate.py,
+  bench.py); returns their reader, whose tuple makes a lm.quantize.QuantConfig."""
+  from absl import flags
+
+  mode = flags.DEFINE_enum('quantize', 'none', ['none', 'int8', 'int4'],
+                           'Weight-only quantisation of the blocks\' matrices (lm/quantize.py); '
+                           'the embedding, output head and norms stay as trained.')
+  group = flags.DEFINE_integer('quantize_group', 32, 'int4: weights per scale along the '
+                               'contracted axis; must divide d_model, d_ff and head_dim.')
+  embeddings = flags.DEFINE_bool('quantize_embeddings', False, 'Quantise the embedding and '
+                                 'output head too (one scale per vocabulary entry).')
+  return lambda: (mode.value, group.value, embeddings.value)

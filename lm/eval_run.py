@@ -25,6 +25,7 @@ from lm.evaluation import (
   summarize,
   token_byte_lengths,
 )
+from lm.quantize import NONE, QuantConfig
 from lm.run_folder import Run, load_run
 
 
@@ -106,17 +107,18 @@ def make_step(run: Run) -> Any:
 
 
 def evaluate_run(workdir: str, *, step: int | None = None, files: str = '',
-                 max_tokens: int = 0) -> dict[str, Any]:
+                 max_tokens: int = 0, quant: QuantConfig = NONE) -> dict[str, Any]:
   """{"step", "loss", "perplexity", "bits_per_byte", "tokens", "bytes"}, plus "files"
   (one such record per file, without "step") when `files` matches several.
 
   `max_tokens` > 0 caps the tokens scored from the held-out split, or from each file.
+  `quant` scores the run's weights quantised (lm/quantize.py).
   """
   if max_tokens < 0:
     raise ValueError(f'--max_tokens must be >= 0, got {max_tokens}')
-  run = load_run(workdir, step)
+  run = load_run(workdir, step, quant)
   if not files:
-    return {'step': run.step, **score(run, heldout(run, max_tokens))}
+    return {'step': run.step, **score(run, heldout(run, max_tokens)), **run.weights_record()}
   eval_step = make_step(run)
   per_file = {}
   for name, texts in file_texts(files, run.cfgs.data.text_key):
@@ -133,7 +135,7 @@ def evaluate_run(workdir: str, *, step: int | None = None, files: str = '',
                                           sum(r['bytes'] for r in per_file.values()))}
   if len(per_file) > 1:
     result['files'] = per_file
-  return result
+  return {**result, **run.weights_record()}
 
 
 def report_lines(result: dict[str, Any]) -> list[str]:

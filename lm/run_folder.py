@@ -22,6 +22,7 @@ from lm import checkpoint
 from lm.checkpoint import committed_steps, first_line, read_metadata, read_params
 from lm.config import Configs, as_dict, parse
 from lm.model import Transformer
+from lm.quantize import NONE, QuantConfig, bytes_per_device, quantize_params, quantized_model
 from lm.sharding import AxisRules, tree_shardings
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,14 @@ class Run:
   model: Transformer
   params: Any
   step: int
+  quant: QuantConfig = QuantConfig()  # Weights quantised after the restore, or not.
+
+  def weights_record(self) -> dict[str, Any]:
+    """{"quantize", "param_bytes_per_device"} when quantised (else nothing: the JSON the
+    scripts print keeps its plain keys): how the weights are held, and how much."""
+    if not self.quant.on:
+      return {}
+    return {'quantize': self.quant.mode, 'param_bytes_per_device': bytes_per_device(self.params)}
 
 
 class RunFolder:
@@ -151,11 +160,14 @@ def abstract_params(model: Transformer, rules: AxisRules | None = None,
                       nn.meta.unbox(boxed), shardings)
 
 
-def load_run(workdir: str, step: int | None = None) -> Run:
+def load_run(workdir: str, step: int | None = None, quant: QuantConfig = NONE) -> Run:
   """Config, tokenizer and the parameters of checkpoint `step` (default: the latest).
 
   The parameters land on the run's mesh (`eval_mesh_rules`), sharded as in training.
+  With `quant` on, the blocks' weights are then quantised (lm/quantize.py) and the
+  run's model reads them so.
   """
+  quant.validate()
   folder = RunFolder(workdir)
   folder.config()  # Says clearly when `workdir` is not a run folder.
   step = folder.pick_step(step)
@@ -164,5 +176,9 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   check_vocab(tokenizer, cfgs.model.vocab_size)
   rules = eval_mesh_rules(cfgs)
   model = Transformer(cfgs.model, rules)
+  quant.check_shapes(model)
   params = folder.restore_params(step, abstract_params(model, rules))
-  return Run(workdir, cfgs, tokenizer, rules, model, params, step)
+  if quant.on:
+    model = quantized_model(model, quant)
+    params = quantize_params(model, params, rules, quant)
+  return Run(workdir, cfgs, tokenizer, rules, model, params, step, quant)

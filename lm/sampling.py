@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.model import ModelConfig, Transformer
+from lm.quantize import quantized_model
 from lm.sharding import AxisRules
 
 if TYPE_CHECKING:  # Only for a type hint: sampling itself needs no checkpoint code.
@@ -185,15 +187,22 @@ def generate(model: Transformer, params: Any, prompts: Sequence[Sequence[int]],
   return rows
 
 
-def complete(run: Run, prompt: str, cfg: SamplingConfig, seed: int = 0) -> dict[str, Any]:
+def complete(run: Run, prompt: str, cfg: SamplingConfig, seed: int = 0,
+             timed: bool = False) -> dict[str, Any]:
   """{"prompt_ids", "ids", "text"} for one text prompt of a trained run.
 
   The prompt starts with BOS, as every training document does; `ids` are the new ids
-  only and `text` their decoding (EOS, if reached, decodes to nothing).
+  only and `text` their decoding (EOS, if reached, decodes to nothing). `timed` adds
+  "tokens_per_sec": a second, identical generation timed once the first has compiled.
   """
   tok = run.tokenizer
   prompt_ids = [tok.bos_id] + tok.encode(prompt)
   cfg = dataclasses.replace(cfg, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
-  model = sampling_model(run.cfgs.model, run.rules)
+  model = quantized_model(sampling_model(run.cfgs.model, run.rules), run.quant)
   ids = generate(model, run.params, [prompt_ids], cfg, seed)[0]
-  return {'prompt_ids': prompt_ids, 'ids': ids, 'text': tok.decode(ids)}
+  out = {'prompt_ids': prompt_ids, 'ids': ids, 'text': tok.decode(ids)}
+  if timed:
+    start = time.perf_counter()
+    generate(model, run.params, [prompt_ids], cfg, seed)
+    out['tokens_per_sec'] = len(ids) / (time.perf_counter() - start)
+  return out

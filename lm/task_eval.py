@@ -26,6 +26,7 @@ import numpy as np
 from data.task_file import ChoiceRow, Example, choice_rows, read_task, task_paths
 from lm.eval_run import local_rows
 from lm.evaluation import ScoredBatch, make_row_nll_step
+from lm.quantize import NONE, QuantConfig
 from lm.run_folder import Run, load_run
 from lm.sharding import put_rows
 from lm.task_metrics import task_scores
@@ -106,20 +107,21 @@ def evaluate_task(scorer: RowScorer, name: str, examples: Sequence[Example]) -> 
   return {'task': name, 'examples': scores.pop('examples'), 'truncated': cut, **scores}
 
 
-def evaluate_tasks(workdir: str, spec: str, *, step: int | None = None,
-                   max_examples: int = 0) -> dict[str, Any]:
+def evaluate_tasks(workdir: str, spec: str, *, step: int | None = None, max_examples: int = 0,
+                   quant: QuantConfig = NONE) -> dict[str, Any]:
   """Scores the task files `spec` names (comma-separated paths or globs) on RUN's
-  checkpoint `step` (default the latest), the first max_examples of each if > 0."""
+  checkpoint `step` (default the latest), the first max_examples of each if > 0, with
+  its weights quantised if `quant` says so."""
   if max_examples < 0:
     raise ValueError(f'--max_examples must be >= 0, got {max_examples}')
   # Every file is read and checked before the (slower) restore of the parameters.
   tasks = [(name, read_task(path, max_examples)) for name, path in task_paths(spec)]
-  run = load_run(workdir, step)
+  run = load_run(workdir, step, quant)
   scorer = RowScorer(run)
   records = [evaluate_task(scorer, name, examples) for name, examples in tasks]
   if len(records) == 1:
-    return {'step': run.step, **records[0]}
-  return {'step': run.step, 'tasks': records}
+    return {'step': run.step, **records[0], **run.weights_record()}
+  return {'step': run.step, 'tasks': records, **run.weights_record()}
 
 
 def report_lines(result: dict[str, Any]) -> list[str]:

@@ -3,7 +3,9 @@
 Prints one JSON line: tokens/s, step time, MFU (PaLM formula; `mfu_causal` counts only
 the causal half of attention), TFLOP/s, compile time, per-device memory, and the input
 pipeline's own tokens/s (over at least --data_seconds). `--aot` compiles for the config's
-mesh from shapes alone.
+mesh from shapes alone; `--aot --quantize=int8|int4` (or `--aot --inference` for the
+float weights) plans the scoring step of the model with its weights quantised instead
+(lm/quantize.py), with "param_bytes_per_device".
 
 `--checkpoint` times saving and restoring the train state instead (and the checksums'
 share of it). `--vary=KEY=V1,V2` (repeatable) measures the config, then each value of
@@ -15,6 +17,8 @@ import json
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from lm.cli import define_quantize_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _AOT = flags.DEFINE_bool('aot', False, 'Compile without running: memory and FLOPs only.')
@@ -28,6 +32,10 @@ _DATA_SECONDS = flags.DEFINE_float(
 _CHECKPOINT = flags.DEFINE_bool(
     'checkpoint', False, 'Time saving and restoring the train state instead, and what the '
     'checkpoint checksums cost of it.')
+_INFERENCE = flags.DEFINE_bool(
+    'inference', False, 'With --aot: plan the scoring step (forward and NLL) instead of the '
+    'train step, its weights quantised as --quantize says; int8/int4 imply it.')
+_QUANTIZE = define_quantize_flags()
 _VARY = flags.DEFINE_multi_string(
     'vary', [], 'KEY=V1,V2,...: also measure the config with KEY set to each value.')
 
@@ -35,13 +43,20 @@ _VARY = flags.DEFINE_multi_string(
 def main(argv):
   logging.set_verbosity(logging.WARNING)
   from lm import bench, cli  # After flag parsing, so --help stays fast.
+  from lm.quantize import QuantConfig
 
   cli.reject_extra_args(argv)
   if _CHECKPOINT.value:
     print(json.dumps(cli.run_or_exit(lambda: bench.checkpoint_timing(_CONFIG.value))))
     return
 
+  quant = QuantConfig(*_QUANTIZE())
+  if (_INFERENCE.value or quant.on) and not _AOT.value:
+    cli.fail('--inference and --quantize go with --aot')
+
   def measure(config, data_too):
+    if _AOT.value and (_INFERENCE.value or quant.on):
+      return bench.plan_inference(config, quant)
     if _AOT.value:
       return bench.run_aot(config)
     result = bench.run_steps(config, steps=_STEPS.value, warmup=_WARMUP.value)

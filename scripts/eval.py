@@ -7,11 +7,15 @@ file). With --task (comma-separated JSON lines files or globs, one task each, na
 the file's stem; lm/task_eval.py): {"step", "task", "examples", "truncated", "accuracy",
 "accuracy_norm"}, plus per-class and macro precision, recall and F1 and a confusion
 matrix when every example offers the same choices; several tasks give {"step", "tasks"}.
+--quantize=int8|int4 scores the blocks' weights quantised (lm/quantize.py), to see what
+quantisation costs; the JSON then adds "quantize" and "param_bytes_per_device".
 """
 
 import json
 
 from absl import app, flags, logging
+
+from lm.cli import define_quantize_flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run folder.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
@@ -24,24 +28,29 @@ _TASK = flags.DEFINE_string('task', '', 'Comma-separated paths or globs of task 
                             'lines of {"context", "choices", "label"}) to score, each a task.')
 _MAX_EXAMPLES = flags.DEFINE_integer('max_examples', 0, 'Score the first N examples of each '
                                      'task file; 0 = all.')
+_QUANTIZE = define_quantize_flags()
 
 
 def main(argv):
   logging.set_verbosity(logging.ERROR)
   from lm import cli, eval_run, task_eval  # After flag parsing, so --help stays fast.
+  from lm.quantize import QuantConfig
 
   cli.reject_extra_args(argv)
+  quant = QuantConfig(*_QUANTIZE())
   if _TASK.value:
     if _FILES.value or _MAX_TOKENS.value:
       cli.fail('--task cannot be combined with --files or --max_tokens')
     result = cli.run_or_exit(lambda: task_eval.evaluate_tasks(
-        _WORKDIR.value, _TASK.value, step=_STEP.value, max_examples=_MAX_EXAMPLES.value))
+        _WORKDIR.value, _TASK.value, step=_STEP.value, max_examples=_MAX_EXAMPLES.value,
+        quant=quant))
     print('\n'.join(task_eval.report_lines(result)))
   else:
     if _MAX_EXAMPLES.value:
       cli.fail('--max_examples goes with --task')
     result = cli.run_or_exit(lambda: eval_run.evaluate_run(
-        _WORKDIR.value, step=_STEP.value, files=_FILES.value, max_tokens=_MAX_TOKENS.value))
+        _WORKDIR.value, step=_STEP.value, files=_FILES.value, max_tokens=_MAX_TOKENS.value,
+        quant=quant))
     print('\n'.join(eval_run.report_lines(result)))
   print(json.dumps(result))
 

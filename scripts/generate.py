@@ -1,13 +1,18 @@
 """Samples from a trained run: python scripts/generate.py --workdir=RUN --prompt=TEXT
 [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]
+[--quantize=int8|int4] [--benchmark]
 
-Prints the generated text, then as the last line JSON {"prompt_ids", "ids", "text"}.
+Prints the generated text, then as the last line JSON {"prompt_ids", "ids", "text"}
+(--quantize adds "quantize" and "param_bytes_per_device"); --benchmark adds
+"tokens_per_sec", timed on a second identical generation once the first has compiled.
 --temperature=0 is greedy.
 """
 
 import json
 
 from absl import app, flags, logging
+
+from lm.cli import define_quantize_flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run folder.')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue.')
@@ -17,11 +22,15 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 = 
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens; 0 = all.')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass; 1 = all.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_BENCHMARK = flags.DEFINE_bool('benchmark', False, 'Generate twice and report the second '
+                               'run\'s new tokens per second (the first one compiles).')
+_QUANTIZE = define_quantize_flags()
 
 
 def main(argv):
   logging.set_verbosity(logging.ERROR)
   from lm import cli, run_folder, sampling  # After flag parsing, so --help stays fast.
+  from lm.quantize import QuantConfig
 
   cli.reject_extra_args(argv)
 
@@ -29,8 +38,9 @@ def main(argv):
     cfg = sampling.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                                   top_k=_TOP_K.value, top_p=_TOP_P.value)
     cfg.validate()
-    run = run_folder.load_run(_WORKDIR.value, _STEP.value)
-    return sampling.complete(run, _PROMPT.value, cfg, _SEED.value)
+    run = run_folder.load_run(_WORKDIR.value, _STEP.value, QuantConfig(*_QUANTIZE()))
+    return {**sampling.complete(run, _PROMPT.value, cfg, _SEED.value, timed=_BENCHMARK.value),
+            **run.weights_record()}
 
   result = cli.run_or_exit(complete)
   print(_PROMPT.value + result['text'])
