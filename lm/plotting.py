@@ -91,7 +91,7 @@ def _is_number(v: Any) -> bool:
 def plot_sweep_x(rows: Sequence[Mapping[str, Any]], x_key: str, group_keys: Sequence[str],
                  out: str) -> str:
   """A sweep's final eval loss against `x_key`, one line per combination of the other
-  varied keys (say, loss against learning rate, a line per width). Numbers spanning 10x
+  varied keys (say, loss against learning rate, a line per width). Numbers spanning 3x
   or more get a log axis; other values are placed in grid order."""
   plt = _pyplot()
   done = [r for r in rows if r.get('final_eval_loss') is not None]
@@ -107,7 +107,7 @@ def plot_sweep_x(rows: Sequence[Mapping[str, Any]], x_key: str, group_keys: Sequ
     label = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in zip(group_keys, values))
     ax.plot([where(r[x_key]) for r in members], [r['final_eval_loss'] for r in members],
             marker='o', label=label or None)
-  if numeric and order and min(order) > 0 and max(order) >= 10 * min(order):
+  if numeric and order and min(order) > 0 and max(order) >= 3 * min(order):
     ax.set_xscale('log')
   if not numeric:
     ax.set_xticks(range(len(order)), [str(v) for v in order])

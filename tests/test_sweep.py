@@ -173,6 +173,12 @@ def test_parallel_slots_share_out_the_devices():
   assert sweep_runner.slot_envs(1, ['0', '1'], {'A': '1'}) == [{'A': '1'}]  # all for one
 
 
+def test_visible_gpus_come_from_the_flag_else_cuda_visible_devices(monkeypatch):
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '2, 3')
+  assert sweep_runner.visible_gpus('') == ['2', '3']
+  assert sweep_runner.visible_gpus('5,6,7') == ['5', '6', '7']
+
+
 def _synthetic(noise, seed=0):
   c = np.geomspace(1e13, 1e17, 8)
   rng = np.random.default_rng(seed)
