@@ -102,11 +102,15 @@ def make_points(config: ml_collections.ConfigDict, spec: Spec, out: str) -> list
   """Every point of the grid, each config set and validated as train.py would, so a bad
   key or value stops the sweep before any run starts."""
   for axis in spec.grid:  # One error per bad key or value, naming the --grid.
+    seen: dict[Any, str] = {}
     for text in axis.texts:
       try:
-        set_key(copy.deepcopy(config), axis.key, text)
+        value = set_key(copy.deepcopy(config), axis.key, text)
       except ValueError as e:
         raise ValueError(f'--grid {axis.key}: {e}') from None
+      if repr(value) in seen:  # 1e-3 and 0.001: two folders, one run.
+        raise ValueError(f'--grid {axis.key}: {seen[repr(value)]} and {text} are one value')
+      seen[repr(value)] = text
   points = []
   for combo in itertools.product(*[[(a.key, t) for t in a.texts] for a in spec.grid]):
     name = point_name(combo)
@@ -123,6 +127,11 @@ def make_points(config: ml_collections.ConfigDict, spec: Spec, out: str) -> list
     if not (cfgs.run.eval_batches and cfgs.data.eval_fraction):
       raise ValueError('a sweep compares final held-out losses: eval_batches and '
                        'data.eval_fraction must be above 0')
+    twin = next((p for p in points if p.name == name), None)
+    if twin:  # Values that differ only in characters a folder name cannot hold.
+      said = lambda texts: ','.join(f'{k}={t}' for k, t in texts)
+      raise ValueError(f'{said(twin.texts)} and {said(combo)} would share the run folder '
+                       f'{workdir}')
     points.append(Point(name, tuple(combo), values, cfgs, workdir))
   return points
 

@@ -138,6 +138,8 @@ def test_grid_parse_errors(specs, message):
 @pytest.mark.parametrize('grid,message', [
     ('model.d_model=64,abc', "--grid model.d_model: cannot set model.d_model='abc'"),
     ('model.num_kv_heads=4,3', 'point num_kv_heads=3: '),
+    ('optimizer.lr=1e-3,0.001', '--grid optimizer.lr: 1e-3 and 0.001 are one value'),
+    ('data.files=a/b,a_b', 'data.files=a/b and data.files=a_b would share the run folder'),
 ])
 def test_bad_values_and_points_are_named(tmp_path, grid, message):
   from configs import tiny
