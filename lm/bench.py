@@ -8,7 +8,6 @@ is rented.
 
 from __future__ import annotations
 
-import ast
 import copy
 import dataclasses
 import os
@@ -23,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from lm import flops
-from lm.config import Configs, parse
+from lm.config import Configs, parse, set_key
 from lm.quantize import QuantConfig, bytes_per_device
 from lm.sharding import AxisRules, batch_sharding
 from lm.train_step import abstract_state, init_state, jit_train_step, step_parts
@@ -237,27 +236,12 @@ def variants(config: ml_collections.ConfigDict,
       raise ValueError(f'--vary={spec!r}: expected KEY=VALUE[,VALUE...]')
     for raw in values.split(','):
       variant = copy.deepcopy(config)  # Keeps linked keys (configs/base.py) linked.
-      *parents, name = key.split('.')
-      node = variant
       try:
-        for p in parents:
-          node = node[p]
-        if name not in node:
-          raise KeyError(name)
-        node[name] = _literal(raw.strip())
-      except (KeyError, AttributeError):
-        raise ValueError(f'--vary: no config key {key}') from None
-      except TypeError as e:
-        raise ValueError(f'--vary: cannot set {key}={raw.strip()!r}: {e}') from None
+        set_key(variant, key, raw.strip())
+      except ValueError as e:
+        raise ValueError(f'--vary: {e}') from None
       out.append((f'{key}={raw.strip()}', variant))
   return out
-
-
-def _literal(text: str) -> Any:
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
 
 
 def checkpoint_timing(config: ml_collections.ConfigDict, *, repeats: int = 3) -> dict[str, Any]:

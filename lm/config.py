@@ -6,6 +6,7 @@ points sees the whole ConfigDict.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -111,3 +112,36 @@ def as_dict(cfgs: Configs) -> dict[str, Any]:
           **{name: dataclasses.asdict(section) for name, section in cfgs._asdict().items()
              if name != 'run'}}
 
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, text: str) -> Any:
+  """Sets the dotted `key` of `config` in place from its command-line text; returns the
+  value set.
+
+  The text is a Python literal (128, 1e-3, True, 'a'), else a plain string; `true` and
+  `false` also set a bool, as `--config.KEY=true` does. Errors are ValueErrors:
+  `no config key K`, `cannot set K='v': <why>`.
+  """
+  *parents, name = key.split('.')
+  node = config
+  try:
+    for p in parents:
+      node = node[p]
+    if name not in node:
+      raise KeyError(name)
+    value = _literal(text)
+    if isinstance(node[name], bool) and text.lower() in ('true', 'false'):
+      value = text.lower() == 'true'
+    node[name] = value  # The ConfigDict refuses a value of another type.
+  except (KeyError, AttributeError):
+    raise ValueError(f'no config key {key}') from None
+  except TypeError as e:
+    raise ValueError(f'cannot set {key}={text!r}: {e}') from None
+  return node[name]
+
+
+def _literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text

@@ -1,10 +1,12 @@
-"""Loss curves of several runs on one figure, from each RUN/metrics.jsonl."""
+"""Loss curves of several runs on one figure, from each RUN/metrics.jsonl, and a
+sweep's final losses against a key and against compute."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 def read_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
@@ -42,10 +44,7 @@ def plot_runs(workdirs: Sequence[str], out: str) -> str:
   `out` ending in another format matplotlib writes (.svg, .pdf, ...) gets that format;
   otherwise '.png' is appended. Returns the path written.
   """
-  import matplotlib  # Imported here: only plotting needs it.
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt
-
+  plt = _pyplot()
   curves = [read_curves(w) for w in workdirs]
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
@@ -63,6 +62,17 @@ def plot_runs(workdirs: Sequence[str], out: str) -> str:
     if ax.lines:
       ax.legend()
   train_ax.set_ylabel('loss (nats/token)')
+  return _save(fig, plt, out)
+
+
+def _pyplot():
+  import matplotlib  # Imported here: only plotting needs it.
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+  return plt
+
+
+def _save(fig, plt, out: str) -> str:
   fig.tight_layout()
   # Given the format, matplotlib writes exactly this path (it would append '.png'
   # itself, unseen by the caller, or reject a name like 'runs/v1.2').
@@ -72,3 +82,63 @@ def plot_runs(workdirs: Sequence[str], out: str) -> str:
   fig.savefig(out, dpi=100, format=fmt)
   plt.close(fig)
   return out
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def plot_sweep_x(rows: Sequence[Mapping[str, Any]], x_key: str, group_keys: Sequence[str],
+                 out: str) -> str:
+  """A sweep's final eval loss against `x_key`, one line per combination of the other
+  varied keys (say, loss against learning rate, a line per width). Numbers spanning 3x
+  or more get a log axis; other values are placed in grid order."""
+  plt = _pyplot()
+  done = [r for r in rows if r.get('final_eval_loss') is not None]
+  numeric = all(_is_number(r[x_key]) for r in rows)
+  order = list(dict.fromkeys(r[x_key] for r in rows))
+  where = (lambda v: v) if numeric else order.index
+  groups: dict[tuple, list[Mapping[str, Any]]] = {}
+  for r in done:
+    groups.setdefault(tuple(r[k] for k in group_keys), []).append(r)
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for values, members in groups.items():
+    members = sorted(members, key=lambda r: where(r[x_key]))
+    label = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in zip(group_keys, values))
+    ax.plot([where(r[x_key]) for r in members], [r['final_eval_loss'] for r in members],
+            marker='o', label=label or None)
+  if numeric and order and min(order) > 0 and max(order) >= 3 * min(order):
+    ax.set_xscale('log')
+  if not numeric:
+    ax.set_xticks(range(len(order)), [str(v) for v in order])
+  ax.set_xlabel(x_key)
+  ax.set_ylabel('final eval loss (nats/token)')
+  ax.grid(alpha=0.3)
+  if group_keys and ax.lines:
+    ax.legend()
+  return _save(fig, plt, out)
+
+
+def plot_sweep_compute(rows: Sequence[Mapping[str, Any]],
+                       frontier: Sequence[Mapping[str, Any]], fit: Any, out: str) -> str:
+  """Final eval loss against training FLOPs: every finished point, the best of each
+  budget joined, and the fitted power law `fit` (a callable with `describe()`) if any."""
+  import numpy as np
+  plt = _pyplot()
+  done = [r for r in rows if r.get('final_eval_loss') is not None]
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  ax.scatter([r['flops'] for r in done], [r['final_eval_loss'] for r in done],
+             color='0.7', label='every point')
+  ax.plot([r['flops'] for r in frontier], [r['final_eval_loss'] for r in frontier],
+          color='k', marker='o', label='best of each budget')
+  if fit is not None:
+    c = np.geomspace(frontier[0]['flops'], frontier[-1]['flops'], 100)
+    ax.plot(c, fit(c), color='C3', linestyle='--',
+            label=f'E + A C^-alpha, alpha = {fit.alpha:.3g}')
+  ax.set_xscale('log')
+  ax.set_xlabel('training FLOPs (6N + 12 L H Q T per token)')
+  ax.set_ylabel('final eval loss (nats/token)')
+  ax.grid(alpha=0.3)
+  if ax.collections or ax.lines:
+    ax.legend()
+  return _save(fig, plt, out)

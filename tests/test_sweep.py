@@ -1,0 +1,238 @@
+"""scripts/sweep.py: the grid, its errors, a 2 x 2 sweep end to end (skip, resume,
+refusal of another sweep), and the power-law fit over the compute frontier."""
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from lm import scaling_fit, sweep, sweep_runner
+from tests.helpers import one_device_env, read_metrics, script
+
+# A model small enough that a point trains in seconds; checkpoints every step, so a
+# point can be put back to step 1 as a kill would leave it.
+SMALL = ('--config.model.vocab_size=512', '--config.model.num_layers=1',
+         '--config.model.num_heads=2', '--config.model.num_kv_heads=2',
+         '--config.model.d_ff=64', '--config.seq_len=32', '--config.batch_size=4',
+         '--config.eval_batches=1', '--config.data.eval_fraction=0.05',
+         '--config.log_every=1', '--config.checkpoint_every=1')
+GRID = ('--grid=model.d_model=32,64', '--grid=optimizer.lr=1e-3,1e-2')
+NAMES = ['d_model=32,lr=1e-3', 'd_model=32,lr=1e-2', 'd_model=64,lr=1e-3',
+         'd_model=64,lr=1e-2']
+
+
+def _sweep(out, tokenizer, *args, check=True):
+  return script('sweep.py', '--config=configs/tiny.py', f'--out={out}', '--steps=2',
+                f'--config.data.tokenizer={tokenizer}', *SMALL, *args,
+                env=one_device_env(), check=check)
+
+
+@pytest.fixture(scope='module')
+def swept(tmp_path_factory, tokenizer):
+  """A 2 x 2 sweep run once, two points at a time: (out folder, its stdout)."""
+  out = tmp_path_factory.mktemp('sweep') / 'out'
+  return out, _sweep(out, tokenizer, *GRID, '--parallel=2').stdout
+
+
+def test_sweep_writes_a_run_folder_and_a_result_line_per_point(swept):
+  out, stdout = swept
+  assert 'skipped 0 finished; 4 to train' in stdout
+  rows = [json.loads(line) for line in (out / 'results.jsonl').read_text().splitlines()]
+  assert [r['name'] for r in rows] == NAMES
+  assert set(rows[0]) == {'name', 'model.d_model', 'optimizer.lr', 'params', 'tokens',
+                          'flops', 'final_eval_loss', 'wall_s', 'status'}
+  assert [(r['model.d_model'], r['optimizer.lr']) for r in rows] == [
+      (32, 1e-3), (32, 1e-2), (64, 1e-3), (64, 1e-2)]
+  from lm import flops
+  from lm.run_folder import RunFolder
+  for row in rows:
+    workdir = out / 'runs' / row['name']
+    cfgs = RunFolder(str(workdir)).config()  # What train.py really ran.
+    assert (cfgs.model.d_model, cfgs.optimizer.lr) == (row['model.d_model'], row['optimizer.lr'])
+    assert cfgs.model.num_layers == 1 and cfgs.run.steps == 2  # fixed overrides, --steps
+    assert row['status'] == 'done' and row['wall_s'] > 0
+    assert row['tokens'] == 2 * 4 * 32
+    assert row['params'] == flops.num_params(cfgs.model)
+    assert row['flops'] == row['tokens'] * flops.flops_per_token(cfgs.model, 32)
+    evals = [m for m in read_metrics(workdir) if 'eval_loss' in m]
+    assert row['final_eval_loss'] == evals[-1]['eval_loss'] and evals[-1]['step'] == 2
+  assert rows[2]['params'] > rows[0]['params'] and rows[2]['flops'] > rows[0]['flops']
+  for plot in ('loss_vs_lr.png', 'loss_vs_compute.png'):
+    assert (out / plot).read_bytes()[:4] == b'\x89PNG'
+  # Two budgets (one per width) cannot pin three parameters: said, not fitted.
+  assert 'underdetermined' in stdout
+  fit = json.loads((out / 'fit.json').read_text())
+  assert fit['fit'] is None and len(fit['budgets']) == 2
+  best32 = min(rows[:2], key=lambda r: r['final_eval_loss'])
+  assert fit['budgets'][0]['name'] == best32['name']
+
+
+def test_a_second_run_skips_finished_points_and_another_grid_is_refused(swept, tokenizer):
+  out, _ = swept
+  metrics = {n: os.stat(out / 'runs' / n / 'metrics.jsonl').st_mtime_ns for n in NAMES}
+  attempts = (out / 'attempts.jsonl').read_text()
+  again = _sweep(out, tokenizer, *GRID)
+  assert 'skipped 4 finished; 0 to train' in again.stdout
+  assert (out / 'attempts.jsonl').read_text() == attempts  # no train.py started
+  assert {n: os.stat(out / 'runs' / n / 'metrics.jsonl').st_mtime_ns for n in NAMES} == metrics
+  spec = (out / 'sweep.json').read_text()
+  other = _sweep(out, tokenizer, '--grid=model.d_model=32,128', GRID[1], check=False)
+  assert other.returncode == 1
+  [line] = other.stderr.strip().splitlines()
+  assert line.startswith(f"error: {out} holds another sweep (grid: [['model.d_model', ['32', "
+                         "'64']], ") and "['32', '128']]" in line, line
+  assert (out / 'sweep.json').read_text() == spec
+  assert not (out / 'runs' / 'd_model=128,lr=1e-3').exists()
+
+
+def test_an_interrupted_point_resumes_and_the_others_are_skipped(swept, tokenizer):
+  out, _ = swept
+  name = NAMES[3]
+  workdir = out / 'runs' / name
+  # As a kill after step 1's checkpoint leaves it: no step 2 checkpoint, no step 2 lines.
+  shutil.rmtree(workdir / 'checkpoints' / '2')
+  kept = [line for line in (workdir / 'metrics.jsonl').read_text().splitlines()
+          if json.loads(line)['step'] <= 1]
+  (workdir / 'metrics.jsonl').write_text('\n'.join(kept) + '\n')
+  proc = _sweep(out, tokenizer, *GRID)
+  assert 'skipped 3 finished; 1 to train' in proc.stdout and f'[1/1] {name}: done' in proc.stdout
+  log = (out / 'logs' / f'{name}.log').read_text()
+  assert 'start: resumed from step 1' in log  # train.py resumed; it did not start over.
+  assert [m['step'] for m in read_metrics(workdir) if 'loss' in m] == [1, 2]
+  rows = [json.loads(line) for line in (out / 'results.jsonl').read_text().splitlines()]
+  row = rows[3]
+  assert row['status'] == 'done' and row['final_eval_loss'] is not None
+  attempts = [json.loads(line) for line in (out / 'attempts.jsonl').read_text().splitlines()]
+  mine = [a for a in attempts if a['name'] == name]
+  assert len(attempts) == 5 and len(mine) == 2
+  assert row['wall_s'] == pytest.approx(sum(a['wall_s'] for a in mine), abs=0.02)
+
+
+def test_a_bad_grid_is_one_line_before_anything_is_written(tmp_path, tokenizer):
+  # One script call (each costs seconds of imports); test_grid_parse_errors and
+  # test_bad_values_and_points_are_named cover the other mistakes in process.
+  proc = _sweep(tmp_path / 'out', tokenizer, '--grid=model.d_model=64',
+                '--grid=model.flash=1,2', check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      'error: --grid model.flash: no config key model.flash']
+  assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('specs,message', [
+    (['model.d_model=64,,128'], 'no empty value'),
+    (['=1,2'], 'expected KEY=V1,V2'),
+    (['model.d_model=64,64'], 'listed twice'),
+    (['model.d_model=64', 'model.d_model=128'], 'given twice'),
+    (['workdir=a,b'], 'sets workdir itself'),
+    ([], 'at least one --grid'),
+])
+def test_grid_parse_errors(specs, message):
+  with pytest.raises(ValueError, match=message):
+    sweep.parse_grid(specs)
+
+
+@pytest.mark.parametrize('grid,message', [
+    ('model.d_model=64,abc', "--grid model.d_model: cannot set model.d_model='abc'"),
+    ('model.num_kv_heads=4,3', 'point num_kv_heads=3: '),
+    ('optimizer.lr=1e-3,0.001', '--grid optimizer.lr: 1e-3 and 0.001 are one value'),
+    ('data.files=a/b,a_b', 'data.files=a/b and data.files=a_b would share the run folder'),
+])
+def test_bad_values_and_points_are_named(tmp_path, grid, message):
+  from configs import tiny
+  spec = sweep.Spec('configs/tiny.py', sweep.parse_grid([grid]), (), None)
+  with pytest.raises(ValueError, match=message):
+    sweep.make_points(tiny.get_config(), spec, str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_point_names_and_fixed_overrides():
+  assert sweep.point_name([('model.d_model', '64'), ('optimizer.lr', '1e-3')]) == \
+      'd_model=64,lr=1e-3'
+  assert sweep.point_name([('optimizer.lr', '1'), ('a.lr', "x/'y")]) == \
+      "optimizer.lr=1,a.lr=x__y"
+  grid = sweep.parse_grid(['optimizer.lr=1,2'])
+  argv = ['sweep.py', '--config=c.py', '--config.seed', '3', '--noconfig.model.remat',
+          '--config.steps=5', '--out=x']
+  assert sweep.fixed_overrides(argv, grid) == (
+      '--config.seed=3', '--noconfig.model.remat', '--config.steps=5')
+  with pytest.raises(ValueError, match='both a --grid'):
+    sweep.fixed_overrides(['s', '--config.optimizer.lr=3'], grid)
+  with pytest.raises(ValueError, match='sets workdir itself'):
+    sweep.fixed_overrides(['s', '--config.workdir=runs/x'], grid)
+
+
+def test_parallel_slots_share_out_the_devices():
+  envs = sweep_runner.slot_envs(2, ['0', '1', '2', '3'], {'A': '1'})
+  assert [e['CUDA_VISIBLE_DEVICES'] for e in envs] == ['0,1', '2,3'] and envs[0]['A'] == '1'
+  with pytest.raises(ValueError, match='more than the 2 GPU'):
+    sweep_runner.slot_envs(3, ['0', '1'], {})
+  cpu = sweep_runner.slot_envs(2, [], {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert [e['XLA_FLAGS'] for e in cpu] == ['--xla_force_host_platform_device_count=4'] * 2
+  assert sweep_runner.slot_envs(1, ['0', '1'], {'A': '1'}) == [{'A': '1'}]  # all for one
+
+
+def test_visible_gpus_come_from_the_flag_else_cuda_visible_devices(monkeypatch):
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '2, 3')
+  assert sweep_runner.visible_gpus('') == ['2', '3']
+  assert sweep_runner.visible_gpus('5,6,7') == ['5', '6', '7']
+
+
+def _synthetic(noise, seed=0):
+  c = np.geomspace(1e13, 1e17, 8)
+  rng = np.random.default_rng(seed)
+  return c, 1.8 + 400.0 * c ** -0.2 + rng.normal(0, noise, c.shape)
+
+
+def test_power_law_fit_recovers_known_parameters_and_its_errors_shrink_with_the_noise():
+  exact = scaling_fit.fit_power_law(*_synthetic(0.0))
+  assert exact.E == pytest.approx(1.8, rel=1e-6) and exact.alpha == pytest.approx(0.2, rel=1e-6)
+  assert exact.A == pytest.approx(400.0, rel=1e-5) and exact.rmse < 1e-9
+  noisy, quiet = (scaling_fit.fit_power_law(*_synthetic(n)) for n in (0.02, 0.002))
+  for fit in (noisy, quiet):
+    for name, true in (('E', 1.8), ('A', 400.0), ('alpha', 0.2)):
+      assert abs(getattr(fit, name) - true) < 4 * getattr(fit, f'{name}_err'), (name, fit)
+  for name in ('E', 'A', 'alpha'):
+    assert 0 < getattr(quiet, f'{name}_err') < getattr(noisy, f'{name}_err') / 5
+  assert 'E = 1.8' in quiet.describe() and '±' in quiet.describe()
+  assert quiet.determined and 'poorly' not in quiet.describe()
+
+
+def test_a_fit_the_budgets_do_not_pin_down_says_so():
+  # Losses falling in a straight line on a log axis: E and A trade off as alpha -> 0.
+  c = np.geomspace(1e10, 1e11, 4)
+  fit = scaling_fit.fit_power_law(c, 5.0 - 0.1 * np.log(c / 1e10) + [0, 0.01, -0.01, 0])
+  assert not fit.determined and 'poorly determined' in fit.describe()
+  assert fit.E_err > abs(fit.E) or fit.E < 0
+
+
+def test_power_law_fit_agrees_with_scipy_curve_fit():
+  optimize = pytest.importorskip('scipy.optimize')
+  c, y = _synthetic(0.02, seed=1)
+  fit = scaling_fit.fit_power_law(c, y)
+  x0 = np.exp(np.mean(np.log(c)))  # scipy needs the same scaling to converge
+  (e, a0, alpha), cov = optimize.curve_fit(lambda x, e, a, al: e + a * x ** -al, c / x0, y,
+                                           p0=(fit.E, fit.A * x0 ** -fit.alpha, fit.alpha))
+  assert (fit.E, fit.alpha) == pytest.approx((e, alpha), rel=1e-4)
+  assert fit.A == pytest.approx(a0 * x0 ** alpha, rel=1e-4)
+  assert (fit.E_err, fit.alpha_err) == pytest.approx(
+      (math.sqrt(cov[0, 0]), math.sqrt(cov[2, 2])), rel=1e-3)
+
+
+def test_fewer_than_four_budgets_are_not_fitted():
+  c, y = _synthetic(0.0)
+  with pytest.raises(ValueError, match='underdetermined'):
+    scaling_fit.fit_power_law(c[:3], y[:3])
+  assert 'underdetermined' in scaling_fit.underdetermined(3)
+  assert scaling_fit.underdetermined(4) is None
+
+
+def test_best_point_of_each_budget():
+  # Budgets of 1e9 (two points within the tolerance), 2e9 and 4e9; None and NaN are
+  # points that did not finish or diverged.
+  flops = [2e9, 1e9, 1e9 * (1 + 1e-5), 4e9, 2e9, 2e9, 8e9]
+  losses = [2.5, 3.0, 2.9, 2.6, None, 2.4, math.nan]
+  assert scaling_fit.best_per_budget(flops, losses) == [2, 5, 3]
