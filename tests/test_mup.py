@@ -19,6 +19,7 @@ from lm.model import ModelConfig, Transformer, output_head, param_axes
 from lm.optimizer import OptimizerConfig, make_optimizer
 from lm.sharding import AxisRules, MeshConfig
 from lm.train_step import init_state, jit_train_step, model_loss, step_parts
+from tests.helpers import cached_decode
 
 SMALL = ModelConfig(vocab_size=128, d_model=256, num_layers=2, num_heads=8, num_kv_heads=4,
                     d_ff=512, tie_embeddings=False)
@@ -151,6 +152,21 @@ def test_logits_are_the_standard_ones_with_q_and_logits_rescaled(tied):
   # Control: the plain standard model is another function.
   plain = standard.apply({'params': params}, tokens)
   assert np.abs(np.asarray(got - plain)).max() > 1e-2
+
+
+def test_cached_decoding_equals_the_full_forward():
+  """The decode path divides attention logits by head_dim too."""
+  params = _init(MUP)
+  prompts = [[2, 11, 12, 13, 14, 15], [2, 21]]
+  more = np.array([[40, 41, 42], [43, 44, 45]], np.int32)
+  prefill, decoded, p = cached_decode(Transformer(MUP), params, prompts, more)
+  for r, prompt in enumerate(prompts):
+    full = np.asarray(Transformer(MUP).apply(
+        {'params': params}, jnp.asarray([prompt + more[r].tolist()])))[0]
+    n = len(prompt)
+    np.testing.assert_allclose(prefill[r, p - n:], full[:n], rtol=1e-5, atol=1e-5)
+    for i, logits in enumerate(decoded):
+      np.testing.assert_allclose(logits[r], full[n + i], rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_loss_sees_the_logit_multiplier():
