@@ -18,6 +18,8 @@ With the width multiplier m = d_model / mup_base_width, as in Microsoft's `mup` 
   holds no hidden matrix, so only the init, the output multiplier and the attention scale
   apply.
 
+One m serves every hidden matrix: d_ff and num_heads * head_dim are meant to grow with
+d_model (with head_dim fixed and heads growing, or the other way round).
 mup_base_width=0 (the default) is off: every function here is then the identity.
 """
 
