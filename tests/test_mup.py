@@ -99,6 +99,9 @@ def test_coordinate_check_is_flat_in_width_with_mup_and_grows_without():
   assert (ratio_on > 0.5).all() and (ratio_on < 2.0).all(), on
   # Standard parametrisation: Adam's per-entry updates add up over the width, so the
   # residual stream and the logits move several times further at width 512 than at 64.
+  # Measured, width 512 over 64: muP 0.93, 1.02, 0.62 (the logits' init part fades as
+  # 1/sqrt(m)); off 44, 32, 4.1. Without muP's rates, or its logit multiplier, the muP
+  # side fails (29x in the residual stream; 3.9x in the logits).
   ratio_off = off[-1] / off[0]
   assert (ratio_off[:2] > 5).all() and ratio_off[2] > 3, off
 
