@@ -3,7 +3,8 @@
 Pre-RMSNorm blocks of causal self-attention (RoPE, grouped-query heads) and a SwiGLU MLP.
 Architecture switches, each off by default: RMSNorm on queries and keys (`qk_norm`), a
 ReLU-squared MLP (`mlp='relu2'`), zero-initialised output projections (`zero_init_out`)
-and tanh soft-capped logits (`logit_softcap`).
+and tanh soft-capped logits (`logit_softcap`); muP width transfer (`mup_base_width`,
+lm/mup.py) scales the attention logits, the head's init and the logits.
 Tensor names carry their shapes so each einsum can be checked by eye:
   B batch, T length (queries), S length (keys), D d_model, N query heads, K kv heads,
   G = N // K query heads per kv head, H head_dim, F d_ff, V vocab, L layers.
@@ -29,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm import mup
 from lm.model_config import MLPS, ModelConfig  # noqa: F401 (re-exported)
 from lm.sharding import AxisRules, constrain
 
@@ -176,13 +178,14 @@ class Attention(nn.Module):
       k_BxSxKxH = self._cached('k', k_BxSxKxH, cache.index)
       v_BxSxKxH = self._cached('v', v_BxSxKxH, cache.index)
       out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=cache.mask_Bx1xTxS, implementation='xla')
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=cache.mask_Bx1xTxS,
+          scale=mup.attention_scale(c), implementation='xla')
     else:
       # A segment mask is combined with causality by either implementation (cuDNN turns
       # it into an additive bias).
       out_BxTxNxH = jax.nn.dot_product_attention(
           q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, is_causal=True,
-          implementation=attention_impl(c.attention, dt))
+          scale=mup.attention_scale(c), implementation=attention_impl(c.attention, dt))
     out_BxTxNxH = constrain(out_BxTxNxH, ('batch', 'length', 'heads', 'head_dim'), self.rules)
     out_BxTxD = jnp.einsum('btnh,nhd->btd', out_BxTxNxH, jnp.asarray(w_o_NxHxD, dt))
     return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
@@ -306,8 +309,8 @@ class Transformer(nn.Module):
     x_BxTxD = RMSNorm(c.norm_eps, dt, pdt, name='final_norm')(x_BxTxD)
     params = {'embed': embed_VxD}
     if not c.tie_embeddings:
-      params['head'] = self.param('head', _init(('embed', 'vocab')), (c.d_model, c.vocab_size),
-                                  pdt)
+      head_init = _init(('embed', 'vocab'), mup.head_init_scale(c))
+      params['head'] = self.param('head', head_init, (c.d_model, c.vocab_size), pdt)
     if features:
       return x_BxTxD
     head_DxV = output_head(params, c)
@@ -356,13 +359,16 @@ def embed_rows(embed_VxD: Any, tokens_BxT: jax.Array, dt: Any,
 
 
 def output_head(params: Mapping[str, Any], cfg: ModelConfig) -> jax.Array:
-  """The D x V output matrix in the compute dtype: the embedding's transpose when tied."""
+  """The D x V output matrix in the compute dtype: the embedding's transpose when tied;
+  times muP's logit multiplier 1/m when `mup_base_width` is set."""
   head = params['embed'] if cfg.tie_embeddings else params['head']
   if _quantized(head):
     import qwix
 
     head = qwix.dequantize(head)
   head_DxV = head.T if cfg.tie_embeddings else head
+  if cfg.mup_base_width:
+    head_DxV = head_DxV * mup.output_mult(cfg)
   return head_DxV.astype(jnp.dtype(cfg.dtype))
 
 

@@ -37,6 +37,7 @@ class ModelConfig:
   mlp: str = 'swiglu'  # 'swiglu' (gate, up, down) or 'relu2' (relu(x up)^2 down).
   zero_init_out: bool = False  # Attention out and MLP down projections start at zero.
   logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = off.
+  mup_base_width: int = 0  # muP width transfer from this d_model (lm/mup.py); 0 = off.
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -70,6 +71,8 @@ class ModelConfig:
       bad('mlp', f"expected 'swiglu' or 'relu2', got {self.mlp!r}")
     if self.logit_softcap < 0:
       bad('logit_softcap', f'must be >= 0 (0 = off), got {self.logit_softcap}')
+    if self.mup_base_width < 0:
+      bad('mup_base_width', f'must be >= 0 (0 = off), got {self.mup_base_width}')
     if not 0.0 <= self.dropout < 1.0:
       bad('dropout', f'must be in [0, 1), got {self.dropout}')
     if not hasattr(jax.checkpoint_policies, self.remat_policy):

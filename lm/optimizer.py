@@ -148,13 +148,30 @@ def _muon(cfg: OptimizerConfig, total_steps: int, param_axes: Any,
   return optax.partition({'muon': muon, 'adamw': adamw}, labels)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int,
-                   param_axes: Any = None) -> optax.GradientTransformation:
+def scale_by_tree(scales: Any) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its own constant (a tree like the params)."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, param_axes: Any = None,
+                   lr_scales: Any = None) -> optax.GradientTransformation:
   """The optimizer a config describes. `param_axes`: the parameters' logical axis names,
-  a tuple per parameter (lm.model.param_axes); Muon needs them, AdamW ignores them."""
+  a tuple per parameter (lm.model.param_axes); Muon needs them, AdamW ignores them.
+
+  `lr_scales` (lm.mup.lr_scales; None = all 1): AdamW's per-parameter rate multipliers,
+  which scale its decoupled decay too. Only hidden matrices have one other than 1, and
+  under Muon those are Muon's, whose updates are already scaled for their shape.
+  """
   lr = schedule(cfg, total_steps)
   tx = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                    mask=decay_mask)
+  if lr_scales is not None and cfg.name == 'adamw':
+    tx = optax.chain(tx, scale_by_tree(lr_scales))
   if cfg.name == 'muon':
     if param_axes is None:
       raise ValueError("optimizer.name='muon' needs the parameters' logical axis names")

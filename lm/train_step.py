@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm import mup
 from lm.config import Configs
 from lm.loss import Metrics, chunked_cross_entropy, cross_entropy, loss_weights
 from lm.model import Transformer, output_head, param_axes
@@ -205,7 +206,8 @@ def step_parts(cfgs: Configs, rules: AxisRules) -> StepParts:
   model = Transformer(cfgs.model, rules)
   steps, opt = cfgs.run.steps, cfgs.optimizer
   lr = schedule(opt, steps)
-  tx = make_optimizer(opt, steps, param_axes(model))
+  axes = param_axes(model)
+  tx = make_optimizer(opt, steps, axes, mup.lr_scales(cfgs.model, axes))
   step_fn = make_train_step(model, tx, lr, grad_accum=opt.grad_accum, z_loss=opt.z_loss,
                             loss_chunk=cfgs.loss.chunk, rules=rules)
   return StepParts(model, tx, lr, step_fn)

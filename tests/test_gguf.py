@@ -282,7 +282,7 @@ def test_tied_head_dim_and_scanned_layers(tied_file, trained_run):
 
 
 @pytest.mark.parametrize('key,value', [('qk_norm', True), ('mlp', 'relu2'),
-                                       ('logit_softcap', 30.0)])
+                                       ('logit_softcap', 30.0), ('mup_base_width', 16)])
 def test_refuses_what_llama_cannot_express(key, value):
   gguf_export.check_expressible(ModelConfig())  # At its defaults, the model is a Llama.
   with pytest.raises(ValueError, match=rf'^model\.{key}={value!r}: .*llama') as e:

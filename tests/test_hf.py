@@ -128,7 +128,7 @@ def test_round_trip_is_exact(tmp_path, name):
 
 
 @pytest.mark.parametrize('key,value', [('qk_norm', True), ('mlp', 'relu2'),
-                                       ('logit_softcap', 30.0)])
+                                       ('logit_softcap', 30.0), ('mup_base_width', 16)])
 def test_switches_llama_cannot_express_are_refused_by_key(tmp_path, key, value):
   cfg = ModelConfig(**SMALL, **{key: value})
   params = _params(cfg)
