@@ -132,9 +132,12 @@ def abstract_params(qmodel: Transformer, rules: AxisRules, cfg: QuantConfig) -> 
   matrices (embedding, head) in the compute dtype, as `quantize_params` leaves them."""
   boxed = _boxed(qmodel, cfg)
   dt = jnp.dtype(qmodel.cfg.dtype)
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, dt if _kept_matrix(x) else x.dtype, sharding=s),
-      nn.meta.unbox(boxed), tree_shardings(boxed, rules))
+
+  def one(x, sharding):
+    cast = cfg.on and _kept_matrix(x)  # Float weights (mode none) stay as stored.
+    return jax.ShapeDtypeStruct(x.shape, dt if cast else x.dtype, sharding=sharding)
+
+  return jax.tree.map(one, nn.meta.unbox(boxed), tree_shardings(boxed, rules))
 
 
 def _kept_matrix(x: Any) -> bool:
