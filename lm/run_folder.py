@@ -39,7 +39,7 @@ class Run:
   model: Transformer
   params: Any
   step: int
-  quant: QuantConfig = QuantConfig()  # Weights quantised after the restore, or not.
+  quant: QuantConfig = NONE  # Weights quantised after the restore, or not.
 
   def weights_record(self) -> dict[str, Any]:
     """{"quantize", "param_bytes_per_device"} when quantised (else nothing: the JSON the
