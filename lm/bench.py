@@ -160,7 +160,7 @@ def plan_inference(config: ml_collections.ConfigDict, quant: QuantConfig) -> dic
           'compile_s': time.perf_counter() - t0,
           'param_bytes_per_device': bytes_per_device(params),
           'memory_bytes_per_device': memory_per_device(compiled),
-          'temp_bytes_per_device': int(compiled.memory_analysis().temp_size_in_bytes),
+          'temp_bytes_per_device': memory_breakdown(compiled).get('temp_bytes_per_device'),
           'params': flops.num_params(cfgs.model)}
 
 

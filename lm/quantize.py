@@ -60,8 +60,7 @@ class QuantConfig:
     if self.mode != 'int4':
       return
     c = model.cfg
-    head_dim = c.head_dim or c.d_model // c.num_heads
-    for key, size in (('d_model', c.d_model), ('d_ff', c.d_ff), ('head_dim', head_dim)):
+    for key, size in (('d_model', c.d_model), ('d_ff', c.d_ff), ('head_dim', c.head_size)):
       if size % self.group:
         raise ValueError(f'--quantize_group={self.group} does not divide model.{key} '
                          f'({size}); pick a divisor of {key}')
