@@ -31,7 +31,8 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict[str, str]:
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  flags = [f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f]
+  env['XLA_FLAGS'] = ' '.join([*flags, f'--xla_force_host_platform_device_count={devices}'])
   env['JAX_PLATFORMS'] = 'cpu'
   return env
 
