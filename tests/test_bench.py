@@ -19,6 +19,11 @@ def _small(**mesh):
   c.model.d_ff = 256
   c.model.vocab_size = 1024
   c.seq_len = 64
+  # AdamW: the checks below count the model's FLOPs and two moments per parameter; Muon's
+  # orthogonalisation is FLOPs of its own, outside the PaLM formula. Output projections
+  # start random, so that attention (and the packing mask) reaches the first loss.
+  c.optimizer.name = 'adamw'
+  c.model.zero_init_out = False
   for k, v in mesh.items():
     c.mesh[k] = v
   return c
