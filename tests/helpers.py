@@ -27,6 +27,15 @@ def one_device_env() -> dict[str, str]:
   return {**os.environ, 'XLA_FLAGS': ' '.join(flags)}
 
 
+def host_devices_env(devices: int) -> dict[str, str]:
+  """This environment with `devices` forced host CPU devices instead of the session's 8,
+  its other XLA flags kept."""
+  env = one_device_env()
+  env['XLA_FLAGS'] = f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
+  env['XLA_FLAGS'] = env['XLA_FLAGS'].strip()
+  return env
+
+
 def script(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
   """`python scripts/NAME ARGS...` (see `run` for the keyword arguments)."""
   return run([sys.executable, os.path.join(REPO, 'scripts', name), *args], **kwargs)

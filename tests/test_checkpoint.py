@@ -36,7 +36,7 @@ from lm.optimizer import make_optimizer, schedule
 from lm.run_folder import RunFolder, load_run
 from lm.sharding import AxisRules, batch_sharding
 from lm.train_step import init_state, jit_train_step, make_train_step, step_parts
-from tests.helpers import REPO, read_metrics, run
+from tests.helpers import REPO, host_devices_env, read_metrics, run
 
 TRAIN = os.path.join(REPO, 'scripts', 'train.py')
 STEPS = 60
@@ -87,12 +87,9 @@ def _argv(workdir, tokenizer, extra=None) -> list[str]:
 
 
 def _env(compile_cache, devices=8):
-  flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
-                   if 'device_count' not in f)
-  return {**os.environ, 'JAX_COMPILATION_CACHE_DIR': compile_cache,
+  return {**host_devices_env(devices), 'JAX_COMPILATION_CACHE_DIR': compile_cache,
           'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
-          'XLA_FLAGS': f'{flags} --xla_force_host_platform_device_count={devices}'.strip()}
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
 
 
 def _run(argv, env, *, check=True):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, read_metrics
+from tests.helpers import REPO, host_devices_env, read_metrics
 
 TRAIN = os.path.join(REPO, 'scripts', 'train.py')
 SMALL = ('--config.model.vocab_size=512', '--config.model.num_layers=2',
@@ -30,11 +30,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict[str, str]:
-  env = dict(os.environ)
-  flags = [f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f]
-  env['XLA_FLAGS'] = ' '.join([*flags, f'--xla_force_host_platform_device_count={devices}'])
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
+  return {**host_devices_env(devices), 'JAX_PLATFORMS': 'cpu'}
 
 
 def _args(workdir, tokenizer, steps, extra=()):
