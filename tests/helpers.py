@@ -31,9 +31,8 @@ def host_devices_env(devices: int) -> dict[str, str]:
   """This environment with `devices` forced host CPU devices instead of the session's 8,
   its other XLA flags kept."""
   env = one_device_env()
-  env['XLA_FLAGS'] = f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
-  env['XLA_FLAGS'] = env['XLA_FLAGS'].strip()
-  return env
+  flags = f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
+  return {**env, 'XLA_FLAGS': flags.strip()}
 
 
 def script(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess:

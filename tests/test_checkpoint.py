@@ -35,7 +35,7 @@ from lm.model import Transformer, param_axes
 from lm.optimizer import make_optimizer, schedule
 from lm.run_folder import RunFolder, load_run
 from lm.sharding import AxisRules, batch_sharding
-from lm.train_step import init_state, jit_train_step, make_train_step, step_parts
+from lm.train_step import abstract_state, init_state, jit_train_step, make_train_step, step_parts
 from tests.helpers import REPO, host_devices_env, read_metrics, run
 
 TRAIN = os.path.join(REPO, 'scripts', 'train.py')
@@ -559,10 +559,11 @@ def _flip_a_bit_only_the_checksums_catch(workdir, step, abstract):
 
 def test_a_flipped_bit_is_caught_by_the_checksums_and_the_run_falls_back(
     tmp_path, tokenizer, straight, caplog):
-  exp = _built(_config(_clone(straight[0], tmp_path / 'ref', 30), tokenizer))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          exp.state)
   workdir = _clone(straight[0], tmp_path / 'run', 40)
+  cfgs = parse(_config(workdir, tokenizer))
+  rules = AxisRules.from_config(cfgs.mesh)
+  parts = step_parts(cfgs, rules)
+  abstract = abstract_state(parts.model, parts.tx, cfgs.run.seq_len, rules)
   _flip_a_bit_only_the_checksums_catch(workdir, 40, abstract)
   with caplog.at_level('WARNING'):
     trainer.train(_config(workdir, tokenizer), handle_signals=False)
