@@ -29,6 +29,7 @@ class OptimizerConfig:
   name: str = 'adamw'
   lr: float = 3e-3
   muon_lr: float = 0.02
+  muon_ns_steps: int = 5
   min_lr: float = 3e-4
   warmup_steps: int = 50
   schedule: str = 'cosine'
@@ -61,6 +62,8 @@ class OptimizerConfig:
         raise ValueError(f'optimizer.{key} must be in [0, 1), got {getattr(self, key)}')
     if self.schedule not in SCHEDULES:
       raise ValueError(f'optimizer.schedule: expected one of {SCHEDULES}, got {self.schedule!r}')
+    if self.muon_ns_steps < 1:
+      raise ValueError(f'optimizer.muon_ns_steps must be >= 1, got {self.muon_ns_steps}')
     if self.grad_accum < 1:
       raise ValueError(f'optimizer.grad_accum must be >= 1, got {self.grad_accum}')
     if not 0.0 <= self.decay_fraction <= 1.0:
@@ -143,8 +146,8 @@ def _muon(cfg: OptimizerConfig, total_steps: int, param_axes: Any,
   scale = cfg.muon_lr / cfg.lr
   muon_schedule = schedule(
       dataclasses.replace(cfg, lr=cfg.muon_lr, min_lr=cfg.min_lr * scale), total_steps)
-  muon = optax.contrib.muon(muon_schedule, weight_decay=cfg.weight_decay,
-                            muon_weight_dimension_numbers=muon_dims)
+  muon = optax.contrib.muon(muon_schedule, ns_steps=cfg.muon_ns_steps,
+                            weight_decay=cfg.weight_decay, muon_weight_dimension_numbers=muon_dims)
   return optax.partition({'muon': muon, 'adamw': adamw}, labels)
 
 

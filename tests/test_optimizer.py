@@ -143,6 +143,20 @@ def test_muon_orthogonalises_one_matrix_per_layer_with_the_heads_folded():
     assert np.abs(u_q / (-0.05 * np.sqrt(N * H / D)) - wrong).max() > 0.1
 
 
+def test_muon_ns_steps_sets_the_newton_schulz_iterations():
+  """Fewer iterations leave the update further from orthogonal: the reference at 2, not 5."""
+  rng = np.random.default_rng(2)
+  grads = jax.tree.map(lambda s: rng.standard_normal(s).astype(np.float32), SHAPES,
+                       is_leaf=lambda x: isinstance(x, tuple))
+  u = _first_updates(dataclasses.replace(MUON, muon_ns_steps=2), grads)['blocks']['mlp']['down']
+  g = np.float64(grads['blocks']['mlp']['down'])
+  want = {k: np.stack([_newton_schulz(m, steps=k) for m in g]) for k in (2, 5)}
+  np.testing.assert_allclose(u, -0.05 * want[2], atol=2e-5)
+  assert np.abs(u / -0.05 - want[5]).max() > 0.1
+  with pytest.raises(ValueError, match='optimizer.muon_ns_steps'):
+    OptimizerConfig(name='muon', muon_ns_steps=0).validate()
+
+
 def test_muon_leaves_embeddings_head_and_norms_to_adamw():
   rng = np.random.default_rng(1)
   grads = jax.tree.map(lambda s: rng.standard_normal(s).astype(np.float32), SHAPES,
