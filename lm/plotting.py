@@ -1,5 +1,5 @@
 """Loss curves of several runs on one figure, from each RUN/metrics.jsonl, and a
-sweep's final losses against a key and against compute."""
+sweep's final losses against a key, and its evaluations against compute."""
 
 from __future__ import annotations
 
@@ -120,24 +120,30 @@ def plot_sweep_x(rows: Sequence[Mapping[str, Any]], x_key: str, group_keys: Sequ
 
 
 def plot_sweep_compute(rows: Sequence[Mapping[str, Any]],
+                       evals: Sequence[Mapping[str, Any]],
                        frontier: Sequence[Mapping[str, Any]], fit: Any, out: str) -> str:
-  """Final eval loss against training FLOPs: every finished point, the best of each
-  budget joined, and the fitted power law `fit` (a callable with `describe()`) if any."""
+  """Eval loss against training FLOPs: each finished point's evaluations as a curve and
+  its final one as a dot, the compute frontier joined, and the fitted power law `fit` (a
+  callable with `describe()`) if any."""
   import numpy as np
   plt = _pyplot()
-  done = [r for r in rows if r.get('final_eval_loss') is not None]
   fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name in dict.fromkeys(e['name'] for e in evals):
+    curve = [e for e in evals if e['name'] == name]
+    ax.plot([e['flops'] for e in curve], [e['eval_loss'] for e in curve], color='0.85',
+            linewidth=1)
+  done = [r for r in rows if r.get('final_eval_loss') is not None]
   ax.scatter([r['flops'] for r in done], [r['final_eval_loss'] for r in done],
-             color='0.7', label='every point')
-  ax.plot([r['flops'] for r in frontier], [r['final_eval_loss'] for r in frontier],
-          color='k', marker='o', label='best of each budget')
+             color='0.5', label='each point, final', zorder=2)
+  ax.plot([e['flops'] for e in frontier], [e['eval_loss'] for e in frontier],
+          color='k', marker='o', markersize=3, label='compute frontier', zorder=3)
   if fit is not None:
     c = np.geomspace(frontier[0]['flops'], frontier[-1]['flops'], 100)
     ax.plot(c, fit(c), color='C3', linestyle='--',
-            label=f'E + A C^-alpha, alpha = {fit.alpha:.3g}')
+            label=f'E + A C^-alpha, alpha = {fit.alpha:.3g}', zorder=4)
   ax.set_xscale('log')
   ax.set_xlabel('training FLOPs (6N + 12 L H Q T per token)')
-  ax.set_ylabel('final eval loss (nats/token)')
+  ax.set_ylabel('eval loss (nats/token)')
   ax.grid(alpha=0.3)
   if ax.collections or ax.lines:
     ax.legend()

@@ -70,6 +70,19 @@ def best_per_budget(flops: Sequence[float], losses: Sequence[float | None], *,
   return [min(budget, key=lambda i: losses[i]) for budget in budgets]
 
 
+def compute_frontier(flops: Sequence[float], losses: Sequence[float | None], *,
+                     rel_tol: float = 1e-3) -> list[int]:
+  """Indices of the compute-efficient frontier, by increasing compute: the best point of
+  each budget (`best_per_budget`) that is lower than every cheaper budget's best. A
+  budget whose best is no better than a cheaper one's lies above the frontier: more
+  compute spent for nothing."""
+  frontier: list[int] = []
+  for i in best_per_budget(flops, losses, rel_tol=rel_tol):
+    if not frontier or losses[i] < losses[frontier[-1]]:
+      frontier.append(i)
+  return frontier
+
+
 def _finite(x: float | None) -> bool:
   return x is not None and math.isfinite(x)
 

@@ -227,26 +227,52 @@ def pick_x(spec: Spec, x: str) -> str:
   return x or ('optimizer.lr' if 'optimizer.lr' in keys else keys[0])
 
 
-def report(out: str, rows: Sequence[Mapping[str, Any]], spec: Spec, x_key: str) -> list[str]:
-  """OUT/fit.json and the two plots; returns the lines to print (the fit, or why not)."""
+def evaluations(points: Sequence[Point], rows: Sequence[Mapping[str, Any]]
+                ) -> list[dict[str, Any]]:
+  """Every held-out evaluation of the finished points: the point's name, the step, the
+  training FLOPs up to that step and the eval loss. Each is a point of loss against
+  compute, as a run's final one is, so a few widths evaluated along the way give the
+  frontier many budgets without more runs (Kaplan et al.'s learning-curve envelope)."""
+  from lm.plotting import read_curves
+
+  found = []
+  for point, row in zip(points, rows):
+    if row['status'] != 'done':
+      continue
+    per_step = row['flops'] / point.cfgs.run.steps
+    for step, loss in read_curves(point.workdir)['eval_loss']:
+      if 0 < step <= point.cfgs.run.steps:
+        found.append({'name': point.name, 'step': step, 'flops': step * per_step,
+                      'eval_loss': loss})
+  return found
+
+
+def report(out: str, points: Sequence[Point], rows: Sequence[Mapping[str, Any]], spec: Spec,
+           x_key: str) -> list[str]:
+  """OUT/fit.json and the two plots; returns the lines to print (the fit, or why not).
+
+  The power law is fitted to the compute frontier of every evaluation of every finished
+  point. An evaluation before the end of a decaying schedule is at a higher rate than a
+  run that ends there would be, so it lies above the frontier such a run would reach:
+  the frontier errs high, never low, except at each point's final step.
+  """
   from lm import plotting, scaling_fit
 
-  best = scaling_fit.best_per_budget([r['flops'] for r in rows],
-                                     [r['final_eval_loss'] for r in rows])
-  frontier = [rows[i] for i in best]
+  evals = evaluations(points, rows)
+  frontier = [evals[i] for i in scaling_fit.compute_frontier(
+      [e['flops'] for e in evals], [e['eval_loss'] for e in evals])]
   fit, why_not = None, scaling_fit.underdetermined(len(frontier))
   if why_not is None:
-    fit = scaling_fit.fit_power_law([r['flops'] for r in frontier],
-                                    [r['final_eval_loss'] for r in frontier])
+    fit = scaling_fit.fit_power_law([e['flops'] for e in frontier],
+                                    [e['eval_loss'] for e in frontier])
   with open(os.path.join(out, 'fit.json'), 'w', encoding='utf-8') as f:
     json.dump({'fit': dataclasses.asdict(fit) if fit else None, 'not_fitted': why_not,
-               'budgets': [{k: r[k] for k in ('name', 'flops', 'final_eval_loss')}
-                           for r in frontier]}, f, indent=2)
+               'frontier': frontier}, f, indent=2)
     f.write('\n')
   others = [a.key for a in spec.grid if a.key != x_key]
   plots = [plotting.plot_sweep_x(rows, x_key, others, os.path.join(
                out, f'loss_vs_{x_key.split(".")[-1]}.png')),
-           plotting.plot_sweep_compute(rows, frontier, fit,
+           plotting.plot_sweep_compute(rows, evals, frontier, fit,
                                        os.path.join(out, 'loss_vs_compute.png'))]
   return [fit.describe() if fit else why_not, f'plots: {", ".join(plots)}']
 

@@ -188,7 +188,7 @@ def run_sweep(config: ml_collections.ConfigDict, spec: Spec, out: str, *, parall
   rows = sweep.write_results(out, points)
   say(f'results: {os.path.join(out, "results.jsonl")} '
       f'({sum(r["status"] == "done" for r in rows)} of {len(rows)} points done)')
-  for line in sweep.report(out, rows, spec, x_key):
+  for line in sweep.report(out, points, rows, spec, x_key):
     say(line)
   if runner.failed:
     say(f'{len(runner.failed)} point(s) failed: {", ".join(runner.failed)}; their logs are '

@@ -13,12 +13,13 @@ from lm import scaling_fit, sweep, sweep_runner
 from tests.helpers import one_device_env, read_metrics, script
 
 # A model small enough that a point trains in seconds; checkpoints every step, so a
-# point can be put back to step 1 as a kill would leave it.
+# point can be put back to step 1 as a kill would leave it, and evaluates every step, so
+# each point gives the compute frontier two evaluations.
 SMALL = ('--config.model.vocab_size=512', '--config.model.num_layers=1',
          '--config.model.num_heads=2', '--config.model.num_kv_heads=2',
          '--config.model.d_ff=64', '--config.seq_len=32', '--config.batch_size=4',
          '--config.eval_batches=1', '--config.data.eval_fraction=0.05',
-         '--config.log_every=1', '--config.checkpoint_every=1')
+         '--config.log_every=1', '--config.checkpoint_every=1', '--config.eval_every=1')
 GRID = ('--grid=model.d_model=32,64', '--grid=optimizer.lr=1e-3,1e-2')
 NAMES = ['d_model=32,lr=1e-3', 'd_model=32,lr=1e-2', 'd_model=64,lr=1e-3',
          'd_model=64,lr=1e-2']
@@ -62,12 +63,24 @@ def test_sweep_writes_a_run_folder_and_a_result_line_per_point(swept):
   assert rows[2]['params'] > rows[0]['params'] and rows[2]['flops'] > rows[0]['flops']
   for plot in ('loss_vs_lr.png', 'loss_vs_compute.png'):
     assert (out / plot).read_bytes()[:4] == b'\x89PNG'
-  # Two budgets (one per width) cannot pin three parameters: said, not fitted.
-  assert 'underdetermined' in stdout
+  # The frontier is drawn from all eight evaluations (two steps of four points): each is
+  # one of them, at its step's FLOPs, cheaper ones first, each lower than all cheaper.
   fit = json.loads((out / 'fit.json').read_text())
-  assert fit['fit'] is None and len(fit['budgets']) == 2
-  best32 = min(rows[:2], key=lambda r: r['final_eval_loss'])
-  assert fit['budgets'][0]['name'] == best32['name']
+  evals = {(r['name'], m['step']): (m['step'] * r['flops'] / 2, m['eval_loss'])
+           for r in rows for m in read_metrics(out / 'runs' / r['name']) if 'eval_loss' in m}
+  assert sorted({step for _, step in evals}) == [1, 2] and len(evals) == 8
+  frontier = fit['frontier']
+  for e in frontier:
+    assert evals[e['name'], e['step']] == pytest.approx((e['flops'], e['eval_loss']))
+  assert [e['flops'] for e in frontier] == sorted(e['flops'] for e in frontier)
+  assert all(a['eval_loss'] > b['eval_loss'] for a, b in zip(frontier, frontier[1:]))
+  for c, loss in evals.values():  # Nothing beats the frontier at its own compute or less.
+    assert min(e['eval_loss'] for e in frontier if e['flops'] <= c * (1 + 1e-9)) <= loss
+  # Fewer than four frontier points cannot pin three parameters: said, not fitted.
+  if len(frontier) < 4:
+    assert 'underdetermined' in stdout and fit['fit'] is None
+  else:
+    assert fit['fit']['points'] == len(frontier)
 
 
 def test_a_second_run_skips_finished_points_and_another_grid_is_refused(swept, tokenizer):
@@ -236,3 +249,6 @@ def test_best_point_of_each_budget():
   flops = [2e9, 1e9, 1e9 * (1 + 1e-5), 4e9, 2e9, 2e9, 8e9]
   losses = [2.5, 3.0, 2.9, 2.6, None, 2.4, math.nan]
   assert scaling_fit.best_per_budget(flops, losses) == [2, 5, 3]
+  # The frontier drops the 4e9 budget: 2.6 is no better than 2.4 at half the compute.
+  assert scaling_fit.compute_frontier(flops, losses) == [2, 5]
+  assert scaling_fit.compute_frontier(flops + [16e9], losses + [2.3]) == [2, 5, 7]
