@@ -178,6 +178,35 @@ def final_eval_loss(point: Point) -> float | None:
   return dict(read_curves(point.workdir)['eval_loss']).get(steps)
 
 
+def config_drift(point: Point) -> str | None:
+  """How the config in a point's run folder (what its train.py ran) differs from the
+  point's config as the sweep makes it now, as `KEY: A there, B now; ...`; None when they
+  agree or no run has begun. A difference means the config file, or one it imports, was
+  edited since that run began: its loss would sit in the table under values it was not
+  trained with."""
+  from lm.config import as_dict
+  from lm.run_folder import RunFolder  # Imports Orbax: only once points are checked.
+
+  folder = RunFolder(point.workdir)
+  if not os.path.isfile(folder.config_path):
+    return None
+  ran, now = _flat(as_dict(folder.config())), _flat(as_dict(point.cfgs))
+  keys = sorted((set(ran) | set(now)) - set(RESERVED_KEYS))
+  diffs = [f'{k}: {ran.get(k)!r} there, {now.get(k)!r} now' for k in keys
+           if ran.get(k) != now.get(k)]
+  return '; '.join(diffs) or None
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat: dict[str, Any] = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
 def read_attempts(out: str) -> dict[str, list[dict[str, Any]]]:
   """OUT/attempts.jsonl by point name (a line torn by a kill is passed over)."""
   path, by_name = os.path.join(out, 'attempts.jsonl'), {}
@@ -201,6 +230,8 @@ def result_row(point: Point, loss: float | None, attempts: Sequence[Mapping[str,
   tokens = run.steps * run.batch_size * run.seq_len
   status = 'done' if loss is not None else (
       'failed' if attempts and attempts[-1]['rc'] != 0 else 'pending')
+  if status == 'done' and config_drift(point):
+    status = 'config_changed'  # Its loss is kept, but neither fitted nor called done.
   return {'name': point.name, **point.values,
           'params': flops.num_params(point.cfgs.model), 'tokens': tokens,
           'flops': tokens * flops.flops_per_token(point.cfgs.model, run.seq_len),

@@ -156,7 +156,11 @@ class Runner:
         f.write(json.dumps({'name': point.name, 'rc': rc, 'wall_s': round(wall, 2),
                             'start': round(start, 1)}) + '\n')
       loss = sweep.final_eval_loss(point) if rc == 0 else None
-      if loss is not None:
+      drift = sweep.config_drift(point) if loss is not None else None
+      if drift:  # The config file was edited after the sweep began.
+        self.failed.append(point.name)
+        self.say(f'{label}: trained another config than the sweep began with ({drift})')
+      elif loss is not None:
         self.say(f'{label}: done in {wall:.1f} s, eval loss {loss:.4f}')
       elif rc == 0 or self.stopping:
         self.say(f'{label}: stopped after {wall:.1f} s, not finished')
@@ -179,6 +183,11 @@ def run_sweep(config: ml_collections.ConfigDict, spec: Spec, out: str, *, parall
   x_key = sweep.pick_x(spec, x)
   envs = slot_envs(parallel, visible_gpus(gpus) if parallel > 1 else [], os.environ)
   sweep.check_spec(out, spec)
+  for point in points:
+    drift = sweep.config_drift(point)
+    if drift:
+      raise ValueError(f'{point.workdir} ran another config than {spec.config} gives now '
+                       f'({drift}); restore the config, or give a new --out')
   todo = [p for p in points if sweep.final_eval_loss(p) is None]
   say(f'sweep: {len(points)} points; skipped {len(points) - len(todo)} finished; '
       f'{len(todo)} to train, {len(envs)} at a time')

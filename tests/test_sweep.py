@@ -124,6 +124,35 @@ def test_an_interrupted_point_resumes_and_the_others_are_skipped(swept, tokenize
   assert row['wall_s'] == pytest.approx(sum(a['wall_s'] for a in mine), abs=0.02)
 
 
+def test_a_run_folder_of_another_config_is_refused_not_skipped(swept, tokenizer, tmp_path):
+  """A config file edited after a sweep began: its finished points must not be skipped
+  into the table as if they had run what the file says now."""
+  out = tmp_path / 'out'
+  shutil.copytree(swept[0], out)
+  attempts = (out / 'attempts.jsonl').read_text()
+  config = out / 'runs' / NAMES[0] / 'config.json'
+  ran = json.loads(config.read_text())
+  ran['optimizer']['b2'] = 0.99  # As if the file had said so when this point trained.
+  config.write_text(json.dumps(ran))
+  proc = _sweep(out, tokenizer, *GRID, check=False)
+  assert proc.returncode == 1
+  [line] = proc.stderr.strip().splitlines()
+  assert f'{out / "runs" / NAMES[0]} ran another config' in line
+  assert 'optimizer.b2: 0.99 there, 0.95 now' in line, line
+  assert (out / 'attempts.jsonl').read_text() == attempts  # no train.py started
+  # The table keeps its loss but does not call it done (nor fit it); the others are.
+  from configs import tiny
+  from lm.config import set_key
+  config = tiny.get_config()
+  for arg in (*SMALL, f'--config.data.tokenizer={tokenizer}'):
+    set_key(config, *arg.removeprefix('--config.').split('=', 1))
+  spec = sweep.Spec('configs/tiny.py', sweep.parse_grid([g[len('--grid='):] for g in GRID]),
+                    (), 2)
+  rows = sweep.write_results(str(out), sweep.make_points(config, spec, str(out)))
+  assert [r['status'] for r in rows] == ['config_changed', 'done', 'done', 'done']
+  assert rows[0]['final_eval_loss'] is not None
+
+
 def test_a_bad_grid_is_one_line_before_anything_is_written(tmp_path, tokenizer):
   # One script call (each costs seconds of imports); test_grid_parse_errors and
   # test_bad_values_and_points_are_named cover the other mistakes in process.
