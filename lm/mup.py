@@ -10,9 +10,13 @@ With the width multiplier m = d_model / mup_base_width, as in Microsoft's `mup` 
   (`lm.model.output_head`), so the chunked loss and evaluation see it too. An untied head
   starts at std 1/sqrt(mup_base_width), the base's fan-in std at every width, with its
   rate unchanged; a tied head is the embedding, whose init does not depend on width.
-- attention logits / head_dim instead of / sqrt(head_dim): once queries and keys are
-  correlated by training their dot products grow like head_dim, not its square root. This
-  changes the model even at m = 1 (by sqrt(head_dim), the same as scaling q's weights).
+- attention logits scaled like 1 / head_dim instead of 1 / sqrt(head_dim): once queries
+  and keys are correlated by training their dot products grow like head_dim, not its
+  square root. The constant is the one that makes the base width's model the standard
+  model, sqrt(H0) / H with H0 the head size at the base width (`mup`'s attn_mult, set so),
+  so that at m = 1 muP is exactly the standard parametrisation and a rate tuned there
+  without muP is the rate to transfer. With head_dim fixed and heads growing it is 1 /
+  sqrt(head_dim) at every width.
 - With optimizer.name=muon the hidden matrices are Muon's, whose updates are already
   scaled for width (orthogonalised, times sqrt(max(1, fan_out / fan_in))); the AdamW part
   holds no hidden matrix, so only the init, the output multiplier and the attention scale
@@ -25,6 +29,7 @@ mup_base_width=0 (the default) is off: every function here is then the identity.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -49,8 +54,12 @@ def head_init_scale(cfg: ModelConfig) -> float:
 
 
 def attention_scale(cfg: ModelConfig) -> float | None:
-  """Softmax scale of the attention logits; None: dot_product_attention's 1/sqrt(H)."""
-  return 1.0 / cfg.head_size if cfg.mup_base_width else None
+  """Softmax scale of the attention logits, sqrt(H0) / H; None (off): 1/sqrt(H)."""
+  if not cfg.mup_base_width:
+    return None
+  # The head size at the base width: a fixed head_dim, else d_model's share per head.
+  base_head = cfg.head_dim or cfg.mup_base_width / cfg.num_heads
+  return math.sqrt(base_head) / cfg.head_size
 
 
 def is_hidden_matrix(names: tuple[str | None, ...]) -> bool:

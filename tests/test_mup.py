@@ -111,7 +111,8 @@ def test_coordinate_check_is_flat_in_width_with_mup_and_grows_without():
 
 def test_multipliers_for_a_width_four_times_the_base():
   assert (mup.width_mult(MUP), mup.output_mult(MUP), mup.head_init_scale(MUP)) == (4, 0.25, 4)
-  assert mup.attention_scale(MUP) == 1 / 32  # 1 / head_dim (256 / 8), not 1 / sqrt(32)
+  # sqrt(head size at the base width, 64 / 8) / head size (256 / 8): 1/sqrt(32) / sqrt(m).
+  assert mup.attention_scale(MUP) == pytest.approx(np.sqrt(8) / 32)
   scales = mup.lr_scales(MUP, param_axes(Transformer(MUP)))
   for name in ('q', 'k', 'v', 'o'):
     assert scales['block_0']['attn'][name] == 0.25
@@ -140,13 +141,14 @@ def _pick(tree, path):
 
 @pytest.mark.parametrize('tied', [False, True])
 def test_logits_are_the_standard_ones_with_q_and_logits_rescaled(tied):
-  """muP's forward = the standard model with q times 1/sqrt(head_dim) (attention by
-  head_dim, not its root) and the logits times 1/m."""
+  """muP's forward = the standard model with q times 1/sqrt(m) (attention logits by
+  head_dim, not its root, equal to the standard model's at the base width) and the
+  logits times 1/m."""
   cfg = dataclasses.replace(MUP, tie_embeddings=tied)
   params, tokens = _init(cfg), _tokens((2, 16))
   folded = jax.tree.map(lambda x: x, params)
   for i in range(cfg.num_layers):
-    folded[f'block_{i}']['attn']['q'] = params[f'block_{i}']['attn']['q'] / np.sqrt(32)
+    folded[f'block_{i}']['attn']['q'] = params[f'block_{i}']['attn']['q'] / 2  # sqrt(m)
   standard = Transformer(dataclasses.replace(cfg, mup_base_width=0))
   x_BxTxD = standard.apply({'params': folded}, tokens, features=True)
   want = x_BxTxD @ output_head(params, standard.cfg) / 4
@@ -226,12 +228,18 @@ def test_off_by_default_and_the_same_model_and_optimizer_as_before():
   assert len(jax.tree.leaves(on)) == len(jax.tree.leaves(off))
 
 
-def test_base_width_equal_to_d_model_is_standard_but_for_the_attention_scale():
+def test_base_width_equal_to_d_model_is_the_standard_model():
+  """So a rate tuned at the base width without muP is the rate muP transfers."""
   same = dataclasses.replace(SMALL, mup_base_width=SMALL.d_model)
-  for x, y in zip(jax.tree.leaves(_init(same)), jax.tree.leaves(_init(SMALL))):
+  params = _init(same)
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(_init(SMALL))):
     np.testing.assert_array_equal(x, y)
   scales = mup.lr_scales(same, param_axes(Transformer(same)))
   assert set(jax.tree.leaves(scales)) == {1.0} and mup.output_mult(same) == 1.0
+  tokens = _tokens((2, 16))
+  np.testing.assert_allclose(Transformer(same).apply({'params': params}, tokens),
+                             Transformer(SMALL).apply({'params': params}, tokens),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_negative_base_width_names_the_key():
