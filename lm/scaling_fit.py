@@ -36,9 +36,11 @@ class PowerLaw:
 
   @property
   def determined(self) -> bool:
-    """Whether every parameter is known to better than its own size (and E >= 0, as a
-    loss's floor must be): else the budgets do not pin the curve down."""
-    pairs = ((self.E, self.E_err), (self.A, self.A_err), (self.alpha, self.alpha_err))
+    """Whether E and alpha are known to better than their own size (and E >= 0, as a
+    loss's floor must be): else the budgets do not pin the curve down. A is not judged:
+    it is the curve's height at C = 1 FLOP, a dozen decades below any budget, so its
+    error is alpha's times ln C (about 28 at 1e12) whenever alpha has any."""
+    pairs = ((self.E, self.E_err), (self.alpha, self.alpha_err))
     return self.E >= 0 and all(math.isfinite(err) and err < abs(v) for v, err in pairs)
 
   def describe(self) -> str:
@@ -48,8 +50,8 @@ class PowerLaw:
             f'E = {self.E:.4g} ± {self.E_err:.2g}, A = {self.A:.4g} ± {self.A_err:.2g}, '
             f'alpha = {self.alpha:.4g} ± {self.alpha_err:.2g} (rmse {self.rmse:.3g})')
     return line if self.determined else (
-        line + '; poorly determined (an error exceeds its value, or E < 0): these budgets '
-        'do not pin the curve down')
+        line + "; poorly determined (E's or alpha's error exceeds its value, or E < 0): these "
+        'budgets do not pin the curve down')
 
 
 def best_per_budget(flops: Sequence[float], losses: Sequence[float | None], *,
