@@ -285,7 +285,7 @@ def report(out: str, points: Sequence[Point], rows: Sequence[Mapping[str, Any]],
   The power law is fitted to the compute frontier of every evaluation of every finished
   point. An evaluation before the end of a decaying schedule is at a higher rate than a
   run that ends there would be, so it lies above the frontier such a run would reach:
-  the frontier errs high, never low, except at each point's final step.
+  the frontier errs high, never low (each point's final step is exact).
   """
   from lm import plotting, scaling_fit
 
