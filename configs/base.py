@@ -92,6 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'muon': Newton-Schulz iterations per step (the reference's 5). Their cost does not
   # grow with the batch, so at small batches fewer buy speed (docs/recipes.md).
   c.optimizer.muon_ns_steps = 5
+  # 'muon': how each matrix is scaled before the first iteration: 'frobenius' (the
+  # reference), 'spectral', 'aol' or 'schatten' (the last two orthogonalise more per
+  # iteration, for the same matrix products).
+  c.optimizer.muon_preconditioning = 'frobenius'
   c.optimizer.min_lr = 3e-4  # Final learning rate of the cosine / WSD decay.
   c.optimizer.warmup_steps = 50  # Linear warmup from 0.
   c.optimizer.schedule = 'cosine'  # 'cosine' | 'wsd' | 'constant'.

@@ -17,6 +17,10 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 OPTIMIZERS = ('adamw', 'muon')
+# How Muon scales a matrix before its first Newton-Schulz iteration (optax's names):
+# Frobenius norm (the reference), spectral norm, AOL's per-row rescaling, or the
+# Schatten-4 norm; the last two bring small singular values nearer 1 in fewer iterations.
+MUON_PRECONDITIONINGS = ('frobenius', 'spectral', 'aol', 'schatten')
 SCHEDULES = ('cosine', 'wsd', 'constant')
 
 # Parameters whose final name is listed here are not decayed: norm gains would shrink
@@ -30,6 +34,7 @@ class OptimizerConfig:
   lr: float = 3e-3
   muon_lr: float = 0.02
   muon_ns_steps: int = 5
+  muon_preconditioning: str = 'frobenius'
   min_lr: float = 3e-4
   warmup_steps: int = 50
   schedule: str = 'cosine'
@@ -64,6 +69,9 @@ class OptimizerConfig:
       raise ValueError(f'optimizer.schedule: expected one of {SCHEDULES}, got {self.schedule!r}')
     if self.muon_ns_steps < 1:
       raise ValueError(f'optimizer.muon_ns_steps must be >= 1, got {self.muon_ns_steps}')
+    if self.muon_preconditioning not in MUON_PRECONDITIONINGS:
+      raise ValueError(f'optimizer.muon_preconditioning: expected one of '
+                       f'{MUON_PRECONDITIONINGS}, got {self.muon_preconditioning!r}')
     if self.grad_accum < 1:
       raise ValueError(f'optimizer.grad_accum must be >= 1, got {self.grad_accum}')
     if not 0.0 <= self.decay_fraction <= 1.0:
@@ -147,6 +155,7 @@ def _muon(cfg: OptimizerConfig, total_steps: int, param_axes: Any,
   muon_schedule = schedule(
       dataclasses.replace(cfg, lr=cfg.muon_lr, min_lr=cfg.min_lr * scale), total_steps)
   muon = optax.contrib.muon(muon_schedule, ns_steps=cfg.muon_ns_steps,
+                            preconditioning=cfg.muon_preconditioning,
                             weight_decay=cfg.weight_decay, muon_weight_dimension_numbers=muon_dims)
   return optax.partition({'muon': muon, 'adamw': adamw}, labels)
 

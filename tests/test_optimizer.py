@@ -103,12 +103,20 @@ def test_muon_dimensions_follow_the_logical_axis_names():
     muon_dimensions(('heads', 'embed', 'head_dim'))
 
 
-def _newton_schulz(g: np.ndarray, steps: int = 5) -> np.ndarray:
-  """Muon's orthogonalisation, as modded-nanogpt writes it, in float64 numpy."""
+def _newton_schulz(g: np.ndarray, steps: int = 5, scaling: str = 'frobenius') -> np.ndarray:
+  """Muon's orthogonalisation, as modded-nanogpt writes it, in float64 numpy; `scaling`
+  is how the (wide) matrix is brought near unit spectral norm first: by its Frobenius
+  norm, its Schatten-4 norm (|X X^T|_F ** 0.5), or AOL's rows (each by the square root of
+  its row of |X X^T| summed)."""
   a, b, c = 3.4445, -4.7750, 2.0315
-  x = g / (np.linalg.norm(g) + 1e-8)
-  tall = x.shape[0] > x.shape[1]
-  x = x.T if tall else x
+  tall = g.shape[0] > g.shape[1]
+  x = g.T if tall else g
+  if scaling == 'frobenius':
+    x = x / (np.linalg.norm(x) + 1e-8)
+  elif scaling == 'schatten':
+    x = x / np.sqrt(np.linalg.norm(x @ x.T))
+  elif scaling == 'aol':
+    x = x / np.sqrt(np.abs(x @ x.T).sum(axis=1, keepdims=True))
   for _ in range(steps):
     s = x @ x.T
     x = a * x + (b * s + c * s @ s) @ x
@@ -155,6 +163,22 @@ def test_muon_ns_steps_sets_the_newton_schulz_iterations():
   assert np.abs(u / -0.05 - want[5]).max() > 0.1
   with pytest.raises(ValueError, match='optimizer.muon_ns_steps'):
     OptimizerConfig(name='muon', muon_ns_steps=0).validate()
+
+
+@pytest.mark.parametrize('scaling', ['schatten', 'aol'])
+def test_muon_preconditioning_sets_the_first_scaling(scaling):
+  """One iteration after each scaling matches its reference, and not the Frobenius one's."""
+  rng = np.random.default_rng(3)
+  grads = jax.tree.map(lambda s: rng.standard_normal(s).astype(np.float32), SHAPES,
+                       is_leaf=lambda x: isinstance(x, tuple))
+  cfg = dataclasses.replace(MUON, muon_ns_steps=1, muon_preconditioning=scaling)
+  u = _first_updates(cfg, grads)['blocks']['mlp']['down']
+  g = np.float64(grads['blocks']['mlp']['down'])
+  want = {k: np.stack([_newton_schulz(m, 1, k) for m in g]) for k in (scaling, 'frobenius')}
+  np.testing.assert_allclose(u, -0.05 * want[scaling], atol=2e-5)
+  assert np.abs(u / -0.05 - want['frobenius']).max() > 0.1
+  with pytest.raises(ValueError, match='optimizer.muon_preconditioning'):
+    OptimizerConfig(name='muon', muon_preconditioning='newton').validate()
 
 
 def test_muon_leaves_embeddings_head_and_norms_to_adamw():
