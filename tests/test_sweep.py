@@ -124,6 +124,18 @@ def test_an_interrupted_point_resumes_and_the_others_are_skipped(swept, tokenize
   assert row['wall_s'] == pytest.approx(sum(a['wall_s'] for a in mine), abs=0.02)
 
 
+def _points(out, tokenizer):
+  """The swept grid's Spec and Points in `out`, made in process as scripts/sweep.py does."""
+  from configs import tiny
+  from lm.config import set_key
+  config = tiny.get_config()
+  for arg in (*SMALL, f'--config.data.tokenizer={tokenizer}'):
+    set_key(config, *arg.removeprefix('--config.').split('=', 1))
+  spec = sweep.Spec('configs/tiny.py', sweep.parse_grid([g[len('--grid='):] for g in GRID]),
+                    (), 2)
+  return spec, sweep.make_points(config, spec, str(out))
+
+
 def test_a_run_folder_of_another_config_is_refused_not_skipped(swept, tokenizer, tmp_path):
   """A config file edited after a sweep began: its finished points must not be skipped
   into the table as if they had run what the file says now."""
@@ -141,16 +153,31 @@ def test_a_run_folder_of_another_config_is_refused_not_skipped(swept, tokenizer,
   assert 'optimizer.b2: 0.99 there, 0.95 now' in line, line
   assert (out / 'attempts.jsonl').read_text() == attempts  # no train.py started
   # The table keeps its loss but does not call it done (nor fit it); the others are.
-  from configs import tiny
-  from lm.config import set_key
-  config = tiny.get_config()
-  for arg in (*SMALL, f'--config.data.tokenizer={tokenizer}'):
-    set_key(config, *arg.removeprefix('--config.').split('=', 1))
-  spec = sweep.Spec('configs/tiny.py', sweep.parse_grid([g[len('--grid='):] for g in GRID]),
-                    (), 2)
-  rows = sweep.write_results(str(out), sweep.make_points(config, spec, str(out)))
+  rows = sweep.write_results(str(out), _points(out, tokenizer)[1])
   assert [r['status'] for r in rows] == ['config_changed', 'done', 'done', 'done']
   assert rows[0]['final_eval_loss'] is not None
+
+
+def test_a_point_that_ran_another_config_mid_sweep_is_a_failure(swept, tokenizer, tmp_path,
+                                                                 monkeypatch):
+  """The config file edited while a sweep runs: a point whose train.py then ran another
+  config is counted failed and said so, not reported done with its loss."""
+  import sys
+
+  out = tmp_path / 'out'
+  shutil.copytree(swept[0], out)
+  spec, points = _points(out, tokenizer)
+  ran = out / 'runs' / NAMES[1] / 'config.json'
+  # In place of train.py: a run that ends having trained with another b2 in its folder.
+  edit = (f'import json, pathlib; p = pathlib.Path({str(ran)!r}); c = json.loads(p.read_text());'
+          f" c['optimizer']['b2'] = 0.99; p.write_text(json.dumps(c))")
+  monkeypatch.setattr(sweep, 'child_argv', lambda spec, point: [sys.executable, '-c', edit])
+  said = []
+  runner = sweep_runner.Runner(spec, str(out), [dict(os.environ)], said.append)
+  runner.run([points[1]])
+  assert runner.failed == [NAMES[1]]
+  assert 'trained another config than the sweep began with (optimizer.b2: 0.99 there, ' \
+         '0.95 now)' in said[-1], said
 
 
 def test_a_bad_grid_is_one_line_before_anything_is_written(tmp_path, tokenizer):
