@@ -124,13 +124,19 @@ def test_an_interrupted_point_resumes_and_the_others_are_skipped(swept, tokenize
   assert row['wall_s'] == pytest.approx(sum(a['wall_s'] for a in mine), abs=0.02)
 
 
-def _points(out, tokenizer):
-  """The swept grid's Spec and Points in `out`, made in process as scripts/sweep.py does."""
+def _config(tokenizer):
+  """tiny.py with SMALL's overrides, as scripts/sweep.py reads them."""
   from configs import tiny
   from lm.config import set_key
   config = tiny.get_config()
   for arg in (*SMALL, f'--config.data.tokenizer={tokenizer}'):
     set_key(config, *arg.removeprefix('--config.').split('=', 1))
+  return config
+
+
+def _points(out, tokenizer):
+  """The swept grid's Spec and Points in `out`, made in process as scripts/sweep.py does."""
+  config = _config(tokenizer)
   spec = sweep.Spec('configs/tiny.py', sweep.parse_grid([g[len('--grid='):] for g in GRID]),
                     (), 2)
   return spec, sweep.make_points(config, spec, str(out))
@@ -178,6 +184,20 @@ def test_a_point_that_ran_another_config_mid_sweep_is_a_failure(swept, tokenizer
   assert runner.failed == [NAMES[1]]
   assert 'trained another config than the sweep began with (optimizer.b2: 0.99 there, ' \
          '0.95 now)' in said[-1], said
+
+
+def test_keys_linked_in_the_config_move_together(tokenizer, tmp_path):
+  """d_ff linked to d_model in a config file (an ml_collections reference): each point's
+  MLP grows with its width, and a value given for d_ff itself breaks the link."""
+  config = _config(tokenizer)
+  config.model.d_ff = config.model.get_ref('d_model') * 3
+  spec = sweep.Spec('configs/tiny.py', sweep.parse_grid(['model.d_model=32,64']), (), 2)
+  points = sweep.make_points(config, spec, str(tmp_path))
+  assert [(p.cfgs.model.d_model, p.cfgs.model.d_ff) for p in points] == [(32, 96), (64, 192)]
+  spec = sweep.Spec('configs/tiny.py',
+                    sweep.parse_grid(['model.d_model=32,64', 'model.d_ff=50']), (), 2)
+  points = sweep.make_points(config, spec, str(tmp_path))
+  assert [(p.cfgs.model.d_model, p.cfgs.model.d_ff) for p in points] == [(32, 50), (64, 50)]
 
 
 def test_a_bad_grid_is_one_line_before_anything_is_written(tmp_path, tokenizer):
