@@ -93,8 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
   # grow with the batch, so at small batches fewer buy speed (docs/recipes.md).
   c.optimizer.muon_ns_steps = 5
   # 'muon': how each matrix is scaled before the first iteration: 'frobenius' (the
-  # reference), 'spectral', 'aol' or 'schatten' (the last two orthogonalise more per
-  # iteration, for the same matrix products).
+  # reference), 'spectral', 'aol' or 'schatten' (the last two orthogonalise a test matrix
+  # more per iteration; in training AOL measured level with Frobenius, docs/recipes.md).
   c.optimizer.muon_preconditioning = 'frobenius'
   c.optimizer.min_lr = 3e-4  # Final learning rate of the cosine / WSD decay.
   c.optimizer.warmup_steps = 50  # Linear warmup from 0.
