@@ -154,13 +154,9 @@ def _muon(cfg: OptimizerConfig, total_steps: int, param_axes: Any,
   scale = cfg.muon_lr / cfg.lr
   muon_schedule = schedule(
       dataclasses.replace(cfg, lr=cfg.muon_lr, min_lr=cfg.min_lr * scale), total_steps)
-  # Passed only when asked for: optax's own default is the Frobenius norm, and an optax
-  # from before its preconditioning option still runs the reference Muon.
-  extra = ({} if cfg.muon_preconditioning == 'frobenius'
-           else {'preconditioning': cfg.muon_preconditioning})
   muon = optax.contrib.muon(muon_schedule, ns_steps=cfg.muon_ns_steps,
-                            weight_decay=cfg.weight_decay, muon_weight_dimension_numbers=muon_dims,
-                            **extra)
+                            preconditioning=cfg.muon_preconditioning,
+                            weight_decay=cfg.weight_decay, muon_weight_dimension_numbers=muon_dims)
   return optax.partition({'muon': muon, 'adamw': adamw}, labels)
 
 

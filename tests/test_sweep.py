@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -168,8 +169,6 @@ def test_a_point_that_ran_another_config_mid_sweep_is_a_failure(swept, tokenizer
                                                                  monkeypatch):
   """The config file edited while a sweep runs: a point whose train.py then ran another
   config is counted failed and said so, not reported done with its loss."""
-  import sys
-
   out = tmp_path / 'out'
   shutil.copytree(swept[0], out)
   spec, points = _points(out, tokenizer)
