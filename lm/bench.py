@@ -226,22 +226,40 @@ def variants(config: ml_collections.ConfigDict,
   """The config as given, then one copy per value of each `KEY=V1,V2,...` in `vary`.
 
   Each key changes alone from the given config (one lever at a time, not every
-  combination). Values are Python literals (128, True, 'a') or else plain strings.
+  combination). `KEY=V;KEY2=V2` is one copy with all of its keys set together: a recipe
+  that changes several levers at once, measured against the same base. Values are Python
+  literals (128, True, 'a') or else plain strings.
   """
   out = [('base', config)]
   for spec in vary:
-    key, sep, values = spec.partition('=')
-    key = key.strip()
-    if not sep or not key or not values.strip():
-      raise ValueError(f'--vary={spec!r}: expected KEY=VALUE[,VALUE...]')
-    for raw in values.split(','):
-      variant = copy.deepcopy(config)  # Keeps linked keys (configs/base.py) linked.
-      try:
-        set_key(variant, key, raw.strip())
-      except ValueError as e:
-        raise ValueError(f'--vary: {e}') from None
-      out.append((f'{key}={raw.strip()}', variant))
+    if ';' in spec:
+      pairs = [_key_values(part, spec) for part in spec.split(';')]
+      if any(len(values) != 1 for _, values in pairs):
+        raise ValueError(f'--vary={spec!r}: a combined variant sets one value per key')
+      out.append(_variant(config, [(key, values[0]) for key, values in pairs]))
+    else:
+      key, values = _key_values(spec, spec)
+      out.extend(_variant(config, [(key, value)]) for value in values)
   return out
+
+
+def _key_values(part: str, spec: str) -> tuple[str, list[str]]:
+  key, sep, values = part.partition('=')
+  key = key.strip()
+  if not sep or not key or not values.strip():
+    raise ValueError(f'--vary={spec!r}: expected KEY=VALUE[,VALUE...]')
+  return key, [v.strip() for v in values.split(',')]
+
+
+def _variant(config: ml_collections.ConfigDict,
+             settings: list[tuple[str, str]]) -> tuple[str, ml_collections.ConfigDict]:
+  variant = copy.deepcopy(config)  # Keeps linked keys (configs/base.py) linked.
+  for key, value in settings:
+    try:
+      set_key(variant, key, value)
+    except ValueError as e:
+      raise ValueError(f'--vary: {e}') from None
+  return ';'.join(f'{key}={value}' for key, value in settings), variant
 
 
 def checkpoint_timing(config: ml_collections.ConfigDict, *, repeats: int = 3) -> dict[str, Any]:

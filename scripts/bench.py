@@ -10,7 +10,7 @@ float weights) plans the scoring step of the model with its weights quantised in
 `--checkpoint` times saving and restoring the train state instead (and the checksums'
 share of it). `--vary=KEY=V1,V2` (repeatable) measures the config, then each value of
 each key on its own, one JSON line each with a "variant" label: every lever both ways in
-one process.
+one process. `--vary='KEY=V;KEY2=V2'` sets its keys together, as one variant.
 """
 
 import json
@@ -37,7 +37,8 @@ _INFERENCE = flags.DEFINE_bool(
     'train step, its weights quantised as --quantize says; int8/int4 imply it.')
 _QUANTIZE = define_quantize_flags()
 _VARY = flags.DEFINE_multi_string(
-    'vary', [], 'KEY=V1,V2,...: also measure the config with KEY set to each value.')
+    'vary', [], 'KEY=V1,V2,...: also measure the config with KEY set to each value; '
+    "'KEY=V;KEY2=V2': one variant with both set.")
 
 
 def main(argv):

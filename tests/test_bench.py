@@ -116,10 +116,22 @@ def test_vary_measures_each_lever_alone_from_the_config():
 
 @pytest.mark.parametrize('vary,message', [('model.nope=1', 'no config key model.nope'),
                                           ('loss.chunk=abc', 'cannot set'),
-                                          ('junk', 'expected KEY=VALUE')])
+                                          ('junk', 'expected KEY=VALUE'),
+                                          ('model.mlp=relu2;seed=1,2', 'one value per key'),
+                                          ('model.mlp=relu2;junk', 'expected KEY=VALUE')])
 def test_bad_vary_is_one_clear_error(vary, message):
   with pytest.raises(ValueError, match=message):
     bench.variants(tiny.get_config(), [vary])
+
+
+def test_a_combined_variant_sets_its_keys_together():
+  got = bench.variants(tiny.get_config(),
+                       ['model.mlp=relu2;optimizer.muon_ns_steps=2', 'model.mlp=relu2'])
+  assert [name for name, _ in got] == [
+      'base', 'model.mlp=relu2;optimizer.muon_ns_steps=2', 'model.mlp=relu2']
+  both, alone = got[1][1], got[2][1]
+  assert (both.model.mlp, both.optimizer.muon_ns_steps) == ('relu2', 2)
+  assert (alone.model.mlp, alone.optimizer.muon_ns_steps) == ('relu2', 5)
 
 
 def test_packed_documents_are_benchmarked_with_their_mask():
