@@ -223,9 +223,9 @@ class MLP(nn.Module):
     # MLP's backward pass twice as long. Same math and sharding (batch stays major).
     b, t, d = x_BxTxD.shape
     x_NxD = x_BxTxD.reshape(b * t, d)
-    up_NxF = x_NxD @ jnp.asarray(w_up_DxF, dt)
+    up_NxF = jnp.einsum('nd,df->nf', x_NxD, jnp.asarray(w_up_DxF, dt))
     if c.mlp == 'swiglu':
-      h_NxF = nn.silu(x_NxD @ jnp.asarray(w_gate_DxF, dt)) * up_NxF
+      h_NxF = nn.silu(jnp.einsum('nd,df->nf', x_NxD, jnp.asarray(w_gate_DxF, dt))) * up_NxF
     else:
       h_NxF = jnp.square(nn.relu(up_NxF))
     h_BxTxF = constrain(h_NxF.reshape(b, t, -1), ('batch', 'length', 'mlp'), self.rules)
