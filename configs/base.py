@@ -66,12 +66,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.mlp = 'swiglu'  # 'swiglu' (gate, up, down) or 'relu2': relu(x up)^2 down, no gate.
   c.model.zero_init_out = False  # Attention out and MLP down projections initialised to 0.
   c.model.logit_softcap = 0.0  # logits = cap * tanh(logits / cap) (Gemma 2 uses 30); 0 = off.
-  # muP width transfer (lm/mup.py), m = d_model / this: hidden matrices' Adam rate (and
+  # muP width transfer (lm/model/mup.py), m = d_model / this: hidden matrices' Adam rate (and
   # decay) / m, logits / m, attention logits / head_dim, so a rate tuned at this width
   # holds at others; d_ff and the heads' width are meant to grow with d_model. 0 = off.
   c.model.mup_base_width = 0
 
-  # How the loss is computed (lm/loss.py); the z-loss weight is optimizer.z_loss.
+  # How the loss is computed (lm/model/loss.py); the z-loss weight is optimizer.z_loss.
   c.loss = ml_collections.ConfigDict()
   # Tokens per row in each chunk of the float32 loss (and its gradient), so the full
   # B x T x V logits never exist; 0 = whole rows. Must divide seq_len.

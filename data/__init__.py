@@ -5,9 +5,10 @@ Where each thing lives:
                 short and duplicate ones; split.py picks the held-out ones.
   mixture.py    weighs several sources; reader.py turns them into one resumable
                 sequence of training documents.
-  tokenizer.py  trains and loads the sentencepiece tokenizer (hf_tokenizer.py exports it).
+  tokenizer.py  trains and loads the sentencepiece tokenizer (lm/export/hf_tokenizer.py
+                exports it).
   packing.py    the one [BOS] ids EOS wrap and the one seq_len + 1 windower, shared by
-                training, held-out batches and lm/eval_run.py's file scoring.
+                training, held-out batches and lm/eval/score_run.py's file scoring.
   dealing.py    deals the training documents to packing streams, rows and processes:
                 the same global batches for any process count, each process tokenising
                 only its own streams.
@@ -16,10 +17,11 @@ Where each thing lives:
   heldout.py    eval_batches, the held-out batches.
   sft.py        fine-tuning records (data.format='sft'): messages, the chat template,
                 tokens and the loss mask; packing.py's RowPacker packs them whole.
-  task_file.py  multiple-choice task files and their choices as token rows, split as
-                lm-evaluation-harness splits them (lm/task_eval.py scores them).
-  stdlib_tasks.py  scripts/make_tasks.py's tasks from held-out stdlib files.
-  throughput.py measures the pipeline's tokens/s (lm/bench.py reports the same figure).
+  tasks/        multiple-choice task files and their choices as token rows, split as
+                lm-evaluation-harness splits them (lm/eval/tasks.py scores them), and
+                scripts/make_tasks.py's tasks from held-out stdlib files.
+  throughput.py measures the pipeline's tokens/s (lm/experiments/bench.py reports the
+                same figure).
 
 This package never imports jax or flax: it hands out numpy batches, and its state is a
 small JSON-able dict that the trainer stores next to its checkpoints.

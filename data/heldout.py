@@ -1,6 +1,6 @@
 """Held-out batches: the same packing as training, over the held-out documents, in one pass.
 
-eval_batches is what the trainer evaluates on and lm/eval_run.py scores a run with.
+eval_batches is what the trainer evaluates on and lm/eval/score_run.py scores a run with.
 """
 
 from collections.abc import Iterable, Iterator

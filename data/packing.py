@@ -3,7 +3,7 @@ fine-tuning examples packed whole into padded rows (RowPacker).
 
 `wrap` and `Windower` are the one wrapping and the one windowing that training
 (data/dealing.py's packing streams), held-out batches (data/heldout.py) and file scoring
-(lm/eval_run.py) share, so the three pack text alike. `segment_ids` and `batch` give rows
+(lm/eval/score_run.py) share, so the three pack text alike. `segment_ids` and `batch` give rows
 the form the trainer takes.
 """
 

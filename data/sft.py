@@ -115,7 +115,7 @@ def split_context(context: str) -> tuple[str, str]:
 
 def split_pair(encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
   """(context ids, continuation ids) as lm-evaluation-harness splits them (and task
-  scoring, data/task_file.py): the pair is encoded whole, and the continuation is what
+  scoring, data/tasks/files.py): the pair is encoded whole, and the continuation is what
   follows the length of the encoded context, less its trailing whitespace. `encode` maps
   a list of strings to their ids.
   """

@@ -4,7 +4,7 @@
 
 Both figures come from the same documents: the pipeline's tokens per second over a run
 of batches (read, clean, encode on several threads, pack; `pipeline_rate`, which
-lm/bench.py reports too), and the tokens per second of one multi-threaded
+lm/experiments/bench.py reports too), and the tokens per second of one multi-threaded
 `SentencePieceProcessor.encode(list_of_texts, num_threads=N)` call over the documents
 that run took, which bounds what any pipeline could do.
 """

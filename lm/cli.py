@@ -88,12 +88,13 @@ def run_or_exit(fn: Callable[[], T], *errors: type[BaseException],
 
 def define_quantize_flags() -> Callable[[], tuple[str, int, bool]]:
   """--quantize, --quantize_group and --quantize_embeddings (eval.py, generate.py,
-  bench.py); returns their reader, whose tuple makes a lm.quantize.QuantConfig."""
+  bench.py); returns their reader, whose tuple makes a lm.eval.quantize.QuantConfig."""
   from absl import flags
 
   mode = flags.DEFINE_enum('quantize', 'none', ['none', 'int8', 'int4'],
-                           'Weight-only quantisation of the blocks\' matrices (lm/quantize.py); '
-                           'the embedding, output head and norms stay as trained.')
+                           'Weight-only quantisation of the blocks\' matrices '
+                           '(lm/eval/quantize.py); the embedding, output head and norms stay as '
+                           'trained.')
   group = flags.DEFINE_integer('quantize_group', 32, 'int4: weights per scale along the '
                                'contracted axis; must divide d_model, d_ff and head_dim.')
   embeddings = flags.DEFINE_bool('quantize_embeddings', False, 'Quantise the embedding and '

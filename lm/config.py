@@ -14,11 +14,10 @@ from typing import Any, NamedTuple
 import ml_collections
 
 from data.config import DataConfig
-from lm.loss import LossConfig
-from lm.model import ModelConfig
-from lm.optimizer import OptimizerConfig
-from lm.sharding import MeshConfig
-from lm.wandb_writer import WandbConfig
+from lm.mesh import MeshConfig
+from lm.model.config import LossConfig, ModelConfig
+from lm.optim.config import OptimizerConfig
+from lm.run.wandb_tracker import WandbConfig
 
 
 @dataclasses.dataclass(frozen=True)

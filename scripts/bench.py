@@ -5,7 +5,7 @@ the causal half of attention), TFLOP/s, compile time, per-device memory, and the
 pipeline's own tokens/s (over at least --data_seconds). `--aot` compiles for the config's
 mesh from shapes alone; `--aot --quantize=int8|int4` (or `--aot --inference` for the
 float weights) plans the scoring step of the model with its weights quantised instead
-(lm/quantize.py), with "param_bytes_per_device".
+(lm/eval/quantize.py), with "param_bytes_per_device".
 
 `--checkpoint` times saving and restoring the train state instead (and the checksums'
 share of it). `--vary=KEY=V1,V2` (repeatable) measures the config, then each value of
@@ -43,8 +43,9 @@ _VARY = flags.DEFINE_multi_string(
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)
-  from lm import bench, cli  # After flag parsing, so --help stays fast.
-  from lm.quantize import QuantConfig
+  from lm import cli
+  from lm.eval.quantize import QuantConfig
+  from lm.experiments import bench  # After flag parsing, so --help stays fast.
 
   cli.reject_extra_args(argv)
   if _CHECKPOINT.value:

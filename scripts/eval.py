@@ -4,10 +4,10 @@
 Without --files or --task it scores the run's held-out split. The last line of stdout is
 JSON: {"step", "loss", "perplexity", "bits_per_byte", "tokens", "bytes"} (+ "files" per
 file). With --task (comma-separated JSON lines files or globs, one task each, named by
-the file's stem; lm/task_eval.py): {"step", "task", "examples", "truncated", "accuracy",
+the file's stem; lm/eval/tasks.py): {"step", "task", "examples", "truncated", "accuracy",
 "accuracy_norm"}, plus per-class and macro precision, recall and F1 and a confusion
 matrix when every example offers the same choices; several tasks give {"step", "tasks"}.
---quantize=int8|int4 scores the blocks' weights quantised (lm/quantize.py), to see what
+--quantize=int8|int4 scores the blocks' weights quantised (lm/eval/quantize.py), to see what
 quantisation costs; the JSON then adds "quantize" and "param_bytes_per_device".
 """
 
@@ -33,25 +33,26 @@ _QUANTIZE = define_quantize_flags()
 
 def main(argv):
   logging.set_verbosity(logging.ERROR)
-  from lm import cli, eval_run, task_eval  # After flag parsing, so --help stays fast.
-  from lm.quantize import QuantConfig
+  from lm import cli  # After flag parsing, so --help stays fast.
+  from lm.eval import score_run, tasks
+  from lm.eval.quantize import QuantConfig
 
   cli.reject_extra_args(argv)
   quant = QuantConfig(*_QUANTIZE())
   if _TASK.value:
     if _FILES.value or _MAX_TOKENS.value:
       cli.fail('--task cannot be combined with --files or --max_tokens')
-    result = cli.run_or_exit(lambda: task_eval.evaluate_tasks(
+    result = cli.run_or_exit(lambda: tasks.evaluate_tasks(
         _WORKDIR.value, _TASK.value, step=_STEP.value, max_examples=_MAX_EXAMPLES.value,
         quant=quant))
-    print('\n'.join(task_eval.report_lines(result)))
+    print('\n'.join(tasks.report_lines(result)))
   else:
     if _MAX_EXAMPLES.value:
       cli.fail('--max_examples goes with --task')
-    result = cli.run_or_exit(lambda: eval_run.evaluate_run(
+    result = cli.run_or_exit(lambda: score_run.evaluate_run(
         _WORKDIR.value, step=_STEP.value, files=_FILES.value, max_tokens=_MAX_TOKENS.value,
         quant=quant))
-    print('\n'.join(eval_run.report_lines(result)))
+    print('\n'.join(score_run.report_lines(result)))
   print(json.dumps(result))
 
 

@@ -3,7 +3,7 @@
 python scripts/export_gguf.py --workdir=RUN --out=FILE.gguf [--step=N] [--type=f16|q8_0]
 
 FILE.gguf holds the Llama hyperparameters, the run's sentencepiece vocabulary and the
-weights in llama.cpp's layout (lm/gguf_export.py says how). FILE must not exist. The
+weights in llama.cpp's layout (lm/export/gguf_export.py says how). FILE must not exist. The
 last stdout line is JSON: {"out", "step", "type", "tensors", "bytes", "seconds"}.
 """
 
@@ -21,7 +21,8 @@ _TYPE = flags.DEFINE_enum('type', 'f16', ['f16', 'q8_0'],
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from lm import cli, gguf_export  # After flag parsing, so --help stays fast.
+  from lm import cli  # After flag parsing, so --help stays fast.
+  from lm.export import gguf_export
 
   result = cli.run_or_exit(lambda: gguf_export.export_gguf(
       _WORKDIR.value, _OUT.value, step=_STEP.value, qtype=_TYPE.value))

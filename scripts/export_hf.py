@@ -21,11 +21,12 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16', 'float16'
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from lm import cli, export  # After flag parsing, so --help stays fast.
+  from lm import cli  # After flag parsing, so --help stays fast.
+  from lm.export import hf_export
 
   # OSError too: a full disk or a read-only --out is one line, not a traceback.
   result = cli.run_or_exit(
-      lambda: export.export(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value))
+      lambda: hf_export.export(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value))
   print(json.dumps(result))
 
 

@@ -29,8 +29,10 @@ _QUANTIZE = define_quantize_flags()
 
 def main(argv):
   logging.set_verbosity(logging.ERROR)
-  from lm import cli, run_folder, sampling  # After flag parsing, so --help stays fast.
-  from lm.quantize import QuantConfig
+  from lm import cli  # After flag parsing, so --help stays fast.
+  from lm.eval import sampling
+  from lm.eval.quantize import QuantConfig
+  from lm.run import folder
 
   cli.reject_extra_args(argv)
 
@@ -38,7 +40,7 @@ def main(argv):
     cfg = sampling.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                                   top_k=_TOP_K.value, top_p=_TOP_P.value)
     cfg.validate()
-    run = run_folder.load_run(_WORKDIR.value, _STEP.value, QuantConfig(*_QUANTIZE()))
+    run = folder.load_run(_WORKDIR.value, _STEP.value, QuantConfig(*_QUANTIZE()))
     return {**sampling.complete(run, _PROMPT.value, cfg, _SEED.value, timed=_BENCHMARK.value),
             **run.weights_record()}
 

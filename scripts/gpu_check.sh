@@ -183,7 +183,7 @@ job_b() {
   run_step b_packed_xla "$T_TRAIN" "${TRAIN[@]}" "${PACKED[@]}" --config.model.attention=xla \
     --config.workdir="$WORK/b_packed_xla"
   local impl
-  impl=$(python3 -c "import jax.numpy as jnp, importlib; from lm.model import attention_impl; c = importlib.import_module('${CFG%.py}'.replace('/', '.')).get_config(); print(attention_impl('auto', jnp.dtype(c.model.dtype)))" 2>/dev/null)
+  impl=$(python3 -c "import jax.numpy as jnp, importlib; from lm.model.transformer import attention_impl; c = importlib.import_module('${CFG%.py}'.replace('/', '.')).get_config(); print(attention_impl('auto', jnp.dtype(c.model.dtype)))" 2>/dev/null)
   NOTE="(auto = ${impl:-?} here)" check b_attention close_losses "$A1" "$WORK/b_packed_xla" "$BF16_TOL"
 }
 job_c() {

@@ -5,7 +5,7 @@
 
 DIR gets stdlib_next_line.jsonl, stdlib_module_train.jsonl and stdlib_module_test.jsonl,
 built only from the stdlib files the config never trains on (its data.eval_fraction; see
-data/stdlib_tasks.py). Prints a summary, then one JSON line: {"out", "eval_fraction", "tasks":
+data/stdlib_maker.py). Prints a summary, then one JSON line: {"out", "eval_fraction", "tasks":
 [{"task", "path", "examples", "files", ...}], "seconds"}.
 """
 
@@ -40,7 +40,7 @@ def report_lines(result: dict) -> list[str]:
 
 def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
-  from data import stdlib_tasks  # After flag parsing, so --help stays fast.
+  from data.tasks import stdlib_maker  # After flag parsing, so --help stays fast.
   from lm import cli
   from lm.config import parse
 
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
 
   def make() -> dict:
     start = time.perf_counter()
-    result = stdlib_tasks.write_tasks(parse(_CONFIG.value).data, _OUT.value,
+    result = stdlib_maker.write_tasks(parse(_CONFIG.value).data, _OUT.value,
                                       next_line_examples=_NEXT_LINE.value,
                                       module_examples=_MODULE.value)
     return {**result, 'seconds': round(time.perf_counter() - start, 2)}

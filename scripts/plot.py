@@ -7,7 +7,8 @@ _OUT = flags.DEFINE_string(
 
 
 def main(argv):
-  from lm import cli, plotting  # After flag parsing, so --help stays fast.
+  from lm import cli  # After flag parsing, so --help stays fast.
+  from lm.experiments import plotting
 
   runs = argv[1:]
   if not runs:

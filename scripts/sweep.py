@@ -32,7 +32,8 @@ def main(argv):
   # This process only reads configs and run folders: should anything touch jax's
   # backend, it must not take GPU memory the points need (children get the real env).
   jax.config.update('jax_platforms', 'cpu')
-  from lm import cli, sweep, sweep_runner  # After flag parsing, so --help stays fast.
+  from lm import cli  # After flag parsing, so --help stays fast.
+  from lm.experiments import sweep, sweep_runner
 
   cli.reject_extra_args(argv)
 

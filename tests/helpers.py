@@ -54,7 +54,7 @@ def cached_decode(model, params, prompts, more):
 
   import jax
 
-  from lm import sampling
+  from lm.eval import sampling
 
   step = jax.jit(functools.partial(sampling.decode_step, model))
   tokens, positions = sampling.left_pad(prompts)

@@ -7,8 +7,9 @@ import time
 import pytest
 
 from configs import tiny
-from lm import bench, flops
 from lm.config import parse
+from lm.experiments import bench
+from lm.model import flops
 from tests import helpers
 
 

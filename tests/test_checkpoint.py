@@ -28,14 +28,14 @@ from optax.contrib import MuonState
 from configs import tiny
 from data import stdlib
 from data.tokenizer import train_tokenizer
-from lm import resume, trainer
-from lm.checkpoint import Checkpointer, CorruptCheckpoint, committed_steps
 from lm.config import parse
-from lm.model import Transformer, param_axes
-from lm.optimizer import make_optimizer, schedule
-from lm.run_folder import RunFolder, load_run
+from lm.model.transformer import Transformer, param_axes
+from lm.optim.optimizer import make_optimizer, schedule
+from lm.run.checkpoint import Checkpointer, CorruptCheckpoint, committed_steps
+from lm.run.folder import RunFolder, load_run
 from lm.sharding import AxisRules, batch_sharding
-from lm.train_step import abstract_state, init_state, jit_train_step, make_train_step, step_parts
+from lm.train import resume, trainer
+from lm.train.step import abstract_state, init_state, jit_train_step, make_train_step, step_parts
 from tests.helpers import REPO, host_devices_env, read_metrics, run
 
 TRAIN = os.path.join(REPO, 'scripts', 'train.py')
@@ -625,7 +625,7 @@ def test_a_second_trainer_in_the_same_folder_is_refused_until_the_first_is_gone(
     tmp_path, tokenizer, straight):
   workdir = _clone(straight[0], tmp_path / 'run', 60)
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys; from lm.run_lock import RunLock; '
+      [sys.executable, '-c', 'import sys; from lm.run.lock import RunLock; '
        'RunLock(sys.argv[1]).acquire(); print("held", flush=True); sys.stdin.read()',
        str(workdir)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == 'held'

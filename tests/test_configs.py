@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from lm import flops
 from lm.config import parse
-from lm.model import Transformer
+from lm.model import flops
+from lm.model.transformer import Transformer
 from tests.helpers import REPO
 
 CONFIG_DIR = os.path.join(REPO, 'configs')
@@ -131,7 +131,7 @@ def test_base_config_and_the_typed_defaults_agree_on_every_key():
 def test_config_json_round_trips_through_parse(tmp_path):
   from configs import tiny
   from lm.config import as_dict
-  from lm.run_folder import RunFolder
+  from lm.run.folder import RunFolder
 
   cfgs = parse(tiny.get_config())
   RunFolder(str(tmp_path)).write_config(cfgs)

@@ -16,12 +16,13 @@ import pytest
 
 from configs import tiny
 from data.tokenizer import Tokenizer
-from lm import eval_run, trainer
 from lm.config import parse
-from lm.evaluation import make_eval_step
-from lm.model import Transformer
-from lm.run_folder import Run, abstract_params, load_run
+from lm.eval import score_run
+from lm.eval.perplexity import make_eval_step
+from lm.model.transformer import Transformer
+from lm.run.folder import Run, abstract_params, load_run
 from lm.sharding import AxisRules
+from lm.train import trainer
 from tests.helpers import script
 
 DOCS = ['def f(x):\n    return x + 1\n', 'import os\nprint(os.getcwd())  # où ça ? ✓\n',
@@ -72,13 +73,13 @@ def _zero_run(tokenizer, batch_size=8, seq_len=16):
 
 def test_zero_model_costs_ln_v_per_token_and_bytes_are_the_texts_bytes(tokenizer):
   run = _zero_run(tokenizer)
-  rows = eval_run.pack_texts(DOCS, run.tokenizer, run.cfgs.run.seq_len)
+  rows = score_run.pack_texts(DOCS, run.tokenizer, run.cfgs.run.seq_len)
   stream = sum(([2] + run.tokenizer.encode(d) + [3] for d in DOCS), [])
   # Every stream token but the first (BOS) is scored once; padding is not.
   assert rows[1].sum() == len(stream) - 1 < rows[1].size
-  batches = eval_run.global_batches(rows, run.cfgs.run.batch_size)
+  batches = score_run.global_batches(rows, run.cfgs.run.batch_size)
   assert len(batches) == 1 and batches[0][0].shape == (8, 17)  # padded to a full batch
-  result = eval_run.score(run, batches)
+  result = score_run.score(run, batches)
   v = 512
   assert result['tokens'] == len(stream) - 1
   assert result['bytes'] == sum(len(d.encode('utf-8')) for d in DOCS)
@@ -90,18 +91,18 @@ def test_zero_model_costs_ln_v_per_token_and_bytes_are_the_texts_bytes(tokenizer
   scored = rows[0][:, 1:][rows[1] > 0]
   assert len(run.tokenizer.decode(scored.tolist()).encode('utf-8')) == result['bytes']
 
-  capped = eval_run.score(run, eval_run.global_batches(
-      eval_run.pack_texts(DOCS, run.tokenizer, run.cfgs.run.seq_len, max_tokens=21), 8))
+  capped = score_run.score(run, score_run.global_batches(
+      score_run.pack_texts(DOCS, run.tokenizer, run.cfgs.run.seq_len, max_tokens=21), 8))
   assert capped['tokens'] == 21
   assert capped['bytes'] == len(run.tokenizer.decode(stream[1:22]).encode('utf-8'))
 
 
 def test_held_out_batches_are_cut_at_max_tokens(tokenizer):
   run = _zero_run(tokenizer, batch_size=2, seq_len=8)
-  (tokens, mask), = eval_run.heldout(run, max_tokens=11)
+  (tokens, mask), = score_run.heldout(run, max_tokens=11)
   assert tokens.shape == (2, 9)
   assert mask.tolist() == [[1] * 8, [1] * 3 + [0] * 5]  # the first 11 targets, in order
-  full = eval_run.heldout(run)
+  full = score_run.heldout(run)
   assert len(full) == run.cfgs.run.eval_batches and all(m.all() for _, m in full)
   np.testing.assert_array_equal(full[0][0], tokens)
 
@@ -157,9 +158,9 @@ def test_a_packed_run_with_a_chunked_loss_is_scored_as_training_scored_it(tmp_pa
   trainer.train(config, handle_signals=False)
   with open(tmp_path / 'packed' / 'metrics.jsonl', encoding='utf-8') as f:
     logged = [json.loads(line) for line in f if 'eval_loss' in line][-1]
-  result = eval_run.evaluate_run(str(tmp_path / 'packed'))
+  result = score_run.evaluate_run(str(tmp_path / 'packed'))
   assert result['loss'] == pytest.approx(logged['eval_loss'], rel=1e-5)
-  files = eval_run.evaluate_run(str(tmp_path / 'packed'), files=f'{text_files}/*.jsonl')
+  files = score_run.evaluate_run(str(tmp_path / 'packed'), files=f'{text_files}/*.jsonl')
   assert files['bytes'] == sum(len(d.encode('utf-8')) for d in DOCS[:2])
 
 
@@ -187,7 +188,7 @@ def test_eval_script_errors_are_one_line_naming_the_cause(run_dir):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and 'step 5' in lines[0] and run_dir in lines[0], proc.stderr
   with pytest.raises(ValueError, match='/no/such/dir/'):
-    list(eval_run.file_texts('/no/such/dir/*.txt', 'text'))
+    list(score_run.file_texts('/no/such/dir/*.txt', 'text'))
 
 
 def test_load_errors_name_the_missing_path(tmp_path, run_dir):
@@ -274,7 +275,7 @@ def test_plot_prints_the_path_it_writes(tmp_path):
   proc = script('plot.py', str(run), f'--out={tmp_path / "curves"}')
   assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / 'curves.png')
   assert (tmp_path / 'curves.png').is_file() and not (tmp_path / 'curves').exists()
-  from lm.plotting import plot_runs
+  from lm.experiments.plotting import plot_runs
   # A dot that names no format is part of the name; a format's extension is kept.
   assert plot_runs([str(run)], str(tmp_path / 'v1.2')) == str(tmp_path / 'v1.2.png')
   assert (tmp_path / 'v1.2.png').read_bytes().startswith(b'\x89PNG')
@@ -283,7 +284,7 @@ def test_plot_prints_the_path_it_writes(tmp_path):
 
 
 def test_plot_curves_keep_the_last_value_of_a_repeated_step(tmp_path):
-  from lm.plotting import read_curves, run_names
+  from lm.experiments.plotting import read_curves, run_names
   lines = [{'step': 1, 'loss': 5.0}, {'step': 2, 'loss': 4.0}, {'step': 2, 'eval_loss': 4.5},
            {'step': 2, 'loss': 3.5}, {'step': 3, 'loss': 3.0}]
   (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(x) + '\n' for x in lines))

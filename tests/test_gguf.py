@@ -1,4 +1,4 @@
-"""GGUF export (lm/gguf_export.py): the file read back with gguf's own reader, and run by
+"""GGUF export (lm/export/gguf_export.py): the file read back with gguf's own reader, and run by
 llama.cpp itself (llama-cpp-python) where it is installed (marker `llama_cpp`)."""
 
 import json
@@ -12,8 +12,10 @@ import sentencepiece as spm
 
 from data import stdlib
 from data.tokenizer import Tokenizer
-from lm import export, gguf_export, sampling
-from lm.model import ModelConfig, Transformer
+from lm.eval import sampling
+from lm.export import gguf_export, hf_export
+from lm.model.config import ModelConfig
+from lm.model.transformer import Transformer
 from tests.helpers import one_device_env, script
 
 gguf = pytest.importorskip('gguf')
@@ -22,7 +24,7 @@ gguf = pytest.importorskip('gguf')
 @pytest.fixture(scope='module')
 def checkpoint(trained_run):
   """(configs, step, params as numpy) of the shared tiny run's latest checkpoint."""
-  return export.restore_run(str(trained_run))
+  return hf_export.restore_run(str(trained_run))
 
 
 @pytest.fixture(scope='module')
@@ -53,7 +55,7 @@ def _tensors(path):
 
 
 def _expected(params, cfg: ModelConfig):
-  """What each GGUF tensor should hold, derived here from our own layout (not lm/hf.py).
+  """What each GGUF tensor should hold, derived here from our own layout (not lm/export/hf.py).
 
   A matrix is (out, in); q and k rows of head n are H long, and llama.cpp's row 2i of a
   head is our dimension i, row 2i + 1 our dimension i + H/2 (adjacent-pair RoPE).
@@ -294,7 +296,7 @@ def test_refuses_what_llama_cannot_express(key, value):
 
 
 def test_refuses_a_tokenizer_llama_cpp_would_split_differently(tokenizer, tmp_path):
-  from data import hf_tokenizer
+  from lm.export import hf_tokenizer
 
   proto = hf_tokenizer.load_proto(tokenizer)
   proto.trainer_spec.model_type = proto.trainer_spec.UNIGRAM  # llama.cpp merges by score.

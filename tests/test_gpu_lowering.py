@@ -16,7 +16,7 @@ import jax
 import pytest
 
 from configs import gpt2_medium, gpt2_small, llama_1b, llama_7b, tiny
-from lm import bench
+from lm.experiments import bench
 
 FWD = '__cudnn$fmhaSoftmax'
 BWD = '__cudnn$fmhaSoftmaxBackward'

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data import hf_tokenizer, stdlib
+from data import stdlib
 from data.tokenizer import Tokenizer
-from lm import export, hf
-from lm.model import ModelConfig, Transformer
+from lm.export import hf, hf_export, hf_tokenizer
+from lm.model.config import ModelConfig
+from lm.model.transformer import Transformer
 from tests.helpers import one_device_env, script
 
 torch = pytest.importorskip('torch')
@@ -351,7 +352,7 @@ def test_export_script_loads_in_transformers(trained_run, tmp_path):
   assert theirs.apply_chat_template(chat, tokenize=False) == '<s>Q: A</s>'
 
   # The model reproduces our logits from the checkpoint.
-  cfgs, step, params = export.restore_run(str(trained_run))
+  cfgs, step, params = hf_export.restore_run(str(trained_run))
   assert step == 2 and result['params'] == hf.count_params(params)
   model = _hf_model(str(out))
   np.testing.assert_allclose(_hf_logits(model, [ids]), _our_logits(cfgs.model, params, [ids]),
@@ -368,7 +369,7 @@ def test_export_script_loads_in_transformers(trained_run, tmp_path):
 
 def test_export_names_a_missing_step_and_writes_nothing(trained_run, tmp_path):
   with pytest.raises(ValueError, match=r'no checkpoint for step 7 in .* \(steps: 2\)'):
-    export.export(str(trained_run), str(tmp_path / 'x'), step=7)
+    hf_export.export(str(trained_run), str(tmp_path / 'x'), step=7)
   assert not (tmp_path / 'x').exists()
   with pytest.raises(ValueError, match='config.json'):
-    export.export(str(tmp_path), str(tmp_path / 'x'))
+    hf_export.export(str(tmp_path), str(tmp_path / 'x'))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from lm.loss import (
+from lm.mesh import MeshConfig
+from lm.model.loss import (
   chunk_length,
   chunked_cross_entropy,
   chunked_token_nll,
@@ -14,7 +15,7 @@ from lm.loss import (
   loss_weights,
   token_nll,
 )
-from lm.sharding import AxisRules, MeshConfig
+from lm.sharding import AxisRules
 
 B, T, D, V = 2, 12, 8, 40
 # The project's default logical-axis rules, as every config has them.

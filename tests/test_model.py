@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import flops
-from lm.loss import cross_entropy
-from lm.model import (
+from lm.model import flops
+from lm.model.loss import cross_entropy
+from lm.model.transformer import (
   Attention,
   ModelConfig,
   Transformer,

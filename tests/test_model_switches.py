@@ -11,10 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import checkpoint, flops, resume
-from lm.model import MLP, ModelConfig, Transformer, stack_layers
-from lm.optimizer import muon_dimensions
-from lm.train_step import model_loss
+from lm.model import flops
+from lm.model.config import ModelConfig
+from lm.model.transformer import MLP, Transformer, stack_layers
+from lm.optim.optimizer import muon_dimensions
+from lm.run import checkpoint
+from lm.train import resume
+from lm.train.step import model_loss
 from tests.helpers import cached_decode
 
 SMALL = ModelConfig(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -1,4 +1,4 @@
-"""muP width transfer (`model.mup_base_width`, lm/mup.py): the coordinate check, the
+"""muP width transfer (`model.mup_base_width`, lm/model/mup.py): the coordinate check, the
 multipliers by hand, off leaving everything as it was, export and resume refusing it, and
 training alike on a mesh."""
 
@@ -13,12 +13,18 @@ import optax
 import pytest
 
 from configs import base
-from lm import checkpoint, gguf_export, hf, mup, resume
 from lm.config import parse
-from lm.model import ModelConfig, Transformer, output_head, param_axes
-from lm.optimizer import OptimizerConfig, make_optimizer
-from lm.sharding import AxisRules, MeshConfig
-from lm.train_step import init_state, jit_train_step, model_loss, step_parts
+from lm.export import gguf_export, hf
+from lm.mesh import MeshConfig
+from lm.model import mup
+from lm.model.config import ModelConfig
+from lm.model.transformer import Transformer, output_head, param_axes
+from lm.optim.config import OptimizerConfig
+from lm.optim.optimizer import make_optimizer
+from lm.run import checkpoint
+from lm.sharding import AxisRules
+from lm.train import resume
+from lm.train.step import init_state, jit_train_step, model_loss, step_parts
 from tests.helpers import cached_decode
 
 SMALL = ModelConfig(vocab_size=128, d_model=256, num_layers=2, num_heads=8, num_kv_heads=4,
@@ -277,7 +283,7 @@ def test_a_resume_that_changes_the_base_width_is_refused_by_key():
 
 
 def _train(shape, name='adamw', steps=3):
-  """Losses of `steps` steps of the config's own train step (lm.train_step.step_parts)."""
+  """Losses of `steps` steps of the config's own train step (lm.train.step.step_parts)."""
   config = base.get_config()
   config.model.update(vocab_size=256, d_model=128, num_layers=2, num_heads=8, num_kv_heads=4,
                       d_ff=256, scan_layers=True, mup_base_width=32)

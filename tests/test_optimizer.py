@@ -11,7 +11,13 @@ import optax
 import pytest
 from optax.contrib import MuonDimensionNumbers
 
-from lm.optimizer import OptimizerConfig, decay_mask, make_optimizer, muon_dimensions, schedule
+from lm.optim.optimizer import (
+  OptimizerConfig,
+  decay_mask,
+  make_optimizer,
+  muon_dimensions,
+  schedule,
+)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():

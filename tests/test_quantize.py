@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 quantisation (lm/quantize.py) and its flags on eval.py,
+"""Weight-only int8 / int4 quantisation (lm/eval/quantize.py) and its flags on eval.py,
 generate.py and bench.py."""
 
 import functools
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import qwix
 
-from lm.config import MeshConfig
-from lm.model import ModelConfig, Transformer
-from lm.quantize import QuantConfig, bytes_per_device, quantize_params, quantized_model
+from lm.eval.quantize import QuantConfig, bytes_per_device, quantize_params, quantized_model
+from lm.mesh import MeshConfig
+from lm.model.config import ModelConfig
+from lm.model.transformer import Transformer
 from lm.sharding import AxisRules
 from tests.helpers import one_device_env, script
 
@@ -108,7 +109,7 @@ def test_quantized_model_computes_with_the_dequantized_weights(mesh, scan):
 
 
 def model_shardings(model, params, scan):
-  from lm.run_folder import abstract_params
+  from lm.run.folder import abstract_params
   abstract = abstract_params(model, model.rules)
   return abstract['blocks' if scan else 'block_0']['mlp']['up'].sharding.spec
 
@@ -137,8 +138,8 @@ def test_embedding_and_head_quantized_per_vocabulary_entry(tied, mesh, mode):
   logits = jax.jit(qmodel.apply)({'params': qparams}, tokens)
   reference = jax.jit(model.apply)({'params': _as_float(qparams)}, tokens)
   np.testing.assert_allclose(logits, reference, atol=2e-5, rtol=1e-5)
-  # The chunked loss reads the head through lm.model.output_head: the same NLL.
-  from lm.evaluation import make_eval_step
+  # The chunked loss reads the head through lm.model.transformer.output_head: the same NLL.
+  from lm.eval.perplexity import make_eval_step
   shape = (tokens.shape[0], tokens.shape[1])
   mask = jnp.ones((shape[0], shape[1] - 1), jnp.int32)
   shardings = jax.tree.map(lambda x: x.sharding, qparams)
@@ -164,7 +165,7 @@ def test_group_that_does_not_divide_is_refused():
 def _expected_int8_bytes(workdir):
   """(Float bytes of the kept parameters + one byte per block weight + a float32 scale
   per output channel, all float bytes): from the checkpoint's float parameters."""
-  from lm.export import restore_run
+  from lm.export.hf_export import restore_run
 
   _, _, params = restore_run(str(workdir))
   total = floats = 0
@@ -179,7 +180,7 @@ def _expected_int8_bytes(workdir):
 
 
 def test_eval_and_generate_report_quantized_weights(trained_run, tmp_path):
-  from lm.eval_run import evaluate_run
+  from lm.eval.score_run import evaluate_run
 
   text = tmp_path / 'text.txt'
   text.write_text('def add(a, b):\n    return a + b\n' * 40)
@@ -192,8 +193,8 @@ def test_eval_and_generate_report_quantized_weights(trained_run, tmp_path):
   assert results['int4']['param_bytes_per_device'] < int8_bytes < float_bytes / 2
   assert results['int8']['loss'] != results['none']['loss']
   # Sampling reads the same quantised weights through its own (decoding) model.
-  from lm.run_folder import load_run
-  from lm.sampling import SamplingConfig, complete
+  from lm.eval.sampling import SamplingConfig, complete
+  from lm.run.folder import load_run
 
   run = load_run(str(trained_run), quant=INT8)
   out = complete(run, 'def ', SamplingConfig(max_new_tokens=8, temperature=0.0), timed=True)
@@ -220,8 +221,8 @@ def test_bad_quantize_flags_are_one_line(trained_run):
 def test_aot_plan_matches_the_quantized_weights(tmp_path):
   """bench.py --aot --quantize plans from shapes the bytes the real quantisation holds."""
   from configs import tiny
-  from lm.bench import plan_inference
   from lm.config import parse
+  from lm.experiments.bench import plan_inference
 
   config = tiny.get_config()
   config.model.d_model, config.model.d_ff, config.model.vocab_size = 64, 128, 128

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from configs import base
-from lm import sampling
-from lm.model import ModelConfig, Transformer, stack_layers
-from lm.sampling import SamplingConfig
-from lm.sharding import AxisRules, MeshConfig, tree_shardings
+from lm.eval import sampling
+from lm.eval.sampling import SamplingConfig
+from lm.mesh import MeshConfig
+from lm.model.config import ModelConfig
+from lm.model.transformer import Transformer, stack_layers
+from lm.sharding import AxisRules, tree_shardings
 from tests.helpers import cached_decode
 
 # The project's default logical-axis rules, as every config has them.

@@ -237,9 +237,11 @@ def _sft_batches(tok, sft_files, n=2, batch_size=8, seq_len=32):
 def _train_sft(batches, shape, grad_accum=1, loss_chunk=0):
   import jax
 
-  from lm.model import ModelConfig, Transformer
-  from lm.optimizer import OptimizerConfig, make_optimizer, schedule
-  from lm.train_step import init_state, jit_train_step, make_train_step
+  from lm.model.config import ModelConfig
+  from lm.model.transformer import Transformer
+  from lm.optim.config import OptimizerConfig
+  from lm.optim.optimizer import make_optimizer, schedule
+  from lm.train.step import init_state, jit_train_step, make_train_step
   from tests.test_sharding import _rules
 
   model_cfg = ModelConfig(vocab_size=512, d_model=32, num_layers=1, num_heads=4,
@@ -268,8 +270,8 @@ def test_the_step_trains_on_responses_alike_on_any_mesh_and_micro_batching(tok, 
   # The logged loss is the mean over trained tokens, from before the step.
   import jax
 
-  from lm.loss import token_nll
-  from lm.train_step import next_token_pairs
+  from lm.model.loss import token_nll
+  from lm.train.step import next_token_pairs
   _, params0, net = _train_sft([], (1, 1, 1))
   inputs, segments, targets = next_token_pairs(batches[0])
   logits = net.apply({'params': params0}, inputs, segment_ids_BxT=segments)
@@ -282,7 +284,7 @@ def test_an_example_scores_the_same_alone_and_packed_behind_another(tok, sft_fil
   import jax
   import jax.numpy as jnp
 
-  from lm.train_step import model_loss
+  from lm.train.step import model_loss
   batch = _sft_batches(tok, sft_files, n=1, seq_len=96)[0]
   _, params, net = _train_sft([], (1, 1, 1))
   row = next(r for r in range(8) if batch['segment_ids'][r].max() >= 2)
@@ -310,7 +312,7 @@ def test_an_example_scores_the_same_alone_and_packed_behind_another(tok, sft_fil
 def test_apply_chat_template_gives_the_ids_training_uses(tok, tmp_path):
   import transformers
 
-  from data import hf_tokenizer
+  from lm.export import hf_tokenizer
   hf_tokenizer.write(tok.path, str(tmp_path), max_length=64, chat_template=sft.CHAT_TEMPLATE)
   theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   records = _records(30) + [

@@ -9,10 +9,13 @@ from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonState
 
 from configs import base
-from lm.model import ModelConfig, Transformer, param_axes
-from lm.optimizer import OptimizerConfig, make_optimizer, schedule
-from lm.sharding import AxisRules, MeshConfig
-from lm.train_step import init_state, jit_train_step, make_train_step
+from lm.mesh import MeshConfig
+from lm.model.config import ModelConfig
+from lm.model.transformer import Transformer, param_axes
+from lm.optim.config import OptimizerConfig
+from lm.optim.optimizer import make_optimizer, schedule
+from lm.sharding import AxisRules
+from lm.train.step import init_state, jit_train_step, make_train_step
 
 RULES = MeshConfig.from_dict(base.get_config().mesh).rules
 MODEL = ModelConfig(vocab_size=256, d_model=64, num_layers=2, num_heads=8, num_kv_heads=4,

@@ -1,13 +1,14 @@
-"""Tests of data/stdlib_tasks.py and scripts/make_tasks.py: tasks from held-out stdlib files."""
+"""Tests of data/stdlib_maker.py and scripts/make_tasks.py: tasks from held-out stdlib files."""
 
 import json
 import os
 
 import pytest
 
-from data import stdlib, stdlib_tasks
+from data import stdlib
 from data.config import DataConfig
 from data.split import is_heldout
+from data.tasks import stdlib_maker
 from tests.helpers import script
 
 FRACTION = 0.25  # Enough held-out files for the package task (0.01 is not: see below).
@@ -16,7 +17,7 @@ CFG = DataConfig(eval_fraction=FRACTION)
 
 @pytest.fixture(scope='module')
 def built():
-  return stdlib_tasks.build_tasks(CFG, next_line_examples=300, module_examples=16)
+  return stdlib_maker.build_tasks(CFG, next_line_examples=300, module_examples=16)
 
 
 @pytest.fixture(scope='module')
@@ -27,7 +28,7 @@ def heldout():
 
 
 def test_next_line_uses_heldout_text_only_and_the_true_line_is_at_its_label(built, heldout):
-  examples = built[stdlib_tasks.NEXT_LINE]
+  examples = built[stdlib_maker.NEXT_LINE]
   assert len(examples) == 300
   for e in examples:
     assert all(is_heldout(k, FRACTION) for k in e.files)
@@ -39,13 +40,13 @@ def test_next_line_uses_heldout_text_only_and_the_true_line_is_at_its_label(buil
       assert choice[1:] in heldout[key].split('\n')  # A real line of another file...
       assert choice[1:] not in own_lines  # ...found nowhere in the context's file.
   # Every position holds the true line about as often (chance stays 25%).
-  counts = [sum(e.label == i for e in examples) for i in range(stdlib_tasks.NUM_CHOICES)]
+  counts = [sum(e.label == i for e in examples) for i in range(stdlib_maker.NUM_CHOICES)]
   assert min(counts) > 0.15 * len(examples), counts
 
 
 def test_next_line_choices_are_fair(built):
-  for e in built[stdlib_tasks.NEXT_LINE]:
-    assert len(e.choices) == stdlib_tasks.NUM_CHOICES == len(set(e.choices))
+  for e in built[stdlib_maker.NEXT_LINE]:
+    assert len(e.choices) == stdlib_maker.NUM_CHOICES == len(set(e.choices))
     assert e.context.count('\n') >= 1 and not e.context[-1].isspace()
     assert e.context.strip() and not e.context.split('\n')[0].isspace()
     lines = [c[1:] for c in e.choices]
@@ -59,16 +60,16 @@ def test_next_line_choices_are_fair(built):
 
 
 def test_module_tasks_split_by_file_with_the_same_choices(built, heldout):
-  train, test = built[stdlib_tasks.MODULE_TRAIN], built[stdlib_tasks.MODULE_TEST]
+  train, test = built[stdlib_maker.MODULE_TRAIN], built[stdlib_maker.MODULE_TEST]
   for examples in (train, test):
-    assert {e.label for e in examples} == set(range(len(stdlib_tasks.PACKAGES)))
+    assert {e.label for e in examples} == set(range(len(stdlib_maker.PACKAGES)))
     for e in examples:
-      assert e.choices == stdlib_tasks.CHOICES == tuple(' ' + p for p in stdlib_tasks.PACKAGES)
-      assert stdlib_tasks.package_of(e.files[0]) == stdlib_tasks.PACKAGES[e.label]
+      assert e.choices == stdlib_maker.CHOICES == tuple(' ' + p for p in stdlib_maker.PACKAGES)
+      assert stdlib_maker.package_of(e.files[0]) == stdlib_maker.PACKAGES[e.label]
       assert is_heldout(e.files[0], FRACTION)
       assert e.context.endswith('\n# Package:')
-      assert e.context[:-len(stdlib_tasks.PROMPT)] in heldout[e.files[0]]
-    per_class = [sum(e.label == i for e in examples) for i in range(len(stdlib_tasks.PACKAGES))]
+      assert e.context[:-len(stdlib_maker.PROMPT)] in heldout[e.files[0]]
+    per_class = [sum(e.label == i for e in examples) for i in range(len(stdlib_maker.PACKAGES))]
     assert max(per_class) == 16
   assert not {e.files[0] for e in train} & {e.files[0] for e in test}
   assert not {e.context for e in train} & {e.context for e in test}
@@ -79,7 +80,7 @@ def test_heldout_documents_are_exactly_the_unseen_stdlib_files(heldout):
   copies = {k for k, text in heldout.items() if text in training}
   assert copies  # The stdlib has a few files under two names: the rule below has teeth.
   expected = {k for k, text in heldout.items() if text.strip() and k not in copies}
-  assert {k for k, _ in stdlib_tasks.heldout_documents(CFG)} == expected
+  assert {k for k, _ in stdlib_maker.heldout_documents(CFG)} == expected
 
 
 def test_package_of():
@@ -90,27 +91,27 @@ def test_package_of():
       'test/test_json.py': None, 'test/support/__init__.py': None, 'os.py': None,
       'encodings/cp1252.py': None, 'test/test_jsonx/a.py': None, 'jsonx/a.py': None,
   }
-  assert {k: stdlib_tasks.package_of(k) for k in cases} == cases
+  assert {k: stdlib_maker.package_of(k) for k in cases} == cases
 
 
 def test_split_files_halves_each_package_by_length():
   lengths = [9000, 8000, 300, 200, 100]
-  docs = [(f'{p}/m{i}.py', 'x' * n) for p in stdlib_tasks.PACKAGES for i, n in enumerate(lengths)]
-  for train, test in stdlib_tasks.split_files(docs).values():
+  docs = [(f'{p}/m{i}.py', 'x' * n) for p in stdlib_maker.PACKAGES for i, n in enumerate(lengths)]
+  for train, test in stdlib_maker.split_files(docs).values():
     assert len(test) == 2 and len(train) == 3
     assert not set(train) & set(test)
     # One of the two long files on each side, whichever the digest picks.
     assert sum(len(t) > 1000 for _, t in test) == 1
   one_json = [d for d in docs if not d[0].startswith('json/')] + [('json/m0.py', 'x')]
   with pytest.raises(ValueError, match=r'held out: asyncio 5, .* json 1, tkinter 5'):
-    stdlib_tasks.split_files(one_json)
+    stdlib_maker.split_files(one_json)
 
 
 def test_snippets_are_disjoint_verbatim_runs_of_lines():
   text = '\n'.join(f'    value_{i} = compute({i})' + ('\n' if i % 5 == 0 else '')
                    for i in range(200))
   text += '\n' + 'y' * 400 + '\n\n'  # A line too long for any snippet.
-  cuts = stdlib_tasks.snippets(text)
+  cuts = stdlib_maker.snippets(text)
   assert len(cuts) > 10
   end = 0
   for s in cuts:
@@ -123,9 +124,9 @@ def test_snippets_are_disjoint_verbatim_runs_of_lines():
 
 def test_too_few_heldout_files_is_one_clear_error():
   with pytest.raises(ValueError, match=r'data.eval_fraction=0.01: .*held out: asyncio'):
-    stdlib_tasks.build_tasks(DataConfig(eval_fraction=0.01))
+    stdlib_maker.build_tasks(DataConfig(eval_fraction=0.01))
   with pytest.raises(ValueError, match="data.source='files' does not read the stdlib"):
-    stdlib_tasks.build_tasks(DataConfig(source='files', files='*.toml', eval_fraction=0.5))
+    stdlib_maker.build_tasks(DataConfig(source='files', files='*.toml', eval_fraction=0.5))
 
 
 def test_script_writes_the_same_bytes_in_every_process(tmp_path):
@@ -135,7 +136,7 @@ def test_script_writes_the_same_bytes_in_every_process(tmp_path):
                 f'--config.data.eval_fraction={FRACTION}', '--next_line_examples=40',
                 '--module_examples=4', env={**os.environ, 'PYTHONHASHSEED': '123'})
   summary = json.loads(proc.stdout.strip().split('\n')[-1])
-  stdlib_tasks.write_tasks(CFG, str(tmp_path / 'b'), **counts)
+  stdlib_maker.write_tasks(CFG, str(tmp_path / 'b'), **counts)
   names = ['stdlib_module_test.jsonl', 'stdlib_module_train.jsonl', 'stdlib_next_line.jsonl']
   assert sorted(os.listdir(tmp_path / 'a')) == names
   for name in names:
@@ -148,7 +149,7 @@ def test_script_writes_the_same_bytes_in_every_process(tmp_path):
     assert listed['examples'] == len(records)
   assert summary['eval_fraction'] == FRACTION
   assert summary['tasks'][0]['examples'] == 40
-  assert summary['tasks'][1]['per_class'] == dict.fromkeys(stdlib_tasks.PACKAGES, 4)
+  assert summary['tasks'][1]['per_class'] == dict.fromkeys(stdlib_maker.PACKAGES, 4)
 
 
 def test_script_refuses_with_one_line(tmp_path):

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from lm import scaling_fit, sweep, sweep_runner
+from lm.experiments import scaling_fit, sweep, sweep_runner
 from tests.helpers import one_device_env, read_metrics, script
 
 # A model small enough that a point trains in seconds; checkpoints every step, so a
@@ -48,8 +48,8 @@ def test_sweep_writes_a_run_folder_and_a_result_line_per_point(swept):
                           'flops', 'final_eval_loss', 'wall_s', 'status'}
   assert [(r['model.d_model'], r['optimizer.lr']) for r in rows] == [
       (32, 1e-3), (32, 1e-2), (64, 1e-3), (64, 1e-2)]
-  from lm import flops
-  from lm.run_folder import RunFolder
+  from lm.model import flops
+  from lm.run.folder import RunFolder
   for row in rows:
     workdir = out / 'runs' / row['name']
     cfgs = RunFolder(str(workdir)).config()  # What train.py really ran.

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from data import stdlib
-from data.task_file import ChoiceRow, Example, choice_rows, choice_tokens, read_task, task_paths
-from lm import task_eval, task_metrics
+from data.tasks.files import ChoiceRow, Example, choice_rows, choice_tokens, read_task, task_paths
+from lm.eval import task_metrics, tasks
 from tests.helpers import one_device_env, script
 
 
@@ -151,10 +151,10 @@ def test_a_long_context_is_cut_from_the_left(tok):
 
 
 def test_rows_are_batched_longest_first_in_a_few_padded_shapes():
-  assert [task_eval.bucket_length(n, 64) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+  assert [tasks.bucket_length(n, 64) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
   rows = [ChoiceRow(list(range(1, n + 1)), k, False)
           for n, k in ((5, 2), (40, 3), (3, 1), (20, 19), (65, 4))]
-  batches = task_eval.pack_rows(rows, batch_size=2, seq_len=64)
+  batches = tasks.pack_rows(rows, batch_size=2, seq_len=64)
   # Longest first; a batch takes its first row's length, rounded up to a power of two, and
   # holds 2 * (64 // length) rows: 65 and 40 tokens (length 64), then 20, 5 and 3 (32).
   assert [index.tolist() for index, _ in batches] == [[4, 1], [3, 0, 2]]
@@ -252,10 +252,11 @@ def _lm_eval_scores(model_dir, task_dir, names):
 
 
 def test_scores_equal_lm_evaluation_harness(trained_run, tmp_path, tok):
-  from lm.run_folder import load_run
+  from lm.run.folder import load_run
 
-  tasks = {'next_text': EDGE_CASES + _next_text_examples(tok, 24), 'classify': _classify_examples()}
-  for name, examples in tasks.items():
+  examples_by_task = {'next_text': EDGE_CASES + _next_text_examples(tok, 24),
+                      'classify': _classify_examples()}
+  for name, examples in examples_by_task.items():
     _write(tmp_path / f'{name}.jsonl', examples)
     (tmp_path / f'{name}.yaml').write_text(_lm_eval_yaml(name, tmp_path / f'{name}.jsonl'))
   hf_dir = tmp_path / 'hf'
@@ -264,22 +265,22 @@ def test_scores_equal_lm_evaluation_harness(trained_run, tmp_path, tok):
   proc = script('eval.py', f'--workdir={trained_run}',
                 f'--task={tmp_path}/next_text.jsonl,{tmp_path}/classify.jsonl')
   result = _last_json(proc)
-  assert result['step'] == 2 and [r['task'] for r in result['tasks']] == list(tasks)
+  assert result['step'] == 2 and [r['task'] for r in result['tasks']] == list(examples_by_task)
   ours = {r['task']: r for r in result['tasks']}
   assert ours['next_text']['truncated'] > 5  # The window cuts some contexts.
   assert ours['classify']['classes'] == CLASSES and 'classes' not in ours['next_text']
-  theirs = _lm_eval_scores(hf_dir, tmp_path, list(tasks))
+  theirs = _lm_eval_scores(hf_dir, tmp_path, list(examples_by_task))
 
-  scorer = task_eval.RowScorer(load_run(str(trained_run)))
+  scorer = tasks.RowScorer(load_run(str(trained_run)))
   worst = 0.0
-  for name, examples in tasks.items():
+  for name, examples in examples_by_task.items():
     lm, mine = theirs[name], ours[name]
     assert lm['contexts'] == [ex['context'] for ex in examples]  # Read as written.
     n = len(examples)
     assert mine['examples'] == n
     assert round(mine['accuracy'] * n) == sum(lm['acc'])
     assert round(mine['accuracy_norm'] * n) == sum(lm['acc_norm'])
-    loglik, _ = task_eval.score_examples(scorer, read_task(str(tmp_path / f'{name}.jsonl')))
+    loglik, _ = tasks.score_examples(scorer, read_task(str(tmp_path / f'{name}.jsonl')))
     for a, b in zip(loglik, lm['loglik'], strict=True):
       np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
       worst = max(worst, float(np.max(np.abs(np.subtract(a, b)))))
@@ -289,7 +290,7 @@ def test_scores_equal_lm_evaluation_harness(trained_run, tmp_path, tok):
     assert [float(p == y) for p, y in zip(norm, labels)] == lm['acc_norm']
   # The confusion matrix eval.py printed is that of lm-eval's own predictions.
   predicted = [int(np.argmax(ll)) for ll in theirs['classify']['loglik']]
-  labels = [ex['label'] for ex in tasks['classify']]
+  labels = [ex['label'] for ex in examples_by_task['classify']]
   assert ours['classify']['confusion'] == task_metrics.confusion_matrix(
       labels, predicted, len(CLASSES)).tolist()
   print(f'max |loglik ours - lm-eval| = {worst:.2e}')

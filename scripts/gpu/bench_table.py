@@ -33,9 +33,9 @@ NANOGPT_PEAK = 312e12
 
 
 def peak_flops(device_name):
-  """Dense bf16 peak of a device by name, from lm/flops.py's table; None if unknown."""
+  """Dense bf16 peak of a device by name, from lm/model/flops.py's table; None if unknown."""
   sys.path.insert(0, os.getcwd())
-  from lm.flops import BF16_PEAK_FLOPS
+  from lm.model.flops import BF16_PEAK_FLOPS
   for name, peak in BF16_PEAK_FLOPS:
     if name.lower() in device_name.lower():
       return peak

@@ -65,10 +65,10 @@ def main(argv):
   import jax
   import jax.numpy as jnp
 
-  from lm import model as model_lib
-  from lm import run_folder
+  from lm.model import transformer as model_lib
+  from lm.run import folder
 
-  run = run_folder.load_run(_WORKDIR.value)
+  run = folder.load_run(_WORKDIR.value)
   cfg = run.cfgs.model
   len1, len2 = _LEN1.value, _LEN2.value
   rng = np.random.default_rng(_SEED.value)

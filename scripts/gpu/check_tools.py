@@ -10,7 +10,7 @@
   check_tools.py resumed LOG FROM TO                # a run resumed at FROM and reached TO
 
 Figures are one line each, for the `OK name figure` / `FAILED name figure` summary.
-Only the standard library is imported (and lm.checkpoint for `stopped`), so each call is
+Only the standard library is imported (and lm.run.checkpoint for `stopped`), so each call is
 quick.
 """
 
@@ -69,7 +69,7 @@ def wait_lines(metrics, n, seconds, pid):
 
 def stopped(run, log):
   sys.path.insert(0, os.getcwd())
-  from lm.checkpoint import committed_steps
+  from lm.run.checkpoint import committed_steps
   result = last_json(log)
   steps = committed_steps(run)
   step = result.get('step')

@@ -2,7 +2,7 @@
 
 Written with the `gguf` package (the llama.cpp project's own writer), as llama.cpp's
 convert_hf_to_gguf.py writes a Hugging Face Llama: our parameters first take the Hugging
-Face layout (lm/hf.py), then get llama.cpp's names, and the query and key rows are
+Face layout (lm/export/hf.py), then get llama.cpp's names, and the query and key rows are
 permuted. Why the permutation: our RoPE rotates the two halves of each head (dimension i
 pairs with i + H/2, Hugging Face's layout), while llama.cpp's `llama` architecture rotates
 adjacent pairs (2i with 2i + 1, Meta's original layout). Reordering each head's rows to
@@ -24,10 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from data import hf_tokenizer
-from lm import export, hf
-from lm.model import ModelConfig
-from lm.run_folder import RunFolder
+from lm.export import hf, hf_export, hf_tokenizer
+from lm.model.config import ModelConfig
+from lm.run.folder import RunFolder
 
 TYPES = ('f16', 'q8_0')
 ARCH = 'llama'
@@ -207,7 +206,7 @@ def _add_vocab(writer: Any, tokenizer_path: str, vocab_size: int) -> None:
                          ('pad', spec.pad_id)):
     if token_id >= 0:  # sentencepiece says -1 for a role it lacks.
       getattr(writer, f'add_{role}_token_id')(token_id)
-  # Every training document starts with BOS (lm/sampling.py's prompts too); none ends
+  # Every training document starts with BOS (lm/eval/sampling.py's prompts too); none ends
   # with an added EOS.
   writer.add_add_bos_token(spec.bos_id >= 0)
   writer.add_add_eos_token(False)
@@ -243,7 +242,7 @@ def export_gguf(workdir: str, out: str, step: int | None = None,
   check_expressible(model_cfg)  # Before the restore, which may take a while.
   folder.tokenizer()  # Says clearly when it is missing or not a sentencepiece model.
   hf_tokenizer.check_supported(folder.tokenizer_path, target='GGUF')
-  cfgs, step, params = export.restore_run(workdir, step)
+  cfgs, step, params = hf_export.restore_run(workdir, step)
   check_expressible(cfgs.model)  # The checkpoint's own config may differ from the latest.
   tensors = gguf_tensors(params, cfgs.model)
   tmp = os.path.join(os.path.dirname(os.path.abspath(out)),

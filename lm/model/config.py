@@ -1,6 +1,6 @@
 """The model's config: `ModelConfig`, the `model.*` keys, validated when made from a dict.
 
-lm/model.py builds the Transformer from it (and re-exports it).
+lm/model/transformer.py builds the Transformer from it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class ModelConfig:
   mlp: str = 'swiglu'  # 'swiglu' (gate, up, down) or 'relu2' (relu(x up)^2 down).
   zero_init_out: bool = False  # Attention out and MLP down projections start at zero.
   logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = off.
-  mup_base_width: int = 0  # muP width transfer from this d_model (lm/mup.py); 0 = off.
+  mup_base_width: int = 0  # muP width transfer from this d_model (lm/model/mup.py); 0 = off.
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -77,3 +77,18 @@ class ModelConfig:
       bad('dropout', f'must be in [0, 1), got {self.dropout}')
     if not hasattr(jax.checkpoint_policies, self.remat_policy):
       bad('remat_policy', f'unknown jax.checkpoint_policies name {self.remat_policy!r}')
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Config section `loss`: how the loss is computed, not what it is (so a resume may
+  change it). The z-loss weight, a term of the objective, is `optimizer.z_loss`."""
+
+  chunk: int = 0  # Tokens per row in each chunk of the float32 loss; 0 = whole rows.
+
+  def validate(self, seq_len: int) -> None:
+    if self.chunk < 0:
+      raise ValueError(f'loss.chunk: must be >= 0, got {self.chunk}')
+    if self.chunk and self.chunk < seq_len and seq_len % self.chunk:
+      # A chunk that does not divide the rows would shrink to a divisor, possibly 1 token.
+      raise ValueError(f'loss.chunk={self.chunk} does not divide seq_len={seq_len}')

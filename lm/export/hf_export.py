@@ -1,6 +1,6 @@
 """scripts/export_hf.py's logic: a run's checkpoint as a Hugging Face Llama folder.
 
-It reads the run through `RunFolder` (lm/run_folder.py) and writes with lm/hf.py, which
+It reads the run through `RunFolder` (lm/run/folder.py) and writes with lm/export/hf.py, which
 holds the parameter mapping and the Llama config.
 """
 
@@ -12,11 +12,11 @@ from typing import Any
 
 import jax
 
-from data import hf_tokenizer, sft
-from lm import hf
+from data import sft
 from lm.config import Configs
-from lm.model import Transformer
-from lm.run_folder import RunFolder, abstract_params
+from lm.export import hf, hf_tokenizer
+from lm.model.transformer import Transformer
+from lm.run.folder import RunFolder, abstract_params
 
 
 def export(workdir: str, out_dir: str, step: int | None = None,

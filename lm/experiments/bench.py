@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lm import flops
 from lm.config import Configs, parse, set_key
-from lm.quantize import QuantConfig, bytes_per_device
+from lm.eval.quantize import QuantConfig, bytes_per_device
+from lm.model import flops
 from lm.sharding import AxisRules, batch_sharding
-from lm.train_step import abstract_state, init_state, jit_train_step, step_parts
+from lm.train.step import abstract_state, init_state, jit_train_step, step_parts
 
 
 def _setup(cfgs: Configs, devices: Sequence[jax.Device] | None = None):
@@ -135,9 +135,9 @@ def plan_inference(config: ml_collections.ConfigDict, quant: QuantConfig) -> dic
   """Compiles the scoring step (forward pass and per-token NLL over batch_size x seq_len)
   of the model with its weights quantised as `quant` says, from shapes alone: whether
   a quantised model fits its mesh, before any checkpoint is read."""
-  from lm.evaluation import make_eval_step
-  from lm.model import Transformer
-  from lm.quantize import abstract_params, quantized_model
+  from lm.eval.perplexity import make_eval_step
+  from lm.eval.quantize import abstract_params, quantized_model
+  from lm.model.transformer import Transformer
 
   cfgs = parse(config)
   quant.validate()
@@ -269,8 +269,8 @@ def checkpoint_timing(config: ml_collections.ConfigDict, *, repeats: int = 3) ->
   verification); `checksum_s` is computing the checksums of the state once more, the
   part of each save and of each restore that checksums add.
   """
-  from lm import checksums
-  from lm.checkpoint import Checkpointer
+  from lm.run import checksums
+  from lm.run.checkpoint import Checkpointer
 
   cfgs = parse(config)
   rules, model, tx, _ = _setup(cfgs)

@@ -18,13 +18,14 @@ import optax
 from jax.experimental import multihost_utils
 
 from data.tokenizer import Tokenizer
-from lm import checkpoint
-from lm.checkpoint import Checkpointer, committed_steps, first_line
 from lm.config import Configs
-from lm.model import ModelConfig, Transformer
-from lm.run_folder import RunFolder
+from lm.model.config import ModelConfig
+from lm.model.transformer import Transformer
+from lm.run import checkpoint
+from lm.run.checkpoint import Checkpointer, committed_steps, first_line
+from lm.run.folder import RunFolder
 from lm.sharding import AxisRules
-from lm.train_step import TrainState, abstract_state, init_state, state_from_params
+from lm.train.step import TrainState, abstract_state, init_state, state_from_params
 
 log = logging.getLogger(__name__)
 
@@ -229,5 +230,5 @@ def _source_params(source: Source, abstract_params: Any) -> Any:
 
 def _hf_params(path: str, model_cfg: ModelConfig, abstract_params: Any) -> Any:
   """Parameters converted from a Hugging Face Llama folder, placed on this run's mesh."""
-  from lm import hf  # Imported only when asked for: it pulls in the conversion code.
+  from lm.export import hf  # Imported only when asked for: it pulls in the conversion code.
   return hf.load_hf(path, model_cfg, like=abstract_params)

@@ -27,11 +27,11 @@ from typing import Any
 
 import ml_collections
 
-from lm import flops
 from lm.config import Configs, parse, set_key
+from lm.model import flops
 
-TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            'scripts', 'train.py')
+# The training command as a module, so an installed wheel (which has no scripts/) sweeps.
+TRAIN_COMMAND = ('-m', 'lm.train')
 # Keys the sweep sets itself: every point has its own run folder.
 RESERVED_KEYS = ('workdir',)
 
@@ -156,9 +156,10 @@ def check_spec(out: str, spec: Spec) -> None:
 
 
 def child_argv(spec: Spec, point: Point) -> list[str]:
-  """The train.py command line of a point: the config, the fixed overrides, the point's
-  own values, the steps and its run folder."""
-  argv = [sys.executable, TRAIN_SCRIPT, f'--config={spec.config}', *spec.overrides]
+  """The training command line of a point (lm/train/command.py, what scripts/train.py
+  runs): the config, the fixed overrides, the point's own values, the steps and its run
+  folder."""
+  argv = [sys.executable, *TRAIN_COMMAND, f'--config={spec.config}', *spec.overrides]
   argv += [f'--config.{key}={text}' for key, text in point.texts]
   if spec.steps is not None:
     argv.append(f'--config.steps={spec.steps}')
@@ -167,8 +168,8 @@ def child_argv(spec: Spec, point: Point) -> list[str]:
 
 def final_eval_loss(point: Point) -> float | None:
   """The eval loss of the final step if the point is finished, else None."""
-  from lm.plotting import read_curves  # matplotlib-free, but only needed here.
-  from lm.run_folder import RunFolder  # Imports Orbax: only once points are checked.
+  from lm.experiments.plotting import read_curves  # matplotlib-free, but only needed here.
+  from lm.run.folder import RunFolder  # Imports Orbax: only once points are checked.
 
   steps = point.cfgs.run.steps
   if not os.path.isfile(os.path.join(point.workdir, 'metrics.jsonl')):
@@ -185,7 +186,7 @@ def config_drift(point: Point) -> str | None:
   edited since that run began: its loss would sit in the table under values it was not
   trained with."""
   from lm.config import as_dict
-  from lm.run_folder import RunFolder  # Imports Orbax: only once points are checked.
+  from lm.run.folder import RunFolder  # Imports Orbax: only once points are checked.
 
   folder = RunFolder(point.workdir)
   if not os.path.isfile(folder.config_path):
@@ -224,7 +225,7 @@ def read_attempts(out: str) -> dict[str, list[dict[str, Any]]]:
 def result_row(point: Point, loss: float | None, attempts: Sequence[Mapping[str, Any]]
                ) -> dict[str, Any]:
   """One line of results.jsonl: the point's name and varied values, parameters, tokens
-  and training FLOPs (PaLM's 6N + 12·L·H·Q·T per token, lm/flops.py), the final eval
+  and training FLOPs (PaLM's 6N + 12·L·H·Q·T per token, lm/model/flops.py), the final eval
   loss, the wall seconds of all its train.py processes, and its status."""
   run = point.cfgs.run
   tokens = run.steps * run.batch_size * run.seq_len
@@ -264,7 +265,7 @@ def evaluations(points: Sequence[Point], rows: Sequence[Mapping[str, Any]]
   training FLOPs up to that step and the eval loss. Each is a point of loss against
   compute, as a run's final one is, so a few widths evaluated along the way give the
   frontier many budgets without more runs (Kaplan et al.'s learning-curve envelope)."""
-  from lm.plotting import read_curves
+  from lm.experiments.plotting import read_curves
 
   found = []
   for point, row in zip(points, rows):
@@ -287,7 +288,7 @@ def report(out: str, points: Sequence[Point], rows: Sequence[Mapping[str, Any]],
   run that ends there would be, so it lies above the frontier such a run would reach:
   the frontier errs high, never low (each point's final step is exact).
   """
-  from lm import plotting, scaling_fit
+  from lm.experiments import plotting, scaling_fit
 
   evals = evaluations(points, rows)
   frontier = [evals[i] for i in scaling_fit.compute_frontier(

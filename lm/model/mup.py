@@ -7,8 +7,8 @@ With the width multiplier m = d_model / mup_base_width, as in Microsoft's `mup` 
   multiplied by the rate, so theirs is scaled by 1/m as well (as torch AdamW per group).
 - token embedding and norm gains: init and rate unchanged (width-independent).
 - output: logits times 1/m. The multiplier is folded into the head matrix
-  (`lm.model.output_head`), so the chunked loss and evaluation see it too. An untied head
-  starts at std 1/sqrt(mup_base_width), the base's fan-in std at every width, with its
+  (`transformer.output_head`), so the chunked loss and evaluation see it too. An untied
+  head starts at std 1/sqrt(mup_base_width), the base's fan-in std at every width, with its
   rate unchanged; a tied head is the embedding, whose init does not depend on width.
 - attention logits scaled like 1 / head_dim instead of 1 / sqrt(head_dim): once queries
   and keys are correlated by training their dot products grow like head_dim, not its
@@ -34,8 +34,8 @@ from typing import Any
 
 import jax
 
-from lm.model_config import ModelConfig
-from lm.optimizer import muon_dimensions
+from lm.model.config import ModelConfig
+from lm.optim.optimizer import muon_dimensions
 
 
 def width_mult(cfg: ModelConfig) -> float:
@@ -73,7 +73,7 @@ def _is_names(x: Any) -> bool:
 
 def lr_scales(cfg: ModelConfig, param_axes: Any) -> Any:
   """Adam's per-parameter rate multiplier (1/m for hidden matrices, else 1), a tree like
-  `param_axes` (lm.model.param_axes); None when off, so the optimizer stays as it was."""
+  `param_axes` (transformer.param_axes); None when off, so the optimizer stays as it was."""
   if not cfg.mup_base_width:
     return None
   hidden = 1.0 / width_mult(cfg)

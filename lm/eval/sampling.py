@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.model import ModelConfig, Transformer
-from lm.quantize import quantized_model
+from lm.eval.quantize import quantized_model
+from lm.model.config import ModelConfig
+from lm.model.transformer import Transformer
 from lm.sharding import AxisRules
 
 if TYPE_CHECKING:  # Only for a type hint: sampling itself needs no checkpoint code.
-  from lm.run_folder import Run
+  from lm.run.folder import Run
 
 
 @dataclasses.dataclass(frozen=True)

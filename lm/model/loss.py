@@ -9,37 +9,21 @@ pass and the FLOPs equal the unchunked loss's. With a logit soft-cap (`softcap`,
 model's `logit_softcap`) the capped logits are scored and the gradient passes through
 the cap's derivative, 1 - tanh^2.
 
-Shapes as in lm/model.py: B batch, T length, C chunk length, D d_model, V vocab.
+Shapes as in lm/model/transformer.py: B batch, T length, C chunk length, D d_model, V vocab.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from lm.model import softcap as apply_softcap
+from lm.model.transformer import softcap as apply_softcap
 from lm.sharding import AxisRules, constrain
 
 Metrics = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """Config section `loss`: how the loss is computed, not what it is (so a resume may
-  change it). The z-loss weight, a term of the objective, is `optimizer.z_loss`."""
-
-  chunk: int = 0  # Tokens per row in each chunk of the float32 loss; 0 = whole rows.
-
-  def validate(self, seq_len: int) -> None:
-    if self.chunk < 0:
-      raise ValueError(f'loss.chunk: must be >= 0, got {self.chunk}')
-    if self.chunk and self.chunk < seq_len and seq_len % self.chunk:
-      # A chunk that does not divide the rows would shrink to a divisor, possibly 1 token.
-      raise ValueError(f'loss.chunk={self.chunk} does not divide seq_len={seq_len}')
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, z_loss: float = 0.0,

@@ -14,7 +14,7 @@ and float scales) laid out on the run's mesh by the same logical axes as the flo
   output head (their share of a large model is small; of a tiny one, large). With
   `embeddings` they are quantised too, one scale per vocabulary entry (int4: per group
   along D), and dequantised where read: the rows a lookup gathers, the head before the
-  logits (lm/model.py). Norm gains are never quantised.
+  logits (lm/model/transformer.py). Norm gains are never quantised.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.model import Transformer
+from lm.model.transformer import Transformer
 from lm.sharding import AxisRules, tree_shardings
 
 MODES = ('none', 'int8', 'int4')

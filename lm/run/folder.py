@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from data.tokenizer import Tokenizer, check_vocab
-from lm import checkpoint
-from lm.checkpoint import committed_steps, first_line, read_metadata, read_params
 from lm.config import Configs, as_dict, parse
-from lm.model import Transformer
-from lm.quantize import NONE, QuantConfig, bytes_per_device, quantize_params, quantized_model
+from lm.eval.quantize import NONE, QuantConfig, bytes_per_device, quantize_params, quantized_model
+from lm.model.transformer import Transformer
+from lm.run import checkpoint
+from lm.run.checkpoint import committed_steps, first_line, read_metadata, read_params
 from lm.sharding import AxisRules, tree_shardings
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class RunFolder:
 
   RUN/config.json          the config of the run's latest start
   RUN/tokenizer.model      the tokenizer the run uses
-  RUN/checkpoints/<step>/  committed checkpoints (lm/checkpoint.py), each with its config
+  RUN/checkpoints/<step>/  committed checkpoints (lm/run/checkpoint.py), each with its config
   """
 
   CONFIG, TOKENIZER, CHECKPOINTS = 'config.json', 'tokenizer.model', checkpoint.DIRNAME
@@ -164,7 +164,7 @@ def load_run(workdir: str, step: int | None = None, quant: QuantConfig = NONE) -
   """Config, tokenizer and the parameters of checkpoint `step` (default: the latest).
 
   The parameters land on the run's mesh (`eval_mesh_rules`), sharded as in training.
-  With `quant` on, the blocks' weights are then quantised (lm/quantize.py) and the
+  With `quant` on, the blocks' weights are then quantised (lm/eval/quantize.py) and the
   run's model reads them so.
   """
   quant.validate()

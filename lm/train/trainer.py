@@ -2,7 +2,7 @@
 
 `train(config)` is what `scripts/train.py` calls. The loop dispatches step n and only then
 reads step n-1's metrics, so the host never waits for the device between steps. Where
-the run starts (resume, fine-tune, init) is `lm/resume.py`'s business.
+the run starts (resume, fine-tune, init) is `lm/train/resume.py`'s business.
 """
 
 from __future__ import annotations
@@ -21,19 +21,27 @@ import ml_collections
 from data import TrainBatches
 from data.pipeline import sft_summary
 from data.tokenizer import Tokenizer, check_vocab, load_or_train
-from lm import distributed, flops, resume
-from lm.checkpoint import Checkpointer, SaveFailed, file_sha256, make_metadata
+from lm import distributed
 from lm.config import Configs, as_dict, parse
-from lm.evaluation import ScoredBatch, evaluate, heldout_rows, make_eval_step, token_byte_lengths
-from lm.metrics import MetricsWriter
-from lm.model import Transformer
-from lm.run_folder import RunFolder
-from lm.run_lock import RunLock
-from lm.run_log import RunLog
+from lm.eval.perplexity import (
+  ScoredBatch,
+  evaluate,
+  heldout_rows,
+  make_eval_step,
+  token_byte_lengths,
+)
+from lm.model import flops
+from lm.model.transformer import Transformer
+from lm.run.checkpoint import Checkpointer, SaveFailed, file_sha256, make_metadata
+from lm.run.folder import RunFolder
+from lm.run.lock import RunLock
+from lm.run.log import RunLog
+from lm.run.metrics import MetricsWriter
+from lm.run.wandb_tracker import WandbWriter
 from lm.sharding import AxisRules, put_rows
-from lm.stops import NonFiniteGuard, StopRequest, TrainingAborted
-from lm.train_step import TrainState, jit_train_step, step_parts
-from lm.wandb_writer import WandbWriter
+from lm.train import resume
+from lm.train.step import TrainState, jit_train_step, step_parts
+from lm.train.stops import NonFiniteGuard, StopRequest, TrainingAborted
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.model import ModelConfig, unstack_layers
+from lm.model.config import ModelConfig
+from lm.model.transformer import unstack_layers
 
 Params = dict[str, Any]
 _LAYER = 'model.layers.{}.'
@@ -49,7 +50,7 @@ _BLOCK_MAP: tuple[tuple[tuple[str, str], str, Callable, Callable], ...] = (
 _EXPRESSED = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
               'd_ff', 'rope_theta', 'norm_eps', 'tie_embeddings')
 # Training, compute and initialisation settings: they do not change what trained
-# parameters compute, so every format expresses them (lm/gguf_export.py too).
+# parameters compute, so every format expresses them (lm/export/gguf_export.py too).
 NOT_IN_MODEL = ('dtype', 'param_dtype', 'dropout', 'remat', 'remat_policy', 'scan_layers',
                 'attention', 'zero_init_out')
 
@@ -140,7 +141,8 @@ def from_hf(state_dict: Mapping[str, Any], model_cfg: ModelConfig) -> Params:
   if not model_cfg.tie_embeddings:
     params['head'] = np.ascontiguousarray(np.asarray(state_dict['lm_head.weight']).T)
   if model_cfg.scan_layers:
-    # lm.model.stack_layers' layout, stacked on the host: a big model may not fit one device.
+    # transformer.stack_layers' layout, stacked on the host: a big model may not fit one
+    # device.
     layers = [params.pop(f'block_{i}') for i in range(model_cfg.num_layers)]
     params['blocks'] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
   return params

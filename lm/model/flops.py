@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from lm.model import ModelConfig
+from lm.model.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, by substrings of `jax.Device.device_kind`.
 # Checked in order, so more specific names come first.

@@ -1,18 +1,18 @@
 """Scores a run on multiple-choice task files: scripts/eval.py --task.
 
-Each choice is one row, context then choice (data/task_file.py says how they are split
+Each choice is one row, context then choice (data/tasks/files.py says how they are split
 into tokens and cut to the model's window, as lm-evaluation-harness does); its score is
 the summed log-likelihood of the choice's tokens. Rows are sorted longest first and
 grouped into global batches padded to a few fixed shapes: lengths are rounded up to a
 power of two (at least MIN_LENGTH, at most the run's seq_len), and a batch of length T
 holds batch_size * (seq_len // T) rows, about the tokens of a training batch, so each
-length compiles once. A mask keeps padding out of the sums (lm/evaluation.py's
+length compiles once. A mask keeps padding out of the sums (lm/eval/perplexity.py's
 `make_row_nll_step`), and the batches are sharded on the run's mesh like the rest of
 scripts/eval.py.
 
 The result of one task is {"step", "task", "examples", "truncated", "accuracy",
 "accuracy_norm"} plus, for classification tasks, the per-class and macro scores of
-lm/task_metrics.py; several tasks give {"step", "tasks": [one record each, no "step"]}.
+lm/eval/task_metrics.py; several tasks give {"step", "tasks": [one record each, no "step"]}.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from data.task_file import ChoiceRow, Example, choice_rows, read_task, task_paths
-from lm.eval_run import local_rows
-from lm.evaluation import ScoredBatch, make_row_nll_step
-from lm.quantize import NONE, QuantConfig
-from lm.run_folder import Run, load_run
+from data.tasks.files import ChoiceRow, Example, choice_rows, read_task, task_paths
+from lm.eval.perplexity import ScoredBatch, make_row_nll_step
+from lm.eval.quantize import NONE, QuantConfig
+from lm.eval.score_run import local_rows
+from lm.eval.task_metrics import task_scores
+from lm.run.folder import Run, load_run
 from lm.sharding import put_rows
-from lm.task_metrics import task_scores
 
 MIN_LENGTH = 16
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from data import packing, sources
 from data.tokenizer import Tokenizer
-from lm.evaluation import (
+from lm.eval.perplexity import (
   ScoredBatch,
   evaluate,
   heldout_rows,
@@ -25,8 +25,8 @@ from lm.evaluation import (
   summarize,
   token_byte_lengths,
 )
-from lm.quantize import NONE, QuantConfig
-from lm.run_folder import Run, load_run
+from lm.eval.quantize import NONE, QuantConfig
+from lm.run.folder import Run, load_run
 
 
 def pack_texts(texts: Iterable[str], tokenizer: Tokenizer, seq_len: int,
@@ -112,7 +112,7 @@ def evaluate_run(workdir: str, *, step: int | None = None, files: str = '',
   (one such record per file, without "step") when `files` matches several.
 
   `max_tokens` > 0 caps the tokens scored from the held-out split, or from each file.
-  `quant` scores the run's weights quantised (lm/quantize.py).
+  `quant` scores the run's weights quantised (lm/eval/quantize.py).
   """
   if max_tokens < 0:
     raise ValueError(f'--max_tokens must be >= 0, got {max_tokens}')

@@ -29,8 +29,8 @@ from concurrent import futures
 
 import ml_collections
 
-from lm import sweep
-from lm.sweep import Point, Spec
+from lm.experiments import sweep
+from lm.experiments.sweep import Point, Spec
 
 
 def say(line: str) -> None:

@@ -4,7 +4,7 @@ Pre-RMSNorm blocks of causal self-attention (RoPE, grouped-query heads) and a Sw
 Architecture switches, each off by default: RMSNorm on queries and keys (`qk_norm`), a
 ReLU-squared MLP (`mlp='relu2'`), zero-initialised output projections (`zero_init_out`)
 and tanh soft-capped logits (`logit_softcap`); muP width transfer (`mup_base_width`,
-lm/mup.py) scales the attention logits, the head's init and the logits.
+lm/model/mup.py) scales the attention logits, the head's init and the logits.
 Tensor names carry their shapes so each einsum can be checked by eye:
   B batch, T length (queries), S length (keys), D d_model, N query heads, K kv heads,
   G = N // K query heads per kv head, H head_dim, F d_ff, V vocab, L layers.
@@ -30,8 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm import mup
-from lm.model_config import MLPS, ModelConfig  # noqa: F401 (re-exported)
+from lm.model import mup
+from lm.model.config import ModelConfig
 from lm.sharding import AxisRules, constrain
 
 
@@ -263,7 +263,7 @@ class Transformer(nn.Module):
   the cache holds; their `positions_BxT` are required, and -1 marks left padding.
   With `features=True` it returns the final-normed hidden states (B, T, D) instead of
   the logits: `output_head` gives the matrix that turns them into logits (then `softcap`
-  with `logit_softcap`), so a chunked loss (lm/loss.py) can apply it a piece at a time.
+  with `logit_softcap`), so a chunked loss (lm/model/loss.py) can apply it a piece at a time.
   """
 
   cfg: ModelConfig
@@ -342,7 +342,7 @@ def softcap(logits: jax.Array, cap: float) -> jax.Array:
 
 
 def _quantized(w: Any) -> bool:
-  # Weights quantised for inference (lm/quantize.py) are qwix QArrays: values and scales.
+  # Weights quantised for inference (lm/eval/quantize.py) are qwix QArrays: values and scales.
   return hasattr(w, 'qvalue')
 
 

@@ -6,7 +6,7 @@ RUN/checkpoints/<step>/ holds four items:
   meta       JSON: the model keys, the tokenizer's sha256 and vocabulary size and the whole
              resolved config, so a resume or a fine-tune can refuse an incompatible
              checkpoint before it touches anything
-  checksums  JSON: a checksum of every array and JSON item (lm/checksums.py), checked on
+  checksums  JSON: a checksum of every array and JSON item (lm/run/checksums.py), checked on
              every restore, so flipped bits make a checkpoint unreadable, not wrong
 Saves are asynchronous; a save that fails in the background is reported by `poll()` at
 the next step, as `SaveFailed`. Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it
@@ -31,7 +31,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from lm import checksums
+from lm.run import checksums
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ MIN_KEEP = 2
 RUNTIME_MODEL_KEYS = frozenset(
     {'dtype', 'param_dtype', 'remat', 'remat_policy', 'attention', 'dropout'})
 _ITEMS = ('state', 'data', 'meta', 'checksums')
-DIRNAME = 'checkpoints'  # RUN/checkpoints/<step>/ (lm/run_folder.py has the whole layout)
+DIRNAME = 'checkpoints'  # RUN/checkpoints/<step>/ (lm/run/folder.py has the whole layout)
 
 
 class SaveFailed(Exception):

@@ -1,10 +1,10 @@
 """Evaluation, in one place: the eval step, the loop, the summary and byte counting.
 
-The training loop (lm/trainer.py) and scripts/eval.py (lm/eval_run.py, which adds file
+The training loop (lm/train/trainer.py) and scripts/eval.py (lm/eval/score_run.py, which adds file
 scoring) both build their step with `make_eval_step`, their held-out rows with
 `heldout_rows` and score with `evaluate`. Every batch carries a mask of the targets to
 score, so a cut or padded batch counts exactly the tokens it holds. Task scoring
-(lm/task_eval.py) builds `make_row_nll_step`, the same forward pass summed per row.
+(lm/eval/tasks.py) builds `make_row_nll_step`, the same forward pass summed per row.
 
 Bits per byte divides the total negative log-likelihood (in bits) by the UTF-8 bytes of
 the text that was scored, so it compares models with different tokenizers.
@@ -24,10 +24,10 @@ import numpy as np
 from data.config import DataConfig
 from data.heldout import eval_batches
 from data.tokenizer import Tokenizer
-from lm.loss import chunked_token_nll, token_nll
-from lm.model import Transformer, output_head
+from lm.model.loss import chunked_token_nll, token_nll
+from lm.model.transformer import Transformer, output_head
 from lm.sharding import AxisRules, batch_sharding, put_rows
-from lm.train_step import Batch, next_token_pairs
+from lm.train.step import Batch, next_token_pairs
 
 # A batch and the mask (B, T) of its targets to score: 1 scored, 0 padding or cut off.
 ScoredBatch = tuple[Batch | np.ndarray | dict[str, np.ndarray], np.ndarray]
@@ -68,7 +68,7 @@ def make_eval_step(model: Transformer, rules: AxisRules, batch_shape: tuple[int,
                    loss_chunk: int = 0) -> Callable[..., Any]:
   """(params, batch, mask (B, T)) -> (summed NLL, scored tokens, their bytes).
 
-  A batch is tokens (B, T + 1) or {'tokens', 'segment_ids'} (lm/train_step.py's Batch).
+  A batch is tokens (B, T + 1) or {'tokens', 'segment_ids'} (lm/train/step.py's Batch).
   `token_bytes[id]` is the number of bytes token `id` decodes to (0 for BOS/EOS). The
   mask is an int mask over the targets: padding (mask 0) adds nothing to any of the
   three sums. The sums are taken on the devices, so they cover every host's rows.
@@ -89,7 +89,7 @@ def make_row_nll_step(model: Transformer, rules: AxisRules, batch_shape: tuple[i
                       param_shardings: Any, *, loss_chunk: int = 0) -> Callable[..., Any]:
   """(params, batch, mask (B, T)) -> the summed NLL of each row's masked targets, (B,).
 
-  Scores several continuations at once (lm/task_eval.py): the result holds every
+  Scores several continuations at once (lm/eval/tasks.py): the result holds every
   host's rows, replicated, so each host can read all of them.
   """
 

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lm import mup
 from lm.config import Configs
-from lm.loss import Metrics, chunked_cross_entropy, cross_entropy, loss_weights
-from lm.model import Transformer, output_head, param_axes
-from lm.optimizer import global_norm, make_optimizer, schedule
+from lm.model import mup
+from lm.model.loss import Metrics, chunked_cross_entropy, cross_entropy, loss_weights
+from lm.model.transformer import Transformer, output_head, param_axes
+from lm.optim.optimizer import global_norm, make_optimizer, schedule
 from lm.sharding import AxisRules, batch_sharding, tree_shardings
 
 # Token rows (B, T + 1), or {'tokens', 'segment_ids'} of that shape (packed documents),
@@ -58,7 +58,7 @@ def target_weights(batch: Batch, scale: float = 1.0) -> jax.Array | None:
 def model_loss(model: Transformer, params: Any, batch: Batch, *, chunk: int = 0,
                z_loss: float = 0.0, train: bool = False,
                rngs: dict[str, jax.Array] | None = None) -> tuple[jax.Array, Metrics]:
-  """The next-token loss of `batch`; chunked (lm/loss.py) when `chunk` > 0; a mean over
+  """The next-token loss of `batch`; chunked (lm/model/loss.py) when `chunk` > 0; a mean over
   the trained tokens only when the batch has a loss mask."""
   inputs_BxT, segments_BxT, targets_BxT = next_token_pairs(batch)
   weights_BxT = target_weights(batch)

@@ -1,0 +1,7 @@
+"""Other formats, both ways where it makes sense.
+
+  hf.py            our parameters <-> a Hugging Face LlamaForCausalLM (config, tensors).
+  hf_export.py     scripts/export_hf.py: a run's checkpoint as a HF folder.
+  hf_tokenizer.py  the sentencepiece model as a HF tokenizer.json that encodes alike.
+  gguf_export.py   scripts/export_gguf.py: a run's checkpoint as one GGUF file.
+"""

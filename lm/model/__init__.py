@@ -1,0 +1,9 @@
+"""The model: pure functions of a config and parameters.
+
+  config.py       ModelConfig (`model.*`) and LossConfig (`loss.*`).
+  transformer.py  the Flax Linen decoder: RMSNorm, RoPE, GQA attention, SwiGLU / ReLU^2,
+                  soft-cap, the KV cache for decoding, logical axis names.
+  mup.py          muP width transfer: rate and init multipliers.
+  loss.py         next-token cross-entropy in float32, whole or chunked.
+  flops.py        parameter counts, FLOPs per token, device peaks and MFU.
+"""
