@@ -17,7 +17,6 @@ from data.config import DataConfig
 from lm.mesh import MeshConfig
 from lm.model.config import LossConfig, ModelConfig
 from lm.optim.config import OptimizerConfig
-from lm.run.wandb_tracker import WandbConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +44,24 @@ class RunConfig:
     for key in ('eval_every', 'eval_batches', 'checkpoint_every', 'max_nonfinite_steps'):
       if getattr(self, key) < 0:
         raise ValueError(f'{key} must be >= 0, got {getattr(self, key)}')
+
+
+WANDB_MODES = ('', 'online', 'offline', 'disabled')
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+  """The `wandb.*` keys: the optional W&B mirror of the metrics (lm/run/wandb_tracker.py)."""
+
+  project: str = ''  # '' = no W&B logging.
+  entity: str = ''  # Team or user; '' = the default of the logged-in user.
+  name: str = ''  # Display name; '' = the run folder's name.
+  mode: str = ''  # 'online' | 'offline' | 'disabled'; '' = WANDB_MODE or online.
+
+  def validate(self) -> None:
+    if self.mode not in WANDB_MODES:
+      raise ValueError(f'wandb.mode: expected one of {WANDB_MODES[1:]} or empty, '
+                       f'got {self.mode!r}')
 
 
 class Configs(NamedTuple):

@@ -30,9 +30,7 @@ _QUANTIZE = define_quantize_flags()
 def main(argv):
   logging.set_verbosity(logging.ERROR)
   from lm import cli  # After flag parsing, so --help stays fast.
-  from lm.eval import sampling
-  from lm.eval.quantize import QuantConfig
-  from lm.run import folder
+  from lm.eval import quantize, sampling
 
   cli.reject_extra_args(argv)
 
@@ -40,9 +38,10 @@ def main(argv):
     cfg = sampling.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                                   top_k=_TOP_K.value, top_p=_TOP_P.value)
     cfg.validate()
-    run = folder.load_run(_WORKDIR.value, _STEP.value, QuantConfig(*_QUANTIZE()))
+    run = quantize.load_quantized_run(_WORKDIR.value, _STEP.value,
+                                      quantize.QuantConfig(*_QUANTIZE()))
     return {**sampling.complete(run, _PROMPT.value, cfg, _SEED.value, timed=_BENCHMARK.value),
-            **run.weights_record()}
+            **quantize.weights_record(run)}
 
   result = cli.run_or_exit(complete)
   print(_PROMPT.value + result['text'])

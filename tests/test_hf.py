@@ -18,10 +18,13 @@ import sentencepiece as spm
 from data import stdlib
 from data.tokenizer import Tokenizer
 from lm.export import hf, hf_export, hf_tokenizer
+from lm.model import flops
 from lm.model.config import ModelConfig
 from lm.model.transformer import Transformer
 from tests.helpers import one_device_env, script
 
+# Every test here runs torch and transformers: the slow tier.
+pytestmark = pytest.mark.slow
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
@@ -327,6 +330,7 @@ def _export(*args):
   return script('export_hf.py', *args, check=False, env=one_device_env())
 
 
+@pytest.mark.slow
 def test_export_script_loads_in_transformers(trained_run, tmp_path):
   out = tmp_path / 'hf'
   proc = _export(f'--workdir={trained_run}', f'--out={out}')
@@ -353,7 +357,7 @@ def test_export_script_loads_in_transformers(trained_run, tmp_path):
 
   # The model reproduces our logits from the checkpoint.
   cfgs, step, params = hf_export.restore_run(str(trained_run))
-  assert step == 2 and result['params'] == hf.count_params(params)
+  assert step == 2 and result['params'] == flops.count_params(params)
   model = _hf_model(str(out))
   np.testing.assert_allclose(_hf_logits(model, [ids]), _our_logits(cfgs.model, params, [ids]),
                              atol=1e-4, rtol=0)
@@ -367,6 +371,7 @@ def test_export_script_loads_in_transformers(trained_run, tmp_path):
   assert sorted(os.listdir(out)) == before
 
 
+@pytest.mark.slow
 def test_export_names_a_missing_step_and_writes_nothing(trained_run, tmp_path):
   with pytest.raises(ValueError, match=r'no checkpoint for step 7 in .* \(steps: 2\)'):
     hf_export.export(str(trained_run), str(tmp_path / 'x'), step=7)

@@ -13,11 +13,11 @@ import pytest
 
 from lm.model import flops
 from lm.model.config import ModelConfig
+from lm.model.forward import model_loss
 from lm.model.transformer import MLP, Transformer, stack_layers
 from lm.optim.optimizer import muon_dimensions
 from lm.run import checkpoint
 from lm.train import resume
-from lm.train.step import model_loss
 from tests.helpers import cached_decode
 
 SMALL = ModelConfig(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -180,6 +180,7 @@ def test_relu2_mlp_on_hand_derivable_weights():
 # Zero-initialised output projections
 
 
+@pytest.mark.slow
 def test_zero_init_out_starts_each_block_as_the_identity():
   cfg = _cfg('zero_init_out')
   params = _init(cfg)

@@ -18,13 +18,14 @@ from lm.export import gguf_export, hf
 from lm.mesh import MeshConfig
 from lm.model import mup
 from lm.model.config import ModelConfig
+from lm.model.forward import model_loss
 from lm.model.transformer import Transformer, output_head, param_axes
 from lm.optim.config import OptimizerConfig
 from lm.optim.optimizer import make_optimizer
 from lm.run import checkpoint
 from lm.sharding import AxisRules
 from lm.train import resume
-from lm.train.step import init_state, jit_train_step, model_loss, step_parts
+from lm.train.step import init_state, jit_train_step, step_parts
 from tests.helpers import cached_decode
 
 SMALL = ModelConfig(vocab_size=128, d_model=256, num_layers=2, num_heads=8, num_kv_heads=4,
@@ -97,6 +98,7 @@ def _coord(width, base_width, steps=4, lr=1e-2):
   return np.asarray(run(_coord_init(width)['params']))
 
 
+@pytest.mark.slow
 def test_coordinate_check_is_flat_in_width_with_mup_and_grows_without():
   on = np.stack([_coord(w, 64) for w in WIDTHS])  # widths x (block_0, block_1, logits)
   off = np.stack([_coord(w, 0) for w in (WIDTHS[0], WIDTHS[-1])])
@@ -303,6 +305,7 @@ def _train(shape, name='adamw', steps=3):
   return losses
 
 
+@pytest.mark.slow
 def test_trains_alike_on_an_fsdp_mesh():
   reference = _train((1, 1, 1))
   np.testing.assert_allclose(_train((1, 8, 1)), reference, rtol=1e-5)

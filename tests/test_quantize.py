@@ -125,6 +125,7 @@ def test_embedding_head_and_norms_are_kept_as_trained():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('tied,mesh,mode', [(True, (2, 2, 2), 'int8'), (False, (1, 8, 1), 'int4')])
 def test_embedding_and_head_quantized_per_vocabulary_entry(tied, mesh, mode):
   quant = QuantConfig(mode, group=16, embeddings=True)
@@ -179,6 +180,7 @@ def _expected_int8_bytes(workdir):
   return total, floats
 
 
+@pytest.mark.slow
 def test_eval_and_generate_report_quantized_weights(trained_run, tmp_path):
   from lm.eval.score_run import evaluate_run
 
@@ -193,15 +195,16 @@ def test_eval_and_generate_report_quantized_weights(trained_run, tmp_path):
   assert results['int4']['param_bytes_per_device'] < int8_bytes < float_bytes / 2
   assert results['int8']['loss'] != results['none']['loss']
   # Sampling reads the same quantised weights through its own (decoding) model.
+  from lm.eval.quantize import load_quantized_run, weights_record
   from lm.eval.sampling import SamplingConfig, complete
-  from lm.run.folder import load_run
 
-  run = load_run(str(trained_run), quant=INT8)
+  run = load_quantized_run(str(trained_run), quant=INT8)
   out = complete(run, 'def ', SamplingConfig(max_new_tokens=8, temperature=0.0), timed=True)
   assert len(out['ids']) == 8 and out['tokens_per_sec'] > 0
-  assert run.weights_record() == {'quantize': 'int8', 'param_bytes_per_device': int8_bytes}
+  assert weights_record(run) == {'quantize': 'int8', 'param_bytes_per_device': int8_bytes}
 
 
+@pytest.mark.slow
 def test_bad_quantize_flags_are_one_line(trained_run):
   env = one_device_env()
   proc = script('eval.py', f'--workdir={trained_run}', '--quantize=int4',
@@ -218,6 +221,7 @@ def test_bad_quantize_flags_are_one_line(trained_run):
   assert proc.returncode == 1 and '--inference and --quantize go with --aot' in proc.stderr
 
 
+@pytest.mark.slow
 def test_aot_plan_matches_the_quantized_weights(tmp_path):
   """bench.py --aot --quantize plans from shapes the bytes the real quantisation holds."""
   from configs import tiny

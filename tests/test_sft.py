@@ -261,6 +261,7 @@ def _train_sft(batches, shape, grad_accum=1, loss_chunk=0):
   return losses, jax.device_get(state.params), net
 
 
+@pytest.mark.slow
 def test_the_step_trains_on_responses_alike_on_any_mesh_and_micro_batching(tok, sft_files):
   batches = _sft_batches(tok, sft_files)
   one, params, _ = _train_sft(batches, (1, 1, 1))
@@ -270,8 +271,8 @@ def test_the_step_trains_on_responses_alike_on_any_mesh_and_micro_batching(tok, 
   # The logged loss is the mean over trained tokens, from before the step.
   import jax
 
+  from lm.model.forward import next_token_pairs
   from lm.model.loss import token_nll
-  from lm.train.step import next_token_pairs
   _, params0, net = _train_sft([], (1, 1, 1))
   inputs, segments, targets = next_token_pairs(batches[0])
   logits = net.apply({'params': params0}, inputs, segment_ids_BxT=segments)
@@ -284,7 +285,7 @@ def test_an_example_scores_the_same_alone_and_packed_behind_another(tok, sft_fil
   import jax
   import jax.numpy as jnp
 
-  from lm.train.step import model_loss
+  from lm.model.forward import model_loss
   batch = _sft_batches(tok, sft_files, n=1, seq_len=96)[0]
   _, params, net = _train_sft([], (1, 1, 1))
   row = next(r for r in range(8) if batch['segment_ids'][r].max() >= 2)
@@ -309,6 +310,7 @@ def test_an_example_scores_the_same_alone_and_packed_behind_another(tok, sft_fil
 # Hugging Face's view of the template.
 
 
+@pytest.mark.slow
 def test_apply_chat_template_gives_the_ids_training_uses(tok, tmp_path):
   import transformers
 
@@ -326,6 +328,7 @@ def test_apply_chat_template_gives_the_ids_training_uses(tok, tmp_path):
         ours.rows[:, 0].tolist()), record
 
 
+@pytest.mark.slow
 def test_train_script_names_a_bad_line_and_writes_no_config(tokenizer, tmp_path):
   from tests.helpers import script
   path = tmp_path / 'bad.jsonl'

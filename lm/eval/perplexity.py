@@ -12,7 +12,6 @@ the text that was scored, so it compares models with different tokenizers.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,10 +23,10 @@ import numpy as np
 from data.config import DataConfig
 from data.heldout import eval_batches
 from data.tokenizer import Tokenizer
+from lm.model.forward import Batch, forward
 from lm.model.loss import chunked_token_nll, token_nll
 from lm.model.transformer import Transformer, output_head
 from lm.sharding import AxisRules, batch_sharding, put_rows
-from lm.train.step import Batch, next_token_pairs
 
 # A batch and the mask (B, T) of its targets to score: 1 scored, 0 padding or cut off.
 ScoredBatch = tuple[Batch | np.ndarray | dict[str, np.ndarray], np.ndarray]
@@ -44,15 +43,13 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
 def _token_nll(model: Transformer, rules: AxisRules, params: Any, batch: Batch,
                loss_chunk: int) -> tuple[jax.Array, jax.Array]:
   """(NLL (B, T) of each target, the targets (B, T)); chunked when loss_chunk > 0."""
-  inputs_BxT, segments_BxT, targets_BxT = next_token_pairs(batch)
-  apply = functools.partial(model.apply, {'params': params}, inputs_BxT,
-                            segment_ids_BxT=segments_BxT)
+  out, targets_BxT = forward(model, params, batch, features=bool(loss_chunk))
   cfg = model.cfg
   if loss_chunk:
-    nll_BxT, _ = chunked_token_nll(apply(features=True), output_head(params, cfg),
-                                   targets_BxT, loss_chunk, rules, cfg.logit_softcap)
+    nll_BxT, _ = chunked_token_nll(out, output_head(params, cfg), targets_BxT, loss_chunk,
+                                   rules, cfg.logit_softcap)
   else:
-    nll_BxT, _ = token_nll(apply(), targets_BxT)
+    nll_BxT, _ = token_nll(out, targets_BxT)
   return nll_BxT, targets_BxT
 
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.model.transformer import Transformer
+from lm.run.folder import Run, load_run
 from lm.sharding import AxisRules, tree_shardings
 
 MODES = ('none', 'int8', 'int4')
@@ -192,3 +193,23 @@ def bytes_per_device(params: Any) -> int:
     shard = leaf.sharding.shard_shape(leaf.shape)
     total += np.prod(shard, dtype=np.int64) * jax.dtypes.itemsize_bits(leaf.dtype) / 8
   return int(total)
+
+
+def load_quantized_run(workdir: str, step: int | None = None, quant: QuantConfig = NONE) -> Run:
+  """lm/run/folder.py's `load_run`, then with `quant` on the blocks' weights quantised
+  and the run's model reading them so."""
+  quant.validate()
+  run = load_run(workdir, step, check_model=quant.check_shapes)
+  if not quant.on:
+    return run
+  model = quantized_model(run.model, quant)
+  params = quantize_params(model, run.params, run.rules, quant)
+  return dataclasses.replace(run, model=model, params=params, quant=quant)
+
+
+def weights_record(run: Run) -> dict[str, Any]:
+  """{"quantize", "param_bytes_per_device"} when quantised (else nothing: the JSON the
+  scripts print keeps its plain keys): how the weights are held, and how much."""
+  if run.quant is None or not run.quant.on:
+    return {}
+  return {'quantize': run.quant.mode, 'param_bytes_per_device': bytes_per_device(run.params)}

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.eval.quantize import quantized_model
+from lm.eval.quantize import NONE, quantized_model
 from lm.model.config import ModelConfig
 from lm.model.transformer import Transformer
 from lm.sharding import AxisRules
@@ -199,7 +199,7 @@ def complete(run: Run, prompt: str, cfg: SamplingConfig, seed: int = 0,
   tok = run.tokenizer
   prompt_ids = [tok.bos_id] + tok.encode(prompt)
   cfg = dataclasses.replace(cfg, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
-  model = quantized_model(sampling_model(run.cfgs.model, run.rules), run.quant)
+  model = quantized_model(sampling_model(run.cfgs.model, run.rules), run.quant or NONE)
   ids = generate(model, run.params, [prompt_ids], cfg, seed)[0]
   out = {'prompt_ids': prompt_ids, 'ids': ids, 'text': tok.decode(ids)}
   if timed:

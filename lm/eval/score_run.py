@@ -25,8 +25,8 @@ from lm.eval.perplexity import (
   summarize,
   token_byte_lengths,
 )
-from lm.eval.quantize import NONE, QuantConfig
-from lm.run.folder import Run, load_run
+from lm.eval.quantize import NONE, QuantConfig, load_quantized_run, weights_record
+from lm.run.folder import Run
 
 
 def pack_texts(texts: Iterable[str], tokenizer: Tokenizer, seq_len: int,
@@ -116,9 +116,9 @@ def evaluate_run(workdir: str, *, step: int | None = None, files: str = '',
   """
   if max_tokens < 0:
     raise ValueError(f'--max_tokens must be >= 0, got {max_tokens}')
-  run = load_run(workdir, step, quant)
+  run = load_quantized_run(workdir, step, quant)
   if not files:
-    return {'step': run.step, **score(run, heldout(run, max_tokens)), **run.weights_record()}
+    return {'step': run.step, **score(run, heldout(run, max_tokens)), **weights_record(run)}
   eval_step = make_step(run)
   per_file = {}
   for name, texts in file_texts(files, run.cfgs.data.text_key):
@@ -135,7 +135,7 @@ def evaluate_run(workdir: str, *, step: int | None = None, files: str = '',
                                           sum(r['bytes'] for r in per_file.values()))}
   if len(per_file) > 1:
     result['files'] = per_file
-  return {**result, **run.weights_record()}
+  return {**result, **weights_record(run)}
 
 
 def report_lines(result: dict[str, Any]) -> list[str]:

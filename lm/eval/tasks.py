@@ -25,10 +25,10 @@ import numpy as np
 
 from data.tasks.files import ChoiceRow, Example, choice_rows, read_task, task_paths
 from lm.eval.perplexity import ScoredBatch, make_row_nll_step
-from lm.eval.quantize import NONE, QuantConfig
+from lm.eval.quantize import NONE, QuantConfig, load_quantized_run, weights_record
 from lm.eval.score_run import local_rows
 from lm.eval.task_metrics import task_scores
-from lm.run.folder import Run, load_run
+from lm.run.folder import Run
 from lm.sharding import put_rows
 
 MIN_LENGTH = 16
@@ -116,12 +116,12 @@ def evaluate_tasks(workdir: str, spec: str, *, step: int | None = None, max_exam
     raise ValueError(f'--max_examples must be >= 0, got {max_examples}')
   # Every file is read and checked before the (slower) restore of the parameters.
   tasks = [(name, read_task(path, max_examples)) for name, path in task_paths(spec)]
-  run = load_run(workdir, step, quant)
+  run = load_quantized_run(workdir, step, quant)
   scorer = RowScorer(run)
   records = [evaluate_task(scorer, name, examples) for name, examples in tasks]
   if len(records) == 1:
-    return {'step': run.step, **records[0], **run.weights_record()}
-  return {'step': run.step, 'tasks': records, **run.weights_record()}
+    return {'step': run.step, **records[0], **weights_record(run)}
+  return {'step': run.step, 'tasks': records, **weights_record(run)}
 
 
 def report_lines(result: dict[str, Any]) -> list[str]:

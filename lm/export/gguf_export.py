@@ -16,7 +16,6 @@ of 32 falls back to float16.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Mapping
@@ -56,22 +55,11 @@ _EXPRESSED = {
     'norm_eps': 'llama.attention.layer_norm_rms_epsilon',
     'tie_embeddings': 'no output.weight tensor',
 }
-# Training, compute and initialisation settings: nothing the file must say.
-_NOT_IN_MODEL = hf.NOT_IN_MODEL
 
 
 def check_expressible(model_cfg: ModelConfig) -> None:
   """Raises naming the first model.* key GGUF's llama architecture cannot express."""
-  defaults = type(model_cfg)()
-  for field in dataclasses.fields(model_cfg):
-    key = field.name
-    if key in _EXPRESSED or key in _NOT_IN_MODEL:
-      continue
-    value = getattr(model_cfg, key)
-    if value != getattr(defaults, key):
-      raise ValueError(f'model.{key}={value!r}: GGUF\'s llama architecture has no '
-                       'counterpart; export needs the default '
-                       f'{getattr(defaults, key)!r}')
+  hf.check_expressible(model_cfg, _EXPRESSED, "GGUF's llama architecture", 'export needs')
 
 
 def rope_rows(w_RxD: np.ndarray, num_heads: int) -> np.ndarray:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.model import flops
 from lm.model.config import ModelConfig
 from lm.model.transformer import unstack_layers
 
@@ -55,18 +56,21 @@ NOT_IN_MODEL = ('dtype', 'param_dtype', 'dropout', 'remat', 'remat_policy', 'sca
                 'attention', 'zero_init_out')
 
 
-def check_expressible(model_cfg: ModelConfig) -> None:
-  """Raises naming the first model.* key a Hugging Face Llama cannot express (QK-norm,
-  the ReLU-squared MLP, logit soft-capping: any key off its default but these)."""
+def check_expressible(model_cfg: ModelConfig, expressed: Iterable[str] = _EXPRESSED,
+                       fmt: str = 'the Hugging Face Llama format',
+                       needs: str = 'export and import need') -> None:
+  """Raises naming the first model.* key a format cannot express: any key off its
+  default but the `expressed` ones and NOT_IN_MODEL (for a Hugging Face Llama: QK-norm,
+  the ReLU-squared MLP, logit soft-capping). GGUF's export passes its own."""
   defaults = type(model_cfg)()
   for field in dataclasses.fields(model_cfg):
     key = field.name
-    if key in _EXPRESSED or key in NOT_IN_MODEL:
+    if key in expressed or key in NOT_IN_MODEL:
       continue
     value, default = getattr(model_cfg, key), getattr(defaults, key)
     if value != default:
-      raise ValueError(f'model.{key}={value!r}: the Hugging Face Llama format has no '
-                       f'counterpart; export and import need the default {default!r}')
+      raise ValueError(f'model.{key}={value!r}: {fmt} has no counterpart; {needs} the '
+                       f'default {default!r}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,10 +323,6 @@ def load_hf(path: str, model_cfg: ModelConfig, like: Any = None) -> Params:
   return jax.tree.map(place, params, like)
 
 
-def count_params(params: Any) -> int:
-  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
-
-
 def write_model(out_dir: str, params: Mapping[str, Any], model_cfg: ModelConfig, *,
                 dtype: str = 'float32', max_position_embeddings: int = 2048,
                 bos_id: int | None = None, eos_id: int | None = None,
@@ -343,7 +343,7 @@ def write_model(out_dir: str, params: Mapping[str, Any], model_cfg: ModelConfig,
     with open(os.path.join(out_dir, name), 'w', encoding='utf-8') as f:
       json.dump(obj, f, indent=2)
       f.write('\n')
-  return count_params(tensors)
+  return flops.count_params(tensors)
 
 
 def check_dtype(dtype: str) -> None:

@@ -5,5 +5,7 @@
                   soft-cap, the KV cache for decoding, logical axis names.
   mup.py          muP width transfer: rate and init multipliers.
   loss.py         next-token cross-entropy in float32, whole or chunked.
+  forward.py      the batch -> (output, targets) pass and the loss, shared by training
+                  and evaluation.
   flops.py        parameter counts, FLOPs per token, device peaks and MFU.
 """

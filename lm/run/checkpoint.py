@@ -96,6 +96,26 @@ def incompatibilities(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[
   return out
 
 
+# What a CheckpointManager holds that must be closed when its own close() cannot run (it
+# waits on the failed save first). Orbax has no public way to reach them, so they are
+# named here, in this one place; tests/test_checkpoint.py fails if an Orbax upgrade
+# renames one.
+ORBAX_MANAGER_PARTS = ('_checkpointer', '_non_blocking_metadata_store',
+                       '_blocking_metadata_store', '_checkpoint_deleter')
+
+
+def close_manager_parts(manager: ocp.CheckpointManager, directory: str) -> None:
+  """Closes each of ORBAX_MANAGER_PARTS that `manager` has; failures are only logged."""
+  for part in ORBAX_MANAGER_PARTS:
+    closer = getattr(getattr(manager, part, None), 'close', None)
+    if closer is None:
+      continue
+    try:
+      closer()
+    except Exception as e:  # noqa: BLE001
+      log.info('closing %s of %s: %s', part, directory, first_line(e))
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with the items this project saves.
 
@@ -248,15 +268,7 @@ class Checkpointer:
         return
       except Exception as e:  # noqa: BLE001  Reported by wait() already, or now logged.
         log.info('closing %s: %s', self.directory, first_line(e))
-    for part in ('_checkpointer', '_non_blocking_metadata_store',
-                 '_blocking_metadata_store', '_checkpoint_deleter'):
-      closer = getattr(getattr(manager, part, None), 'close', None)
-      if closer is None:
-        continue
-      try:
-        closer()
-      except Exception as e:  # noqa: BLE001
-        log.info('closing %s of %s: %s', part, self.directory, first_line(e))
+    close_manager_parts(manager, self.directory)
 
   def _writer(self) -> ocp.CheckpointManager:
     if self._manager is None:

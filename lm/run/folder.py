@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -19,7 +20,6 @@ import ml_collections
 
 from data.tokenizer import Tokenizer, check_vocab
 from lm.config import Configs, as_dict, parse
-from lm.eval.quantize import NONE, QuantConfig, bytes_per_device, quantize_params, quantized_model
 from lm.model.transformer import Transformer
 from lm.run import checkpoint
 from lm.run.checkpoint import committed_steps, first_line, read_metadata, read_params
@@ -39,14 +39,8 @@ class Run:
   model: Transformer
   params: Any
   step: int
-  quant: QuantConfig = NONE  # Weights quantised after the restore, or not.
-
-  def weights_record(self) -> dict[str, Any]:
-    """{"quantize", "param_bytes_per_device"} when quantised (else nothing: the JSON the
-    scripts print keeps its plain keys): how the weights are held, and how much."""
-    if not self.quant.on:
-      return {}
-    return {'quantize': self.quant.mode, 'param_bytes_per_device': bytes_per_device(self.params)}
+  # lm/eval/quantize.py's QuantConfig when the weights were quantised after the restore.
+  quant: Any = None
 
 
 class RunFolder:
@@ -160,14 +154,13 @@ def abstract_params(model: Transformer, rules: AxisRules | None = None,
                       nn.meta.unbox(boxed), shardings)
 
 
-def load_run(workdir: str, step: int | None = None, quant: QuantConfig = NONE) -> Run:
+def load_run(workdir: str, step: int | None = None,
+             check_model: Callable[[Transformer], None] | None = None) -> Run:
   """Config, tokenizer and the parameters of checkpoint `step` (default: the latest).
 
   The parameters land on the run's mesh (`eval_mesh_rules`), sharded as in training.
-  With `quant` on, the blocks' weights are then quantised (lm/eval/quantize.py) and the
-  run's model reads them so.
+  `check_model` sees the model before the (slower) restore, to refuse early.
   """
-  quant.validate()
   folder = RunFolder(workdir)
   folder.config()  # Says clearly when `workdir` is not a run folder.
   step = folder.pick_step(step)
@@ -176,9 +169,7 @@ def load_run(workdir: str, step: int | None = None, quant: QuantConfig = NONE) -
   check_vocab(tokenizer, cfgs.model.vocab_size)
   rules = eval_mesh_rules(cfgs)
   model = Transformer(cfgs.model, rules)
-  quant.check_shapes(model)
+  if check_model is not None:
+    check_model(model)
   params = folder.restore_params(step, abstract_params(model, rules))
-  if quant.on:
-    model = quantized_model(model, quant)
-    params = quantize_params(model, params, rules, quant)
-  return Run(workdir, cfgs, tokenizer, rules, model, params, step, quant)
+  return Run(workdir, cfgs, tokenizer, rules, model, params, step)

@@ -10,25 +10,12 @@ RUN/wandb/ without a network, for `wandb sync` later.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
-MODES = ('', 'online', 'offline', 'disabled')
-
-
-@dataclasses.dataclass(frozen=True)
-class WandbConfig:
-  project: str = ''  # '' = no W&B logging.
-  entity: str = ''  # Team or user; '' = the default of the logged-in user.
-  name: str = ''  # Display name; '' = the run folder's name.
-  mode: str = ''  # 'online' | 'offline' | 'disabled'; '' = WANDB_MODE or online.
-
-  def validate(self) -> None:
-    if self.mode not in MODES:
-      raise ValueError(f'wandb.mode: expected one of {MODES[1:]} or empty, got {self.mode!r}')
+from lm.config import WandbConfig
 
 
 class WandbWriter:

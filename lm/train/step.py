@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -15,14 +14,11 @@ import optax
 
 from lm.config import Configs
 from lm.model import mup
-from lm.model.loss import Metrics, chunked_cross_entropy, cross_entropy, loss_weights
-from lm.model.transformer import Transformer, output_head, param_axes
+from lm.model.forward import Batch, model_loss, target_weights
+from lm.model.loss import Metrics
+from lm.model.transformer import Transformer, param_axes
 from lm.optim.optimizer import global_norm, make_optimizer, schedule
 from lm.sharding import AxisRules, batch_sharding, tree_shardings
-
-# Token rows (B, T + 1), or {'tokens', 'segment_ids'} of that shape (packed documents),
-# plus 'loss_mask' (fine-tuning: 1 where a token is trained on; data/packing.py).
-Batch = jax.Array | dict[str, jax.Array]
 
 
 @flax.struct.dataclass
@@ -31,45 +27,6 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # raw uint32 key; dropout keys are folded from it and the step
-
-
-def next_token_pairs(batch: Batch) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-  """(inputs (B, T), their segment ids or None, targets (B, T)) from either batch form."""
-  if isinstance(batch, dict):
-    tokens_BxT1, segments_BxT1 = batch['tokens'], batch.get('segment_ids')
-  else:
-    tokens_BxT1, segments_BxT1 = batch, None
-  segments_BxT = None if segments_BxT1 is None else segments_BxT1[:, :-1]
-  return tokens_BxT1[:, :-1], segments_BxT, tokens_BxT1[:, 1:]
-
-
-def target_weights(batch: Batch, scale: float = 1.0) -> jax.Array | None:
-  """float32 (B, T) weights of the targets, for the mean over trained tokens only, or
-  None (every target alike). Already in the batch when the train step split it."""
-  if not isinstance(batch, dict):
-    return None
-  if 'weights' in batch:
-    return batch['weights']
-  if 'loss_mask' in batch:
-    return loss_weights(batch['loss_mask'][:, 1:], scale)
-  return None
-
-
-def model_loss(model: Transformer, params: Any, batch: Batch, *, chunk: int = 0,
-               z_loss: float = 0.0, train: bool = False,
-               rngs: dict[str, jax.Array] | None = None) -> tuple[jax.Array, Metrics]:
-  """The next-token loss of `batch`; chunked (lm/model/loss.py) when `chunk` > 0; a mean over
-  the trained tokens only when the batch has a loss mask."""
-  inputs_BxT, segments_BxT, targets_BxT = next_token_pairs(batch)
-  weights_BxT = target_weights(batch)
-  apply = functools.partial(model.apply, {'params': params}, inputs_BxT,
-                            segment_ids_BxT=segments_BxT, train=train, rngs=rngs)
-  if chunk:
-    x_BxTxD = apply(features=True)
-    return chunked_cross_entropy(x_BxTxD, output_head(params, model.cfg), targets_BxT,
-                                 chunk=chunk, z_loss=z_loss, rules=model.rules,
-                                 weights_BxT=weights_BxT, softcap=model.cfg.logit_softcap)
-  return cross_entropy(apply(), targets_BxT, z_loss, weights_BxT)
 
 
 def _boxed_state_fn(model: Transformer, tx: optax.GradientTransformation, seq_len: int):

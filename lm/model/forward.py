@@ -1,0 +1,70 @@
+"""The forward pass that training and evaluation share: a batch in, the loss or the
+model's output out.
+
+A batch holds token rows (B, T + 1): inputs are its first T tokens and targets its last
+T. Packed documents add segment ids of the same shape; fine-tuning adds a loss mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from lm.model.loss import Metrics, chunked_cross_entropy, cross_entropy, loss_weights
+from lm.model.transformer import Transformer, output_head
+
+# Token rows (B, T + 1), or {'tokens', 'segment_ids'} of that shape (packed documents),
+# plus 'loss_mask' (fine-tuning: 1 where a token is trained on; data/packing.py).
+Batch = jax.Array | dict[str, jax.Array]
+
+
+
+def next_token_pairs(batch: Batch) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+  """(inputs (B, T), their segment ids or None, targets (B, T)) from either batch form."""
+  if isinstance(batch, dict):
+    tokens_BxT1, segments_BxT1 = batch['tokens'], batch.get('segment_ids')
+  else:
+    tokens_BxT1, segments_BxT1 = batch, None
+  segments_BxT = None if segments_BxT1 is None else segments_BxT1[:, :-1]
+  return tokens_BxT1[:, :-1], segments_BxT, tokens_BxT1[:, 1:]
+
+
+def target_weights(batch: Batch, scale: float = 1.0) -> jax.Array | None:
+  """float32 (B, T) weights of the targets, for the mean over trained tokens only, or
+  None (every target alike). Already in the batch when the train step split it."""
+  if not isinstance(batch, dict):
+    return None
+  if 'weights' in batch:
+    return batch['weights']
+  if 'loss_mask' in batch:
+    return loss_weights(batch['loss_mask'][:, 1:], scale)
+  return None
+
+
+def forward(model: Transformer, params: Any, batch: Batch, *, features: bool = False,
+            train: bool = False, rngs: dict[str, jax.Array] | None = None,
+            ) -> tuple[jax.Array, jax.Array]:
+  """(the model's output on the batch's inputs, the targets (B, T)): the one forward pass
+  of training and evaluation. The output is the logits (B, T, V), or with `features`
+  the final normed activations (B, T, D), which a chunked loss multiplies by the head a
+  piece at a time."""
+  inputs_BxT, segments_BxT, targets_BxT = next_token_pairs(batch)
+  out = model.apply({'params': params}, inputs_BxT, segment_ids_BxT=segments_BxT,
+                    train=train, rngs=rngs, features=features)
+  return out, targets_BxT
+
+
+def model_loss(model: Transformer, params: Any, batch: Batch, *, chunk: int = 0,
+               z_loss: float = 0.0, train: bool = False,
+               rngs: dict[str, jax.Array] | None = None) -> tuple[jax.Array, Metrics]:
+  """The next-token loss of `batch`; chunked (lm/model/loss.py) when `chunk` > 0; a mean over
+  the trained tokens only when the batch has a loss mask."""
+  out, targets_BxT = forward(model, params, batch, features=bool(chunk), train=train,
+                             rngs=rngs)
+  weights_BxT = target_weights(batch)
+  if chunk:
+    return chunked_cross_entropy(out, output_head(params, model.cfg), targets_BxT,
+                                 chunk=chunk, z_loss=z_loss, rules=model.rules,
+                                 weights_BxT=weights_BxT, softcap=model.cfg.logit_softcap)
+  return cross_entropy(out, targets_BxT, z_loss, weights_BxT)
