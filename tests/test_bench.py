@@ -56,6 +56,7 @@ def test_aot_memory_shrinks_with_fsdp():
   assert sharded['memory_bytes_per_device'] < replicated['memory_bytes_per_device']
 
 
+@pytest.mark.slow
 def test_bench_script_prints_the_spec_keys():
   cmd = [sys.executable, 'scripts/bench.py', '--config=configs/tiny.py', '--aot',
          '--config.model.num_layers=1']
@@ -101,6 +102,7 @@ def test_peak_table(kind, peak):
   assert flops.device_peak_flops(Dev()) == peak
 
 
+@pytest.mark.slow
 def test_vary_measures_each_lever_alone_from_the_config():
   cmd = [sys.executable, 'scripts/bench.py', '--config=configs/tiny.py', '--aot',
          '--config.model.num_layers=1', '--vary=loss.chunk=0,16',
@@ -135,6 +137,7 @@ def test_a_combined_variant_sets_its_keys_together():
   assert (alone.model.mlp, alone.optimizer.muon_ns_steps) == ('relu2', 5)
 
 
+@pytest.mark.slow
 def test_packed_documents_are_benchmarked_with_their_mask():
   plain = _small(data=8)
   packed = _small(data=8)

@@ -88,6 +88,7 @@ def test_a_loss_chunk_that_does_not_divide_the_rows_is_named():
   parse(config)
 
 
+@pytest.mark.slow
 def test_the_old_name_of_loss_chunk_still_sets_it():
   from configs import tiny
 

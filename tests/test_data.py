@@ -60,6 +60,7 @@ def test_stdlib_listing_excludes_third_party(tmp_path):
   assert stdlib.list_files(str(tmp_path)) == ('a.py', 'pkg/b.py')
 
 
+@pytest.mark.slow
 def test_heldout_split_is_stable_disjoint_and_sized():
   keys = [f'file{i}.jsonl:{i % 97}' for i in range(20000)]
   held = {k for k in keys if is_heldout(k, 0.1)}
@@ -583,6 +584,7 @@ def test_throughput_measure(tok, corpus):
 # The entry point.
 
 
+@pytest.mark.slow
 def test_train_tokenizer_script(tmp_path, corpus):
   cfg, _ = corpus
   out = str(tmp_path / 'x.model')

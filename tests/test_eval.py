@@ -130,6 +130,7 @@ def test_masked_eval_step_matches_a_numpy_sum_over_the_unmasked_targets(tokenize
 # The scripts, on a real run.
 
 
+@pytest.mark.slow
 def test_eval_script_scores_the_held_out_split_as_training_did(run_dir):
   result = _last_json(script('eval.py', f'--workdir={run_dir}'))
   assert set(result) == {'step', 'loss', 'perplexity', 'bits_per_byte', 'tokens', 'bytes'}
@@ -145,6 +146,7 @@ def test_eval_script_scores_the_held_out_split_as_training_did(run_dir):
   assert result['bits_per_byte'] == pytest.approx(logged[-1]['eval_bits_per_byte'], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_packed_run_with_a_chunked_loss_is_scored_as_training_scored_it(tmp_path, tokenizer,
                                                                            text_files):
   # data.segment_ids and loss.chunk change both training and scoring; the eval
@@ -164,6 +166,7 @@ def test_a_packed_run_with_a_chunked_loss_is_scored_as_training_scored_it(tmp_pa
   assert files['bytes'] == sum(len(d.encode('utf-8')) for d in DOCS[:2])
 
 
+@pytest.mark.slow
 def test_eval_script_scores_files_one_by_one(run_dir, text_files):
   proc = script('eval.py', f'--workdir={run_dir}', '--step=2',
                  f'--files={text_files}/*.jsonl,{text_files}/*.txt')
@@ -182,6 +185,7 @@ def test_eval_script_scores_files_one_by_one(run_dir, text_files):
   assert 'a.jsonl: loss=' in proc.stdout and 'b.txt: loss=' in proc.stdout
 
 
+@pytest.mark.slow
 def test_eval_script_errors_are_one_line_naming_the_cause(run_dir):
   proc = script('eval.py', f'--workdir={run_dir}', '--step=5', check=False)
   assert proc.returncode == 1
@@ -191,6 +195,7 @@ def test_eval_script_errors_are_one_line_naming_the_cause(run_dir):
     list(score_run.file_texts('/no/such/dir/*.txt', 'text'))
 
 
+@pytest.mark.slow
 def test_load_errors_name_the_missing_path(tmp_path, run_dir):
   with pytest.raises(ValueError, match='no run folder at .*nowhere'):
     load_run(str(tmp_path / 'nowhere'))
@@ -205,6 +210,7 @@ def test_load_errors_name_the_missing_path(tmp_path, run_dir):
   assert not (empty / 'checkpoints').exists()  # Looking did not create it.
 
 
+@pytest.mark.slow
 def test_generate_script_is_greedy_at_temperature_zero(run_dir):
   args = (f'--workdir={run_dir}', '--prompt=def main(', '--max_new_tokens=5', '--temperature=0')
   proc = script('generate.py', *args)
@@ -237,6 +243,7 @@ def _tb_scalars(tb_dir):
   return out
 
 
+@pytest.mark.slow
 def test_eval_metrics_land_in_tensorboard(run_dir):
   scalars = _tb_scalars(os.path.join(run_dir, 'tb'))
   with open(os.path.join(run_dir, 'metrics.jsonl'), encoding='utf-8') as f:
@@ -246,6 +253,7 @@ def test_eval_metrics_land_in_tensorboard(run_dir):
   assert ('loss', 2) in scalars
 
 
+@pytest.mark.slow
 def test_plot_script_writes_a_png_of_several_runs(tmp_path):
   for name, scale in (('run_a', 1.0), ('run_b', 0.8)):
     folder = tmp_path / name
@@ -267,6 +275,7 @@ def test_plot_script_writes_a_png_of_several_runs(tmp_path):
   assert not (tmp_path / 'x.png').exists()
 
 
+@pytest.mark.slow
 def test_plot_prints_the_path_it_writes(tmp_path):
   run = tmp_path / 'run_a'
   run.mkdir()

@@ -86,6 +86,7 @@ def _expected(params, cfg: ModelConfig):
   return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
+@pytest.mark.slow
 def test_metadata(files, checkpoint, trained_run):
   cfgs, _, _ = checkpoint
   c = cfgs.model
@@ -106,6 +107,7 @@ def test_metadata(files, checkpoint, trained_run):
   assert _field(q8, 'general.file_type') == int(gguf.LlamaFileType.MOSTLY_Q8_0)
 
 
+@pytest.mark.slow
 def test_vocabulary(files, trained_run):
   sp = spm.SentencePieceProcessor(model_file=str(trained_run / 'tokenizer.model'))
   reader = gguf.GGUFReader(files['f16'])
@@ -135,12 +137,14 @@ def test_vocabulary(files, trained_run):
     assert _field(reader, f'tokenizer.ggml.{key}') == value, key
 
 
+@pytest.mark.slow
 def test_vocab_pads_to_model_size(trained_run):
   tokens, scores, types = gguf_export.vocab(str(trained_run / 'tokenizer.model'), 515)
   assert tokens[512:] == [b'[PAD512]', b'[PAD513]', b'[PAD514]']
   assert types[512:] == [gguf.TokenType.UNUSED] * 3 and len(scores) == 515
 
 
+@pytest.mark.slow
 def test_f16_tensors_are_the_checkpoint(files, checkpoint):
   cfgs, _, params = checkpoint
   want, got = _expected(params, cfgs.model), _tensors(files['f16'])
@@ -156,6 +160,7 @@ def test_f16_tensors_are_the_checkpoint(files, checkpoint):
       np.testing.assert_array_equal(y, x.astype(np.float16).astype(np.float32), err_msg=name)
 
 
+@pytest.mark.slow
 def test_q8_0_tensors_within_a_block_step(files, checkpoint):
   cfgs, _, params = checkpoint
   want, got = _expected(params, cfgs.model), _tensors(files['q8_0'])
@@ -232,6 +237,7 @@ def _our_logits(cfg, params, ids):
                     np.float64)
 
 
+@pytest.mark.slow
 def test_llama_graph_on_the_file_gives_our_logits(files, checkpoint, trained_run):
   """llama.cpp's conventions (adjacent-pair RoPE on the file's q and k) reproduce our
   model with the same float16-rounded weights; the same graph with Hugging Face's RoPE
@@ -267,6 +273,7 @@ def tied_file(trained_run, tmp_path_factory):
   return path, params
 
 
+@pytest.mark.slow
 def test_tied_head_dim_and_scanned_layers(tied_file, trained_run):
   path, params = tied_file
   reader = gguf.GGUFReader(path)
@@ -306,6 +313,7 @@ def test_refuses_a_tokenizer_llama_cpp_would_split_differently(tokenizer, tmp_pa
     hf_tokenizer.check_supported(str(path), target='GGUF')
 
 
+@pytest.mark.slow
 def test_script_refuses_an_existing_file_and_a_bad_run(trained_run, tmp_path):
   out = tmp_path / 'x.gguf'
   out.write_bytes(b'keep')
@@ -357,6 +365,7 @@ def _nll(logits_TxV, ids):
   return float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
 
 
+@pytest.mark.slow
 @pytest.mark.llama_cpp
 def test_llama_cpp_greedy_equals_ours_f16(files, checkpoint, trained_run, monkeypatch):
   cfgs, _, params = checkpoint
@@ -402,6 +411,7 @@ def _bits_per_byte(logits_fn, windows, byte_lengths):
   return nats / np.log(2) / sum(int(byte_lengths[w[1:]].sum()) for w in windows)
 
 
+@pytest.mark.slow
 @pytest.mark.llama_cpp
 def test_llama_cpp_q8_0_bits_per_byte_within_one_percent(files, checkpoint, trained_run,
                                                         monkeypatch):
@@ -419,6 +429,7 @@ def test_llama_cpp_q8_0_bits_per_byte_within_one_percent(files, checkpoint, trai
   assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
 
 
+@pytest.mark.slow
 @pytest.mark.llama_cpp
 def test_llama_cpp_tied_head_dim_logits(tied_file, trained_run, monkeypatch):
   path, params = tied_file
@@ -428,6 +439,7 @@ def test_llama_cpp_tied_head_dim_logits(tied_file, trained_run, monkeypatch):
   assert err < 1e-2, err
 
 
+@pytest.mark.slow
 @pytest.mark.llama_cpp
 def test_llama_cpp_tokenizes_like_sentencepiece(files, trained_run, monkeypatch):
   tok = Tokenizer(str(trained_run / 'tokenizer.model'))

@@ -78,6 +78,7 @@ def two_processes(tmp_path_factory, tokenizer):
   return workdir, outs
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(one_process, two_processes):
   workdir, outs = two_processes
   ref, got = _losses(one_process), _losses(workdir)
@@ -95,6 +96,7 @@ def _as_if_killed_after_step_3(src, dst):
   (dst / 'metrics.jsonl').unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('saved_by,resumed_by', [(2, 1), (1, 2)])
 def test_a_checkpoint_resumes_on_another_process_count(tmp_path, tokenizer, one_process,
                                                         two_processes, saved_by, resumed_by):
@@ -108,6 +110,7 @@ def test_a_checkpoint_resumes_on_another_process_count(tmp_path, tokenizer, one_
     assert got[step] == pytest.approx(ref[step], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_dead_process_ends_the_job(tmp_path, tokenizer):
   procs = _launch(tmp_path / 'dead', tokenizer, 100000, 2, ('--config.checkpoint_every=0',))
   metrics = tmp_path / 'dead' / 'metrics.jsonl'
@@ -125,6 +128,7 @@ def test_a_dead_process_ends_the_job(tmp_path, tokenizer):
   assert time.time() - killed < 120
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path, tokenizer):
   # A preemption notice reaches one host; JAX's preemption sync point makes every
   # process stop after the same step, save it together and exit cleanly.
@@ -145,6 +149,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path, toke
   assert _losses(workdir)[-1][0] == result['step']
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_is_moved_aside_once_by_two_processes(tmp_path, tokenizer,
                                                                    one_process, two_processes):
   # Both processes find step 6 unreadable, agree, and process 0 moves it aside; both

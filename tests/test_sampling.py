@@ -161,6 +161,7 @@ def test_eos_stops_its_row_and_max_new_tokens_is_respected():
   assert got[1] == greedy[1]  # The other row runs on to max_new_tokens.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape', [(1, 1, 2), (2, 2, 2)])
 def test_sharded_sampling_matches_one_device(shape):
   # Parameters split over fsdp and tensor (heads, kv heads, MLP, vocab): the same greedy

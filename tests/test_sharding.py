@@ -97,6 +97,7 @@ def test_chunked_loss_trains_as_the_plain_loss_on_a_mesh(reference):
   np.testing.assert_allclose(chunked, reference[0], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_packed_documents_train_alike_on_every_layout_and_with_accumulation():
   one = _train((1, 1, 1), segments=True)[0]
   accum = dataclasses.replace(OPT, grad_accum=2)
@@ -117,6 +118,7 @@ def muon_reference():
           for scan in (False, True)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape,scan', [((2, 2, 2), True), ((1, 8, 1), True),
                                         ((1, 1, 8), True), ((2, 2, 2), False)])
 def test_muon_trains_alike_on_every_mesh(muon_reference, shape, scan):

@@ -129,6 +129,7 @@ def test_too_few_heldout_files_is_one_clear_error():
     stdlib_maker.build_tasks(DataConfig(source='files', files='*.toml', eval_fraction=0.5))
 
 
+@pytest.mark.slow
 def test_script_writes_the_same_bytes_in_every_process(tmp_path):
   counts = {'next_line_examples': 40, 'module_examples': 4}
   # Another process with another string-hash salt: no order may depend on hash().
@@ -152,6 +153,7 @@ def test_script_writes_the_same_bytes_in_every_process(tmp_path):
   assert summary['tasks'][1]['per_class'] == dict.fromkeys(stdlib_maker.PACKAGES, 4)
 
 
+@pytest.mark.slow
 def test_script_refuses_with_one_line(tmp_path):
   proc = script('make_tasks.py', f'--out={tmp_path}', '--config.data.eval_fraction=0.01',
                 check=False)

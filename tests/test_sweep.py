@@ -39,6 +39,7 @@ def swept(tmp_path_factory, tokenizer):
   return out, _sweep(out, tokenizer, *GRID, '--parallel=2').stdout
 
 
+@pytest.mark.slow
 def test_sweep_writes_a_run_folder_and_a_result_line_per_point(swept):
   out, stdout = swept
   assert 'skipped 0 finished; 4 to train' in stdout
@@ -84,6 +85,7 @@ def test_sweep_writes_a_run_folder_and_a_result_line_per_point(swept):
     assert fit['fit']['points'] == len(frontier)
 
 
+@pytest.mark.slow
 def test_a_second_run_skips_finished_points_and_another_grid_is_refused(swept, tokenizer):
   out, _ = swept
   metrics = {n: os.stat(out / 'runs' / n / 'metrics.jsonl').st_mtime_ns for n in NAMES}
@@ -102,6 +104,7 @@ def test_a_second_run_skips_finished_points_and_another_grid_is_refused(swept, t
   assert not (out / 'runs' / 'd_model=128,lr=1e-3').exists()
 
 
+@pytest.mark.slow
 def test_an_interrupted_point_resumes_and_the_others_are_skipped(swept, tokenizer):
   out, _ = swept
   name = NAMES[3]
@@ -143,6 +146,7 @@ def _points(out, tokenizer):
   return spec, sweep.make_points(config, spec, str(out))
 
 
+@pytest.mark.slow
 def test_a_run_folder_of_another_config_is_refused_not_skipped(swept, tokenizer, tmp_path):
   """A config file edited after a sweep began: its finished points must not be skipped
   into the table as if they had run what the file says now."""
@@ -165,6 +169,7 @@ def test_a_run_folder_of_another_config_is_refused_not_skipped(swept, tokenizer,
   assert rows[0]['final_eval_loss'] is not None
 
 
+@pytest.mark.slow
 def test_a_point_that_ran_another_config_mid_sweep_is_a_failure(swept, tokenizer, tmp_path,
                                                                  monkeypatch):
   """The config file edited while a sweep runs: a point whose train.py then ran another
@@ -199,6 +204,7 @@ def test_keys_linked_in_the_config_move_together(tokenizer, tmp_path):
   assert [(p.cfgs.model.d_model, p.cfgs.model.d_ff) for p in points] == [(32, 50), (64, 50)]
 
 
+@pytest.mark.slow
 def test_a_bad_grid_is_one_line_before_anything_is_written(tmp_path, tokenizer):
   # One script call (each costs seconds of imports); test_grid_parse_errors and
   # test_bad_values_and_points_are_named cover the other mistakes in process.

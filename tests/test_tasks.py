@@ -251,6 +251,7 @@ def _lm_eval_scores(model_dir, task_dir, names):
   return scores
 
 
+@pytest.mark.slow
 def test_scores_equal_lm_evaluation_harness(trained_run, tmp_path, tok):
   from lm.run.folder import load_run
 
@@ -296,6 +297,7 @@ def test_scores_equal_lm_evaluation_harness(trained_run, tmp_path, tok):
   print(f'max |loglik ours - lm-eval| = {worst:.2e}')
 
 
+@pytest.mark.slow
 def test_eval_script_task_errors_are_one_line(trained_run, tmp_path):
   path = tmp_path / 'bad.jsonl'
   path.write_text('{"context": "a", "choices": ["b"], "label": 0}\n'
@@ -311,6 +313,7 @@ def test_eval_script_task_errors_are_one_line(trained_run, tmp_path):
     assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], lines
 
 
+@pytest.mark.slow
 def test_eval_script_scores_the_first_max_examples(trained_run, tmp_path):
   path = _write(tmp_path / 'yes_no.jsonl', [
       {'context': f'x = {i} == {j}  # ', 'choices': ['True', 'False'], 'label': int(i != j)}

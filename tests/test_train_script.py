@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from tests.helpers import read_metrics, script
 
 
@@ -13,6 +15,7 @@ def _train(workdir, tokenizer, *overrides, check=True):
                 '--config.data.eval_fraction=0.05', *overrides, check=check)
 
 
+@pytest.mark.slow
 def test_tiny_trains_two_steps_and_writes_the_run_folder(tmp_path, tokenizer):
   workdir = tmp_path / 'run'
   proc = _train(workdir, tokenizer, '--config.steps=2', '--config.eval_every=2')
@@ -43,6 +46,7 @@ def test_tiny_trains_two_steps_and_writes_the_run_folder(tmp_path, tokenizer):
   assert read_metrics(workdir) == lines
 
 
+@pytest.mark.slow
 def test_bad_value_exits_non_zero_with_one_line_naming_the_key(tmp_path, tokenizer):
   proc = _train(tmp_path / 'bad', tokenizer, '--config.model.num_kv_heads=3', check=False)
   assert proc.returncode != 0
@@ -50,6 +54,7 @@ def test_bad_value_exits_non_zero_with_one_line_naming_the_key(tmp_path, tokeniz
   assert not (tmp_path / 'bad' / 'checkpoints').exists()
 
 
+@pytest.mark.slow
 def test_unknown_key_fails_naming_it(tmp_path, tokenizer):
   proc = _train(tmp_path / 'bad', tokenizer, '--config.model.flash_attention=1', check=False)
   assert proc.returncode != 0
@@ -57,6 +62,7 @@ def test_unknown_key_fails_naming_it(tmp_path, tokenizer):
       'error: unknown config key model.flash_attention (in --config.model.flash_attention)']
 
 
+@pytest.mark.slow
 def test_user_mistakes_are_one_line_each_and_write_nothing(tmp_path, tokenizer):
   a_file = tmp_path / 'a_file'
   a_file.write_text('not a folder')
@@ -76,6 +82,7 @@ def test_user_mistakes_are_one_line_each_and_write_nothing(tmp_path, tokenizer):
     assert not (tmp_path / 'w').exists(), args
 
 
+@pytest.mark.slow
 def test_wandb_offline_gets_the_records_and_a_resume_continues_the_same_run(tmp_path,
                                                                              tokenizer):
   workdir = tmp_path / 'run'
