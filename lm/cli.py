@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar('T')
 
@@ -84,6 +84,16 @@ def run_or_exit(fn: Callable[[], T], *errors: type[BaseException],
   except (ValueError, *errors) as e:
     fail(str(e), now=isinstance(e, exit_now))
     raise  # Unreachable: fail exits.
+
+
+def define_run_flags() -> tuple[Any, Any]:
+  """--workdir and --step, as every script that reads a trained run takes
+  them; returns their FlagHolders."""
+  from absl import flags
+
+  workdir = flags.DEFINE_string('workdir', None, 'Run folder (holds config.json, checkpoints/).')
+  step = flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
+  return workdir, step
 
 
 def define_quantize_flags() -> Callable[[], tuple[str, int, bool]]:

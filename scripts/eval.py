@@ -15,10 +15,9 @@ import json
 
 from absl import app, flags, logging
 
-from lm.cli import define_quantize_flags
+from lm.cli import define_quantize_flags, define_run_flags
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The run folder.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
+_WORKDIR, _STEP = define_run_flags()
 _FILES = flags.DEFINE_string('files', '', 'Comma-separated globs of .txt/.jsonl/.parquet '
                              'files to score instead of the held-out split, each separately.')
 _MAX_TOKENS = flags.DEFINE_integer('max_tokens', 0, 'Score at most this many tokens of the '

@@ -11,9 +11,10 @@ import json
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (holds config.json, checkpoints/).')
+from lm.cli import define_run_flags
+
+_WORKDIR, _STEP = define_run_flags()
 _OUT = flags.DEFINE_string('out', None, 'Output file; must not exist.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
 _TYPE = flags.DEFINE_enum('type', 'f16', ['f16', 'q8_0'],
                           'Matrices as float16 or q8_0 (8-bit, blocks of 32); norms stay float32.')
 

@@ -11,9 +11,10 @@ import json
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (holds config.json, checkpoints/).')
+from lm.cli import define_run_flags
+
+_WORKDIR, _STEP = define_run_flags()
 _OUT = flags.DEFINE_string('out', None, 'Output folder; must not exist or be empty.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16', 'float16'],
                            'Dtype of the saved weights.')
 

@@ -12,11 +12,10 @@ import json
 
 from absl import app, flags, logging
 
-from lm.cli import define_quantize_flags
+from lm.cli import define_quantize_flags, define_run_flags
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The run folder.')
+_WORKDIR, _STEP = define_run_flags()
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate at most.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 = greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens; 0 = all.')
