@@ -300,3 +300,21 @@ def test_plot_curves_keep_the_last_value_of_a_repeated_step(tmp_path):
   curves = read_curves(str(tmp_path))
   assert curves == {'loss': [(1, 5.0), (2, 3.5), (3, 3.0)], 'eval_loss': [(2, 4.5)]}
   assert run_names(['a/x', 'b/x', 'c/y']) == ['a/x', 'b/x', 'y']
+
+
+def test_the_metrics_reader_and_the_resume_trim_agree_on_a_torn_last_line(tmp_path):
+  from lm.run.metrics import read_records, trim_jsonl
+
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "lo')
+  assert [r['step'] for r in read_records(str(path))] == [1, 2]
+  trim_jsonl(str(path), 10)  # What a resume does first.
+  assert path.read_text() == '{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n'
+  assert [r['step'] for r in read_records(str(path))] == [1, 2]
+  path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # Not torn: damaged.
+  with pytest.raises(ValueError, match=r'metrics\.jsonl:2: '):
+    read_records(str(path))
+  path.write_text('{"step": 1}\n{"loss": 2.0}\n')
+  with pytest.raises(ValueError, match=r'metrics\.jsonl:2: not a record with a step'):
+    read_records(str(path))
+

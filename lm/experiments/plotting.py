@@ -3,10 +3,12 @@ sweep's final losses against a key, and its evaluations against compute."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from lm.run import layout
+from lm.run.metrics import read_records
 
 
 def read_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
@@ -14,21 +16,14 @@ def read_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
 
   A step logged twice (a run resumed from an earlier checkpoint) keeps its last value.
   """
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = os.path.join(workdir, layout.METRICS)
   if not os.path.isfile(path):
     raise ValueError(f'no metrics.jsonl in {workdir}')
   curves: dict[str, dict[int, float]] = {'loss': {}, 'eval_loss': {}}
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{n}: not JSON: {e}') from e
-      for key, points in curves.items():
-        if isinstance(record.get(key), (int, float)) and 'step' in record:
-          points[int(record['step'])] = float(record[key])
+  for record in read_records(path):
+    for key, points in curves.items():
+      if isinstance(record.get(key), (int, float)):
+        points[int(record['step'])] = float(record[key])
   return {key: sorted(points.items()) for key, points in curves.items()}
 
 

@@ -29,6 +29,7 @@ import ml_collections
 
 from lm.config import Configs, parse, set_key
 from lm.model import flops
+from lm.run import layout
 
 # The training command as a module, so an installed wheel (which has no scripts/) sweeps.
 TRAIN_COMMAND = ('-m', 'lm.train')
@@ -172,7 +173,7 @@ def final_eval_loss(point: Point) -> float | None:
   from lm.run.folder import RunFolder  # Imports Orbax: only once points are checked.
 
   steps = point.cfgs.run.steps
-  if not os.path.isfile(os.path.join(point.workdir, 'metrics.jsonl')):
+  if not os.path.isfile(os.path.join(point.workdir, layout.METRICS)):
     return None
   if steps not in RunFolder(point.workdir).steps():
     return None

@@ -31,7 +31,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from lm.run import checksums
+from lm.run import checksums, layout
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ MIN_KEEP = 2
 RUNTIME_MODEL_KEYS = frozenset(
     {'dtype', 'param_dtype', 'remat', 'remat_policy', 'attention', 'dropout'})
 _ITEMS = ('state', 'data', 'meta', 'checksums')
-DIRNAME = 'checkpoints'  # RUN/checkpoints/<step>/ (lm/run/folder.py has the whole layout)
 
 
 class SaveFailed(Exception):
@@ -127,7 +126,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = MIN_KEEP,
                metadata: Mapping[str, Any] | None = None, read_only: bool = False):
     self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, DIRNAME)
+    self.directory = os.path.join(self.workdir, layout.CHECKPOINTS)
     self._metadata = dict(metadata) if metadata is not None else None
     self._manager = None
     self._in_flight: int | None = None  # The step being saved in the background.
@@ -230,10 +229,10 @@ class Checkpointer:
 
     Process 0 renames; every process waits for it and then forgets the step.
     """
-    target = os.path.join(self.workdir, 'checkpoints.corrupt', str(step))
+    target = os.path.join(self.workdir, layout.CORRUPT, str(step))
     n = 1
     while os.path.exists(target):  # The same step may go bad more than once.
-      target = os.path.join(self.workdir, 'checkpoints.corrupt', f'{step}-{n}')
+      target = os.path.join(self.workdir, layout.CORRUPT, f'{step}-{n}')
       n += 1
     _barrier(f'checkpoint_move_aside_{step}_named')  # Every process names the same target.
     if jax.process_index() == 0:
@@ -286,7 +285,7 @@ def _barrier(name: str) -> None:
 
 def committed_steps(workdir: str) -> list[int]:
   """RUN/checkpoints' committed steps, oldest first (temporary folders are skipped)."""
-  return sorted(ocp.path.step.checkpoint_steps(os.path.join(workdir, DIRNAME)))
+  return sorted(ocp.path.step.checkpoint_steps(os.path.join(workdir, layout.CHECKPOINTS)))
 
 
 def _read_json(step_dir: str, item: str) -> Any:

@@ -21,7 +21,7 @@ import ml_collections
 from data.tokenizer import Tokenizer, check_vocab
 from lm.config import Configs, as_dict, parse
 from lm.model.transformer import Transformer
-from lm.run import checkpoint
+from lm.run import layout
 from lm.run.checkpoint import committed_steps, first_line, read_metadata, read_params
 from lm.sharding import AxisRules, tree_shardings
 
@@ -49,9 +49,15 @@ class RunFolder:
   RUN/config.json          the config of the run's latest start
   RUN/tokenizer.model      the tokenizer the run uses
   RUN/checkpoints/<step>/  committed checkpoints (lm/run/checkpoint.py), each with its config
+  RUN/checkpoints.corrupt/ unreadable checkpoints, moved aside (never deleted)
+  RUN/metrics.jsonl        metric records; RUN/tb/ the same for TensorBoard (metrics.py)
+  RUN/train.log            library warnings and errors in full (log.py)
+  RUN/.lock                held while a trainer runs here (lock.py)
+  RUN/wandb_id             the W&B run a resumed run continues (wandb_tracker.py)
+  The names themselves are lm/run/layout.py's.
   """
 
-  CONFIG, TOKENIZER, CHECKPOINTS = 'config.json', 'tokenizer.model', checkpoint.DIRNAME
+  CONFIG, TOKENIZER, CHECKPOINTS = layout.CONFIG, layout.TOKENIZER, layout.CHECKPOINTS
 
   def __init__(self, workdir: str) -> None:
     self.workdir = workdir

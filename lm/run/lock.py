@@ -17,8 +17,7 @@ import time
 import jax
 
 from lm import distributed
-
-LOCK_NAME = '.lock'
+from lm.run import layout
 
 
 class RunLock:
@@ -26,7 +25,7 @@ class RunLock:
 
   def __init__(self, workdir: str) -> None:
     self.workdir = workdir
-    self.path = os.path.join(workdir, LOCK_NAME)
+    self.path = os.path.join(workdir, layout.LOCK)
     self._fd: int | None = None
 
   def acquire(self) -> None:

@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 
+from lm.run import layout
+
 # Loggers whose records go to the file only: Orbax logs through absl's logger.
 _QUIET = ('absl', 'orbax')
 
@@ -90,7 +92,7 @@ class RunLog:
   """Attached to the root logger while a run builds and trains; `close()` detaches it."""
 
   def __init__(self, workdir: str) -> None:
-    self.path = os.path.join(workdir, 'train.log')
+    self.path = os.path.join(workdir, layout.TRAIN_LOG)
     # delay: the file is made only when there is something to say.
     self._handler = _QuietFileHandler(self.path, encoding='utf-8', delay=True)
     self._handler.setLevel(logging.WARNING)

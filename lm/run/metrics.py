@@ -17,6 +17,8 @@ from typing import Any, TextIO
 
 import tqdm
 
+from lm.run import layout
+
 
 def _clean(v: Any) -> Any:
   """JSON-able scalars; NaN and inf become null (JSON has no spelling for them)."""
@@ -50,13 +52,13 @@ class MetricsWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, 'metrics.jsonl')
+    path = os.path.join(workdir, layout.METRICS)
     self._kept = trim_jsonl(path, start_step)
     self._jsonl = open(path, 'a', encoding='utf-8')
     if tensorboard:
       import tensorboardX  # Imported lazily: only the writing process needs it.
       # Events past start_step belong to steps that are about to be replayed.
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'),
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, layout.TENSORBOARD),
                                             purge_step=start_step + 1)
     # A progress bar on a terminal (steps/s and time left); plain lines when piped.
     if self._stream.isatty():
@@ -135,3 +137,29 @@ def trim_jsonl(path: str, last_step: int) -> set[tuple[int, str]]:
       f.writelines(kept_lines)
     os.replace(tmp, path)
   return kept
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+  """Every record of a metrics.jsonl, in order: the one reader of the file.
+
+  A last line without its newline that does not parse was torn by a kill mid-write: it
+  is left out, as `trim_jsonl` drops it when the run resumes. Any other line that is not
+  a JSON object with a step is an error naming the file and line.
+  """
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  records = []
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      int(record['step'])
+    except (ValueError, KeyError, TypeError) as e:
+      if n == len(lines) and not line.endswith('\n'):
+        break  # Torn by a kill mid-write.
+      why = e.msg if isinstance(e, json.JSONDecodeError) else 'not a record with a step'
+      raise ValueError(f'{path}:{n}: {why}') from None
+    records.append(record)
+  return records
+

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lm.config import WandbConfig
+from lm.run import layout
 
 
 class WandbWriter:
@@ -27,7 +28,7 @@ class WandbWriter:
     except ImportError as e:
       raise ValueError('wandb.project is set but the wandb package is not installed '
                        "(pip install 'lm[wandb]')") from e
-    id_path = os.path.join(workdir, 'wandb_id')
+    id_path = os.path.join(workdir, layout.WANDB_ID)
     if os.path.isfile(id_path):
       with open(id_path, encoding='utf-8') as f:
         run_id = f.read().strip()
