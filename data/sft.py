@@ -12,7 +12,7 @@ Each becomes a list of messages, and the chat template turns those into tokens:
 
 The template adds no text of its own (no role names): a prompt says where its answer
 begins the way task files do (`...\\nAnswer:` and ` yes`), so fine-tuning and task
-scoring (lm/tasks.py) see the same strings, and a model pretrained on plain text needs
+scoring (lm/eval/tasks.py) see the same strings, and a model pretrained on plain text needs
 no new tokens. CHAT_TEMPLATE is the same template for Hugging Face tokenizers
 (`tokenizer_config.json`), which give the same ids with `apply_chat_template`.
 
@@ -33,6 +33,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from data.tasks.record import example_from_record, split_continuations
 
 ROLES = ('system', 'user', 'assistant')
 CHAT_TEMPLATE = (
@@ -70,30 +72,18 @@ def to_messages(record: Any, where: str) -> list[dict[str, str]]:
     out = [{'role': 'user', 'content': record['prompt']},
            {'role': 'assistant', 'content': record['response']}]
   elif present('context') or present('choices'):
-    out = [{'role': 'user', 'content': _context(record, bad)},
-           {'role': 'assistant', 'content': _right_choice(record, bad)}]
+    try:
+      example = example_from_record(record, where)
+    except ValueError as e:
+      raise RecordError(str(e)) from None
+    out = [{'role': 'user', 'content': example.context},
+           {'role': 'assistant', 'content': example.choices[example.label]}]
   else:
     raise bad('a record needs "prompt" and "response", "messages", or "context", '
               f'"choices" and "label"; it has {", ".join(sorted(record)) or "no keys"}')
   if out[-1]['role'] != 'assistant' or not out[-1]['content']:
     raise bad('the last message must be a non-empty "assistant" one: the response')
   return out
-
-
-def _context(record: Mapping[str, Any], bad) -> str:
-  if not isinstance(record.get('context'), str):
-    raise bad('"context" must be a string')
-  return record['context']
-
-
-def _right_choice(record: Mapping[str, Any], bad) -> str:
-  choices, label = record.get('choices'), record.get('label')
-  if not isinstance(choices, list) or not choices or not all(
-      isinstance(c, str) for c in choices):
-    raise bad('"choices" must be a non-empty list of strings')
-  if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
-    raise bad(f'"label" must index "choices" (0 to {len(choices) - 1}), got {label!r}')
-  return choices[label]
 
 
 def record_text(record: Any, where: str) -> str:
@@ -106,22 +96,14 @@ def plain_text(text: str) -> str:
   return ''.join(m['content'] for m in json.loads(text))
 
 
-def split_context(context: str) -> tuple[str, str]:
-  """(the context, its trailing whitespace), which lm-evaluation-harness moves to the
-  front of the continuation so that a word keeps the token it has in running text."""
-  stripped = context.rstrip()
-  return stripped, context[len(stripped):]
-
-
 def split_pair(encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
-  """(context ids, continuation ids) as lm-evaluation-harness splits them (and task
-  scoring, data/tasks/files.py): the pair is encoded whole, and the continuation is what
-  follows the length of the encoded context, less its trailing whitespace. `encode` maps
-  a list of strings to their ids.
+  """(context ids, continuation ids), split by data/tasks/record.py's rule (task
+  scoring's too): the pair is encoded whole, as a Hugging Face tokenizer encodes the
+  rendered template, and cut at the length of the encoded context. `encode` maps a list
+  of strings to their ids.
   """
-  stripped, spill = split_context(context)
-  whole, head = encode([stripped + spill + continuation, stripped])
-  return list(whole[:len(head)]), list(whole[len(head):])
+  head, (whole,) = split_continuations(encode, context, [continuation])
+  return whole[:len(head)], whole[len(head):]
 
 
 @dataclasses.dataclass

@@ -87,13 +87,16 @@ def test_task_scores_add_classes_only_when_every_example_offers_the_same_choices
 
 @pytest.mark.parametrize('line, message', [
     ('{"context": "a", "choices": ["b"]', 'not JSON'),
-    ('["a", ["b"], 0]', 'expected an object'),
+    ('["a", ["b"], 0]', 'expected a JSON object'),
     ('{"context": "a", "choices": ["b"]}', 'missing key label'),
-    ('{"context": "a", "choices": [], "label": 0}', 'choices must be a non-empty list'),
-    ('{"context": "a", "choices": ["b", ""], "label": 0}', 'choice 1 must be a non-empty'),
-    ('{"context": "a", "choices": ["b", "c"], "label": 2}', 'label 2 out of range for 2'),
-    ('{"context": "a", "choices": ["b"], "label": true}', 'label must be an integer'),
-    ('{"context": 3, "choices": ["b"], "label": 0}', 'context must be a string'),
+    ('{"context": "a", "choices": [], "label": 0}', '"choices" must be a non-empty list'),
+    ('{"context": "a", "choices": ["b", ""], "label": 0}',
+     '"choices" must be a non-empty list of strings; choice 1 is'),
+    ('{"context": "a", "choices": ["b", "c"], "label": 2}',
+     r'"label" must index "choices" \(0 to 1\), got 2'),
+    ('{"context": "a", "choices": ["b"], "label": true}',
+     r'"label" must index "choices" \(0 to 0\), got True'),
+    ('{"context": 3, "choices": ["b"], "label": 0}', '"context" must be a string, got int'),
 ])
 def test_a_bad_line_is_named_by_file_and_line(tmp_path, line, message):
   path = tmp_path / 'bad.jsonl'
@@ -303,7 +306,7 @@ def test_eval_script_task_errors_are_one_line(trained_run, tmp_path):
   path.write_text('{"context": "a", "choices": ["b"], "label": 0}\n'
                   '{"context": "a", "choices": ["b"], "label": 1}\n')
   for args, message in (
-      ([f'--task={path}'], f'{path}:2: label 1 out of range for 1 choices'),
+      ([f'--task={path}'], f'{path}:2: "label" must index "choices" (0 to 0), got 1'),
       ([f'--task={tmp_path}/none*.jsonl'], 'none*.jsonl'),
       ([f'--task={path}', '--max_tokens=5'], '--task cannot be combined'),
       (['--max_examples=5'], '--max_examples goes with --task')):

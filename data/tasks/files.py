@@ -1,10 +1,10 @@
 """Task files: multiple-choice examples as JSON lines, and their choices as token rows.
 
-A task file holds one example per line: {"context": str, "choices": [str, ...],
-"label": int}, the label indexing the right choice. Each file is one task, named by its
-stem. `read_task` checks every line and names the file and line of the first bad one.
+A task file holds one example per line, a record of record.py ({"context": str,
+"choices": [str, ...], "label": int}). Each file is one task, named by its stem.
+`read_task` checks every line and names the file and line of the first bad one.
 
-`choice_tokens` splits a context and a choice into tokens exactly as
+`choice_tokens` splits a context and a choice into tokens with record.py's split, as
 lm-evaluation-harness's Hugging Face model does (lm_eval/api/model.py `_encode_pair`,
 lm_eval/models/huggingface.py `_loglikelihood_tokens`), so that both score the same
 tokens and a model exported with scripts/export_hf.py gets the same log-likelihoods:
@@ -27,23 +27,14 @@ mark to sentencepiece and tokenizer.json.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import os
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from data import sft
+from data.tasks.record import Example, example_from_record, split_continuations
 from data.tokenizer import Tokenizer
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-  context: str
-  choices: tuple[str, ...]
-  label: int
-  where: str  # 'path:line', for errors.
 
 
 class ChoiceRow(NamedTuple):
@@ -78,7 +69,7 @@ def read_task(path: str, max_examples: int = 0) -> list[Example]:
   """The file's examples (the first max_examples if > 0); blank lines are skipped."""
   examples = []
   for where, record in _records(path):
-    examples.append(_example(record, where))
+    examples.append(example_from_record(record, where))
     if len(examples) == max_examples:
       break
   if not examples:
@@ -103,35 +94,14 @@ def _records(path: str) -> Iterator[tuple[str, object]]:
         raise ValueError(f'{path}:{n}: not UTF-8 text') from e
 
 
-def _example(record: object, where: str) -> Example:
-  if not isinstance(record, dict):
-    raise ValueError(f'{where}: expected an object with context, choices and label')
-  missing = [k for k in ('context', 'choices', 'label') if k not in record]
-  if missing:
-    raise ValueError(f'{where}: missing key {", ".join(missing)}')
-  context, choices, label = record['context'], record['choices'], record['label']
-  if not isinstance(context, str):
-    raise ValueError(f'{where}: context must be a string')
-  if not isinstance(choices, list) or not choices:
-    raise ValueError(f'{where}: choices must be a non-empty list of strings')
-  for i, choice in enumerate(choices):
-    if not isinstance(choice, str) or not choice:
-      raise ValueError(f'{where}: choice {i} must be a non-empty string')
-  if not isinstance(label, int) or isinstance(label, bool):
-    raise ValueError(f'{where}: label must be an integer')
-  if not 0 <= label < len(choices):
-    raise ValueError(f'{where}: label {label} out of range for {len(choices)} choices')
-  return Example(context, tuple(choices), label, where)
-
-
 def choice_tokens(tokenizer: Tokenizer, example: Example) -> list[tuple[list[int], list[int]]]:
   """(context ids, choice ids) per choice, split at lm-eval's boundary (module docstring)."""
-  context, spill = sft.split_context(example.context)
   bos = [tokenizer.bos_id]
-  ids = tokenizer.encode_batch([context] + [context + spill + c for c in example.choices])
-  context_ids = bos + ids[0]
+  alone, wholes = split_continuations(tokenizer.encode_batch, example.context,
+                                      example.choices)
+  context_ids = bos + alone
   out = []
-  for i, whole in enumerate(ids[1:]):
+  for i, whole in enumerate(wholes):
     choice_ids = (bos + whole)[len(context_ids):]
     if not choice_ids:  # Merged into the context's last token: nothing left to score.
       raise ValueError(f'{example.where}: choice {i} adds no token to the context')

@@ -28,16 +28,15 @@ the same bytes on every machine and run.
 """
 
 import bisect
-import dataclasses
 import hashlib
 import heapq
-import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from data import mixture, reader
 from data.config import DataConfig
+from data.tasks.record import Example
 
 NEXT_LINE = 'stdlib_next_line'
 MODULE_TRAIN = 'stdlib_module_train'
@@ -69,19 +68,6 @@ _RAISE = 'raise data.eval_fraction (0.25 is enough, e.g. --config.data.eval_frac
 
 Doc = tuple[str, str]  # (key: the file's path relative to the stdlib, text)
 _T = TypeVar('_T')
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-  context: str
-  choices: tuple[str, ...]
-  label: int
-  files: tuple[str, ...]  # Files its text comes from, the context's first (not written).
-
-  def to_json(self) -> str:
-    # ASCII escapes keep one example per line whatever a reader takes for a line break.
-    return json.dumps({'context': self.context, 'choices': list(self.choices),
-                       'label': self.label})
 
 
 def _rank(*parts: object) -> bytes:
@@ -205,7 +191,7 @@ def next_line_task(docs: Sequence[Doc], max_examples: int) -> list[Example]:
     label = int.from_bytes(_rank('label', key, i), 'big') % NUM_CHOICES
     lines = wrong[:label] + [line] + wrong[label:]
     files = (key,) + tuple(pool.owner[s] for s in wrong)
-    examples.append(Example(context, tuple('\n' + s for s in lines), label, files))
+    examples.append(Example(context, tuple('\n' + s for s in lines), label, files=files))
   return examples
 
 
@@ -305,7 +291,8 @@ def module_tasks(docs: Sequence[Doc], per_package: int) -> tuple[list[Example], 
           break
         picked.setdefault(s, key)
       label = PACKAGES.index(package)
-      out[side].extend(Example(s + PROMPT, CHOICES, label, (key,)) for s, key in picked.items())
+      out[side].extend(Example(s + PROMPT, CHOICES, label, files=(key,))
+                       for s, key in picked.items())
   for examples in out:
     examples.sort(key=lambda e: _rank('order', e.context))
   return out
