@@ -330,7 +330,6 @@ def _export(*args):
   return script('export_hf.py', *args, check=False, env=one_device_env())
 
 
-@pytest.mark.slow
 def test_export_script_loads_in_transformers(trained_run, tmp_path):
   out = tmp_path / 'hf'
   proc = _export(f'--workdir={trained_run}', f'--out={out}')
@@ -371,7 +370,6 @@ def test_export_script_loads_in_transformers(trained_run, tmp_path):
   assert sorted(os.listdir(out)) == before
 
 
-@pytest.mark.slow
 def test_export_names_a_missing_step_and_writes_nothing(trained_run, tmp_path):
   with pytest.raises(ValueError, match=r'no checkpoint for step 7 in .* \(steps: 2\)'):
     hf_export.export(str(trained_run), str(tmp_path / 'x'), step=7)

@@ -19,7 +19,6 @@ from lm.model.transformer import Transformer, output_head
 Batch = jax.Array | dict[str, jax.Array]
 
 
-
 def next_token_pairs(batch: Batch) -> tuple[jax.Array, jax.Array | None, jax.Array]:
   """(inputs (B, T), their segment ids or None, targets (B, T)) from either batch form."""
   if isinstance(batch, dict):
