@@ -138,3 +138,22 @@ def test_config_json_round_trips_through_parse(tmp_path):
   RunFolder(str(tmp_path)).write_config(cfgs)
   back = parse(ml_collections.ConfigDict(json.loads((tmp_path / 'config.json').read_text())))
   assert back == cfgs and as_dict(back) == as_dict(cfgs)
+
+
+@pytest.mark.slow
+def test_parsing_a_config_and_loading_a_run_import_only_what_they_need():
+  """Parsing reads dataclasses alone (no Flax, no optax); the run layer does not pull in
+  quantisation (qwix) or the eval package: a fresh interpreter shows what each import
+  brings."""
+  def imported(module: str) -> set[str]:
+    code = f'import sys, {module}; print(" ".join(sorted(sys.modules)))'
+    proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    return {name.split('.')[0] if not name.startswith('lm.') else name
+            for name in proc.stdout.split()}
+
+  parsing = imported('lm.config')
+  assert not parsing & {'flax', 'optax', 'orbax'}, parsing & {'flax', 'optax', 'orbax'}
+  loading = imported('lm.run.folder')
+  assert 'flax' in loading  # The control: the import really ran.
+  assert not {'qwix', 'lm.eval', 'lm.eval.quantize', 'lm.train'} & loading
