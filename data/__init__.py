@@ -13,6 +13,8 @@ Where each thing lives:
                 the same global batches for any process count, each process tokenising
                 only its own streams.
   state.py      the data state: snapshot, merging every process's, restore checks.
+  batch.py      Batch, the one typed record of token rows (with segment ids and the
+                loss mask) that every batch of training and evaluation is.
   pipeline.py   TrainBatches, the prefetching facade over the above.
   heldout.py    eval_batches, the held-out batches.
   sft.py        fine-tuning records (data.format='sft'): messages, the chat template,
@@ -27,6 +29,7 @@ This package never imports jax or flax: it hands out numpy batches, and its stat
 small JSON-able dict that the trainer stores next to its checkpoints.
 """
 
+from data.batch import Batch
 from data.config import DataConfig
 from data.heldout import eval_batches
 from data.packing import Windower, wrap
@@ -34,6 +37,7 @@ from data.pipeline import TrainBatches
 from data.tokenizer import Tokenizer, check_vocab, load_or_train, train_tokenizer, training_texts
 
 __all__ = [
+    'Batch',
     'DataConfig',
     'TrainBatches',
     'Tokenizer',

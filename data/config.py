@@ -45,7 +45,7 @@ class DataConfig:
   dedup: bool = False
   """Drop exact duplicate texts within an epoch of a source (see data/cleaning.py)."""
   segment_ids: bool = False
-  """Batches are {'tokens', 'segment_ids'} dicts instead of plain token arrays."""
+  """Batches carry each token's document number, and attention stays inside a document."""
   encode_threads: int = 0
   """Threads for batched sentencepiece encoding; 0 = every core."""
   format: str = 'text'

@@ -10,11 +10,11 @@ import numpy as np
 
 from data import packing
 from data import reader as reader_lib
+from data.batch import Batch, make_batch
 from data.config import DataConfig
 from data.tokenizer import Tokenizer
 
 _T = TypeVar('_T')
-Batch = packing.Batch
 
 
 def eval_batches(
@@ -33,8 +33,8 @@ def eval_batches(
   Every process packs the same held-out stream into global batches of
   batch_size * process_count rows and keeps its own rows, so all processes get the
   same number of batches and the set does not depend on the process count. One pass
-  in listed order: every call returns the same batches. With data.segment_ids the
-  batches are dicts, as TrainBatches hands out.
+  in listed order: every call returns the same batches, of the form TrainBatches hands
+  out (data/batch.py).
   """
   packing.check_sizes(batch_size, seq_len, process_index, process_count)
   if num_batches <= 0:
@@ -68,8 +68,8 @@ def eval_batches(
         f'the held-out documents fill {len(windows)} windows, fewer than one eval batch '
         f'of {global_rows}; raise data.eval_fraction or lower the batch size')
   first = [b * global_rows + process_index * batch_size for b in range(full)]
-  return [packing.batch(np.stack(windows[i:i + batch_size]), tokenizer.eos_id,
-                        cfg.segment_ids) for i in first]
+  return [make_batch(np.stack(windows[i:i + batch_size]), tokenizer.eos_id, cfg.segment_ids)
+          for i in first]
 
 
 def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:

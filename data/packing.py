@@ -3,7 +3,7 @@ fine-tuning examples packed whole into padded rows (RowPacker).
 
 `wrap` and `Windower` are the one wrapping and the one windowing that training
 (data/dealing.py's packing streams), held-out batches (data/heldout.py) and file scoring
-(lm/eval/score_run.py) share, so the three pack text alike. `segment_ids` and `batch` give rows
+(lm/eval/score_run.py) share, so the three pack text alike. data/batch.py gives the rows
 the form the trainer takes.
 """
 
@@ -16,9 +16,6 @@ from typing import Any
 import numpy as np
 
 from data import sft
-
-# Token rows [B, seq_len + 1], or {'tokens', 'segment_ids'(, 'loss_mask')} of that shape.
-Batch = np.ndarray | dict[str, np.ndarray]
 
 
 def wrap(ids: Sequence[int], eos_id: int, bos_id: int | None = None) -> np.ndarray:
@@ -159,33 +156,6 @@ class RowPacker:
       out[used:used + len(piece), 2] = number
       used += len(piece)
     return out
-
-
-def segment_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
-  """Which document each token of a row belongs to, numbered from 1 in every row.
-
-  A document's EOS belongs to it and the next token starts a new segment. sentencepiece
-  never emits the EOS id for text, so EOS marks every document end and nothing else;
-  the ids follow from the tokens alone and need no state.
-  """
-  ends = (tokens == eos_id).astype(np.int32)
-  out = np.ones(tokens.shape, np.int32)
-  out[..., 1:] += np.cumsum(ends[..., :-1], axis=-1, dtype=np.int32)
-  return out
-
-
-def batch(tokens: np.ndarray, eos_id: int, with_segments: bool) -> Batch:
-  """Rows as the trainer takes them: plain, or with their segment ids (data.segment_ids).
-
-  RowPacker's rows [B, T + 1, 3] give {'tokens', 'segment_ids', 'loss_mask'}: the
-  packer numbers the examples, and loss_mask[:, i] says whether token i is trained on.
-  """
-  if tokens.ndim == 3:
-    return {'tokens': tokens[..., 0], 'loss_mask': tokens[..., 1],
-            'segment_ids': tokens[..., 2]}
-  if not with_segments:
-    return tokens
-  return {'tokens': tokens, 'segment_ids': segment_ids(tokens, eos_id)}
 
 
 def check_sizes(batch_size: int, seq_len: int, process_index: int, process_count: int) -> None:

@@ -27,23 +27,20 @@ import numpy as np
 from data import dealing, packing
 from data import reader as reader_lib
 from data import state as data_state
+from data.batch import Batch, make_batch
 from data.config import DataConfig
 from data.tokenizer import Tokenizer
 
-Batch = packing.Batch
-
 
 class TrainBatches:
-  """Endless int32 batches [batch_size, seq_len + 1]: this process's rows of each global batch.
-
-  With data.segment_ids each batch is a dict {'tokens', 'segment_ids'} of that shape
-  instead (see packing.segment_ids). The global batch, every process's rows in process
-  order, does not depend on the process count (see the module docstring for the layout
-  and the one exception, hub sources). No document is tokenised into two processes'
-  rows; held-out and cleaned-out documents are skipped. `state_dict()` describes the
-  batches handed out so far, never prefetched ones. With prefetch > 0 a background
-  thread reads, encodes and packs that many batches ahead; call `close()` (or use
-  `with`) to stop it early.
+  """Endless batches (data/batch.py) of rows [batch_size, seq_len + 1]: this process's
+  rows of each global batch, with segment ids under data.segment_ids. The global batch,
+  every process's rows in process order, does not depend on the process count (see the
+  module docstring for the layout and the one exception, hub sources). No document is
+  tokenised into two processes' rows; held-out and cleaned-out documents are skipped.
+  `state_dict()` describes the batches handed out so far, never prefetched ones. With
+  prefetch > 0 a background thread reads, encodes and packs that many batches ahead;
+  call `close()` (or use `with`) to stop it early.
 
   Saving and restoring: single process, `state_dict()` and `load_state_dict(state)`.
   Several processes: gather every process's `state_dict()`, store
@@ -190,7 +187,7 @@ class TrainBatches:
     rows = [self._streams[self._layout.stream(self._batches, i)].window(self._dealer.take)
             for i in range(self._batch_size)]
     self._batches += 1
-    batch = packing.batch(np.stack(rows), self._tokenizer.eos_id, self._cfg.segment_ids)
+    batch = make_batch(np.stack(rows), self._tokenizer.eos_id, self._cfg.segment_ids)
     return batch, data_state.snapshot(self._layout, self._streams, self._dealer, self._batches)
 
   def _start_thread(self) -> None:

@@ -26,13 +26,15 @@ def write_jsonl(path, texts, key='text'):
       f.write(json.dumps({key: t, 'other': len(t)}) + '\n')
 
 
-def batches(cfg, tok, n, state=None, **kw):
+def batches(cfg, tok, n, state=None, fields=False, **kw):
+  """n batches and the state after each: their token rows, or with `fields` the Batch
+  records whole."""
   it = TrainBatches(cfg, tok, kw.pop('batch_size', 2), kw.pop('seq_len', 16), **kw)
   if state is not None:
     it.load_state_dict(state)
   out, states = [], []
   for _ in range(n):
-    out.append(next(it))
+    out.append(next(it) if fields else tokens(next(it)))
     states.append(json.loads(json.dumps(it.state_dict())))
   it.close()
   return out, states
@@ -48,12 +50,18 @@ def global_batches(cfg, tok, n, processes, state=None, rows=8, **kw):
       it.load_state_dict(state)
   out, states = [], []
   for _ in range(n):
-    out.append(np.concatenate([next(it) for it in its]))
+    out.append(np.concatenate([tokens(next(it)) for it in its]))
     merged = TrainBatches.merge_states([it.state_dict() for it in its])
     states.append(json.loads(json.dumps(merged)))
   for it in its:
     it.close()
   return out, states
+
+
+def tokens(batch):
+  """A batch's token rows, checking it holds nothing else (no data.segment_ids, no SFT)."""
+  assert batch.segment_ids is None and batch.loss_mask is None
+  return batch.tokens
 
 
 def resume_matches(cfg, tok, n=10, k=3, **kw):

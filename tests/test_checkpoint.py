@@ -27,6 +27,7 @@ from optax.contrib import MuonState
 
 from configs import tiny
 from data import stdlib
+from data.batch import Batch
 from data.tokenizer import train_tokenizer
 from lm.config import parse
 from lm.model.transformer import Transformer, param_axes
@@ -430,7 +431,7 @@ def test_a_non_finite_step_is_skipped_without_touching_the_state(tmp_path, token
   good = np.random.default_rng(0).integers(4, 512, shape, dtype=np.int32)
   bad = good.copy()
   bad[0, 0] = 512  # Out of the vocabulary: its embedding, and so the loss, is NaN.
-  put = lambda x: jax.device_put(x, batch_sharding(rules, shape))
+  put = lambda x: Batch(jax.device_put(x, batch_sharding(rules, shape)))
   before = jax.device_get(state)
   state, metrics = step(state, put(bad))
   after = jax.device_get(state)

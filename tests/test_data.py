@@ -330,7 +330,7 @@ def test_binary_counts_in_saved_and_merged_states(tok, tmp_path):
   it.load_state_dict(old)
   assert _counts(it)['binary'] == 0
   for want in full[7:]:
-    np.testing.assert_array_equal(next(it), want)
+    np.testing.assert_array_equal(h.tokens(next(it)), want)
   assert _counts(it)['binary'] == 6
   it.close()
   rest, merged = h.global_batches(cfg, tok, 3, 2, state=old)
@@ -497,7 +497,7 @@ def test_one_document_feeds_every_process(tok, tmp_path):
   cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.0)
   it = TrainBatches(cfg, tok, 2, 16, process_index=1, process_count=2, prefetch=0)
   stream = [tok.bos_id] + tok.encode('only one') + [tok.eos_id]
-  assert next(it).tolist() == [(stream * 17)[:17]] * 2
+  assert h.tokens(next(it)).tolist() == [(stream * 17)[:17]] * 2
   assert sorted(it.state_dict()['streams']) == ['2', '3']  # Of global streams 0 to 3.
   it.close()
 

@@ -81,9 +81,9 @@ def test_two_hosts_tokenise_disjoint_documents(tok, tmp_path):
   epoch0 = []
   for host in range(2):
     it = TrainBatches(cfg, tok, 2, 32, process_index=host, process_count=2, prefetch=0)
-    batches = [next(it)]
+    batches = [h.tokens(next(it))]
     while h.reader_position(it.state_dict())['epoch'] < 1:  # Every stream is past epoch 0.
-      batches.append(next(it))
+      batches.append(h.tokens(next(it)))
     it.close()
     for row, stream in enumerate(h.streams(batches)):
       mine = [n for n, j in enumerate(dealt) if j == 2 * host + row]

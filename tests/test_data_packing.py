@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 
 from data import packing
+from data.batch import segment_ids
 from data.heldout import eval_batches
 from data.packing import Windower
 from tests import data_helpers as h
@@ -48,15 +49,17 @@ def test_windower_resumes_inside_a_document():
 
 def test_segment_ids(tok, corpus):
   tokens = np.array([[3, 2, 10, 3, 2, 20], [2, 5, 6, 7, 8, 9], [2, 3, 3, 2, 4, 3]])
-  np.testing.assert_array_equal(packing.segment_ids(tokens, eos_id=3), [
+  np.testing.assert_array_equal(segment_ids(tokens, eos_id=3), [
       [1, 2, 2, 2, 3, 3], [1, 1, 1, 1, 1, 1], [1, 1, 2, 3, 3, 3]])
   cfg, _ = corpus
   plain, _ = h.batches(cfg, tok, 3, prefetch=0)
-  with_ids, _ = h.batches(dataclasses.replace(cfg, segment_ids=True), tok, 3, prefetch=0)
+  with_ids, _ = h.batches(dataclasses.replace(cfg, segment_ids=True), tok, 3, prefetch=0,
+                          fields=True)
   for p, d in zip(plain, with_ids):
-    np.testing.assert_array_equal(p, d['tokens'])
-    seg = d['segment_ids']
+    assert d.loss_mask is None
+    np.testing.assert_array_equal(p, d.tokens)
+    seg = d.segment_ids
     assert seg.shape == p.shape and seg.dtype == np.int32 and (seg[:, 0] == 1).all()
     np.testing.assert_array_equal(np.diff(seg, axis=1), p[:, :-1] == tok.eos_id)
   ev = eval_batches(dataclasses.replace(cfg, segment_ids=True), tok, 2, 16, 1)
-  assert set(ev[0]) == {'tokens', 'segment_ids'}
+  assert ev[0].segment_ids is not None and ev[0].loss_mask is None

@@ -29,9 +29,9 @@ def test_close_drops_prefetched_batches(tok, corpus):
   cfg, _ = corpus
   full, _ = h.batches(cfg, tok, 12, batch_size=2, seq_len=16, prefetch=0)
   it = TrainBatches(cfg, tok, 2, 16, prefetch=3)
-  got = [next(it) for _ in range(5)]
+  got = [h.tokens(next(it)) for _ in range(5)]
   it.close()  # The thread has run ahead; the next batch must still be the 6th.
-  got += [next(it) for _ in range(7)]
+  got += [h.tokens(next(it)) for _ in range(7)]
   it.close()
   for a, b in zip(full, got):
     np.testing.assert_array_equal(a, b)

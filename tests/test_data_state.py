@@ -106,12 +106,13 @@ def test_resume_is_exact_shuffled_mixture_with_cleaning(tok, corpus, tmp_path):
 def test_resume_with_segment_ids_and_more_streams_than_rows(tok, corpus):
   cfg, _ = corpus
   cfg = dataclasses.replace(cfg, streams=3, segment_ids=True)
-  full, states = h.batches(cfg, tok, 8, batch_size=2, seq_len=16, prefetch=0)
-  rest, _ = h.batches(cfg, tok, 4, state=states[3], batch_size=2, seq_len=16, prefetch=1)
+  full, states = h.batches(cfg, tok, 8, batch_size=2, seq_len=16, prefetch=0, fields=True)
+  rest, _ = h.batches(cfg, tok, 4, state=states[3], batch_size=2, seq_len=16, prefetch=1,
+                      fields=True)
   for a, b in zip(full[4:], rest):
-    assert set(a) == {'tokens', 'segment_ids'}
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key])
+    assert a.segment_ids is not None and a.loss_mask is None
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.segment_ids, b.segment_ids)
   # Rows go round the 3 streams: batch 0 takes streams 0 and 1, batch 1 streams 2 and 0.
   # Stream 2, not started after batch 0, takes what is dealt to it from document 0 on.
   fresh = {'next': 0, 'offset': 0}
@@ -131,7 +132,7 @@ def test_loads_a_state_of_another_stream_count(tok, corpus, caplog):
   with caplog.at_level('WARNING', logger='data.state'):
     it.load_state_dict(saved)
   assert '2 packing streams' in caplog.text and f'from document {start}' in caplog.text
-  batch = next(it)
+  batch = h.tokens(next(it))
   for row, text in enumerate(docs[start:]):
     assert batch[row].tolist() == ([tok.bos_id] + tok.encode(text) + [tok.eos_id])[:17]
   after = it.state_dict()

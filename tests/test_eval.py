@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from data.batch import Batch
 from data.tokenizer import Tokenizer
 from lm.config import parse
 from lm.eval import score_run
@@ -79,7 +80,7 @@ def test_zero_model_costs_ln_v_per_token_and_bytes_are_the_texts_bytes(tokenizer
   assert rows[1].sum() == len(stream) - 1 < rows[1].size
   batches = score_run.global_batches(rows, run.cfgs.run.batch_size)
   assert len(batches) == 1 and batches[0][0].shape == (8, 17)  # padded to a full batch
-  result = score_run.score(run, batches)
+  result = score_run.score(run, score_run.file_batches(run, rows))
   v = 512
   assert result['tokens'] == len(stream) - 1
   assert result['bytes'] == sum(len(d.encode('utf-8')) for d in DOCS)
@@ -91,20 +92,21 @@ def test_zero_model_costs_ln_v_per_token_and_bytes_are_the_texts_bytes(tokenizer
   scored = rows[0][:, 1:][rows[1] > 0]
   assert len(run.tokenizer.decode(scored.tolist()).encode('utf-8')) == result['bytes']
 
-  capped = score_run.score(run, score_run.global_batches(
-      score_run.pack_texts(DOCS, run.tokenizer, run.cfgs.run.seq_len, max_tokens=21), 8))
+  capped = score_run.score(run, score_run.file_batches(
+      run, score_run.pack_texts(DOCS, run.tokenizer, run.cfgs.run.seq_len, max_tokens=21)))
   assert capped['tokens'] == 21
   assert capped['bytes'] == len(run.tokenizer.decode(stream[1:22]).encode('utf-8'))
 
 
 def test_held_out_batches_are_cut_at_max_tokens(tokenizer):
   run = _zero_run(tokenizer, batch_size=2, seq_len=8)
-  (tokens, mask), = score_run.heldout(run, max_tokens=11)
+  (batch, mask), = score_run.heldout(run, max_tokens=11)
+  tokens = batch.tokens
   assert tokens.shape == (2, 9)
   assert mask.tolist() == [[1] * 8, [1] * 3 + [0] * 5]  # the first 11 targets, in order
   full = score_run.heldout(run)
   assert len(full) == run.cfgs.run.eval_batches and all(m.all() for _, m in full)
-  np.testing.assert_array_equal(full[0][0], tokens)
+  np.testing.assert_array_equal(full[0][0].tokens, tokens)
 
 
 def test_masked_eval_step_matches_a_numpy_sum_over_the_unmasked_targets(tokenizer):
@@ -118,7 +120,7 @@ def test_masked_eval_step_matches_a_numpy_sum_over_the_unmasked_targets(tokenize
   token_bytes = np.arange(512) % 5
   shardings = jax.tree.map(lambda a: a.sharding, run.params)
   step = make_eval_step(run.model, run.rules, (8, 17), shardings, token_bytes)
-  nll, n, b = step(params, tokens, mask)
+  nll, n, b = step(params, Batch(tokens), mask)
   logits = np.asarray(jax.jit(run.model.apply)({'params': params}, tokens[:, :-1]), np.float64)
   log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   target = np.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]

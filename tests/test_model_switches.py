@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from data.batch import Batch
 from lm.model import flops
 from lm.model.config import ModelConfig
 from lm.model.forward import model_loss
@@ -198,7 +199,7 @@ def test_zero_init_out_starts_each_block_as_the_identity():
   plain = _init(SMALL)
   assert np.any(np.asarray(plain['block_0']['attn']['o']))
   # And the zero matrices still learn: their gradient is not zero.
-  grads = jax.grad(lambda p: model_loss(Transformer(cfg), p, _tokens((2, 17)))[0])(params)
+  grads = jax.grad(lambda p: model_loss(Transformer(cfg), p, Batch(_tokens((2, 17))))[0])(params)
   assert np.abs(np.asarray(grads['block_1']['mlp']['down'])).max() > 0
   assert np.abs(np.asarray(grads['block_0']['attn']['o'])).max() > 0
 
@@ -223,7 +224,7 @@ def test_softcap_chunked_loss_and_gradient_equal_the_plain_ones():
   model = Transformer(cfg)
   params = _init(cfg)
   params = {**params, 'head': params['head'] * 20.0}
-  batch = _tokens((2, 17))
+  batch = Batch(_tokens((2, 17)))
   plain = jax.jit(jax.value_and_grad(lambda p: model_loss(model, p, batch)[0]))
   chunked = jax.jit(jax.value_and_grad(lambda p: model_loss(model, p, batch, chunk=4)[0]))
   (la, ga), (lb, gb) = plain(params), chunked(params)

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from configs import base
+from data.batch import Batch
 from lm.config import parse
 from lm.export import gguf_export, hf
 from lm.mesh import MeshConfig
@@ -85,7 +86,7 @@ def _coord(width, base_width, steps=4, lr=1e-2):
 
   def step(_, carry):
     params, opt_state = carry
-    grads = jax.grad(lambda p: model_loss(model, p, tokens)[0])(params)
+    grads = jax.grad(lambda p: model_loss(model, p, Batch(tokens))[0])(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
@@ -184,8 +185,8 @@ def test_cached_decoding_equals_the_full_forward():
 
 def test_chunked_loss_sees_the_logit_multiplier():
   params, tokens = _init(MUP), _tokens((2, 17))
-  plain = model_loss(Transformer(MUP), params, tokens)[0]
-  chunked = model_loss(Transformer(MUP), params, tokens, chunk=8)[0]
+  plain = model_loss(Transformer(MUP), params, Batch(tokens))[0]
+  chunked = model_loss(Transformer(MUP), params, Batch(tokens), chunk=8)[0]
   np.testing.assert_allclose(chunked, plain, rtol=1e-6)
 
 
@@ -300,7 +301,7 @@ def _train(shape, name='adamw', steps=3):
   data = np.random.default_rng(0).integers(0, 256, (steps, 8, 33)).astype(np.int32)
   losses = []
   for tokens in data:
-    state, metrics = step(state, tokens)
+    state, metrics = step(state, Batch(tokens))
     losses.append(float(metrics['loss']))
   return losses
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import qwix
 
+from data.batch import Batch
 from lm.eval.quantize import QuantConfig, bytes_per_device, quantize_params, quantized_model
 from lm.mesh import MeshConfig
 from lm.model.config import ModelConfig
@@ -145,7 +146,8 @@ def test_embedding_and_head_quantized_per_vocabulary_entry(tied, mesh, mode):
   mask = jnp.ones((shape[0], shape[1] - 1), jnp.int32)
   shardings = jax.tree.map(lambda x: x.sharding, qparams)
   sums = [make_eval_step(qmodel, model.rules, shape, shardings, np.ones(128, np.int32),
-                         loss_chunk=chunk)(qparams, tokens, mask)[0] for chunk in (0, 8)]
+                         loss_chunk=chunk)(qparams, Batch(tokens), mask)[0]
+          for chunk in (0, 8)]
   np.testing.assert_allclose(sums[0], sums[1], rtol=1e-5)
 
 

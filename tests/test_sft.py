@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from data import packing, sft
+from data.batch import Batch
 from data.config import DataConfig
 from data.pipeline import TrainBatches, sft_summary
 from data.sources import DataError
@@ -155,12 +156,11 @@ def sft_files(tmp_path_factory):
 def test_batches_hold_whole_examples_trained_on_their_responses(tok, sft_files):
   cfg, records = sft_files
   batch = next(iter(TrainBatches(cfg, tok, 4, 48, prefetch=0)))
-  assert set(batch) == {'tokens', 'segment_ids', 'loss_mask'}
-  assert all(v.shape == (4, 49) and v.dtype == np.int32 for v in batch.values())
-  assert (batch['tokens'][:, 0] == tok.bos_id).all()  # Every row starts at an example.
+  assert all(v.shape == (4, 49) and v.dtype == np.int32 for v in batch)  # All three fields.
+  assert (batch.tokens[:, 0] == tok.bos_id).all()  # Every row starts at an example.
   texts = {json.dumps(sft.to_messages(r, ''), sort_keys=True) for r in records}
   seen = 0
-  for tokens, segments, mask in zip(batch['tokens'], batch['segment_ids'], batch['loss_mask']):
+  for tokens, segments, mask in zip(*batch):
     assert (mask[segments == 0] == 0).all()
     for s in range(1, segments.max() + 1):
       piece, trained = tokens[segments == s], mask[segments == s]
@@ -177,11 +177,11 @@ def test_batches_hold_whole_examples_trained_on_their_responses(tok, sft_files):
 def test_sft_batches_resume_exactly(tok, sft_files):
   cfg, _ = sft_files
   kw = dict(batch_size=4, seq_len=48, prefetch=2, seed=1)
-  full, states = h.batches(cfg, tok, 12, **kw)
-  rest, _ = h.batches(cfg, tok, 7, state=states[4], **kw)
+  full, states = h.batches(cfg, tok, 12, fields=True, **kw)
+  rest, _ = h.batches(cfg, tok, 7, state=states[4], fields=True, **kw)
   for a, b in zip(full[5:], rest):
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key])
+    for x, y in zip(a, b, strict=True):  # Tokens, segment ids and loss masks alike.
+      np.testing.assert_array_equal(x, y)
   assert all(s['offset'] == 0 for s in states[4]['streams'].values())
 
 
@@ -277,7 +277,7 @@ def test_the_step_trains_on_responses_alike_on_any_mesh_and_micro_batching(tok, 
   inputs, segments, targets = next_token_pairs(batches[0])
   logits = net.apply({'params': params0}, inputs, segment_ids_BxT=segments)
   nll = np.asarray(jax.jit(token_nll)(logits, targets)[0])
-  np.testing.assert_allclose(one[0], nll[batches[0]['loss_mask'][:, 1:] == 1].mean(), rtol=1e-5)
+  np.testing.assert_allclose(one[0], nll[batches[0].loss_mask[:, 1:] == 1].mean(), rtol=1e-5)
   assert one[1] < one[0]
 
 
@@ -288,22 +288,21 @@ def test_an_example_scores_the_same_alone_and_packed_behind_another(tok, sft_fil
   from lm.model.forward import model_loss
   batch = _sft_batches(tok, sft_files, n=1, seq_len=96)[0]
   _, params, net = _train_sft([], (1, 1, 1))
-  row = next(r for r in range(8) if batch['segment_ids'][r].max() >= 2)
-  assert (batch['segment_ids'][row] == 1).any()
-  tokens, segments, mask = (batch[k][row] for k in ('tokens', 'segment_ids', 'loss_mask'))
+  row = next(r for r in range(8) if batch.segment_ids[r].max() >= 2)
+  assert (batch.segment_ids[row] == 1).any()
+  tokens, segments, mask = (field[row] for field in batch)
   second = segments == 2
   # The same row with only the second example trained on, and that example alone.
-  packed = {'tokens': tokens[None], 'segment_ids': segments[None],
-            'loss_mask': (mask * second)[None]}
+  packed = Batch(tokens[None], segment_ids=segments[None], loss_mask=(mask * second)[None])
   n = int(second.sum())
-  alone = {k: np.zeros_like(v) for k, v in packed.items()}
-  alone['tokens'][0, :n] = tokens[second]
-  alone['segment_ids'][0, :n] = 1
-  alone['loss_mask'][0, :n] = mask[second]
+  alone = Batch(*(np.zeros_like(v) for v in packed))
+  alone.tokens[0, :n] = tokens[second]
+  alone.segment_ids[0, :n] = 1
+  alone.loss_mask[0, :n] = mask[second]
   loss = jax.jit(lambda p, b: model_loss(net, p, b)[0])
   np.testing.assert_allclose(loss(params, packed), loss(params, alone), rtol=1e-5)
   # Control: without segment ids the first example leaks into the second's loss.
-  leaky = dict(packed, segment_ids=jnp.ones_like(packed['segment_ids']))
+  leaky = packed._replace(segment_ids=jnp.ones_like(packed.segment_ids))
   assert abs(float(loss(params, leaky)) - float(loss(params, alone))) > 1e-4
 
 

@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonState
 
 from configs import base
+from data.batch import Batch
 from lm.mesh import MeshConfig
 from lm.model.config import ModelConfig
 from lm.model.transformer import Transformer, param_axes
@@ -44,8 +45,7 @@ def _train(shape, steps=3, model=MODEL, opt=OPT, segments=False, loss_chunk=0):
   segment_ids = 1 + np.cumsum(rng.random(data.shape) < 0.15, axis=-1, dtype=np.int32)
   losses = []
   for tokens, ids in zip(data, segment_ids):
-    batch = {'tokens': tokens, 'segment_ids': ids} if segments else tokens
-    state, metrics = step(state, batch)
+    state, metrics = step(state, Batch(tokens, segment_ids=ids if segments else None))
     losses.append(float(metrics['loss']))
   return losses, state
 

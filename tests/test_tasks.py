@@ -161,8 +161,8 @@ def test_rows_are_batched_longest_first_in_a_few_padded_shapes():
   # Longest first; a batch takes its first row's length, rounded up to a power of two, and
   # holds 2 * (64 // length) rows: 65 and 40 tokens (length 64), then 20, 5 and 3 (32).
   assert [index.tolist() for index, _ in batches] == [[4, 1], [3, 0, 2]]
-  assert [tokens.shape for _, (tokens, _) in batches] == [(2, 65), (4, 33)]
-  tokens, mask = batches[1][1]
+  assert [batch.tokens.shape for _, (batch, _) in batches] == [(2, 65), (4, 33)]
+  (tokens, *_), mask = batches[1][1]
   assert tokens[0, :20].tolist() == list(range(1, 21)) and not tokens[0, 20:].any()
   # Targets are tokens[1:]: row 1 (5 tokens, 2 scored) scores targets 2 and 3 (tokens 4, 5).
   assert mask[1].nonzero()[0].tolist() == [2, 3]

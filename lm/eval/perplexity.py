@@ -20,16 +20,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data.batch import Batch
 from data.config import DataConfig
 from data.heldout import eval_batches
 from data.tokenizer import Tokenizer
-from lm.model.forward import Batch, forward
+from lm.model.forward import forward
 from lm.model.loss import chunked_token_nll, token_nll
 from lm.model.transformer import Transformer, output_head
 from lm.sharding import AxisRules, batch_sharding, put_rows
 
 # A batch and the mask (B, T) of its targets to score: 1 scored, 0 padding or cut off.
-ScoredBatch = tuple[Batch | np.ndarray | dict[str, np.ndarray], np.ndarray]
+ScoredBatch = tuple[Batch, np.ndarray]
 
 
 def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
@@ -65,7 +66,7 @@ def make_eval_step(model: Transformer, rules: AxisRules, batch_shape: tuple[int,
                    loss_chunk: int = 0) -> Callable[..., Any]:
   """(params, batch, mask (B, T)) -> (summed NLL, scored tokens, their bytes).
 
-  A batch is tokens (B, T + 1) or {'tokens', 'segment_ids'} (lm/train/step.py's Batch).
+  A batch is data/batch.py's Batch, its rows (B, T + 1).
   `token_bytes[id]` is the number of bytes token `id` decodes to (0 for BOS/EOS). The
   mask is an int mask over the targets: padding (mask 0) adds nothing to any of the
   three sums. The sums are taken on the devices, so they cover every host's rows.
@@ -128,14 +129,14 @@ def heldout_rows(data: DataConfig, tokenizer: Tokenizer, batch_size: int, seq_le
   local = batch_size // jax.process_count()
   num = math.ceil(max_tokens / (batch_size * seq_len)) if max_tokens else num_batches
   out = []
-  for i, tokens in enumerate(eval_batches(
+  for i, batch in enumerate(eval_batches(
       data, tokenizer, local, seq_len, num, process_index=jax.process_index(),
       process_count=jax.process_count())):
     # Index of each target in the global stream of targets, to cut at max_tokens.
     row_B = i * batch_size + jax.process_index() * local + np.arange(local)
     target_BxT = row_B[:, None] * seq_len + np.arange(seq_len)
     keep = target_BxT < max_tokens if max_tokens else np.ones_like(target_BxT, bool)
-    if isinstance(tokens, dict) and 'loss_mask' in tokens:  # Fine-tuning: responses only.
-      keep &= tokens['loss_mask'][:, 1:] > 0
-    out.append((tokens, keep.astype(np.int32)))
+    if batch.loss_mask is not None:  # Fine-tuning: responses only.
+      keep &= batch.loss_mask[:, 1:] > 0
+    out.append((batch, keep.astype(np.int32)))
   return out

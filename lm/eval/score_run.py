@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from data import packing, sources
+from data.batch import make_batch
 from data.tokenizer import Tokenizer
 from lm.eval.perplexity import (
   ScoredBatch,
@@ -30,8 +31,9 @@ from lm.run.folder import Run
 
 
 def pack_texts(texts: Iterable[str], tokenizer: Tokenizer, seq_len: int,
-               max_tokens: int = 0) -> ScoredBatch:
-  """All rows of the texts' token stream, with a mask of the targets to score.
+               max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """All rows (R, T + 1) of the texts' token stream, with the mask (R, T) of the targets
+  to score.
 
   Every token but the stream's first is a target once; with max_tokens > 0 only the
   first max_tokens targets are kept.
@@ -57,7 +59,8 @@ def pack_texts(texts: Iterable[str], tokenizer: Tokenizer, seq_len: int,
   return tokens, mask
 
 
-def global_batches(rows: ScoredBatch, batch_size: int) -> list[ScoredBatch]:
+def global_batches(rows: tuple[np.ndarray, np.ndarray],
+                   batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
   """Rows grouped into batches of batch_size; the last is filled with masked-out rows."""
   tokens, mask = rows
   pad = -len(tokens) % batch_size
@@ -65,6 +68,14 @@ def global_batches(rows: ScoredBatch, batch_size: int) -> list[ScoredBatch]:
   mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), np.int32)])
   return [(tokens[i:i + batch_size], mask[i:i + batch_size])
           for i in range(0, len(tokens), batch_size)]
+
+
+def file_batches(run: Run, rows: tuple[np.ndarray, np.ndarray]) -> list[ScoredBatch]:
+  """This process's rows of the global batches that score `rows` (pack_texts), in the
+  batch form the run trained on: with segment ids or without."""
+  return [local_rows((make_batch(tokens, run.tokenizer.eos_id, run.cfgs.data.segment_ids),
+                      mask))
+          for tokens, mask in global_batches(rows, run.cfgs.run.batch_size)]
 
 
 def local_rows(batch: ScoredBatch) -> ScoredBatch:
@@ -125,11 +136,7 @@ def evaluate_run(workdir: str, *, step: int | None = None, files: str = '',
     rows = pack_texts(texts, run.tokenizer, run.cfgs.run.seq_len, max_tokens)
     if not rows[1].sum():
       raise ValueError(f'--files: no text to score in {name}')
-    # The batch form the run trained on: plain tokens, or with segment ids.
-    batches = [local_rows((packing.batch(tokens, run.tokenizer.eos_id,
-                                         run.cfgs.data.segment_ids), mask))
-               for tokens, mask in global_batches(rows, run.cfgs.run.batch_size)]
-    per_file[name] = score(run, batches, eval_step)
+    per_file[name] = score(run, file_batches(run, rows), eval_step)
   total = sum(r['loss'] * r['tokens'] for r in per_file.values())
   result = {'step': run.step, **summarize(total, sum(r['tokens'] for r in per_file.values()),
                                           sum(r['bytes'] for r in per_file.values()))}

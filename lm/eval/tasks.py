@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from data.batch import Batch
 from data.tasks.files import ChoiceRow, Example, choice_rows, read_task, task_paths
 from lm.eval.perplexity import ScoredBatch, make_row_nll_step
 from lm.eval.quantize import NONE, QuantConfig, load_quantized_run, weights_record
@@ -57,7 +58,7 @@ def pack_rows(rows: Sequence[ChoiceRow], batch_size: int,
       ids, n = rows[i].tokens, rows[i].scored
       tokens_BxT1[r, :len(ids)] = ids
       mask_BxT[r, len(ids) - 1 - n:len(ids) - 1] = 1  # Targets are ids[1:]: the last n.
-    out.append((index, (tokens_BxT1, mask_BxT)))
+    out.append((index, (Batch(tokens_BxT1), mask_BxT)))
     start += num
   return out
 
@@ -77,7 +78,7 @@ class RowScorer:
     run = self.run
     loglik = np.zeros(len(rows), np.float64)
     for index, batch in pack_rows(rows, run.cfgs.run.batch_size, run.cfgs.run.seq_len):
-      shape = batch[0].shape
+      shape = batch[0].tokens.shape
       if shape not in self._steps:
         self._steps[shape] = make_row_nll_step(run.model, run.rules, shape, self._shardings,
                                                loss_chunk=run.cfgs.loss.chunk)

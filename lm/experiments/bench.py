@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from data.batch import Batch
 from lm.config import Configs, parse, set_key
 from lm.eval.quantize import QuantConfig, bytes_per_device
 from lm.model import flops
@@ -82,13 +83,18 @@ def _model_figures(cfgs: Configs, tokens_per_sec: float | None) -> dict[str, Any
   return out
 
 
-def _synthetic_batch(rng: np.random.Generator, cfgs: Configs, shape: tuple[int, int]) -> Any:
+def _synthetic_batch(rng: np.random.Generator, cfgs: Configs, shape: tuple[int, int]) -> Batch:
   """Random tokens; with data.segment_ids, documents of about 512 tokens in each row."""
   tokens = rng.integers(0, cfgs.model.vocab_size, shape, np.int32)
   if not cfgs.data.segment_ids:
-    return tokens
+    return Batch(tokens)
   starts = rng.random(shape) < 1 / 512
-  return {'tokens': tokens, 'segment_ids': 1 + np.cumsum(starts, axis=1, dtype=np.int32)}
+  return Batch(tokens, segment_ids=1 + np.cumsum(starts, axis=1, dtype=np.int32))
+
+
+def _abstract_batch(cfgs: Configs, rules: AxisRules, shape: tuple[int, int]) -> Batch:
+  rows = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(rules, shape))
+  return Batch(rows, segment_ids=rows if cfgs.data.segment_ids else None)
 
 
 def _abstract_step(cfgs: Configs, rules: AxisRules, model: Any, tx: Any, step_fn: Any):
@@ -96,8 +102,7 @@ def _abstract_step(cfgs: Configs, rules: AxisRules, model: Any, tx: Any, step_fn
   state = abstract_state(model, tx, cfgs.run.seq_len, rules)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   shape = (cfgs.run.batch_size, cfgs.run.seq_len + 1)
-  rows = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(rules, shape))
-  batch = {'tokens': rows, 'segment_ids': rows} if cfgs.data.segment_ids else rows
+  batch = _abstract_batch(cfgs, rules, shape)
   return jit_train_step(step_fn, shardings, rules, shape), (state, batch)
 
 
@@ -147,10 +152,9 @@ def plan_inference(config: ml_collections.ConfigDict, quant: QuantConfig) -> dic
   model = quantized_model(model, quant)
   params = abstract_params(model, rules, quant)
   shape = (cfgs.run.batch_size, cfgs.run.seq_len + 1)
-  rows = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(rules, shape))
   mask_shape = (shape[0], shape[1] - 1)
   mask = jax.ShapeDtypeStruct(mask_shape, jnp.int32, sharding=batch_sharding(rules, mask_shape))
-  batch = {'tokens': rows, 'segment_ids': rows} if cfgs.data.segment_ids else rows
+  batch = _abstract_batch(cfgs, rules, shape)
   step = make_eval_step(model, rules, shape, jax.tree.map(lambda x: x.sharding, params),
                         np.zeros(cfgs.model.vocab_size, np.int32), loss_chunk=cfgs.loss.chunk)
   t0 = time.perf_counter()

@@ -1,8 +1,9 @@
 """The forward pass that training and evaluation share: a batch in, the loss or the
 model's output out.
 
-A batch holds token rows (B, T + 1): inputs are its first T tokens and targets its last
-T. Packed documents add segment ids of the same shape; fine-tuning adds a loss mask.
+A batch is data/batch.py's Batch: token rows (B, T + 1) whose first T tokens are the
+inputs and last T the targets, with segment ids (packed documents) and a loss mask
+(fine-tuning) when it has them.
 """
 
 from __future__ import annotations
@@ -11,34 +12,21 @@ from typing import Any
 
 import jax
 
+from data.batch import Batch
 from lm.model.loss import Metrics, chunked_cross_entropy, cross_entropy, loss_weights
 from lm.model.transformer import Transformer, output_head
 
-# Token rows (B, T + 1), or {'tokens', 'segment_ids'} of that shape (packed documents),
-# plus 'loss_mask' (fine-tuning: 1 where a token is trained on; data/packing.py).
-Batch = jax.Array | dict[str, jax.Array]
-
 
 def next_token_pairs(batch: Batch) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-  """(inputs (B, T), their segment ids or None, targets (B, T)) from either batch form."""
-  if isinstance(batch, dict):
-    tokens_BxT1, segments_BxT1 = batch['tokens'], batch.get('segment_ids')
-  else:
-    tokens_BxT1, segments_BxT1 = batch, None
-  segments_BxT = None if segments_BxT1 is None else segments_BxT1[:, :-1]
-  return tokens_BxT1[:, :-1], segments_BxT, tokens_BxT1[:, 1:]
+  """(inputs (B, T), their segment ids or None, targets (B, T))."""
+  segments = batch.segment_ids
+  return batch.tokens[:, :-1], None if segments is None else segments[:, :-1], batch.tokens[:, 1:]
 
 
 def target_weights(batch: Batch, scale: float = 1.0) -> jax.Array | None:
   """float32 (B, T) weights of the targets, for the mean over trained tokens only, or
-  None (every target alike). Already in the batch when the train step split it."""
-  if not isinstance(batch, dict):
-    return None
-  if 'weights' in batch:
-    return batch['weights']
-  if 'loss_mask' in batch:
-    return loss_weights(batch['loss_mask'][:, 1:], scale)
-  return None
+  None (no loss mask: every target alike)."""
+  return None if batch.loss_mask is None else loss_weights(batch.loss_mask[:, 1:], scale)
 
 
 def forward(model: Transformer, params: Any, batch: Batch, *, features: bool = False,
@@ -56,12 +44,15 @@ def forward(model: Transformer, params: Any, batch: Batch, *, features: bool = F
 
 def model_loss(model: Transformer, params: Any, batch: Batch, *, chunk: int = 0,
                z_loss: float = 0.0, train: bool = False,
-               rngs: dict[str, jax.Array] | None = None) -> tuple[jax.Array, Metrics]:
+               rngs: dict[str, jax.Array] | None = None,
+               weights_BxT: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
   """The next-token loss of `batch`; chunked (lm/model/loss.py) when `chunk` > 0; a mean over
-  the trained tokens only when the batch has a loss mask."""
+  the trained tokens only when the batch has a loss mask. `weights_BxT` replaces the
+  mask's weights (the train step weighs a whole batch before splitting it)."""
   out, targets_BxT = forward(model, params, batch, features=bool(chunk), train=train,
                              rngs=rngs)
-  weights_BxT = target_weights(batch)
+  if weights_BxT is None:
+    weights_BxT = target_weights(batch)
   if chunk:
     return chunked_cross_entropy(out, output_head(params, model.cfg), targets_BxT,
                                  chunk=chunk, z_loss=z_loss, rules=model.rules,

@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from data.batch import Batch
 from lm.config import Configs
 from lm.model import mup
-from lm.model.forward import Batch, model_loss, target_weights
+from lm.model.forward import model_loss, target_weights
 from lm.model.loss import Metrics
 from lm.model.transformer import Transformer, param_axes
 from lm.optim.optimizer import global_norm, make_optimizer, schedule
@@ -84,7 +85,7 @@ def _keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
-def _microbatches(batch: Batch, n: int, rules: AxisRules) -> Batch:
+def _microbatches(batch: Any, n: int, rules: AxisRules) -> Any:
   # Row r goes to micro-batch r % n, so each device keeps its own rows: no reshuffle.
   def split(rows_BxT1):
     b, t1 = rows_BxT1.shape
@@ -104,28 +105,27 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
   loss or the gradients were NaN/inf and the update was skipped, else 0).
   """
 
-  def loss_fn(params, batch, key):
+  def loss_fn(params, batch_and_weights, key):
+    batch, weights_BxT = batch_and_weights
     return model_loss(model, params, batch, chunk=loss_chunk, z_loss=z_loss, train=True,
-                      rngs={'dropout': key})
+                      rngs={'dropout': key}, weights_BxT=weights_BxT)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     key = jax.random.fold_in(state.rng, state.step)
-    if isinstance(batch, dict) and 'loss_mask' in batch:
-      # Weighed over the whole batch before it is split: the micro-batches' mean is then
-      # the mean over every trained token of the batch, however they fall.
-      batch = {'tokens': batch['tokens'], 'segment_ids': batch['segment_ids'],
-               'weights': target_weights(batch, float(grad_accum))}
+    # Weighed over the whole batch before it is split: the micro-batches' mean is then
+    # the mean over every trained token of the batch, however they fall.
+    weighed = (batch._replace(loss_mask=None), target_weights(batch, float(grad_accum)))
     if grad_accum == 1:
-      (_, aux), grads = grad_fn(state.params, batch, key)
+      (_, aux), grads = grad_fn(state.params, weighed, key)
     else:
       def accumulate(carry, xs):
         i, micro = xs
         (_, aux), g = grad_fn(state.params, micro, jax.random.fold_in(key, i))
         return jax.tree.map(jnp.add, carry, (g, aux)), None
 
-      micro = _microbatches(batch, grad_accum, rules)
+      micro = _microbatches(weighed, grad_accum, rules)
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       zero_aux = {'loss': jnp.zeros(()), 'z_loss': jnp.zeros(())}
       (grads, aux), _ = jax.lax.scan(accumulate, (zeros, zero_aux),
@@ -174,7 +174,7 @@ def jit_train_step(step_fn: Callable[..., Any], state_shardings: Any, rules: Axi
                    batch_shape: tuple[int, int]) -> Callable[..., Any]:
   """Compiles once: explicit shardings, the old state's buffers donated to the new one.
 
-  One batch sharding serves both batch forms: tokens and segment ids share a shape.
+  One sharding serves every field of the batch: they share a shape.
   """
   return jax.jit(step_fn,
                  in_shardings=(state_shardings, batch_sharding(rules, batch_shape)),
