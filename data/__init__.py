@@ -7,6 +7,8 @@ Where each thing lives:
                 sequence of training documents.
   tokenizer.py  trains and loads the sentencepiece tokenizer (lm/export/hf_tokenizer.py
                 exports it).
+  formats.py    data.format picked once: plain text packed end to end, or fine-tuning
+                examples packed whole (what a document is, its encoder, its packer).
   packing.py    the one [BOS] ids EOS wrap and the one seq_len + 1 windower, shared by
                 training, held-out batches and lm/eval/score_run.py's file scoring.
   dealing.py    deals the training documents to packing streams, rows and processes:

@@ -1,17 +1,18 @@
-"""The typed `data` config block: the same keys and defaults as `c.data` in configs/base.py."""
+"""The typed `data` config block: the `data.*` keys, their defaults and docs (configs/base.py
+is built from them), validated whenever one is made."""
 
 import dataclasses
 
-from data import mixture
+from data import formats, mixture
 
 SOURCES = mixture.KINDS
-FORMATS = ('text', 'sft')
+FORMATS = tuple(formats.FORMATS)
 _KINDS = {str: 'a string', int: 'an integer', float: 'a number', bool: 'a bool'}
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Where training text comes from, how it is cleaned and batched; see configs/base.py."""
+  """The `data.*` keys: where training text comes from, how it is cleaned and batched."""
 
   source: str = 'stdlib'
   """'stdlib' (the Python standard library's own .py files) | 'files' | 'hub'."""

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from data import packing, sources
+from data import formats, packing, sources
 from data import reader as reader_lib
 from data.config import DataConfig
 
@@ -209,14 +209,14 @@ class Dealer:
 class Stream:
   """One packing stream: the documents dealt to it, end to end, cut into windows.
 
-  `whole`: fine-tuning examples, packed whole into padded rows (packing.RowPacker)
+  With fine-tuning examples (data/formats.py) they are packed whole into padded rows
   instead; a row then always starts at an example, so the offset stays 0.
   """
 
-  def __init__(self, index: int, seq_len: int, whole: bool = False):
+  def __init__(self, index: int, seq_len: int, fmt: formats.Text):
     self.index = index
     self._seq_len = seq_len
-    self._whole = whole
+    self._format = fmt
     # The document the next window starts in (before the stream's first window: the
     # number from which on the documents dealt to it are its own); its offset is
     # self._windows.offset, the token of it (counting BOS) that the window starts at.
@@ -249,12 +249,10 @@ class Stream:
     self._windows = self._packer(offset)
 
   def _packer(self, offset: int) -> 'packing.Windower | packing.RowPacker':
-    if not self._whole:
-      return packing.Windower(self._seq_len, offset)
-    if offset:
-      raise ValueError(f'data state: stream {self.index} resumes inside an example '
-                       f'(token {offset}), but examples are packed whole')
-    return packing.RowPacker(self._seq_len)
+    try:
+      return self._format.packer(self._seq_len, offset)
+    except ValueError as e:
+      raise ValueError(f'data state: stream {self.index} {e}') from None
 
   def fill(self, take: Callable[[int], Doc], size: int) -> None:
     """Takes documents until `size` tokens are held from the next window's start on."""

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from data import packing
+from data import formats, packing
 from data import reader as reader_lib
 from data.batch import Batch, make_batch
 from data.config import DataConfig
@@ -40,13 +40,12 @@ def eval_batches(
   if num_batches <= 0:
     return []
   reader_lib.check_has_documents(cfg)  # Else an empty data file reads as 'holds out none'.
-  whole = cfg.format == 'sft'
-  windower = packing.RowPacker(seq_len) if whole else packing.Windower(seq_len)
+  fmt = formats.of(cfg)
+  windower = fmt.packer(seq_len)
   global_rows = batch_size * process_count
   wanted = num_batches * global_rows
   windows: list[np.ndarray] = []
-  encode = packing.encoder(tokenizer, seq_len, examples=whole, add_bos=add_bos,
-                            threads=cfg.encode_threads)
+  encode = fmt.encoder(tokenizer, seq_len, add_bos=add_bos, threads=cfg.encode_threads)
   any_docs = False
   for docs in _chunks(reader_lib.single_pass(cfg, heldout=True), 16):
     any_docs = True
@@ -56,7 +55,7 @@ def eval_batches(
         windows.append(window)
     if len(windows) >= wanted:
       break
-  if whole and len(windows) < wanted and (window := windower.pop(partial=True)) is not None:
+  if fmt.whole and len(windows) < wanted and (window := windower.pop(partial=True)) is not None:
     windows.append(window)  # The last examples, in a padded row.
   if not any_docs:
     raise ValueError(

@@ -8,14 +8,9 @@ the form the trainer takes.
 """
 
 import collections
-import functools
-import os
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
-
-from data import sft
 
 
 def wrap(ids: Sequence[int], eos_id: int, bos_id: int | None = None) -> np.ndarray:
@@ -27,22 +22,6 @@ def wrap(ids: Sequence[int], eos_id: int, bos_id: int | None = None) -> np.ndarr
   tokens[head:-1] = ids
   tokens[-1] = eos_id
   return tokens
-
-
-def encoder(tokenizer: Any, seq_len: int, *, examples: bool, add_bos: bool = True,
-            threads: int = 0) -> Callable[[list[str]], list[np.ndarray]]:
-  """texts -> what a stream packs: each document's `wrap`, or with `examples` each
-  fine-tuning example's [N, 2] tokens and loss flags, cut to seq_len + 1 (data/sft.py).
-
-  Training, held-out batches and task fine-tuning's checks all encode with it; `threads`
-  0 = every core.
-  """
-  encode = functools.partial(tokenizer.encode_batch, num_threads=threads or os.cpu_count() or 1)
-  if examples:
-    return lambda texts: [e.rows for e in sft.encode_texts(
-        texts, encode, tokenizer.bos_id, tokenizer.eos_id, seq_len + 1)]
-  bos = tokenizer.bos_id if add_bos else None
-  return lambda texts: [wrap(ids, tokenizer.eos_id, bos) for ids in encode(texts)]
 
 
 class Windower:

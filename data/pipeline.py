@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from data import dealing, packing
+from data import dealing, formats, packing
 from data import reader as reader_lib
 from data import state as data_state
 from data.batch import Batch, make_batch
@@ -75,8 +75,8 @@ class TrainBatches:
     self._process_count = process_count
     self._seed = seed
     self._prefetch = prefetch
-    encode = packing.encoder(tokenizer, seq_len, examples=cfg.format == 'sft',
-                             add_bos=add_bos, threads=cfg.encode_threads)
+    encode = formats.of(cfg).encoder(tokenizer, seq_len, add_bos=add_bos,
+                                     threads=cfg.encode_threads)
     self._dealer = dealing.Dealer(self._reader, self._layout.num_streams, encode, encode_docs)
     self._streams: dict[int, dealing.Stream] = {}
     self._thread: threading.Thread | None = None
@@ -170,7 +170,7 @@ class TrainBatches:
     state = self._state
     self._streams = {}
     for j, saved in state['streams'].items():
-      stream = dealing.Stream(int(j), self._seq_len, whole=self._cfg.format == 'sft')
+      stream = dealing.Stream(int(j), self._seq_len, formats.of(self._cfg))
       stream.load_state_dict(saved)
       self._streams[int(j)] = stream
     self._dealer.restart(state['reader'], state['dealt'],
@@ -216,15 +216,18 @@ class TrainBatches:
           pass
 
 
-def sft_summary(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int) -> str:
-  """data.format='sft': one line saying how many training examples there are and how
-  many are truncated or skipped for length (data/sft.py's rules).
+def examples_summary(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int) -> str:
+  """Fine-tuning examples (data/formats.py): one line saying how many training examples
+  there are and how many are truncated or skipped for length (data/sft.py's rules); ''
+  for plain text.
 
   One pass over the training split before the run starts; a hub dataset, which may be
   endless, is not counted ahead.
   """
   from data import mixture, sft  # Only fine-tuning runs need them.
 
+  if not formats.of(cfg).whole:
+    return ''
   if any(c.source == 'hub' for _, c in mixture.components(cfg)):
     return (f'examples longer than {seq_len + 1} tokens (seq_len + 1) are truncated at the '
             'end; those whose prompt leaves no response token within them are skipped')

@@ -22,7 +22,7 @@ from typing import Any
 import datasets
 import datasets.distributed
 
-from data import cleaning, sft, stdlib
+from data import cleaning, formats, sft, stdlib
 from data.config import DataConfig
 
 # File suffix -> `datasets` packaged builder. Compressed files are read on the fly.
@@ -213,7 +213,7 @@ def open_source(cfg: DataConfig, process_index: int = 0, process_count: int = 1)
   """
   if cfg.source == 'stdlib':
     return StdlibSource()
-  text_key = None if cfg.format == 'sft' else cfg.text_key
+  text_key = formats.of(cfg).text_key(cfg.text_key)
   if cfg.source == 'files':
     return FileSource(cfg.files, text_key)
   return HubSource(cfg.name, cfg.config_name, cfg.split, text_key,

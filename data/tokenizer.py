@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from data import reader, sft
+from data import formats, reader
 from data.config import DataConfig
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -190,7 +190,7 @@ def training_texts(cfg: DataConfig) -> Iterable[str]:
   A mixture interleaves its sources by weight, so a capped sample still covers each.
   """
   for doc in reader.single_pass(cfg, heldout=False):
-    yield sft.plain_text(doc.text) if cfg.format == 'sft' else doc.text
+    yield formats.of(cfg).training_text(doc.text)
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:

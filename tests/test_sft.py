@@ -8,7 +8,7 @@ import pytest
 from data import packing, sft
 from data.batch import Batch
 from data.config import DataConfig
-from data.pipeline import TrainBatches, sft_summary
+from data.pipeline import TrainBatches, examples_summary
 from data.sources import DataError
 from tests import data_helpers as h
 
@@ -202,10 +202,10 @@ def test_summary_counts_what_training_will_do(tok, sft_files):
     skipped += prompt >= 17
     truncated += length > 17 and prompt < 17
   assert 0 < truncated and 0 < skipped
-  assert sft_summary(cfg, tok, 16) == (
+  assert examples_summary(cfg, tok, 16) == (
       f'training {len(records)} examples; {truncated} longer than 17 tokens (seq_len + 1) '
       f'are truncated at the end; {skipped} whose prompt leaves no response token within '
-      f'them are skipped (first: ' + sft_summary(cfg, tok, 16).split('(first: ')[1])
+      f'them are skipped (first: ' + examples_summary(cfg, tok, 16).split('(first: ')[1])
 
 
 def test_a_bad_line_is_named_and_text_files_are_refused(tok, tmp_path):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from data import TrainBatches
-from data.pipeline import sft_summary
+from data.pipeline import examples_summary
 from data.tokenizer import Tokenizer, check_vocab, load_or_train
 from lm import distributed
 from lm.config import Configs, as_dict, parse
@@ -123,7 +123,7 @@ def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules,
   check_vocab(tokenizer, cfgs.model.vocab_size)
   # Read before anything is written, so a bad record stops the run with nothing changed;
   # by every process, so that all of them stop.
-  sft_line = sft_summary(cfgs.data, tokenizer, run.seq_len) if cfgs.data.format == 'sft' else ''
+  examples_line = examples_summary(cfgs.data, tokenizer, run.seq_len)
 
   parts = step_parts(cfgs, rules)
   model, tx = parts.model, parts.tx
@@ -144,8 +144,8 @@ def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules,
                             (run.batch_size, run.seq_len + 1))
   header = run_header(cfgs, rules, start, tokenizer_origin,
                       flops.count_params(start.state.params))
-  if sft_line:
-    header.insert(-1, f'fine-tuning on responses only: {sft_line}')
+  if examples_line:
+    header.insert(-1, f'fine-tuning on responses only: {examples_line}')
   return Experiment(cfgs, rules, model, tokenizer, start.state, start.shardings, compiled,
                     batches, checkpointer, start.step, header)
 
