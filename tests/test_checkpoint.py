@@ -30,7 +30,8 @@ from data import stdlib
 from data.batch import Batch
 from data.tokenizer import train_tokenizer
 from lm.config import parse
-from lm.model.transformer import Transformer, param_axes
+from lm.model.params import param_axes
+from lm.model.transformer import Transformer
 from lm.optim.optimizer import make_optimizer, schedule
 from lm.run.checkpoint import Checkpointer, CorruptCheckpoint, committed_steps
 from lm.run.folder import RunFolder, load_run

@@ -20,8 +20,9 @@ from data.tokenizer import Tokenizer
 from lm.config import parse
 from lm.eval import score_run
 from lm.eval.perplexity import make_eval_step
+from lm.model.params import abstract_params
 from lm.model.transformer import Transformer
-from lm.run.folder import Run, abstract_params, load_run
+from lm.run.folder import Run, load_run
 from lm.sharding import AxisRules
 from lm.train import trainer
 from tests.helpers import script

@@ -15,7 +15,8 @@ from data.batch import Batch
 from lm.model import flops
 from lm.model.config import ModelConfig
 from lm.model.forward import model_loss
-from lm.model.transformer import MLP, Transformer, stack_layers
+from lm.model.params import stack_layers
+from lm.model.transformer import MLP, Transformer
 from lm.optim.optimizer import muon_dimensions
 from lm.run import checkpoint
 from lm.train import resume

@@ -20,7 +20,8 @@ from lm.mesh import MeshConfig
 from lm.model import mup
 from lm.model.config import ModelConfig
 from lm.model.forward import model_loss
-from lm.model.transformer import Transformer, output_head, param_axes
+from lm.model.params import param_axes
+from lm.model.transformer import Transformer, output_head
 from lm.optim.config import OptimizerConfig
 from lm.optim.optimizer import make_optimizer
 from lm.run import checkpoint

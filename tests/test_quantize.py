@@ -110,7 +110,7 @@ def test_quantized_model_computes_with_the_dequantized_weights(mesh, scan):
 
 
 def model_shardings(model, params, scan):
-  from lm.run.folder import abstract_params
+  from lm.model.params import abstract_params
   abstract = abstract_params(model, model.rules)
   return abstract['blocks' if scan else 'block_0']['mlp']['up'].sharding.spec
 

@@ -14,7 +14,8 @@ from lm.eval import sampling
 from lm.eval.sampling import SamplingConfig
 from lm.mesh import MeshConfig
 from lm.model.config import ModelConfig
-from lm.model.transformer import Transformer, stack_layers
+from lm.model.params import stack_layers
+from lm.model.transformer import Transformer
 from lm.sharding import AxisRules, tree_shardings
 from tests.helpers import cached_decode
 

@@ -12,7 +12,8 @@ from configs import base
 from data.batch import Batch
 from lm.mesh import MeshConfig
 from lm.model.config import ModelConfig
-from lm.model.transformer import Transformer, param_axes
+from lm.model.params import param_axes
+from lm.model.transformer import Transformer
 from lm.optim.config import OptimizerConfig
 from lm.optim.optimizer import make_optimizer, schedule
 from lm.sharding import AxisRules

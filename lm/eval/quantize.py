@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.model.params import boxed_params
 from lm.model.transformer import Transformer
 from lm.run.folder import Run, load_run
 from lm.sharding import AxisRules, tree_shardings
@@ -113,9 +114,7 @@ def _boxed(qmodel: Transformer, cfg: QuantConfig) -> Any:
   scales carry the table's axis names; a mesh axis that does not divide is dropped)."""
   import qwix
 
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  boxed = jax.eval_shape(lambda k: qmodel.init({'params': k}, tokens),
-                         jax.random.PRNGKey(0))['params']
+  boxed = boxed_params(qmodel)
   if not cfg.embeddings:
     return boxed
   boxed = flax.core.unfreeze(boxed)

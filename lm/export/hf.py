@@ -21,7 +21,7 @@ import numpy as np
 
 from lm.model import flops
 from lm.model.config import ModelConfig
-from lm.model.transformer import unstack_layers
+from lm.model.params import unstack_layers
 
 Params = dict[str, Any]
 _LAYER = 'model.layers.{}.'
@@ -145,7 +145,7 @@ def from_hf(state_dict: Mapping[str, Any], model_cfg: ModelConfig) -> Params:
   if not model_cfg.tie_embeddings:
     params['head'] = np.ascontiguousarray(np.asarray(state_dict['lm_head.weight']).T)
   if model_cfg.scan_layers:
-    # transformer.stack_layers' layout, stacked on the host: a big model may not fit one
+    # params.stack_layers' layout, stacked on the host: a big model may not fit one
     # device.
     layers = [params.pop(f'block_{i}') for i in range(model_cfg.num_layers)]
     params['blocks'] = jax.tree.map(lambda *xs: np.stack(xs), *layers)

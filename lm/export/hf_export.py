@@ -15,8 +15,9 @@ import jax
 from data import sft
 from lm.config import Configs
 from lm.export import hf, hf_tokenizer
+from lm.model.params import abstract_params
 from lm.model.transformer import Transformer
-from lm.run.folder import RunFolder, abstract_params
+from lm.run.folder import RunFolder
 
 
 def export(workdir: str, out_dir: str, step: int | None = None,

@@ -3,6 +3,8 @@
   config.py       ModelConfig (`model.*`) and LossConfig (`loss.*`).
   transformer.py  the Flax Linen decoder: RMSNorm, RoPE, GQA attention, SwiGLU / ReLU^2,
                   soft-cap, the KV cache for decoding, logical axis names.
+  params.py       the parameter tree from shapes alone (boxed with logical axes, their
+                  names, restore targets) and the scanned <-> per-layer layouts.
   mup.py          muP width transfer: rate and init multipliers.
   loss.py         next-token cross-entropy in float32, whole or chunked.
   forward.py      the batch -> (output, targets) pass and the loss, shared by training

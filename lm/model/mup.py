@@ -73,7 +73,7 @@ def _is_names(x: Any) -> bool:
 
 def lr_scales(cfg: ModelConfig, param_axes: Any) -> Any:
   """Adam's per-parameter rate multiplier (1/m for hidden matrices, else 1), a tree like
-  `param_axes` (transformer.param_axes); None when off, so the optimizer stays as it was."""
+  `param_axes` (lm/model/params.py param_axes); None when off, so the optimizer stays as it was."""
   if not cfg.mup_base_width:
     return None
   hidden = 1.0 / width_mult(cfg)

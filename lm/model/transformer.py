@@ -374,26 +374,3 @@ def output_head(params: Mapping[str, Any], cfg: ModelConfig) -> jax.Array:
   if cfg.mup_base_width:
     head_DxV = head_DxV * mup.output_mult(cfg)
   return head_DxV.astype(jnp.dtype(cfg.dtype))
-
-
-def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-  """Unscanned params (block_0 ... block_{L-1}) -> scanned layout (blocks, leading L)."""
-  out = {k: v for k, v in params.items() if not k.startswith('block_')}
-  layers = [params[f'block_{i}'] for i in range(num_layers)]
-  out['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-  return out
-
-
-def unstack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-  """Scanned params -> one subtree per layer."""
-  out = {k: v for k, v in params.items() if k != 'blocks'}
-  for i in range(num_layers):
-    out[f'block_{i}'] = jax.tree.map(lambda x, i=i: x[i], params['blocks'])
-  return out
-
-
-def param_axes(model: Transformer) -> Any:
-  """Each parameter's logical axis names (a tuple per parameter), from shapes alone."""
-  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-  return jax.tree.map(lambda box: tuple(box.names), boxed['params'],
-                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

@@ -116,7 +116,7 @@ def scale_by_tree(scales: Any) -> optax.GradientTransformation:
 def make_optimizer(cfg: OptimizerConfig, total_steps: int, param_axes: Any = None,
                    lr_scales: Any = None) -> optax.GradientTransformation:
   """The optimizer a config describes. `param_axes`: the parameters' logical axis names,
-  a tuple per parameter (lm.model.transformer.param_axes); Muon needs them, AdamW ignores them.
+  a tuple per parameter (lm.model.params.param_axes); Muon needs them, AdamW ignores them.
 
   `lr_scales` (lm.model.mup.lr_scales; None = all 1): AdamW's per-parameter rate multipliers,
   which scale its decoupled decay too. Only hidden matrices have one other than 1, and

@@ -13,17 +13,15 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
 
 from data.tokenizer import Tokenizer, check_vocab
 from lm.config import Configs, as_dict, parse
+from lm.model.params import abstract_params
 from lm.model.transformer import Transformer
 from lm.run import layout
 from lm.run.checkpoint import committed_steps, first_line, read_metadata, read_params
-from lm.sharding import AxisRules, tree_shardings
+from lm.sharding import AxisRules
 
 log = logging.getLogger(__name__)
 
@@ -145,19 +143,6 @@ def eval_mesh_rules(cfgs: Configs) -> AxisRules:
   except ValueError as e:
     log.warning('%s; evaluating with a data-parallel mesh instead', e)
     return AxisRules.from_config(dataclasses.replace(cfgs.mesh, data=-1, fsdp=1, tensor=1))
-
-
-def abstract_params(model: Transformer, rules: AxisRules | None = None,
-                    sharding: jax.sharding.Sharding | None = None) -> Any:
-  """ShapeDtypeStructs of the parameters: a restore target, laid out by `rules`' logical
-  axes, or all on one `sharding` (say, the host, for an export)."""
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  boxed = jax.eval_shape(lambda k: model.init({'params': k}, tokens), jax.random.PRNGKey(0))
-  boxed = boxed['params']
-  shardings = (tree_shardings(boxed, rules) if rules is not None else
-               jax.tree.map(lambda _: sharding, nn.meta.unbox(boxed)))
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      nn.meta.unbox(boxed), shardings)
 
 
 def load_run(workdir: str, step: int | None = None,

@@ -17,7 +17,8 @@ from lm.config import Configs
 from lm.model import mup
 from lm.model.forward import model_loss, target_weights
 from lm.model.loss import Metrics
-from lm.model.transformer import Transformer, param_axes
+from lm.model.params import param_axes
+from lm.model.transformer import Transformer
 from lm.optim.optimizer import global_norm, make_optimizer, schedule
 from lm.sharding import AxisRules, batch_sharding, tree_shardings
 
