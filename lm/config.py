@@ -7,8 +7,9 @@ points sees the whole ConfigDict.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import ml_collections
@@ -154,6 +155,36 @@ def set_key(config: ml_collections.ConfigDict, key: str, text: str) -> Any:
   except TypeError as e:
     raise ValueError(f'cannot set {key}={text!r}: {e}') from None
   return node[name]
+
+
+def parse_values(spec: str, flag: str) -> tuple[str, tuple[str, ...]]:
+  """`KEY=V1,V2,...` (a --grid or a --vary) -> (the key, its values as written).
+
+  ValueError `FLAG='SPEC': expected KEY=V1,V2,... with no empty value`.
+  """
+  key, sep, values = spec.partition('=')
+  key = key.strip()
+  texts = tuple(v.strip() for v in values.split(','))
+  if not sep or not key or ' ' in key or not all(texts):
+    raise ValueError(f'{flag}={spec!r}: expected KEY=V1,V2,... with no empty value')
+  return key, texts
+
+
+def with_values(config: ml_collections.ConfigDict, settings: Sequence[tuple[str, str]],
+                flag: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """A copy of `config` with each (key, text) of `settings` set as `set_key` sets it, and
+  the values set. The copy is deep, so linked keys (MOVED_KEYS) stay linked.
+
+  ValueError `FLAG KEY: no config key KEY` or `FLAG KEY: cannot set KEY='v': why`.
+  """
+  out = copy.deepcopy(config)
+  values = {}
+  for key, text in settings:
+    try:
+      values[key] = set_key(out, key, text)
+    except ValueError as e:
+      raise ValueError(f'{flag} {key}: {e}') from None
+  return out, values
 
 
 def _literal(text: str) -> Any:

@@ -119,9 +119,9 @@ def test_vary_measures_each_lever_alone_from_the_config():
 
 @pytest.mark.parametrize('vary,message', [('model.nope=1', 'no config key model.nope'),
                                           ('loss.chunk=abc', 'cannot set'),
-                                          ('junk', 'expected KEY=VALUE'),
+                                          ('junk', 'expected KEY=V1,V2'),
                                           ('model.mlp=relu2;seed=1,2', 'one value per key'),
-                                          ('model.mlp=relu2;junk', 'expected KEY=VALUE')])
+                                          ('model.mlp=relu2;junk', 'expected KEY=V1,V2')])
 def test_bad_vary_is_one_clear_error(vary, message):
   with pytest.raises(ValueError, match=message):
     bench.variants(tiny.get_config(), [vary])

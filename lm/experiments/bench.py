@@ -8,7 +8,6 @@ is rented.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import tempfile
@@ -22,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from data.batch import Batch
-from lm.config import Configs, parse, set_key
+from lm.config import Configs, parse, parse_values, with_values
 from lm.eval.quantize import QuantConfig, bytes_per_device
 from lm.model import flops
 from lm.sharding import AxisRules, batch_sharding
@@ -237,32 +236,19 @@ def variants(config: ml_collections.ConfigDict,
   out = [('base', config)]
   for spec in vary:
     if ';' in spec:
-      pairs = [_key_values(part, spec) for part in spec.split(';')]
+      pairs = [parse_values(part, '--vary') for part in spec.split(';')]
       if any(len(values) != 1 for _, values in pairs):
         raise ValueError(f'--vary={spec!r}: a combined variant sets one value per key')
       out.append(_variant(config, [(key, values[0]) for key, values in pairs]))
     else:
-      key, values = _key_values(spec, spec)
+      key, values = parse_values(spec, '--vary')
       out.extend(_variant(config, [(key, value)]) for value in values)
   return out
 
 
-def _key_values(part: str, spec: str) -> tuple[str, list[str]]:
-  key, sep, values = part.partition('=')
-  key = key.strip()
-  if not sep or not key or not values.strip():
-    raise ValueError(f'--vary={spec!r}: expected KEY=VALUE[,VALUE...]')
-  return key, [v.strip() for v in values.split(',')]
-
-
 def _variant(config: ml_collections.ConfigDict,
              settings: list[tuple[str, str]]) -> tuple[str, ml_collections.ConfigDict]:
-  variant = copy.deepcopy(config)  # Keeps linked keys (configs/base.py) linked.
-  for key, value in settings:
-    try:
-      set_key(variant, key, value)
-    except ValueError as e:
-      raise ValueError(f'--vary: {e}') from None
+  variant, _ = with_values(config, settings, '--vary')
   return ';'.join(f'{key}={value}' for key, value in settings), variant
 
 

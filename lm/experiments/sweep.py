@@ -16,7 +16,6 @@ train.py in the same folder, which resumes where the folder stands.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import json
@@ -27,7 +26,7 @@ from typing import Any
 
 import ml_collections
 
-from lm.config import Configs, parse, set_key
+from lm.config import Configs, parse, parse_values, set_key, with_values
 from lm.model import flops
 from lm.run import layout
 
@@ -74,11 +73,7 @@ def parse_grid(specs: Sequence[str]) -> tuple[Axis, ...]:
   """`KEY=V1,V2,...` each; errors name the --grid they come from."""
   axes: list[Axis] = []
   for spec in specs:
-    key, sep, values = spec.partition('=')
-    key = key.strip()
-    texts = tuple(v.strip() for v in values.split(','))
-    if not sep or not key or not all(texts) or ' ' in key:
-      raise ValueError(f"--grid={spec!r}: expected KEY=V1,V2,... with no empty value")
+    key, texts = parse_values(spec, '--grid')
     if key in RESERVED_KEYS:
       raise ValueError(f'--grid={spec!r}: the sweep sets {key} itself, one run folder a point')
     if any(a.key == key for a in axes):
@@ -105,18 +100,15 @@ def make_points(config: ml_collections.ConfigDict, spec: Spec, out: str) -> list
   for axis in spec.grid:  # One error per bad key or value, naming the --grid.
     seen: dict[Any, str] = {}
     for text in axis.texts:
-      try:
-        value = set_key(copy.deepcopy(config), axis.key, text)
-      except ValueError as e:
-        raise ValueError(f'--grid {axis.key}: {e}') from None
+      _, set_values = with_values(config, [(axis.key, text)], '--grid')
+      value = set_values[axis.key]
       if repr(value) in seen:  # 1e-3 and 0.001: two folders, one run.
         raise ValueError(f'--grid {axis.key}: {seen[repr(value)]} and {text} are one value')
       seen[repr(value)] = text
   points = []
   for combo in itertools.product(*[[(a.key, t) for t in a.texts] for a in spec.grid]):
     name = point_name(combo)
-    point_config = copy.deepcopy(config)  # Keeps linked keys (configs/base.py) linked.
-    values = {key: set_key(point_config, key, text) for key, text in combo}
+    point_config, values = with_values(config, combo, '--grid')
     if spec.steps is not None:
       set_key(point_config, 'steps', str(spec.steps))
     workdir = os.path.join(out, 'runs', name)
