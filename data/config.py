@@ -46,7 +46,7 @@ class DataConfig:
   dedup: bool = False
   """Drop exact duplicate texts within an epoch of a source (see data/cleaning.py)."""
   segment_ids: bool = False
-  """Batches carry each token's document number, and attention stays inside a document."""
+  """Mark each packed document: attention stays inside it and positions restart at 0."""
   encode_threads: int = 0
   """Threads for batched sentencepiece encoding; 0 = every core."""
   format: str = 'text'
@@ -57,7 +57,10 @@ class DataConfig:
     self.validate()  # Once, wherever a DataConfig is made: parse, a mixture's parts, tests.
 
   def validate(self) -> None:
-    """Raises ValueError naming the first bad key."""
+    """Raises ValueError('data.KEY: why (got VALUE)') for the first bad key."""
+    def bad(key, why):
+      raise ValueError(f'data.{key}: {why} (got {getattr(self, key)!r})')
+
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
       # bool is an int in Python, but a flag given as a count (or vice versa) is a typo.
@@ -66,28 +69,27 @@ class DataConfig:
       else:
         ok = isinstance(value, f.type) and (f.type is bool or not isinstance(value, bool))
       if not ok:
-        raise ValueError(f'data.{f.name} must be {_KINDS[f.type]}, got {value!r}')
+        bad(f.name, f'must be {_KINDS[f.type]}')
     if self.source not in SOURCES:
-      raise ValueError(
-          f'data.source must be one of {", ".join(SOURCES)}; got {self.source!r}')
+      bad('source', f'expected one of {", ".join(SOURCES)}')
     if not self.mixture:  # With a mixture, each entry names its own source.
       if self.source == 'files' and not [g for g in self.files.split(',') if g.strip()]:
-        raise ValueError("data.files must name at least one glob when data.source='files'")
+        bad('files', "must name at least one glob when data.source='files'")
       if self.source == 'hub' and not self.name:
-        raise ValueError("data.name must name a dataset when data.source='hub'")
+        bad('name', "must name a dataset when data.source='hub'")
     if self.format not in FORMATS:
-      raise ValueError(f'data.format must be one of {", ".join(FORMATS)}; got {self.format!r}')
+      bad('format', f'expected one of {", ".join(FORMATS)}')
     if self.format == 'sft' and self.source == 'stdlib' and not self.mixture:
-      raise ValueError("data.format='sft' reads records from data.files or a hub dataset; "
-                       "data.source='stdlib' has none")
+      bad('source', "data.format='sft' reads records from data.files or a hub dataset, "
+          'and the stdlib has none')
     if self.source == 'hub' and not self.split:
-      raise ValueError("data.split must not be empty when data.source='hub'")
+      bad('split', "must not be empty when data.source='hub'")
     if self.source != 'stdlib' and not self.text_key:
-      raise ValueError('data.text_key must not be empty')
+      bad('text_key', 'must not be empty')
     if not 0.0 <= self.eval_fraction < 1.0:
-      raise ValueError(f'data.eval_fraction must be in [0, 1); got {self.eval_fraction!r}')
+      bad('eval_fraction', 'must be in [0, 1)')
     for key in ('streams', 'min_chars', 'encode_threads'):
       if getattr(self, key) < 0:
-        raise ValueError(f'data.{key} must be >= 0; got {getattr(self, key)!r}')
+        bad(key, 'must be >= 0')
     if self.mixture:
       mixture.parse(self.mixture)

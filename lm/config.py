@@ -25,26 +25,39 @@ class RunConfig:
   """The top-level keys: how long to train, how often to log, evaluate and save."""
 
   name: str = 'base'
+  """Shown in logs; the default workdir is runs/<name>."""
   workdir: str = 'runs/base'
+  """The run folder: config, tokenizer, metrics, checkpoints, TensorBoard (docs/runs.md)."""
   seed: int = 0
+  """Seeds parameter init, dropout and the data order."""
   steps: int = 1000
+  """Optimizer steps to train for."""
   batch_size: int = 8
+  """The global batch, in sequences (summed over all hosts and devices)."""
   seq_len: int = 128
+  """Tokens per sequence fed to the model."""
   log_every: int = 10
+  """Steps between metric lines on stdout and in metrics.jsonl."""
   eval_every: int = 0
+  """Steps between held-out evaluations; 0 = only at the end."""
   eval_batches: int = 4
+  """Held-out batches per evaluation."""
   checkpoint_every: int = 500
+  """Steps between checkpoints (one is always written at the end)."""
   keep_checkpoints: int = 2
+  """Recent checkpoints kept; at least 2, so a corrupt one has a fallback."""
   init_from: str = ''
+  """Fine-tune from: a run folder, RUN/checkpoints/<step>, or hf:PATH; empty = none."""
   max_nonfinite_steps: int = 10
+  """Abort after this many NaN/inf (skipped) steps in a row; 0 = never."""
 
-  def validate(self) -> None:
+  def __post_init__(self) -> None:
     for key in ('steps', 'batch_size', 'seq_len', 'log_every', 'keep_checkpoints'):
       if getattr(self, key) <= 0:
-        raise ValueError(f'{key} must be positive, got {getattr(self, key)}')
+        raise ValueError(f'{key}: must be positive (got {getattr(self, key)!r})')
     for key in ('eval_every', 'eval_batches', 'checkpoint_every', 'max_nonfinite_steps'):
       if getattr(self, key) < 0:
-        raise ValueError(f'{key} must be >= 0, got {getattr(self, key)}')
+        raise ValueError(f'{key}: must be >= 0 (got {getattr(self, key)!r})')
 
 
 WANDB_MODES = ('', 'online', 'offline', 'disabled')
@@ -52,17 +65,22 @@ WANDB_MODES = ('', 'online', 'offline', 'disabled')
 
 @dataclasses.dataclass(frozen=True)
 class WandbConfig:
-  """The `wandb.*` keys: the optional W&B mirror of the metrics (lm/run/wandb_tracker.py)."""
+  """The `wandb.*` keys: the optional W&B mirror of the metrics (lm/run/wandb_tracker.py;
+  pip install 'lm[wandb]')."""
 
-  project: str = ''  # '' = no W&B logging.
-  entity: str = ''  # Team or user; '' = the default of the logged-in user.
-  name: str = ''  # Display name; '' = the run folder's name.
-  mode: str = ''  # 'online' | 'offline' | 'disabled'; '' = WANDB_MODE or online.
+  project: str = ''
+  """The W&B project; '' = no W&B logging."""
+  entity: str = ''
+  """Team or user; '' = the logged-in user's default."""
+  name: str = ''
+  """Display name; '' = the run folder's name."""
+  mode: str = ''
+  """'online' | 'offline' | 'disabled'; '' = WANDB_MODE, else online."""
 
-  def validate(self) -> None:
+  def __post_init__(self) -> None:
     if self.mode not in WANDB_MODES:
-      raise ValueError(f'wandb.mode: expected one of {WANDB_MODES[1:]} or empty, '
-                       f'got {self.mode!r}')
+      raise ValueError(f'wandb.mode: expected one of {", ".join(WANDB_MODES[1:])} or empty '
+                       f'(got {self.mode!r})')
 
 
 class Configs(NamedTuple):
@@ -75,13 +93,21 @@ class Configs(NamedTuple):
   wandb: WandbConfig = WandbConfig()
 
 
-# Keys that moved, old name -> new. configs/base.py links each old name to the new key
+# Keys that moved, old name -> new. default_config links each old name to the new key
 # (a FieldReference), so command lines and config files that use it keep working; here
 # the old name is folded in for config.json files written before the move.
 MOVED_KEYS = {'model.loss_chunk': 'loss.chunk'}
 
 
-def _section(cls, d: Mapping[str, Any], prefix: str):
+SECTIONS = {'mesh': MeshConfig, 'model': ModelConfig, 'optimizer': OptimizerConfig,
+            'data': DataConfig, 'loss': LossConfig, 'wandb': WandbConfig}
+OPTIONAL_SECTIONS = ('loss', 'wandb')  # Runs written before they existed lack them.
+
+
+def _section(cls, d: Any, prefix: str):
+  if not isinstance(d, Mapping):
+    raise ValueError(f'{prefix.rstrip(".") or "config"}: expected a section of keys '
+                     f'(got {d!r})')
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - names)
   if unknown:
@@ -100,26 +126,35 @@ def _fold_moved_keys(d: dict[str, Any]) -> None:
                        f'the old name of {new}: set {new} only')
 
 
-def parse(config: ml_collections.ConfigDict) -> Configs:
-  """Validates every section once; errors name the offending key."""
-  d = config.to_dict()
+def parse(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Configs:
+  """Validates every section once; errors name the offending key.
+
+  Each section checks itself when it is made (`section.key: why (got value)`); the
+  checks across sections are made here.
+  """
+  d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
   _fold_moved_keys(d)
-  sections = {k: d.pop(k) for k in ('mesh', 'model', 'optimizer', 'data')}
-  loss = _section(LossConfig, d.pop('loss', {}), 'loss.')  # Older runs lack it.
-  wandb = _section(WandbConfig, d.pop('wandb', {}), 'wandb.')  # Older runs lack it.
-  wandb.validate()
-  run = _section(RunConfig, d, '')
-  run.validate()
-  data = _section(DataConfig, sections['data'], 'data.')
-  cfgs = Configs(run=run, mesh=_section(MeshConfig, sections['mesh'], 'mesh.'),
-                 model=_section(ModelConfig, sections['model'], 'model.'),
-                 optimizer=_section(OptimizerConfig, sections['optimizer'], 'optimizer.'),
-                 data=data, loss=loss, wandb=wandb)
-  loss.validate(run.seq_len)
-  if run.batch_size % cfgs.optimizer.grad_accum:
-    raise ValueError(f'optimizer.grad_accum={cfgs.optimizer.grad_accum} does not divide '
-                     f'batch_size={run.batch_size}')
+  for name in SECTIONS:
+    if name not in d and name not in OPTIONAL_SECTIONS:
+      raise ValueError(f'{name}: the section is missing')
+  sections = {name: _section(cls, d.pop(name, {}), f'{name}.') for name, cls in SECTIONS.items()}
+  cfgs = Configs(run=_section(RunConfig, d, ''), **sections)
+  cfgs.loss.check_rows(cfgs.run.seq_len)
+  if cfgs.run.batch_size % cfgs.optimizer.grad_accum:
+    raise ValueError(f'optimizer.grad_accum: must divide batch_size={cfgs.run.batch_size} '
+                     f'(got {cfgs.optimizer.grad_accum!r})')
   return cfgs
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key at its default (configs/base.py): built from the dataclasses above and in
+  each section's config module, where each key is declared and documented once."""
+  defaults = Configs(RunConfig(), *(cls() for cls in SECTIONS.values()))
+  config = ml_collections.ConfigDict(as_dict(defaults))
+  for old, new in MOVED_KEYS.items():  # The old name set sets the new key, and back.
+    (old_section, old_key), (new_section, new_key) = old.split('.'), new.split('.')
+    config[old_section][old_key] = config[new_section].get_ref(new_key)
+  return config
 
 
 def as_dict(cfgs: Configs) -> dict[str, Any]:

@@ -20,28 +20,41 @@ Rules = tuple[tuple[str, Any], ...]
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+  """The `mesh.*` keys: the device mesh. The axes' product is the number of devices;
+  one of them may be -1, the devices that remain."""
+
   data: int = -1
+  """Pure data parallelism (parameters replicated)."""
   fsdp: int = 1
+  """Data parallelism with the parameters and optimizer state sharded."""
   tensor: int = 1
-  # As configs/base.py declares them (tests/test_configs.py keeps the two in step).
+  """Tensor (model) parallelism over heads, MLP width and vocabulary."""
   rules: Rules = (('batch', ('data', 'fsdp')), ('embed', ('fsdp',)), ('heads', ('tensor',)),
                   ('kv_heads', ('tensor',)), ('mlp', ('tensor',)), ('vocab', ('tensor',)),
                   ('length', ()), ('head_dim', ()), ('layers', ()))
+  """Logical axis name -> mesh axes. A dimension that a mesh axis does not divide is
+  replicated over that axis instead of failing."""
+
+  def __post_init__(self) -> None:
+    sizes = {'data': self.data, 'fsdp': self.fsdp, 'tensor': self.tensor}
+    for k, v in sizes.items():
+      if v == 0 or v < -1:
+        raise ValueError(f'mesh.{k}: must be positive or -1 (got {v!r})')
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+      raise ValueError(f'mesh.{free[1]}: only one axis may be -1, and mesh.{free[0]} is '
+                       '(got -1)')
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> MeshConfig:
-    rules = tuple((name, as_axes(axes)) for name, axes in d.get('rules', ()))
-    return cls(data=d['data'], fsdp=d['fsdp'], tensor=d['tensor'], rules=rules)
+    """From the `mesh` section, its rules in any form as_axes takes (None, 'a', ['a'])."""
+    rules = tuple((name, as_axes(axes)) for name, axes in d.get('rules', cls.rules))
+    return cls(**{**d, 'rules': rules})
 
   def shape(self, num_devices: int) -> tuple[int, int, int]:
-    """Resolves -1 entries to the devices that remain; errors name the bad key."""
+    """Resolves a -1 entry to the devices that remain; errors name the bad key."""
     sizes = {'data': self.data, 'fsdp': self.fsdp, 'tensor': self.tensor}
     free = [k for k, v in sizes.items() if v == -1]
-    if len(free) > 1:
-      raise ValueError(f'mesh: only one of mesh.{free[0]}, mesh.{free[1]} may be -1')
-    for k, v in sizes.items():
-      if v == 0 or v < -1:
-        raise ValueError(f'mesh.{k} must be positive or -1, got {v}')
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
       if num_devices % fixed:

@@ -1,12 +1,16 @@
 """Every config file loads, validates, and builds an abstract model of the expected size."""
 
+import ast
 import dataclasses
 import glob
 import importlib
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -14,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from lm.config import parse
+from lm.config import SECTIONS, parse, set_key
 from lm.model import flops
 from lm.model.transformer import Transformer
 from tests.helpers import REPO
@@ -81,8 +85,8 @@ def test_unknown_and_bad_keys_are_named():
 def test_a_loss_chunk_that_does_not_divide_the_rows_is_named():
   config = importlib.import_module('configs.tiny').get_config()
   config.loss.chunk = 3 * config.seq_len // 4 + 1
-  with pytest.raises(ValueError, match=f'loss.chunk={config.loss.chunk} does not '
-                                       f'divide seq_len={config.seq_len}'):
+  with pytest.raises(ValueError, match=rf'loss.chunk: must divide seq_len={config.seq_len} '
+                                       rf'\(got {config.loss.chunk}\)'):
     parse(config)
   config.loss.chunk = config.seq_len // 4
   parse(config)
@@ -111,22 +115,50 @@ def test_the_old_name_of_loss_chunk_still_sets_it():
     parse(ml_collections.ConfigDict(old))
 
 
-def test_base_config_and_the_typed_defaults_agree_on_every_key():
-  """configs/base.py documents every key's default; the dataclasses must not disagree."""
-  from configs import base
-  from lm.config import Configs
+def _field_docs(cls):
+  """{field: its docstring}: the string literal right after each field of a dataclass."""
+  body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+  return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+          if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
+          and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
 
-  cfgs = parse(base.get_config())
+
+def test_every_key_is_documented_where_it_is_declared():
+  from configs import base
+  from lm.config import RunConfig
+
   declared = base.get_config().to_dict()
-  for name in Configs._fields:
-    section = getattr(cfgs, name)
+  for name, cls in {'run': RunConfig, **SECTIONS}.items():
+    docs = _field_docs(cls)
     keys = declared if name == 'run' else declared[name]
-    for field in dataclasses.fields(section):
-      assert field.name in keys, f'{name}.{field.name} is not declared in configs/base.py'
-      default = type(section)()
-      assert getattr(section, field.name) == getattr(default, field.name), (
-          f'{name}.{field.name}: configs/base.py says {getattr(section, field.name)!r}, '
-          f'the dataclass {getattr(default, field.name)!r}')
+    for field in dataclasses.fields(cls):
+      assert docs.get(field.name, '').strip(), f'{cls.__name__}.{field.name} has no docstring'
+      assert field.name in keys, f'{name}.{field.name} is missing from configs/base.py'
+
+
+@pytest.mark.parametrize('key,value', [
+    ('steps', 0), ('eval_batches', -1), ('mesh.fsdp', 0), ('mesh.tensor', -1),
+    ('model.num_kv_heads', 3), ('model.dtype', 'int8'), ('model.remat_policy', 'most'),
+    ('loss.chunk', -1), ('optimizer.b1', 1.0), ('optimizer.schedule', 'linear'),
+    ('optimizer.grad_accum', 3), ('data.eval_fraction', 1.5), ('data.source', 'web'),
+    ('data.streams', -1), ('wandb.mode', 'live'),
+])
+def test_a_bad_value_is_named_in_one_style(key, value):
+  config = importlib.import_module('configs.tiny').get_config()
+  set_key(config, key, repr(value))  # mesh.tensor=-1 next to the default mesh.data=-1.
+  with pytest.raises(ValueError) as e:
+    parse(config)
+  assert re.fullmatch(rf'{re.escape(key)}: .+ \(got {re.escape(repr(value))}\)', str(e.value)), (
+      str(e.value))
+
+
+def test_a_corrupt_config_names_what_is_wrong():
+  from configs import tiny
+
+  with pytest.raises(ValueError, match='^mesh: the section is missing$'):
+    parse({})
+  with pytest.raises(ValueError, match=r"^model: expected a section of keys \(got \[1\]\)$"):
+    parse({**tiny.get_config().to_dict(), 'model': [1]})
 
 
 def test_config_json_round_trips_through_parse(tmp_path):

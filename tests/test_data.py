@@ -35,7 +35,7 @@ from tests import helpers
 ])
 def test_config_validate_names_bad_key(kwargs, key):
   with pytest.raises(ValueError, match=key):
-    DataConfig(**kwargs).validate()
+    DataConfig(**kwargs)
 
 
 # Stdlib corpus and split.
@@ -387,7 +387,7 @@ def test_mixture_syntax():
     'stdlib', 'stdlib:0', 'stdlib:-1', 'stdlib:nan', 'web:1', 'files:1', 'stdlib:x:1', ' ; '])
 def test_mixture_syntax_errors(spec):
   with pytest.raises(ValueError, match='data.mixture'):
-    DataConfig(mixture=spec).validate()
+    DataConfig(mixture=spec)
 
 
 def test_mixture_proportions_follow_weights_and_seed(tmp_path):

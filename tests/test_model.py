@@ -280,4 +280,4 @@ def test_bf16_compute_keeps_float32_params():
 ])
 def test_bad_model_config_names_the_key(key, value, message):
   with pytest.raises(ValueError, match=message):
-    ModelConfig.from_dict({**dataclasses.asdict(SMALL), key: value})
+    dataclasses.replace(SMALL, **{key: value})

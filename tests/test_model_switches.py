@@ -240,7 +240,7 @@ def test_softcap_chunked_loss_and_gradient_equal_the_plain_ones():
 @pytest.mark.parametrize('key,value', [('mlp', 'gelu'), ('logit_softcap', -1.0)])
 def test_bad_switch_names_the_key(key, value):
   with pytest.raises(ValueError, match=f'model.{key}'):
-    ModelConfig.from_dict({**dataclasses.asdict(SMALL), key: value})
+    dataclasses.replace(SMALL, **{key: value})
 
 
 # Resume

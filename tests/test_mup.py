@@ -254,7 +254,7 @@ def test_base_width_equal_to_d_model_is_the_standard_model():
 
 def test_negative_base_width_names_the_key():
   with pytest.raises(ValueError, match='model.mup_base_width'):
-    ModelConfig.from_dict({'mup_base_width': -1})
+    ModelConfig(mup_base_width=-1)
 
 
 # Export and resume

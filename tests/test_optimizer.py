@@ -168,7 +168,7 @@ def test_muon_ns_steps_sets_the_newton_schulz_iterations():
   np.testing.assert_allclose(u, -0.05 * want[2], atol=2e-5)
   assert np.abs(u / -0.05 - want[5]).max() > 0.1
   with pytest.raises(ValueError, match='optimizer.muon_ns_steps'):
-    OptimizerConfig(name='muon', muon_ns_steps=0).validate()
+    OptimizerConfig(name='muon', muon_ns_steps=0)
 
 
 @pytest.mark.parametrize('scaling', ['schatten', 'aol'])
@@ -184,7 +184,7 @@ def test_muon_preconditioning_sets_the_first_scaling(scaling):
   np.testing.assert_allclose(u, -0.05 * want[scaling], atol=2e-5)
   assert np.abs(u / -0.05 - want['frobenius']).max() > 0.1
   with pytest.raises(ValueError, match='optimizer.muon_preconditioning'):
-    OptimizerConfig(name='muon', muon_preconditioning='newton').validate()
+    OptimizerConfig(name='muon', muon_preconditioning='newton')
 
 
 def test_muon_leaves_embeddings_head_and_norms_to_adamw():
@@ -205,6 +205,6 @@ def test_muon_needs_the_axis_names_and_a_positive_rate():
   with pytest.raises(ValueError, match='logical axis names'):
     make_optimizer(MUON, 10)
   with pytest.raises(ValueError, match='optimizer.muon_lr'):
-    OptimizerConfig(name='muon', muon_lr=0.0).validate()
+    OptimizerConfig(name='muon', muon_lr=0.0)
   with pytest.raises(ValueError, match='optimizer.name'):
-    OptimizerConfig(name='sgd').validate()
+    OptimizerConfig(name='sgd')

@@ -221,7 +221,7 @@ def test_a_bad_line_is_named_and_text_files_are_refused(tok, tmp_path):
     next(iter(TrainBatches(cfg, tok, 2, 16, prefetch=0)))
   with pytest.raises(ValueError, match="data.format='sft' reads records from data.files"):
     DataConfig(format='sft')
-  with pytest.raises(ValueError, match='data.format must be one of text, sft'):
+  with pytest.raises(ValueError, match=r"data.format: expected one of text, sft \(got 'chat'\)"):
     DataConfig(format='chat')
 
 

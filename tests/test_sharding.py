@@ -135,15 +135,15 @@ def test_muon_trains_alike_on_every_mesh(muon_reference, shape, scan):
     assert muon.mu[layer]['attn'][name].sharding == state.params[layer]['attn'][name].sharding
 
 
-@pytest.mark.parametrize('mesh,message', [
-    (MeshConfig(3, 1, 1), 'data\\*fsdp\\*tensor = 3'),
-    (MeshConfig(-1, -1, 1), 'only one of'),
-    (MeshConfig(-1, 3, 1), 'cannot be split'),
-    (MeshConfig(0, 1, 1), 'mesh.data'),
+@pytest.mark.parametrize('sizes,message', [
+    ((3, 1, 1), 'data\\*fsdp\\*tensor = 3'),
+    ((-1, -1, 1), r'^mesh.fsdp: only one axis may be -1, and mesh.data is \(got -1\)$'),
+    ((-1, 3, 1), 'cannot be split'),
+    ((0, 1, 1), r'^mesh.data: must be positive or -1 \(got 0\)$'),
 ])
-def test_bad_mesh_names_the_problem(mesh, message):
+def test_bad_mesh_names_the_problem(sizes, message):
   with pytest.raises(ValueError, match=message):
-    mesh.shape(8)
+    MeshConfig(*sizes).shape(8)
 
 
 def test_minus_one_takes_the_remaining_devices():

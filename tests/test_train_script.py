@@ -69,8 +69,8 @@ def test_user_mistakes_are_one_line_each_and_write_nothing(tmp_path, tokenizer):
   cases = [
       (['--config=configs/no_such.py'], '--config: no such file: configs/no_such.py'),
       (['config.steps=20'], 'unexpected arguments: config.steps=20'),
-      (['--config.optimizer.lr=-0.001'], 'optimizer.lr must be positive, got -0.001'),
-      (['--config.optimizer.lr=0'], 'optimizer.lr must be positive, got 0.0'),
+      (['--config.optimizer.lr=-0.001'], 'optimizer.lr: must be positive (got -0.001)'),
+      (['--config.optimizer.lr=0'], 'optimizer.lr: must be positive (got 0.0)'),
       ([f'--config.workdir={a_file}'], f'workdir: {a_file} is a file, not a folder'),
   ]
   for args, expected in cases:

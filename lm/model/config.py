@@ -1,4 +1,5 @@
-"""The model's config: `ModelConfig`, the `model.*` keys, validated when made from a dict.
+"""The model's config: `ModelConfig`, the `model.*` keys (and `LossConfig`, the `loss.*`
+keys), validated whenever one is made.
 
 lm/model/transformer.py builds the Transformer from it.
 """
@@ -6,89 +7,120 @@ lm/model/transformer.py builds the Transformer from it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 import jax
 
 MLPS = ('swiglu', 'relu2')
+DTYPES = ('float32', 'bfloat16', 'float16')
+ATTENTIONS = ('auto', 'xla', 'cudnn')
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  vocab_size: int = 4096
-  d_model: int = 256
-  num_layers: int = 4
-  num_heads: int = 8
-  num_kv_heads: int = 4
-  head_dim: int = 0  # 0 = d_model // num_heads
-  d_ff: int = 768
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
-  tie_embeddings: bool = True
-  dropout: float = 0.0
-  remat: bool = False
-  remat_policy: str = 'nothing_saveable'
-  scan_layers: bool = False
-  rope_theta: float = 10000.0
-  norm_eps: float = 1e-5
-  attention: str = 'auto'
-  qk_norm: bool = False  # RMSNorm (own scale over head_dim) on queries and keys before RoPE.
-  mlp: str = 'swiglu'  # 'swiglu' (gate, up, down) or 'relu2' (relu(x up)^2 down).
-  zero_init_out: bool = False  # Attention out and MLP down projections start at zero.
-  logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = off.
-  mup_base_width: int = 0  # muP width transfer from this d_model (lm/model/mup.py); 0 = off.
+  """The `model.*` keys: the architecture, its dtypes and how it is compiled."""
 
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-    cfg = cls(**dict(d))
-    cfg.validate()
-    return cfg
+  vocab_size: int = 4096
+  """Embedding rows; must be >= the tokenizer's vocabulary."""
+  d_model: int = 256
+  """Residual stream width."""
+  num_layers: int = 4
+  """Transformer blocks."""
+  num_heads: int = 8
+  """Query heads."""
+  num_kv_heads: int = 4
+  """Key/value heads (grouped-query attention); must divide num_heads."""
+  head_dim: int = 0
+  """Per-head width; 0 = d_model // num_heads."""
+  d_ff: int = 768
+  """MLP hidden width."""
+  dtype: str = 'float32'
+  """Compute dtype: float32, bfloat16 (accelerators) or float16."""
+  param_dtype: str = 'float32'
+  """Storage dtype of the parameters and the optimizer state."""
+  tie_embeddings: bool = True
+  """The output head reuses the token embedding."""
+  dropout: float = 0.0
+  """Dropout on attention and MLP outputs, in [0, 1)."""
+  remat: bool = False
+  """Recompute block activations in the backward pass."""
+  remat_policy: str = 'nothing_saveable'
+  """With remat: what is kept, a jax.checkpoint_policies name."""
+  scan_layers: bool = False
+  """One compiled block scanned over the layers (fast compiles)."""
+  rope_theta: float = 10000.0
+  """RoPE base frequency."""
+  norm_eps: float = 1e-5
+  """RMSNorm epsilon."""
+  attention: str = 'auto'
+  """'auto' (cuDNN's fused attention on a GPU in 16 bits, else XLA's), 'xla' or 'cudnn'."""
+  # Architecture switches: each changes what the parameters mean, so a resume keeps it.
+  qk_norm: bool = False
+  """RMSNorm (its own gain over head_dim) on each head's queries and keys, before RoPE."""
+  mlp: str = 'swiglu'
+  """'swiglu' (gate, up, down) or 'relu2': relu(x up)^2 down, no gate."""
+  zero_init_out: bool = False
+  """Attention out and MLP down projections start at zero."""
+  logit_softcap: float = 0.0
+  """logits = cap * tanh(logits / cap) (Gemma 2 uses 30); 0 = off."""
+  mup_base_width: int = 0
+  """muP width transfer (lm/model/mup.py) from this d_model, m = d_model / it: the hidden
+  matrices' Adam rate (and decay) / m, logits / m, attention logits / head_dim, so a rate
+  tuned at this width holds at others (d_ff and the heads' width grow with d_model).
+  0 = off."""
+
+  def __post_init__(self) -> None:
+    self.validate()  # Wherever a ModelConfig is made: parse, replace(), tests.
 
   @property
   def head_size(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
 
   def validate(self) -> None:
+    """Raises ValueError('model.KEY: why (got VALUE)') for the first bad key."""
     def bad(key, why):
-      raise ValueError(f'model.{key}: {why}')
+      raise ValueError(f'model.{key}: {why} (got {getattr(self, key)!r})')
 
     for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'd_ff'):
       if getattr(self, key) <= 0:
-        bad(key, f'must be positive, got {getattr(self, key)}')
+        bad(key, 'must be positive')
     if self.num_heads % self.num_kv_heads:
-      bad('num_kv_heads', f'{self.num_kv_heads} does not divide num_heads={self.num_heads}')
+      bad('num_kv_heads', f'must divide num_heads={self.num_heads}')
     if not self.head_dim and self.d_model % self.num_heads:
-      bad('num_heads', f'{self.num_heads} does not divide d_model={self.d_model}')
+      bad('num_heads', f'must divide d_model={self.d_model} (or set model.head_dim)')
     if self.head_size % 2:
-      bad('head_dim', f'RoPE needs an even head size, got {self.head_size}')
+      bad('head_dim', f'RoPE needs an even head size, here {self.head_size}')
     for key in ('dtype', 'param_dtype'):
-      if getattr(self, key) not in ('float32', 'bfloat16', 'float16'):
-        bad(key, f'expected float32, bfloat16 or float16, got {getattr(self, key)!r}')
-    if self.attention not in ('auto', 'xla', 'cudnn'):
-      bad('attention', f"expected 'auto', 'xla' or 'cudnn', got {self.attention!r}")
+      if getattr(self, key) not in DTYPES:
+        bad(key, f'expected one of {", ".join(DTYPES)}')
+    if self.attention not in ATTENTIONS:
+      bad('attention', f'expected one of {", ".join(ATTENTIONS)}')
     if self.mlp not in MLPS:
-      bad('mlp', f"expected 'swiglu' or 'relu2', got {self.mlp!r}")
+      bad('mlp', f'expected one of {", ".join(MLPS)}')
     if self.logit_softcap < 0:
-      bad('logit_softcap', f'must be >= 0 (0 = off), got {self.logit_softcap}')
+      bad('logit_softcap', 'must be >= 0 (0 = off)')
     if self.mup_base_width < 0:
-      bad('mup_base_width', f'must be >= 0 (0 = off), got {self.mup_base_width}')
+      bad('mup_base_width', 'must be >= 0 (0 = off)')
     if not 0.0 <= self.dropout < 1.0:
-      bad('dropout', f'must be in [0, 1), got {self.dropout}')
+      bad('dropout', 'must be in [0, 1)')
     if not hasattr(jax.checkpoint_policies, self.remat_policy):
-      bad('remat_policy', f'unknown jax.checkpoint_policies name {self.remat_policy!r}')
+      bad('remat_policy', 'not a jax.checkpoint_policies name')
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Config section `loss`: how the loss is computed, not what it is (so a resume may
-  change it). The z-loss weight, a term of the objective, is `optimizer.z_loss`."""
+  """The `loss.*` keys: how the loss is computed, not what it is (so a resume may change
+  them). The z-loss weight, a term of the objective, is `optimizer.z_loss`."""
 
-  chunk: int = 0  # Tokens per row in each chunk of the float32 loss; 0 = whole rows.
+  chunk: int = 0
+  """Tokens per row in each chunk of the float32 loss and its gradient, so the whole
+  B x T x V logits never exist; 0 = whole rows. Must divide seq_len."""
 
-  def validate(self, seq_len: int) -> None:
+  def __post_init__(self) -> None:
     if self.chunk < 0:
-      raise ValueError(f'loss.chunk: must be >= 0, got {self.chunk}')
+      raise ValueError(f'loss.chunk: must be >= 0 (got {self.chunk!r})')
+
+  def check_rows(self, seq_len: int) -> None:
+    """The check against the run's seq_len (lm/config.py parse makes it)."""
     if self.chunk and self.chunk < seq_len and seq_len % self.chunk:
       # A chunk that does not divide the rows would shrink to a divisor, possibly 1 token.
-      raise ValueError(f'loss.chunk={self.chunk} does not divide seq_len={seq_len}')
+      raise ValueError(f'loss.chunk: must divide seq_len={seq_len} (got {self.chunk!r})')
