@@ -19,9 +19,6 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-import datasets
-import datasets.distributed
-
 from data import cleaning, formats, sft, stdlib
 from data.config import DataConfig
 
@@ -136,7 +133,7 @@ class FileSource(Source):
       raise DataError(f"data.format='sft' reads .jsonl or .parquet records, not text: {path}")
     text_key = 'text' if builder == 'text' else self._text_key
     cache_dir = _local_cache_dir()  # Outside the try: its error is not the file's.
-    _quiet()
+    datasets = _datasets()
     try:
       ds = datasets.load_dataset(
           builder, data_files=[path], split='train', streaming=True,
@@ -180,7 +177,7 @@ class HubSource(Source):
     self.splits_by_host = process_count > 1
 
   def rows(self, shard: int, start: int) -> Iterator[tuple[str, str]]:
-    _quiet()
+    datasets = _datasets()
     try:
       ds = datasets.load_dataset(
           self._name, self._config_name, split=self._split, streaming=True)
@@ -363,5 +360,11 @@ def _usable_dir(path: str) -> str:
   return path
 
 
-def _quiet() -> None:
+def _datasets() -> Any:
+  """The `datasets` library with its progress bars off. Imported on first use: it takes
+  half a second, which every script and stdlib run would pay for nothing."""
+  import datasets
+  import datasets.distributed
+
   datasets.disable_progress_bars()
+  return datasets
