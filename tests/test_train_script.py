@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -15,10 +16,21 @@ def _train(workdir, tokenizer, *overrides, check=True):
                 '--config.data.eval_fraction=0.05', *overrides, check=check)
 
 
+WANDB = ('--config.wandb.project=lm-test', '--config.wandb.mode=offline')
+
+
+@pytest.fixture(scope='module')
+def two_steps(tmp_path_factory, tokenizer):
+  """(run folder, process) of the CLI's pulse: two steps of the tiny config, evaluated at
+  the end, with the W&B mirror offline. Read, never changed: the tests that go on from
+  it resume a copy."""
+  workdir = tmp_path_factory.mktemp('two_steps') / 'run'
+  return workdir, _train(workdir, tokenizer, '--config.steps=2', '--config.eval_every=2', *WANDB)
+
+
 @pytest.mark.slow
-def test_tiny_trains_two_steps_and_writes_the_run_folder(tmp_path, tokenizer):
-  workdir = tmp_path / 'run'
-  proc = _train(workdir, tokenizer, '--config.steps=2', '--config.eval_every=2')
+def test_tiny_trains_two_steps_and_writes_the_run_folder(tmp_path, tokenizer, two_steps):
+  workdir, proc = two_steps
   assert json.loads(proc.stdout.strip().splitlines()[-1])['step'] == 2
   for name in ('config.json', 'tokenizer.model', 'metrics.jsonl', 'tb'):
     assert (workdir / name).exists(), name
@@ -41,9 +53,11 @@ def test_tiny_trains_two_steps_and_writes_the_run_folder(tmp_path, tokenizer):
   assert f'run folder: {workdir}' in header and 'start: new run' in header
   assert 'parameters' in header and 'tokens per step' in header and 'mesh' in header
   # Run again, the finished run resumes at its end: no step trained, nothing written twice.
-  again = _train(workdir, tokenizer, '--config.steps=2', '--config.eval_every=2')
+  shutil.copytree(workdir, tmp_path / 'run')
+  again = _train(tmp_path / 'run', tokenizer, '--config.steps=2', '--config.eval_every=2',
+                 *WANDB)
   assert 'start: resumed from step 2' in again.stdout
-  assert read_metrics(workdir) == lines
+  assert read_metrics(tmp_path / 'run') == lines
 
 
 @pytest.mark.slow
@@ -84,12 +98,12 @@ def test_user_mistakes_are_one_line_each_and_write_nothing(tmp_path, tokenizer):
 
 @pytest.mark.slow
 def test_wandb_offline_gets_the_records_and_a_resume_continues_the_same_run(tmp_path,
-                                                                             tokenizer):
+                                                                             tokenizer,
+                                                                             two_steps):
   workdir = tmp_path / 'run'
-  wandb = ['--config.wandb.project=lm-test', '--config.wandb.mode=offline']
-  _train(workdir, tokenizer, '--config.steps=2', '--config.eval_every=2', *wandb)
+  shutil.copytree(two_steps[0], workdir)
   run_id = (workdir / 'wandb_id').read_text().strip()
-  _train(workdir, tokenizer, '--config.steps=3', *wandb)  # resumes, same W&B run
+  _train(workdir, tokenizer, '--config.steps=3', *WANDB)  # resumes, same W&B run
   runs = sorted((workdir / 'wandb').glob(f'offline-run-*-{run_id}'))
   assert len(runs) == 2, os.listdir(workdir / 'wandb')
   first = (runs[0] / f'run-{run_id}.wandb').read_bytes()
