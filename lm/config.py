@@ -140,10 +140,23 @@ def parse(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Configs:
   sections = {name: _section(cls, d.pop(name, {}), f'{name}.') for name, cls in SECTIONS.items()}
   cfgs = Configs(run=_section(RunConfig, d, ''), **sections)
   cfgs.loss.check_rows(cfgs.run.seq_len)
+  _check_context(cfgs)
   if cfgs.run.batch_size % cfgs.optimizer.grad_accum:
     raise ValueError(f'optimizer.grad_accum: must divide batch_size={cfgs.run.batch_size} '
                      f'(got {cfgs.optimizer.grad_accum!r})')
   return cfgs
+
+
+def _check_context(cfgs: Configs) -> None:
+  n = cfgs.mesh.context
+  if n in (1, -1):  # -1 is resolved against the devices; the model checks its rows then.
+    return
+  if cfgs.run.seq_len % (2 * n):
+    raise ValueError(f'seq_len: must be divisible by 2 x mesh.context={n}, as the context '
+                     f'axis splits each row into 2 x {n} chunks (got {cfgs.run.seq_len!r})')
+  if cfgs.model.attention == 'cudnn':
+    raise ValueError(f"model.attention: cuDNN's fused attention needs whole rows, and "
+                     f"mesh.context={n} splits them; use 'auto' or 'xla' (got 'cudnn')")
 
 
 def default_config() -> ml_collections.ConfigDict:

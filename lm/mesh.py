@@ -13,7 +13,9 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+# The fields' order. Context is innermost: a ring passes blocks between neighbours.
+MESH_AXES = ('data', 'fsdp', 'tensor', 'context')
+CONTEXT_AXIS = 'context'  # Splits each row's tokens (lm/model/context.py).
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -29,14 +31,17 @@ class MeshConfig:
   """Data parallelism with the parameters and optimizer state sharded."""
   tensor: int = 1
   """Tensor (model) parallelism over heads, MLP width and vocabulary."""
+  context: int = 1
+  """Context (sequence) parallelism: each row's tokens split over this many devices, and
+  attention runs across them as model.context_attention says (lm/model/context.py)."""
   rules: Rules = (('batch', ('data', 'fsdp')), ('embed', ('fsdp',)), ('heads', ('tensor',)),
                   ('kv_heads', ('tensor',)), ('mlp', ('tensor',)), ('vocab', ('tensor',)),
-                  ('length', ()), ('head_dim', ()), ('layers', ()))
+                  ('length', ('context',)), ('head_dim', ()), ('layers', ()))
   """Logical axis name -> mesh axes. A dimension that a mesh axis does not divide is
   replicated over that axis instead of failing."""
 
   def __post_init__(self) -> None:
-    sizes = {'data': self.data, 'fsdp': self.fsdp, 'tensor': self.tensor}
+    sizes = self._sizes()
     for k, v in sizes.items():
       if v == 0 or v < -1:
         raise ValueError(f'mesh.{k}: must be positive or -1 (got {v!r})')
@@ -51,9 +56,13 @@ class MeshConfig:
     rules = tuple((name, as_axes(axes)) for name, axes in d.get('rules', cls.rules))
     return cls(**{**d, 'rules': rules})
 
-  def shape(self, num_devices: int) -> tuple[int, int, int]:
-    """Resolves a -1 entry to the devices that remain; errors name the bad key."""
-    sizes = {'data': self.data, 'fsdp': self.fsdp, 'tensor': self.tensor}
+  def _sizes(self) -> dict[str, int]:
+    return {axis: getattr(self, axis) for axis in MESH_AXES}
+
+  def shape(self, num_devices: int) -> tuple[int, ...]:
+    """The axes' sizes in MESH_AXES order, a -1 resolved to the devices that remain;
+    errors name the bad key."""
+    sizes = self._sizes()
     free = [k for k, v in sizes.items() if v == -1]
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
@@ -64,8 +73,8 @@ class MeshConfig:
       sizes[free[0]] = num_devices // fixed
     elif fixed != num_devices:
       raise ValueError(
-          f'mesh: data*fsdp*tensor = {fixed} but there are {num_devices} devices')
-    return sizes['data'], sizes['fsdp'], sizes['tensor']
+          f'mesh: {"*".join(MESH_AXES)} = {fixed} but there are {num_devices} devices')
+    return tuple(sizes[axis] for axis in MESH_AXES)
 
 
 def as_axes(axes: Any) -> tuple[str, ...]:
@@ -77,7 +86,8 @@ def as_axes(axes: Any) -> tuple[str, ...]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axes, as Linen's logical sharding expects."""
+  """A (data, fsdp, tensor, context) mesh with Auto axes, as Linen's logical sharding
+  expects."""
   devices = list(jax.devices() if devices is None else devices)
   shape = cfg.shape(len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)

@@ -13,6 +13,8 @@ import jax
 MLPS = ('swiglu', 'relu2')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTIONS = ('auto', 'xla', 'cudnn')
+CONTEXT_ATTENTIONS = ('ring', 'allgather')  # lm/model/context.py MODES
+CONTEXT_ORDERS = ('zigzag', 'contiguous')  # lm/model/context.py ORDERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,12 @@ class ModelConfig:
   """RMSNorm epsilon."""
   attention: str = 'auto'
   """'auto' (cuDNN's fused attention on a GPU in 16 bits, else XLA's), 'xla' or 'cudnn'."""
+  context_attention: str = 'ring'
+  """With mesh.context > 1: 'ring' (key/value blocks passed round the devices, an online
+  softmax) or 'allgather' (every device gathers all keys and values); lm/model/context.py."""
+  context_order: str = 'zigzag'
+  """With mesh.context > 1, which tokens each device holds: 'zigzag' (chunks i and
+  2n - 1 - i of 2n: equal causal work) or 'contiguous' (chunk i)."""
   # Architecture switches: each changes what the parameters mean, so a resume keeps it.
   qk_norm: bool = False
   """RMSNorm (its own gain over head_dim) on each head's queries and keys, before RoPE."""
@@ -94,6 +102,10 @@ class ModelConfig:
         bad(key, f'expected one of {", ".join(DTYPES)}')
     if self.attention not in ATTENTIONS:
       bad('attention', f'expected one of {", ".join(ATTENTIONS)}')
+    if self.context_attention not in CONTEXT_ATTENTIONS:
+      bad('context_attention', f'expected one of {", ".join(CONTEXT_ATTENTIONS)}')
+    if self.context_order not in CONTEXT_ORDERS:
+      bad('context_order', f'expected one of {", ".join(CONTEXT_ORDERS)}')
     if self.mlp not in MLPS:
       bad('mlp', f'expected one of {", ".join(MLPS)}')
     if self.logit_softcap < 0:

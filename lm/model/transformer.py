@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.model import mup
+from lm.model import context, mup
 from lm.model.config import ModelConfig
 from lm.sharding import AxisRules, constrain
 
@@ -141,8 +141,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-               cache: DecodeState | None = None,
-               mask_Bx1xTxS: jax.Array | None = None) -> jax.Array:
+               cache: DecodeState | None = None, mask_Bx1xTxS: jax.Array | None = None,
+               rows: context.Rows | None = None) -> jax.Array:
     c = self.cfg
     D, N, K, H = c.d_model, c.num_heads, c.num_kv_heads, c.head_size
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
@@ -174,7 +174,11 @@ class Attention(nn.Module):
     k_BxSxKxH = rope(k_BxSxKxH, positions_BxT, c.rope_theta)
 
     # Grouped-query attention is native here: K kv heads serve N query heads.
-    if self.decode:
+    if rows is not None:  # The sequence is split on the mesh's context axis.
+      out_BxTxNxH = context.context_attention(
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, rows.index_T, rows.segments_BxT,
+          scale=mup.attention_scale(c) or H ** -0.5, mode=c.context_attention, rules=self.rules)
+    elif self.decode:
       k_BxSxKxH = self._cached('k', k_BxSxKxH, cache.index)
       v_BxSxKxH = self._cached('v', v_BxSxKxH, cache.index)
       out_BxTxNxH = jax.nn.dot_product_attention(
@@ -241,12 +245,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-               cache: DecodeState | None = None, mask_Bx1xTxS: jax.Array | None = None):
+               cache: DecodeState | None = None, mask_Bx1xTxS: jax.Array | None = None,
+               rows: context.Rows | None = None):
     c = self.cfg
     norm = functools.partial(RMSNorm, c.norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype))
     h = norm(name='attn_norm')(x_BxTxD)
     attn = Attention(c, self.rules, self.deterministic, self.decode, name='attn')
-    x_BxTxD = x_BxTxD + attn(h, positions_BxT, cache, mask_Bx1xTxS)
+    x_BxTxD = x_BxTxD + attn(h, positions_BxT, cache, mask_Bx1xTxS, rows)
     h = norm(name='mlp_norm')(x_BxTxD)
     x_BxTxD = x_BxTxD + MLP(c, self.rules, self.deterministic, name='mlp')(h)
     x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'embed'), self.rules)
@@ -287,6 +292,13 @@ class Transformer(nn.Module):
         positions_BxT = segment_positions(segment_ids_BxT)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    rows = None
+    if not decode and context.split(self.rules, tokens_BxT.shape[1]):
+      # Each device takes its share of every row, in the balancing order; attention
+      # reads the order and the segments, the rest of the model is per token.
+      rows, (tokens_BxT, positions_BxT) = context.Rows.split(
+          c.context_order, self.rules, segment_ids_BxT, tokens_BxT, positions_BxT)
+      mask_Bx1xTxS = None
     embed_VxD = self.param('embed', _init(('vocab', 'embed')), (c.vocab_size, c.d_model), pdt)
     x_BxTxD = embed_rows(embed_VxD, tokens_BxT, dt, self.rules)
     x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'embed'), self.rules)
@@ -304,11 +316,13 @@ class Transformer(nn.Module):
           in_axes=nn.broadcast, length=c.num_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'})
       x_BxTxD, _ = blocks(c, self.rules, not train, decode, name='blocks')(
-          x_BxTxD, positions_BxT, cache, mask_Bx1xTxS)
+          x_BxTxD, positions_BxT, cache, mask_Bx1xTxS, rows)
     else:
       for i in range(c.num_layers):
         x_BxTxD, _ = block(c, self.rules, not train, decode, name=f'block_{i}')(
-            x_BxTxD, positions_BxT, cache, mask_Bx1xTxS)
+            x_BxTxD, positions_BxT, cache, mask_Bx1xTxS, rows)
+    if rows is not None:  # Back in row order: the outputs as without a split.
+      x_BxTxD = context.restore(x_BxTxD, c.context_order, self.rules)
 
     x_BxTxD = RMSNorm(c.norm_eps, dt, pdt, name='final_norm')(x_BxTxD)
     params = {'embed': embed_VxD}

@@ -42,7 +42,8 @@ MIN_KEEP = 2
 # Model keys that change how the same parameters are computed with, not what they are:
 # a resume or a fine-tune may change them. Every other model key must match.
 RUNTIME_MODEL_KEYS = frozenset(
-    {'dtype', 'param_dtype', 'remat', 'remat_policy', 'attention', 'dropout'})
+    {'dtype', 'param_dtype', 'remat', 'remat_policy', 'attention', 'dropout',
+     'context_attention', 'context_order'})
 _ITEMS = ('state', 'data', 'meta', 'checksums')
 
 

@@ -1,0 +1,156 @@
+"""The context axis: ring and all-gather attention against full attention on one device,
+the balancing orders, and whole train steps on meshes that split the sequence."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm.mesh import MeshConfig
+from lm.model import context
+from lm.sharding import AxisRules
+
+B, T, N, K, H = 2, 32, 8, 2, 8
+
+
+def _context_rules(n):
+  return AxisRules.from_config(MeshConfig(data=8 // n, context=n))
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  q, k, v = (rng.standard_normal((B, T, h, H)).astype(np.float32) for h in (N, K, K))
+  # Documents of about 5 tokens: boundaries inside chunks and on their edges.
+  seg = (1 + np.cumsum(rng.random((B, T)) < 0.2, axis=1)).astype(np.int32)
+  seg[1] = 1  # One row a single document: causality alone.
+  return q, k, v, seg
+
+
+def _full(q, k, v, seg):
+  causal = np.tril(np.ones((T, T), bool))
+  mask = causal[None] & (seg[:, :, None] == seg[:, None, :])
+  return jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask)[:, None],
+                                      scale=H ** -0.5)
+
+
+def _on_context(mode, rules, order, q, k, v, seg):
+  """Context attention on rows permuted into `order`, the result put back in row order."""
+  perm = context.sequence_order(T, rules.mesh.shape['context'], order)
+  out = context.context_attention(q[:, perm], k[:, perm], v[:, perm], jnp.asarray(perm),
+                                  seg[:, perm], scale=H ** -0.5, mode=mode, rules=rules)
+  return out[:, np.argsort(perm)]
+
+
+@pytest.mark.parametrize('n', [2, 4, 8])
+@pytest.mark.parametrize('order', context.ORDERS)
+@pytest.mark.parametrize('mode', context.MODES)
+def test_context_attention_and_its_gradients_equal_full_attention(mode, order, n):
+  q, k, v, seg = _inputs()
+  w = np.random.default_rng(1).standard_normal((B, T, N, H)).astype(np.float32)
+  rules = _context_rules(n)
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * w)  # noqa: E731
+  full = jax.jit(jax.value_and_grad(loss(lambda q, k, v: _full(q, k, v, seg)), (0, 1, 2)))
+  ours = jax.jit(jax.value_and_grad(
+      loss(lambda q, k, v: _on_context(mode, rules, order, q, k, v, seg)), (0, 1, 2)))
+  np.testing.assert_allclose(jax.jit(lambda: _on_context(mode, rules, order, q, k, v, seg))(),
+                             _full(q, k, v, seg), atol=1e-5, rtol=1e-5)
+  (want, want_grads), (got, got_grads) = full(q, k, v), ours(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w_ in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w_, atol=1e-5, rtol=1e-5)
+
+
+def test_the_segments_matter_across_devices():
+  """Control: without the segment ids the ring's output changes (keys of an earlier
+  document on another device would leak in), so the equality above is not by chance."""
+  q, k, v, seg = _inputs()
+  rules = _context_rules(4)
+  ones = np.ones_like(seg)
+  with_seg = jax.jit(lambda: _on_context('ring', rules, 'zigzag', q, k, v, seg))()
+  without = jax.jit(lambda: _on_context('ring', rules, 'zigzag', q, k, v, ones))()
+  assert np.abs(np.asarray(with_seg - without))[0].max() > 1e-2
+
+
+def test_zigzag_balances_the_causal_work():
+  # Half-chunk score blocks per device in one pass, 4 devices (16 blocks each at most).
+  assert context.block_work(64, 4, 'contiguous') == [3, 7, 11, 15]
+  assert context.block_work(64, 4, 'zigzag') == [9, 9, 9, 9]
+  order = context.sequence_order(16, 4, 'zigzag')
+  assert order.reshape(4, 2, 2)[:, :, 0].tolist() == [[0, 14], [2, 12], [4, 10], [6, 8]]
+  assert sorted(order) == list(range(16))
+
+
+# Whole train steps: the same losses and gradients as one device.
+
+from data.batch import Batch  # noqa: E402
+from lm.model.forward import model_loss  # noqa: E402
+from lm.model.transformer import Transformer  # noqa: E402
+from lm.train.step import init_state  # noqa: E402
+from tests.test_sharding import BATCH, MODEL, OPT, SEQ, _rules, _train  # noqa: E402
+
+
+def _gradients(shape, model=MODEL):
+  """The loss and its gradients at init on one packed batch, on the `shape` mesh."""
+  from lm.optim.optimizer import make_optimizer
+
+  rules = _rules(shape)
+  net = Transformer(model, rules)
+  state, _ = init_state(net, make_optimizer(OPT, 10), SEQ, rules, seed=0)
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(0, model.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
+  segments = (1 + np.cumsum(rng.random(tokens.shape) < 0.15, axis=1)).astype(np.int32)
+  grad = jax.jit(jax.value_and_grad(lambda p, b: model_loss(net, p, b)[0]))
+  return jax.device_get(grad(state.params, Batch(tokens, segment_ids=segments)))
+
+
+@pytest.fixture(scope='module')
+def one_device():
+  return {'losses': {s: _train((1, 1, 1), segments=s)[0] for s in (False, True)},
+          'gradients': _gradients((1, 1, 1))}
+
+
+def _assert_same_gradients(got, want):
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+# (data, fsdp, tensor, context)
+@pytest.mark.parametrize('shape,segments', [((1, 1, 1, 4), True), ((2, 1, 1, 4), False),
+                                            ((1, 2, 2, 2), True)])
+def test_train_steps_split_on_context_equal_one_device(one_device, shape, segments):
+  np.testing.assert_allclose(_train(shape, segments=segments)[0],
+                             one_device['losses'][segments], rtol=1e-5)
+  _assert_same_gradients(_gradients(shape), one_device['gradients'])
+
+
+@pytest.mark.parametrize('attention,order', [('allgather', 'zigzag'), ('ring', 'contiguous')])
+def test_the_other_attention_and_order_train_alike(one_device, attention, order):
+  model = dataclasses.replace(MODEL, context_attention=attention, context_order=order)
+  np.testing.assert_allclose(_train((1, 1, 1, 8), model=model, segments=True)[0],
+                             one_device['losses'][True], rtol=1e-5)
+  _assert_same_gradients(_gradients((1, 1, 1, 8), model), one_device['gradients'])
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('seq_len', '36', r'^seq_len: must be divisible by 2 x mesh.context=4, .* \(got 36\)$'),
+    ('model.attention', "'cudnn'", r"^model.attention: .* mesh.context=4 .* \(got 'cudnn'\)$"),
+])
+def test_a_config_the_context_axis_cannot_run_is_one_line(key, value, message):
+  from configs import tiny
+  from lm.config import parse, set_key
+
+  config = tiny.get_config()
+  set_key(config, 'mesh.context', '4')
+  set_key(config, key, value)
+  with pytest.raises(ValueError, match=message):
+    parse(config)
+
+
+def test_a_context_axis_that_does_not_divide_the_devices_is_named():
+  with pytest.raises(ValueError, match=r'mesh.context=3'):
+    MeshConfig(data=-1, context=3).shape(8)
+  with pytest.raises(ValueError, match=r'^mesh.context: must be positive or -1 \(got 0\)$'):
+    MeshConfig(context=0)
