@@ -154,3 +154,42 @@ def test_a_context_axis_that_does_not_divide_the_devices_is_named():
     MeshConfig(data=-1, context=3).shape(8)
   with pytest.raises(ValueError, match=r'^mesh.context: must be positive or -1 \(got 0\)$'):
     MeshConfig(context=0)
+
+
+@pytest.mark.slow
+def test_a_run_split_on_context_moves_to_other_layouts_and_samples_alike(tmp_path, tokenizer):
+  """Trained at data=2 x context=4: its checkpoint restores bit for bit at data=8 and
+  at context=8, greedy sampling gives the same ids on each, and it resumes at data=8."""
+  from configs import tiny
+  from lm.config import parse, set_key
+  from lm.eval.sampling import SamplingConfig, generate, sampling_model
+  from lm.model.params import abstract_params
+  from lm.run.folder import RunFolder
+  from lm.train import trainer
+  from tests.helpers import read_metrics
+
+  config = tiny.get_config()
+  for key, value in {'workdir': str(tmp_path / 'run'), 'data.tokenizer': tokenizer,
+                     'steps': 2, 'checkpoint_every': 2, 'seq_len': 32, 'eval_every': 2,
+                     'eval_batches': 1, 'data.eval_fraction': 0.05, 'model.vocab_size': 512,
+                     'model.num_layers': 2, 'model.d_model': 64, 'model.d_ff': 128,
+                     'mesh.context': 4}.items():
+    set_key(config, key, repr(value))
+  trainer.train(config, handle_signals=False)
+  cfgs = parse(config)
+  leaves, samples = [], []
+  for data, ctx in ((2, 4), (8, 1), (1, 8)):
+    rules = AxisRules.from_config(dataclasses.replace(cfgs.mesh, data=data, context=ctx))
+    params = RunFolder(str(tmp_path / 'run')).restore_params(
+        2, abstract_params(Transformer(cfgs.model, rules), rules))
+    leaves.append([np.asarray(x) for x in jax.tree.leaves(params)])
+    samples.append(generate(sampling_model(cfgs.model, rules), params, [[2, 40, 41, 42]],
+                            SamplingConfig(max_new_tokens=8, temperature=0)))
+  for other in leaves[1:]:
+    for a, b in zip(leaves[0], other):
+      np.testing.assert_array_equal(a, b)
+  assert samples[0] == samples[1] == samples[2] and len(samples[0][0]) == 8
+  set_key(config, 'mesh.context', '1')
+  set_key(config, 'steps', '3')
+  trainer.train(config, handle_signals=False)  # Resumes from step 2 at data=8.
+  assert [m['step'] for m in read_metrics(tmp_path / 'run') if 'loss' in m] == [2, 3]
