@@ -126,6 +126,7 @@ def test_train_steps_split_on_context_equal_one_device(one_device, shape, segmen
   _assert_same_gradients(_gradients(shape), one_device['gradients'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('attention,order', [('allgather', 'zigzag'), ('ring', 'contiguous')])
 def test_the_other_attention_and_order_train_alike(one_device, attention, order):
   model = dataclasses.replace(MODEL, context_attention=attention, context_order=order)
