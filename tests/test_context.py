@@ -194,3 +194,13 @@ def test_a_run_split_on_context_moves_to_other_layouts_and_samples_alike(tmp_pat
   set_key(config, 'steps', '3')
   trainer.train(config, handle_signals=False)  # Resumes from step 2 at data=8.
   assert [m['step'] for m in read_metrics(tmp_path / 'run') if 'loss' in m] == [2, 3]
+
+
+def test_a_run_trained_on_a_context_axis_exports_as_any_other():
+  from lm.export import gguf_export, hf
+
+  cfg = dataclasses.replace(MODEL, context_attention='allgather', context_order='contiguous')
+  hf.check_expressible(cfg)  # Raises for a key the format cannot express.
+  gguf_export.check_expressible(cfg)
+  with pytest.raises(ValueError, match='model.qk_norm'):  # Control: the check does check.
+    hf.check_expressible(dataclasses.replace(cfg, qk_norm=True))

@@ -53,7 +53,7 @@ _EXPRESSED = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads'
 # Training, compute and initialisation settings: they do not change what trained
 # parameters compute, so every format expresses them (lm/export/gguf_export.py too).
 NOT_IN_MODEL = ('dtype', 'param_dtype', 'dropout', 'remat', 'remat_policy', 'scan_layers',
-                'attention', 'zero_init_out')
+                'attention', 'zero_init_out', 'context_attention', 'context_order')
 
 
 def check_expressible(model_cfg: ModelConfig, expressed: Iterable[str] = _EXPRESSED,
