@@ -204,3 +204,36 @@ def test_a_run_trained_on_a_context_axis_exports_as_any_other():
   gguf_export.check_expressible(cfg)
   with pytest.raises(ValueError, match='model.qk_norm'):  # Control: the check does check.
     hf.check_expressible(dataclasses.replace(cfg, qk_norm=True))
+
+
+def test_llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones():
+  from lm.model.config import ModelConfig
+  from lm.model.positions import rope_frequencies
+
+  cfg = ModelConfig(vocab_size=128, d_model=64, num_heads=4, num_kv_heads=2, d_ff=96,
+                    rope_scaling=8.0, rope_original_max_position=64)  # head size 16
+  plain = 10000.0 ** (-np.arange(0, 16, 2) / 16)
+  wavelength = 2 * np.pi / plain
+  got = np.asarray(rope_frequencies(cfg))
+  np.testing.assert_allclose(np.asarray(rope_frequencies(dataclasses.replace(
+      cfg, rope_scaling=0.0))), plain, rtol=1e-6)
+  # Wavelengths under 64 / 4 kept, over 64 / 1 divided by 8, blended between.
+  blend = np.clip((64 / wavelength - 1) / 3, 0, 1)
+  np.testing.assert_allclose(got, (1 - blend) * plain / 8 + blend * plain, rtol=1e-6)
+  assert (wavelength < 16).any() and (wavelength > 64).any()
+  assert ((wavelength > 16) & (wavelength < 64)).any()
+  assert got[0] == pytest.approx(plain[0]) and got[-1] == pytest.approx(plain[-1] / 8)
+
+
+def test_a_fine_tune_may_change_how_positions_are_read_and_a_resume_may_not():
+  from lm.run import checkpoint
+
+  saved = {'model': {'rope_scaling': 0.0, 'rope_theta': 10000.0, 'd_model': 64}}
+  now = {'model': {'rope_scaling': 8.0, 'rope_theta': 500000.0, 'd_model': 64}}
+  assert checkpoint.incompatibilities(saved, now, checkpoint.POSITION_MODEL_KEYS) == []
+  assert checkpoint.incompatibilities(saved, now) == [
+      'model.rope_scaling: 0.0 in checkpoint, 8.0 now',
+      'model.rope_theta: 10000.0 in checkpoint, 500000.0 now']
+  wider = {'model': {**now['model'], 'd_model': 128}}
+  assert checkpoint.incompatibilities(saved, wider, checkpoint.POSITION_MODEL_KEYS) == [
+      'model.d_model: 64 in checkpoint, 128 now']

@@ -35,6 +35,9 @@ CONFIGS = {
     # head_dim * num_heads != d_model: the projections' reshapes must use head_dim.
     'tied_head_dim': ModelConfig(**SMALL, tie_embeddings=True, head_dim=24),
     'scan': ModelConfig(**SMALL, tie_embeddings=False, scan_layers=True),
+    # Llama 3's RoPE scaling from 64 tokens: its three bands all hold frequencies.
+    'llama3_rope': ModelConfig(**SMALL, tie_embeddings=False, rope_scaling=8.0,
+                               rope_original_max_position=64),
 }
 
 
@@ -222,7 +225,7 @@ def _edit_config(folder, **changes):
 
 @pytest.mark.parametrize('changes, key', [
     ({'attention_bias': True}, 'attention_bias'),
-    ({'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}}, 'rope_scaling'),
+    ({'rope_parameters': {'rope_type': 'llama3', 'factor': 8.0}}, 'rope_parameters.*needs'),
     ({'rope_parameters': {'rope_type': 'yarn', 'factor': 4.0}}, 'rope_parameters'),
     ({'model_type': 'gpt2'}, 'model_type'),
     ({'hidden_act': 'gelu'}, 'hidden_act'),

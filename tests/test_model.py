@@ -12,12 +12,11 @@ import pytest
 from lm.model import flops
 from lm.model.loss import cross_entropy
 from lm.model.params import stack_layers, unstack_layers
+from lm.model.positions import rope, segment_positions
 from lm.model.transformer import (
   Attention,
   ModelConfig,
   Transformer,
-  rope,
-  segment_positions,
 )
 
 SMALL = ModelConfig(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,

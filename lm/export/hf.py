@@ -49,7 +49,8 @@ _BLOCK_MAP: tuple[tuple[tuple[str, str], str, Callable, Callable], ...] = (
 
 # model.* keys a Llama config.json states (the shape, RoPE, norm epsilon, tying).
 _EXPRESSED = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
-              'd_ff', 'rope_theta', 'norm_eps', 'tie_embeddings')
+              'd_ff', 'rope_theta', 'norm_eps', 'tie_embeddings', 'rope_scaling',
+              'rope_low_freq_factor', 'rope_high_freq_factor', 'rope_original_max_position')
 # Training, compute and initialisation settings: they do not change what trained
 # parameters compute, so every format expresses them (lm/export/gguf_export.py too).
 NOT_IN_MODEL = ('dtype', 'param_dtype', 'dropout', 'remat', 'remat_policy', 'scan_layers',
@@ -184,6 +185,13 @@ def llama_config(model_cfg: ModelConfig, *, max_position_embeddings: int = 2048,
   from data import tokenizer as tok  # The ids every tokenizer trained here uses.
 
   rope = {'rope_type': 'default', 'rope_theta': float(model_cfg.rope_theta)}
+  scaling = None
+  if model_cfg.rope_scaling:  # transformers' rope_type 'llama3'.
+    scaling = {'rope_type': 'llama3', 'factor': float(model_cfg.rope_scaling),
+               'low_freq_factor': float(model_cfg.rope_low_freq_factor),
+               'high_freq_factor': float(model_cfg.rope_high_freq_factor),
+               'original_max_position_embeddings': model_cfg.rope_original_max_position}
+    rope = {**rope, **scaling}
   return {
       'architectures': ['LlamaForCausalLM'],
       'model_type': 'llama',
@@ -199,7 +207,7 @@ def llama_config(model_cfg: ModelConfig, *, max_position_embeddings: int = 2048,
       # transformers < 5 reads rope_theta, 5 reads rope_parameters.
       'rope_theta': float(model_cfg.rope_theta),
       'rope_parameters': rope,
-      'rope_scaling': None,
+      'rope_scaling': scaling,
       'max_position_embeddings': max_position_embeddings,
       'tie_word_embeddings': model_cfg.tie_embeddings,
       'attention_bias': False,
@@ -239,11 +247,11 @@ def hf_model_config(path: str) -> dict[str, Any]:
   for key, want in (('hidden_act', 'silu'), ('attention_bias', False), ('mlp_bias', False)):
     if c.get(key, want) != want:
       raise unsupported(key, f'only {want!r} is supported, got {c[key]!r}')
-  if c.get('rope_scaling'):
-    raise unsupported('rope_scaling', f'RoPE scaling is not supported, got {c["rope_scaling"]}')
-  rope = c.get('rope_parameters') or {}
-  if rope.get('rope_type', 'default') != 'default':
-    raise unsupported('rope_parameters', f"only rope_type 'default' is supported, got {rope}")
+  rope = {**(c.get('rope_scaling') or {}), **(c.get('rope_parameters') or {})}
+  kind = rope.get('rope_type', rope.get('type', 'default'))
+  if kind not in ('default', 'llama3'):
+    raise unsupported('rope_parameters', f"only rope_type 'default' and 'llama3' are "
+                      f'supported, got {rope}')
   missing = [k for k in _CONFIG_KEYS if c.get(k) is None]
   if missing:
     raise unsupported(missing[0], 'missing')
@@ -252,6 +260,15 @@ def hf_model_config(path: str) -> dict[str, Any]:
   head_dim = c.get('head_dim') or c['hidden_size'] // c['num_attention_heads']
   out['head_dim'] = 0 if head_dim * c['num_attention_heads'] == c['hidden_size'] else head_dim
   out['rope_theta'] = float(rope.get('rope_theta', c.get('rope_theta', 10000.0)))
+  if kind == 'llama3':
+    needs = ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
+    if [k for k in needs if k not in rope]:
+      raise unsupported('rope_parameters', f"rope_type 'llama3' needs {', '.join(needs)}, got "
+                        f'{rope}')
+    out.update(rope_scaling=float(rope['factor']),
+               rope_low_freq_factor=float(rope['low_freq_factor']),
+               rope_high_freq_factor=float(rope['high_freq_factor']),
+               rope_original_max_position=int(rope['original_max_position_embeddings']))
   out['tie_embeddings'] = bool(c.get('tie_word_embeddings', False))
   return out
 

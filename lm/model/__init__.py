@@ -5,6 +5,8 @@
                   soft-cap, the KV cache for decoding, logical axis names.
   params.py       the parameter tree from shapes alone (boxed with logical axes, their
                   names, restore targets) and the scanned <-> per-layer layouts.
+  positions.py    RoPE (with Llama 3's frequency scaling) and positions inside documents.
+  context.py      attention over rows split on the mesh's context axis: ring, all-gather.
   mup.py          muP width transfer: rate and init multipliers.
   loss.py         next-token cross-entropy in float32, whole or chunked.
   forward.py      the batch -> (output, targets) pass and the loss, shared by training

@@ -51,6 +51,16 @@ class ModelConfig:
   """One compiled block scanned over the layers (fast compiles)."""
   rope_theta: float = 10000.0
   """RoPE base frequency."""
+  rope_scaling: float = 0.0
+  """Llama 3's RoPE frequency scaling, by this factor (Llama 3.1 uses 8), to extend a
+  model trained at rope_original_max_position to longer rows; 0 = off."""
+  rope_low_freq_factor: float = 1.0
+  """rope_scaling: wavelengths above original max position / this are scaled whole."""
+  rope_high_freq_factor: float = 4.0
+  """rope_scaling: wavelengths below original max position / this are kept; between the
+  two the scaling is blended."""
+  rope_original_max_position: int = 8192
+  """rope_scaling: the row length the model was trained at before the extension."""
   norm_eps: float = 1e-5
   """RMSNorm epsilon."""
   attention: str = 'auto'
@@ -108,6 +118,13 @@ class ModelConfig:
       bad('context_order', f'expected one of {", ".join(CONTEXT_ORDERS)}')
     if self.mlp not in MLPS:
       bad('mlp', f'expected one of {", ".join(MLPS)}')
+    if self.rope_scaling and self.rope_scaling < 1:
+      bad('rope_scaling', 'must be >= 1 (0 = off)')
+    if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+      bad('rope_low_freq_factor', f'must be in (0, rope_high_freq_factor='
+          f'{self.rope_high_freq_factor})')
+    if self.rope_original_max_position <= 0:
+      bad('rope_original_max_position', 'must be positive')
     if self.logit_softcap < 0:
       bad('logit_softcap', 'must be >= 0 (0 = off)')
     if self.mup_base_width < 0:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from lm.model import context, mup
 from lm.model.config import ModelConfig
+from lm.model.positions import rope, rope_frequencies, segment_positions
 from lm.sharding import AxisRules, constrain
 
 
@@ -70,30 +71,6 @@ class RMSNorm(nn.Module):
     x = x_BxTxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
     return (x * scale_D.astype(jnp.float32)).astype(self.dtype)
-
-
-def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding in the rotate-half layout (the one Hugging Face Llama uses)."""
-  h = x_BxTxNxH.shape[-1]
-  freq_h = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-  angle_BxTxh = positions_BxT[..., None].astype(jnp.float32) * freq_h
-  sin = jnp.sin(angle_BxTxh)[:, :, None, :]
-  cos = jnp.cos(angle_BxTxh)[:, :, None, :]
-  x = x_BxTxNxH.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxNxH.dtype)
-
-
-def segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:
-  """Each token's position inside its segment: 0 at every change of segment id."""
-  t = segment_ids_BxT.shape[1]
-  index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_BxT.shape)
-  starts_BxT = jnp.concatenate(
-      [jnp.ones_like(segment_ids_BxT[:, :1], dtype=bool),
-       segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
-  first_BxT = jax.lax.cummax(jnp.where(starts_BxT, index_BxT, 0), axis=1)
-  return index_BxT - first_BxT
 
 
 def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -170,8 +147,9 @@ class Attention(nn.Module):
       norm = functools.partial(RMSNorm, c.norm_eps, dt, pdt, 'head_dim')
       q_BxTxNxH = norm(name='q_norm')(q_BxTxNxH)
       k_BxSxKxH = norm(name='k_norm')(k_BxSxKxH)
-    q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, c.rope_theta)
-    k_BxSxKxH = rope(k_BxSxKxH, positions_BxT, c.rope_theta)
+    freq_h = rope_frequencies(c)
+    q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, freq_h)
+    k_BxSxKxH = rope(k_BxSxKxH, positions_BxT, freq_h)
 
     # Grouped-query attention is native here: K kv heads serve N query heads.
     if rows is not None:  # The sequence is split on the mesh's context axis.

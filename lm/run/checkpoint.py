@@ -44,6 +44,10 @@ MIN_KEEP = 2
 RUNTIME_MODEL_KEYS = frozenset(
     {'dtype', 'param_dtype', 'remat', 'remat_policy', 'attention', 'dropout',
      'context_attention', 'context_order'})
+# How positions are read, not what the parameters are: a fine-tune (init_from) may change
+# them to extend the context the model reads; a resume may not.
+POSITION_MODEL_KEYS = frozenset({'rope_theta', 'rope_scaling', 'rope_low_freq_factor',
+                                 'rope_high_freq_factor', 'rope_original_max_position'})
 _ITEMS = ('state', 'data', 'meta', 'checksums')
 
 
@@ -81,13 +85,15 @@ def _show(value: Any) -> str:
   return json.dumps(value) if isinstance(value, str) else str(value)
 
 
-def incompatibilities(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-  """`key: X in checkpoint, Y now` for each model or tokenizer key that differs.
+def incompatibilities(saved: Mapping[str, Any], now: Mapping[str, Any],
+                      free: frozenset[str] = frozenset()) -> list[str]:
+  """`key: X in checkpoint, Y now` for each model or tokenizer key that differs, but
+  RUNTIME_MODEL_KEYS and the model keys in `free`.
 
   Keys recorded on only one side (an older checkpoint, a newer config key) are skipped.
   """
   out = []
-  for section, skip in (('model', RUNTIME_MODEL_KEYS), ('tokenizer', frozenset())):
+  for section, skip in (('model', RUNTIME_MODEL_KEYS | free), ('tokenizer', frozenset())):
     before, after = saved.get(section) or {}, now.get(section) or {}
     for key in sorted((set(before) & set(after)) - skip):
       if before[key] != after[key]:

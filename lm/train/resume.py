@@ -113,14 +113,16 @@ def preflight(cfgs: Configs) -> Plan:
   if current is None and os.path.isfile(source.tokenizer):
     current = tokenizer = source.tokenizer
   _check(source.workdir, [source.step], cfgs.model, current,
-         f'init_from={run.init_from} needs the same model and tokenizer')
+         f'init_from={run.init_from} needs the same model and tokenizer',
+         free=checkpoint.POSITION_MODEL_KEYS)
   return Plan(source, tokenizer)
 
 
 def _check(workdir: str, steps: list[int], model: ModelConfig, tokenizer_path: str | None,
-           hint: str, optimizer: str | None = None) -> None:
+           hint: str, optimizer: str | None = None, free: frozenset[str] = frozenset()) -> None:
   """One line: the checkpoint, each key that differs, what to do about it. `optimizer`
-  (a resume, which restores the optimizer state): the optimizer.name it must have had."""
+  (a resume, which restores the optimizer state): the optimizer.name it must have had.
+  `free`: model keys that may differ (a fine-tune's RoPE, lm/run/checkpoint.py)."""
   saved, step_dir = _newest_metadata(workdir, steps)
   if saved is None:
     return  # Written before checkpoints carried metadata: nothing to compare.
@@ -129,7 +131,7 @@ def _check(workdir: str, steps: list[int], model: ModelConfig, tokenizer_path: s
                      f'{RunFolder(workdir).tokenizer_path} is missing and data.tokenizer is '
                      'empty')
   diffs = checkpoint.incompatibilities(with_default_model_keys(saved),
-                                       fingerprint(model, tokenizer_path))
+                                       fingerprint(model, tokenizer_path), free)
   # The optimizer state of one optimizer cannot be restored as another's. Checkpoints
   # from before optimizer.name existed are AdamW's.
   before = (saved.get('config') or {}).get('optimizer', {}).get('name', 'adamw')
