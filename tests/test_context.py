@@ -237,3 +237,10 @@ def test_a_fine_tune_may_change_how_positions_are_read_and_a_resume_may_not():
   wider = {'model': {**now['model'], 'd_model': 128}}
   assert checkpoint.incompatibilities(saved, wider, checkpoint.POSITION_MODEL_KEYS) == [
       'model.d_model: 64 in checkpoint, 128 now']
+
+
+@pytest.mark.slow
+def test_scanned_remat_qk_norm_and_softcap_models_split_alike():
+  model = dataclasses.replace(MODEL, scan_layers=True, remat=True, qk_norm=True,
+                              logit_softcap=5.0)
+  _assert_same_gradients(_gradients((2, 1, 1, 4), model), _gradients((1, 1, 1), model))
