@@ -132,7 +132,13 @@ def parse(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Configs:
   Each section checks itself when it is made (`section.key: why (got value)`); the
   checks across sections are made here.
   """
-  d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  if isinstance(config, ml_collections.ConfigDict):
+    d = config.to_dict()
+  elif isinstance(config, Mapping):
+    d = dict(config)
+  else:
+    raise ValueError(f'expected an object of config keys and sections (got '
+                     f'{type(config).__name__})')
   _fold_moved_keys(d)
   for name in SECTIONS:
     if name not in d and name not in OPTIONAL_SECTIONS:

@@ -189,3 +189,17 @@ def test_parsing_a_config_and_loading_a_run_import_only_what_they_need():
   loading = imported('lm.run.folder')
   assert 'flax' in loading  # The control: the import really ran.
   assert not {'qwix', 'lm.eval', 'lm.eval.quantize', 'lm.train'} & loading
+
+
+@pytest.mark.parametrize('text,message', [
+    ('{}', 'mesh: the section is missing'),
+    ('[1, 2]', r'expected an object of config keys and sections \(got list\)'),
+    ('{"steps": ', 'not a JSON file'),
+])
+def test_a_corrupt_config_json_is_one_line_naming_the_file(tmp_path, text, message):
+  from lm.run.folder import RunFolder
+
+  (tmp_path / 'config.json').write_text(text)
+  with pytest.raises(ValueError, match=rf'^{re.escape(str(tmp_path / "config.json"))}: '
+                                       rf'{message}'):
+    RunFolder(str(tmp_path)).config()

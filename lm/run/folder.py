@@ -81,8 +81,15 @@ class RunFolder:
       raise ValueError(f'no run folder at {self.workdir}')
     if not os.path.isfile(self.config_path):
       raise ValueError(f'no config.json in {self.workdir}: not a run folder')
-    with open(self.config_path, encoding='utf-8') as f:
-      return parse(ml_collections.ConfigDict(json.load(f)))
+    try:
+      with open(self.config_path, encoding='utf-8') as f:
+        saved = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f'{self.config_path}: not a JSON file ({e})') from None
+    try:
+      return parse(saved)
+    except ValueError as e:  # Say which file holds the bad key.
+      raise ValueError(f'{self.config_path}: {e}') from None
 
   def write_config(self, cfgs: Configs) -> None:
     """RUN/config.json: the resolved config, every key, as the run used it."""
