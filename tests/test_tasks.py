@@ -97,6 +97,8 @@ def test_task_scores_add_classes_only_when_every_example_offers_the_same_choices
     ('{"context": "a", "choices": ["b"], "label": true}',
      r'"label" must index "choices" \(0 to 0\), got True'),
     ('{"context": 3, "choices": ["b"], "label": 0}', '"context" must be a string, got int'),
+    ('{"context": "a", "choices": [" 1", " 2", " 1"], "label": 0}',
+     '"choices" must differ; choice 2 repeats choice 0, \' 1\''),
 ])
 def test_a_bad_line_is_named_by_file_and_line(tmp_path, line, message):
   path = tmp_path / 'bad.jsonl'

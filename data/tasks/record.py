@@ -54,6 +54,9 @@ def example_from_record(record: Any, where: str) -> Example:
   for i, choice in enumerate(choices):
     if not isinstance(choice, str) or not choice:
       raise bad(f'"choices" must be a non-empty list of strings; choice {i} is {choice!r}')
+    if choice in choices[:i]:  # Two classes of one text: scores and metrics would twin.
+      raise bad(f'"choices" must differ; choice {i} repeats choice '
+                f'{choices.index(choice)}, {choice!r}')
   if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
     raise bad(f'"label" must index "choices" (0 to {len(choices) - 1}), got {label!r}')
   return Example(context, tuple(choices), label, where)
