@@ -9,6 +9,7 @@ Prints the generated text, then as the last line JSON {"prompt_ids", "ids", "tex
 """
 
 import json
+import sys
 
 from absl import app, flags, logging
 
@@ -39,8 +40,12 @@ def main(argv):
     cfg.validate()
     run = quantize.load_quantized_run(_WORKDIR.value, _STEP.value,
                                       quantize.QuantConfig(*_QUANTIZE()))
-    return {**sampling.complete(run, _PROMPT.value, cfg, _SEED.value, timed=_BENCHMARK.value),
-            **quantize.weights_record(run)}
+    out = sampling.complete(run, _PROMPT.value, cfg, _SEED.value, timed=_BENCHMARK.value)
+    past = sampling.past_training(run.cfgs.model, run.cfgs.run.seq_len,
+                                  len(out['prompt_ids']) + len(out['ids']))
+    if past:
+      print(f'warning: {past}', file=sys.stderr)
+    return {**out, **quantize.weights_record(run)}
 
   result = cli.run_or_exit(complete)
   print(_PROMPT.value + result['text'])

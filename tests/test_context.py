@@ -244,3 +244,16 @@ def test_scanned_remat_qk_norm_and_softcap_models_split_alike():
   model = dataclasses.replace(MODEL, scan_layers=True, remat=True, qk_norm=True,
                               logit_softcap=5.0)
   _assert_same_gradients(_gradients((2, 1, 1, 4), model), _gradients((1, 1, 1), model))
+
+
+def test_positions_past_the_trained_rows_are_said():
+  from lm.eval.sampling import past_training
+
+  assert past_training(MODEL, 128, 128) == ''
+  assert past_training(MODEL, 128, 2502) == (
+      'positions up to 2502 go past the 128 tokens a row the model trained on (seq_len); '
+      'RoPE extrapolates them')
+  scaled = dataclasses.replace(MODEL, rope_scaling=4.0, rope_original_max_position=128)
+  assert past_training(scaled, 512, 600).endswith(
+      'past the 512 its RoPE scaling reaches (rope_original_max_position x rope_scaling)')
+  assert 'scaling' not in past_training(scaled, 256, 400)

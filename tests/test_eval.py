@@ -225,6 +225,15 @@ def test_generate_script_is_greedy_at_temperature_zero(run_dir):
   assert all(0 <= i < tok.vocab_size for i in ids)
   assert result['text'] == tok.decode(ids)
   assert proc.stdout.splitlines()[0].startswith('def main(')
+  assert 'warning' not in proc.stderr  # 5 new tokens: within the 64 trained.
+  prompt = 'def f(x):\n    return x + 1\n' * 12  # Longer than the 64 tokens trained on.
+  long = script('generate.py', f'--workdir={run_dir}', f'--prompt={prompt}',
+                '--max_new_tokens=2', '--temperature=0')
+  result = _last_json(long)
+  positions = len(result['prompt_ids']) + len(result['ids'])
+  assert positions > 64 and long.stderr.strip().splitlines()[-1] == (
+      f'warning: positions up to {positions} go past the 64 tokens a row the model trained '
+      'on (seq_len); RoPE extrapolates them'), long.stderr[-2000:]
 
   missing = script('generate.py', f'--workdir={run_dir}/nope', '--prompt=x', check=False)
   assert missing.returncode == 1 and f'{run_dir}/nope' in missing.stderr.strip()

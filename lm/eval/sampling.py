@@ -188,6 +188,21 @@ def generate(model: Transformer, params: Any, prompts: Sequence[Sequence[int]],
   return rows
 
 
+def past_training(model: ModelConfig, seq_len: int, positions: int) -> str:
+  """'' if `positions` tokens (prompt and new ones) stay within the rows the model
+  trained on, else one line saying they do not. Nothing stops RoPE there: it rotates any
+  position, but the model has never seen those angles, so the text degrades."""
+  if positions <= seq_len:
+    return ''
+  line = (f'positions up to {positions} go past the {seq_len} tokens a row the model '
+          'trained on (seq_len); RoPE extrapolates them')
+  reach = int(model.rope_original_max_position * model.rope_scaling)
+  if model.rope_scaling and positions > reach:
+    line += (f', and past the {reach} its RoPE scaling reaches (rope_original_max_position'
+             ' x rope_scaling)')
+  return line
+
+
 def complete(run: Run, prompt: str, cfg: SamplingConfig, seed: int = 0,
              timed: bool = False) -> dict[str, Any]:
   """{"prompt_ids", "ids", "text"} for one text prompt of a trained run.
