@@ -330,3 +330,20 @@ def test_the_metrics_reader_and_the_resume_trim_agree_on_a_torn_last_line(tmp_pa
   with pytest.raises(ValueError, match=r'metrics\.jsonl:2: not a record with a step'):
     read_records(str(path))
 
+
+
+@pytest.mark.slow
+def test_a_run_read_with_another_tokenizer_is_refused(trained_run, tmp_path):
+  import shutil
+
+  from lm.export import hf_export
+
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained_run, workdir)
+  load_run(str(workdir))  # The run's own tokenizer passes.
+  with open(workdir / 'tokenizer.model', 'ab') as f:
+    f.write(b'\0')  # Another file: another hash.
+  message = rf'^{workdir}/tokenizer.model \(sha256 \w+\) is not the tokenizer .*checkpoints/2'
+  for read in (lambda: load_run(str(workdir)), lambda: hf_export.restore_run(str(workdir))):
+    with pytest.raises(ValueError, match=message):
+      read()

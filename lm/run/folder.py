@@ -20,7 +20,13 @@ from lm.config import Configs, as_dict, parse
 from lm.model.params import abstract_params
 from lm.model.transformer import Transformer
 from lm.run import layout
-from lm.run.checkpoint import committed_steps, first_line, read_metadata, read_params
+from lm.run.checkpoint import (
+    committed_steps,
+    file_sha256,
+    first_line,
+    read_metadata,
+    read_params,
+)
 from lm.sharding import AxisRules
 
 log = logging.getLogger(__name__)
@@ -120,7 +126,8 @@ class RunFolder:
     return step
 
   def checkpoint_config(self, step: int) -> Configs:
-    """The config checkpoint `step` was trained with (config.json for older ones).
+    """The config checkpoint `step` was trained with (config.json for older ones), once
+    RUN/tokenizer.model is checked to be the tokenizer it was trained with.
 
     config.json holds the latest start's settings; a checkpoint holds its own, so
     evaluation holds out the very documents that checkpoint's training did.
@@ -130,9 +137,22 @@ class RunFolder:
     except Exception as e:  # noqa: BLE001  Unreadable: say which checkpoint.
       raise ValueError(f'cannot read the checkpoint {self.step_dir(step)}: '
                        f'{first_line(e)}') from e
+    self._check_tokenizer(step, meta)
     if not meta or not meta.get('config'):
       return self.config()
     return parse(ml_collections.ConfigDict(meta['config']))
+
+  def _check_tokenizer(self, step: int, meta: dict[str, Any] | None) -> None:
+    # Another tokenizer.model maps the same ids to other text: every figure would be
+    # wrong without a sign. Checkpoints before the metadata carry no hash to compare.
+    saved = ((meta or {}).get('tokenizer') or {}).get('sha256')
+    if not saved or not os.path.isfile(self.tokenizer_path):
+      return
+    now = file_sha256(self.tokenizer_path)
+    if now != saved:
+      raise ValueError(f'{self.tokenizer_path} (sha256 {now[:16]}) is not the tokenizer '
+                       f'{self.step_dir(step)} was trained with (sha256 {saved[:16]}); '
+                       'put that one back')
 
   def restore_params(self, step: int, abstract: Any) -> Any:
     """The parameters of checkpoint `step` onto `abstract`'s shardings; never writes."""
