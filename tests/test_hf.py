@@ -379,3 +379,19 @@ def test_export_names_a_missing_step_and_writes_nothing(trained_run, tmp_path):
   assert not (tmp_path / 'x').exists()
   with pytest.raises(ValueError, match='config.json'):
     hf_export.export(str(tmp_path), str(tmp_path / 'x'))
+
+
+def test_an_export_onto_a_disk_that_refuses_it_is_one_line(trained_run, tmp_path, monkeypatch):
+  # Root ignores permission bits: the refusal is what safetensors raises on a read-only
+  # disk, in its own exception type, which the export turns into an OSError (one line).
+  import safetensors
+  import safetensors.numpy
+
+  def refuse(tensors, path, metadata=None):
+    raise safetensors.SafetensorError('Error while serializing: I/O error: Read-only file '
+                                      'system (os error 30)')
+
+  monkeypatch.setattr(safetensors.numpy, 'save_file', refuse)
+  with pytest.raises(OSError, match=rf'^cannot write {tmp_path}/x/model.safetensors: .*'
+                                    'Read-only file system'):
+    hf_export.export(str(trained_run), str(tmp_path / 'x'))

@@ -345,6 +345,7 @@ def write_model(out_dir: str, params: Mapping[str, Any], model_cfg: ModelConfig,
                 bos_id: int | None = None, eos_id: int | None = None,
                 pad_id: int | None = None) -> int:
   """config.json, generation_config.json and model.safetensors; returns the tensor count."""
+  import safetensors
   from safetensors.numpy import save_file
 
   check_dtype(dtype)
@@ -354,7 +355,10 @@ def write_model(out_dir: str, params: Mapping[str, Any], model_cfg: ModelConfig,
   generation = {k: config[k] for k in ('bos_token_id', 'eos_token_id', 'pad_token_id')}
   os.makedirs(out_dir, exist_ok=True)
   weights = os.path.join(out_dir, _SAFETENSORS)
-  save_file(tensors, weights, metadata={'format': 'pt'})
+  try:
+    save_file(tensors, weights, metadata={'format': 'pt'})
+  except safetensors.SafetensorError as e:  # A read-only or full disk, in its own type.
+    raise OSError(f'cannot write {weights}: {e}') from None
   os.chmod(weights, 0o644)  # safetensors creates it owner-only; a server may run as another user.
   for name, obj in (('config.json', config), ('generation_config.json', generation)):
     with open(os.path.join(out_dir, name), 'w', encoding='utf-8') as f:
