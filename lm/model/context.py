@@ -142,6 +142,11 @@ def _halves(x, axis):
   return jnp.split(x, _PARTS, axis=axis)
 
 
+def _block_halves(k, v, index, seg):
+  """A key/value block as its half-chunks: (k, v, positions, segments) of each."""
+  return list(zip(_halves(k, 1), _halves(v, 1), _halves(index, 0), _halves(seg, 1)))
+
+
 def _grouped(q_BxTxNxH, kv_heads):
   """(B, T, N, H) -> (B, K, G, T, H) float32: the G query heads of each kv head."""
   b, t, n, h = q_BxTxNxH.shape
@@ -162,11 +167,10 @@ def _ring_forward(q, k, v, index, seg, scale):
           jnp.zeros(qa.shape[:-1], jnp.float32)) for qa in qs]
 
   def fold(acc, block):
-    k, v, k_index, k_seg = block
+    halves = _block_halves(*block)
     out = []
     for qa, qi, qg, carry in zip(qs, q_index, q_seg, acc):
-      for kb, vb, ki, kg in zip(_halves(k, 1), _halves(v, 1), _halves(k_index, 0),
-                                _halves(k_seg, 1)):
+      for kb, vb, ki, kg in halves:
         carry = jax.lax.cond(_needed(ki, qi), _fold_one, lambda c, *_: c, carry, qa, kb, vb,
                              _mask(qi, ki, qg, kg), scale)
       out.append(carry)
@@ -205,9 +209,9 @@ def _ring_backward(q, k, v, index, seg, out, lse, d_out, scale):
   def step(_, state):
     (k, v, k_index, k_seg, dk, dv), dq = state
     dq, dks, dvs = list(dq), _halves(dk, 1), _halves(dv, 1)
+    halves = _block_halves(k, v, k_index, k_seg)
     for a, (qa, qi, qg) in enumerate(zip(qs, q_index, q_seg)):
-      for b_, (kb, vb, ki, kg) in enumerate(zip(_halves(k, 1), _halves(v, 1),
-                                                _halves(k_index, 0), _halves(k_seg, 1))):
+      for b_, (kb, vb, ki, kg) in enumerate(halves):
         grads = (dq[a], dks[b_], dvs[b_])
         dq[a], dks[b_], dvs[b_] = jax.lax.cond(
             _needed(ki, qi), _grad_one, lambda g, *_: g, grads, qa, kb, vb,

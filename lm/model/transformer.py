@@ -264,10 +264,8 @@ class Transformer(nn.Module):
         raise ValueError('decode=True needs positions_BxT and train=False, and takes no '
                          'segment_ids_BxT')
       cache = self._decode_state(positions_BxT)
-    if segment_ids_BxT is not None:
-      mask_Bx1xTxS = segment_mask(segment_ids_BxT)
-      if positions_BxT is None:
-        positions_BxT = segment_positions(segment_ids_BxT)
+    if segment_ids_BxT is not None and positions_BxT is None:
+      positions_BxT = segment_positions(segment_ids_BxT)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     rows = None
@@ -276,7 +274,8 @@ class Transformer(nn.Module):
       # reads the order and the segments, the rest of the model is per token.
       rows, (tokens_BxT, positions_BxT) = context.Rows.split(
           c.context_order, self.rules, segment_ids_BxT, tokens_BxT, positions_BxT)
-      mask_Bx1xTxS = None
+    elif segment_ids_BxT is not None:
+      mask_Bx1xTxS = segment_mask(segment_ids_BxT)  # T x T: only for rows held whole.
     embed_VxD = self.param('embed', _init(('vocab', 'embed')), (c.vocab_size, c.d_model), pdt)
     x_BxTxD = embed_rows(embed_VxD, tokens_BxT, dt, self.rules)
     x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'embed'), self.rules)
