@@ -43,7 +43,7 @@ class Text:
               threads: int = 0) -> Encoder:
     """texts -> each document's `packing.wrap` (BOS only with `add_bos`)."""
     bos = tokenizer.bos_id if add_bos else None
-    encode = _batch_encoder(tokenizer, threads)
+    encode = batch_encoder(tokenizer, threads)
     return lambda texts: [packing.wrap(ids, tokenizer.eos_id, bos) for ids in encode(texts)]
 
   def packer(self, seq_len: int, offset: int = 0) -> packing.Windower:
@@ -67,7 +67,7 @@ class Examples(Text):
               threads: int = 0) -> Encoder:
     """texts -> each example's [N, 2] tokens and loss flags, cut to seq_len + 1 (BOS
     always: the chat template starts with it)."""
-    encode = _batch_encoder(tokenizer, threads)
+    encode = batch_encoder(tokenizer, threads)
     return lambda texts: [e.rows for e in sft.encode_texts(
         texts, encode, tokenizer.bos_id, tokenizer.eos_id, seq_len + 1)]
 
@@ -86,6 +86,6 @@ def of(cfg: Any) -> Text:
   return FORMATS[cfg.format]
 
 
-def _batch_encoder(tokenizer: Any, threads: int) -> Callable[[list[str]], list[list[int]]]:
-  # threads 0 = every core.
+def batch_encoder(tokenizer: Any, threads: int) -> Callable[[list[str]], list[list[int]]]:
+  """texts -> their ids, encoded `threads` at a time (data.encode_threads; 0 = every core)."""
   return functools.partial(tokenizer.encode_batch, num_threads=threads or os.cpu_count() or 1)

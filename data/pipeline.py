@@ -15,8 +15,6 @@ batches then depend on the process count, and its state resumes only with the sa
 process count.
 """
 
-import functools
-import os
 import queue
 import threading
 from collections.abc import Sequence
@@ -232,7 +230,6 @@ def examples_summary(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int) -> str
     return (f'examples longer than {seq_len + 1} tokens (seq_len + 1) are truncated at the '
             'end; those whose prompt leaves no response token within them are skipped')
   docs = ((d.key, d.text) for d in reader_lib.single_pass(cfg, heldout=False))
-  encode = functools.partial(tokenizer.encode_batch,
-                             num_threads=cfg.encode_threads or os.cpu_count() or 1)
+  encode = formats.batch_encoder(tokenizer, cfg.encode_threads)
   counts = sft.count(docs, encode, tokenizer.bos_id, tokenizer.eos_id, seq_len + 1)
   return f'training {counts.line(seq_len + 1)}'
