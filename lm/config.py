@@ -135,7 +135,7 @@ def parse(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Configs:
   if isinstance(config, ml_collections.ConfigDict):
     d = config.to_dict()
   elif isinstance(config, Mapping):
-    d = dict(config)
+    d = copy.deepcopy(dict(config))  # Folding moved keys must not edit the caller's dict.
   else:
     raise ValueError(f'expected an object of config keys and sections (got '
                      f'{type(config).__name__})')
