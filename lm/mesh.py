@@ -34,11 +34,14 @@ class MeshConfig:
   context: int = 1
   """Context (sequence) parallelism: each row's tokens split over this many devices, and
   attention runs across them as model.context_attention says (lm/model/context.py)."""
-  rules: Rules = (('batch', ('data', 'fsdp')), ('embed', ('fsdp',)), ('heads', ('tensor',)),
-                  ('kv_heads', ('tensor',)), ('mlp', ('tensor',)), ('vocab', ('tensor',)),
-                  ('length', ('context',)), ('head_dim', ()), ('layers', ()))
+  rules: Rules = (('batch', ('data', 'fsdp')), ('embed', ('fsdp', 'context')),
+                  ('heads', ('tensor',)), ('kv_heads', ('tensor',)), ('mlp', ('tensor',)),
+                  ('vocab', ('tensor',)), ('length', ('context',)), ('head_dim', ()),
+                  ('layers', ()))
   """Logical axis name -> mesh axes. A dimension that a mesh axis does not divide is
-  replicated over that axis instead of failing."""
+  replicated over that axis instead of failing. The parameters shard over `context`
+  as over `fsdp` (the devices of a row would otherwise each hold them whole);
+  activations' `length` claims `context` first, so their `embed` stays whole."""
 
   def __post_init__(self) -> None:
     sizes = self._sizes()
