@@ -2,6 +2,7 @@
 the balancing orders, and whole train steps on meshes that split the sequence."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -87,14 +88,13 @@ def test_zigzag_balances_the_causal_work():
 from data.batch import Batch  # noqa: E402
 from lm.model.forward import model_loss  # noqa: E402
 from lm.model.transformer import Transformer  # noqa: E402
+from lm.optim.optimizer import make_optimizer  # noqa: E402
 from lm.train.step import init_state  # noqa: E402
 from tests.test_sharding import BATCH, MODEL, OPT, SEQ, _rules, _train  # noqa: E402
 
 
 def _gradients(shape, model=MODEL):
   """The loss and its gradients at init on one packed batch, on the `shape` mesh."""
-  from lm.optim.optimizer import make_optimizer
-
   rules = _rules(shape)
   net = Transformer(model, rules)
   state, _ = init_state(net, make_optimizer(OPT, 10), SEQ, rules, seed=0)
@@ -257,3 +257,19 @@ def test_positions_past_the_trained_rows_are_said():
   assert past_training(scaled, 512, 600).endswith(
       'past the 512 its RoPE scaling reaches (rope_original_max_position x rope_scaling)')
   assert 'scaling' not in past_training(scaled, 256, 400)
+
+
+def test_no_activation_is_gathered_into_whole_rows():
+  """On data=2 x context=4 the step gathers weights and moves key/value blocks, but no
+  all-gather's result is a row's full length: activations stay split (the MLP once
+  folded B x T into one axis, which cannot be split on both, and gathered every row)."""
+  rules = _rules((2, 1, 1, 4))
+  net = Transformer(MODEL, rules)
+  state, _ = init_state(net, make_optimizer(OPT, 10), SEQ, rules, seed=0)
+  tokens = np.zeros((BATCH, SEQ + 1), np.int32)
+  grad = jax.jit(jax.grad(lambda p, b: model_loss(net, p, b)[0]))
+  hlo = grad.lower(state.params, Batch(tokens)).compile().as_text()
+  gathers = [line for line in hlo.splitlines() if ' all-gather(' in line]
+  assert gathers  # The weights' (FSDP over context): the check sees all-gathers.
+  whole = [g for g in gathers if re.search(rf'[\[,]{SEQ}[\],]', g.split('all-gather(')[0])]
+  assert not whole, whole[:3]

@@ -202,12 +202,16 @@ class MLP(nn.Module):
     w_down_FxD = self.param('down', down_init, (c.d_ff, c.d_model), pdt)
     # Batch and length folded into one axis (B*T, a bitcast): with 3-D activations XLA's
     # CPU backend transposes SwiGLU's gate gradient through a slow loop, which made the
-    # MLP's backward pass twice as long. Same math and sharding (batch stays major).
+    # MLP's backward pass twice as long. Same math and sharding (batch stays major), but
+    # only while the rows are whole: B*T split over batch and length axes at once is no
+    # sharding, and the partitioner would gather every row onto each device.
     b, t, d = x_BxTxD.shape
-    x_NxD = x_BxTxD.reshape(b * t, d)
-    up_NxF = jnp.einsum('nd,df->nf', x_NxD, jnp.asarray(w_up_DxF, dt))
+    whole_rows = self.rules is None or self.rules.spec(('batch', 'length'), (b, t))[1] is None
+    x_NxD = x_BxTxD.reshape(b * t, d) if whole_rows else x_BxTxD
+    up_NxF = jnp.einsum('...d,df->...f', x_NxD, jnp.asarray(w_up_DxF, dt))
     if c.mlp == 'swiglu':
-      h_NxF = nn.silu(jnp.einsum('nd,df->nf', x_NxD, jnp.asarray(w_gate_DxF, dt))) * up_NxF
+      gate_NxF = jnp.einsum('...d,df->...f', x_NxD, jnp.asarray(w_gate_DxF, dt))
+      h_NxF = nn.silu(gate_NxF) * up_NxF
     else:
       h_NxF = jnp.square(nn.relu(up_NxF))
     h_BxTxF = constrain(h_NxF.reshape(b, t, -1), ('batch', 'length', 'mlp'), self.rules)
