@@ -102,12 +102,37 @@ def _collectives_in_loop(rules, shape):
           and any(op in line for op in ('all-reduce(', 'all-gather(', 'reduce-scatter('))]
 
 
-@pytest.mark.parametrize('shape', [(8, 1, 1), (1, 8, 1)])
+@pytest.mark.parametrize('shape', [(8, 1, 1), (1, 8, 1), (2, 1, 1, 4), (1, 1, 1, 8)])
 def test_data_parallel_chunks_communicate_once_not_per_chunk(shape):
   # Without the mesh the head's gradient is reduced across devices inside every chunk
-  # (the control: the check can see it); with it, once after the loop.
+  # (the control: the check can see it); with it, once after the loop. With rows split
+  # on `context` each step takes a chunk of every device's share: none is gathered.
   assert _collectives_in_loop(False, shape)
   assert not _collectives_in_loop(True, shape)
+
+
+@pytest.mark.parametrize('chunk', [2, 0])
+def test_chunks_of_rows_split_on_context_give_the_plain_loss(chunk):
+  rules = AxisRules.from_config(MeshConfig(data=2, context=4, rules=RULES))
+  x, head, targets = (jax.random.normal(jax.random.PRNGKey(1), (B, 16, D)), _inputs()[1],
+                      jax.random.randint(jax.random.PRNGKey(2), (B, 16), 0, V))
+  weights = loss_weights(jnp.arange(B * 16).reshape(B, 16) % 3 > 0)
+  x, targets, weights = (jax.device_put(a, rules.sharding(('batch', 'length', 'embed')[:a.ndim],
+                                                          a.shape))
+                         for a in (x, targets, weights))
+  plain = jax.grad(lambda x, h: cross_entropy(
+      jnp.einsum('btd,dv->btv', x, h), targets, 1e-2, weights)[0], argnums=(0, 1))
+  ours = jax.value_and_grad(lambda x, h: chunked_cross_entropy(
+      x, h, targets, chunk=chunk, z_loss=1e-2, rules=rules, weights_BxT=weights)[0],
+      argnums=(0, 1))
+  want = cross_entropy(jnp.einsum('btd,dv->btv', x, head), targets, 1e-2, weights)[0]
+  got, grads = jax.jit(ours)(x, head)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for a, b in zip(jax.jit(plain)(x, head), grads):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  nll = jax.jit(lambda x: chunked_token_nll(x, head, targets, chunk, rules)[0])(x)
+  np.testing.assert_allclose(nll, token_nll(jnp.einsum('btd,dv->btv', x, head), targets)[0],
+                             rtol=1e-6)
 
 
 @pytest.mark.parametrize('chunk', [4, 0])

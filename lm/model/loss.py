@@ -63,15 +63,29 @@ def chunk_length(length: int, chunk: int) -> int:
   return max(c for c in range(1, chunk + 1) if length % c == 0)
 
 
-def _chunks(x_BxTx_: jax.Array, c: int) -> jax.Array:
-  """B x T x ... -> (T / C) x B x C x ...: chunks along the rows, batch sharding intact."""
+def _length_shards(rules: AxisRules | None, b: int, t: int) -> int:
+  """The devices each row's tokens are split over (mesh.context), 1 for whole rows."""
+  if rules is None:
+    return 1
+  axes = rules.spec(('batch', 'length'), (b, t))[1] or ()
+  return math.prod(rules.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def _chunks(x_BxTx_: jax.Array, c: int, p: int = 1) -> jax.Array:
+  """B x T x ... -> (T / (P C)) x B x (P C) x ...: chunks along the rows, batch sharding
+  intact. With rows split over P devices, each step takes C tokens of every device's
+  share, so the scan never slices across devices."""
   b, t = x_BxTx_.shape[:2]
-  return jnp.swapaxes(x_BxTx_.reshape(b, t // c, c, *x_BxTx_.shape[2:]), 0, 1)
+  rest = x_BxTx_.shape[2:]
+  x = jnp.moveaxis(x_BxTx_.reshape(b, p, t // (p * c), c, *rest), 2, 0)
+  return x.reshape(t // (p * c), b, p * c, *rest)
 
 
-def _unchunk(x_NxBxC: jax.Array) -> jax.Array:
-  n, b, c = x_NxBxC.shape
-  return jnp.swapaxes(x_NxBxC, 0, 1).reshape(b, n * c)
+def _unchunk(x_NxBxC: jax.Array, p: int = 1) -> jax.Array:
+  n, b, pc = x_NxBxC.shape[:3]
+  rest = x_NxBxC.shape[3:]
+  x = jnp.moveaxis(x_NxBxC.reshape(n, b, p, pc // p, *rest), 0, 2)
+  return x.reshape(b, n * pc, *rest)
 
 
 def _chunk_logits(x_BxCxD: jax.Array, head_DxV: jax.Array) -> jax.Array:
@@ -84,15 +98,18 @@ def chunked_token_nll(x_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.
                       ) -> tuple[jax.Array, jax.Array]:
   """`token_nll(softcap(x @ head), targets)` without the B x T x V logits (no gradient:
   eval)."""
-  c = chunk_length(x_BxTxD.shape[1], chunk)
+  b, t, _ = x_BxTxD.shape
+  p = _length_shards(rules, b, t)
+  c = chunk_length(t // p, chunk)
   head_DxV = constrain(head_DxV, (None, 'vocab'), rules)  # Gathered once, not per chunk.
 
   def one(_, xs):
     x_BxCxD, t_BxC = xs
     return None, token_nll(apply_softcap(_chunk_logits(x_BxCxD, head_DxV), softcap), t_BxC)
 
-  _, (nll, log_z) = jax.lax.scan(one, None, (_chunks(x_BxTxD, c), _chunks(targets_BxT, c)))
-  return _unchunk(nll), _unchunk(log_z)
+  _, (nll, log_z) = jax.lax.scan(one, None,
+                                 (_chunks(x_BxTxD, c, p), _chunks(targets_BxT, c, p)))
+  return _unchunk(nll, p), _unchunk(log_z, p)
 
 
 def chunked_cross_entropy(x_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.Array,
@@ -129,16 +146,17 @@ def _fused(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules, so
 
 def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules, softcap):
   b, t, _ = x_BxTxD.shape
-  c = chunk_length(t, chunk)
-  s = _batch_shards(rules, b)  # S: the head gradient is kept per batch shard.
+  p = _length_shards(rules, b, t)
+  c = chunk_length(t // p, chunk)
+  s = _batch_shards(rules, b)  # S x P: the head gradient is kept per batch and row shard.
   scale = 1.0 / (b * t)  # Without weights every token weighs the same in the mean.
   # FSDP's gather of the head, once here rather than once per chunk inside the loop.
   head_DxV = constrain(head_DxV, (None, 'vocab'), rules)
 
   def per_shard(a_BxCx_):
-    return a_BxCx_.reshape(s, b // s, *a_BxCx_.shape[1:])
+    return a_BxCx_.reshape(s, b // s, p, c, *a_BxCx_.shape[2:])
 
-  def one(d_head_SxDxV, xs):
+  def one(d_head_SxPxDxV, xs):
     x_BxCxD, t_BxC, *w_BxC = xs
     logits_BxCxV = _chunk_logits(x_BxCxD, head_DxV)
     if softcap:
@@ -156,26 +174,28 @@ def _fused_fwd(x_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, z_loss, rules
     g_BxCxV = g_BxCxV.astype(x_BxCxD.dtype)
     dx_BxCxD = jnp.einsum('bcv,dv->bcd', g_BxCxV, head_DxV,
                           preferred_element_type=jnp.float32).astype(x_BxCxD.dtype)
-    d_head_SxDxV += jnp.einsum('sbcd,sbcv->sdv', per_shard(x_BxCxD), per_shard(g_BxCxV),
-                               preferred_element_type=jnp.float32)
-    d_head_SxDxV = constrain(d_head_SxDxV, ('batch', 'embed', 'vocab'), rules)
-    return d_head_SxDxV, (nll_BxC, log_z_BxC, dx_BxCxD)
+    d_head_SxPxDxV += jnp.einsum('sbpcd,sbpcv->spdv', per_shard(x_BxCxD),
+                                 per_shard(g_BxCxV), preferred_element_type=jnp.float32)
+    return _head_shards(d_head_SxPxDxV, rules), (nll_BxC, log_z_BxC, dx_BxCxD)
 
-  d_head = constrain(jnp.zeros((s, *head_DxV.shape), jnp.float32),
-                     ('batch', 'embed', 'vocab'), rules)
+  d_head = _head_shards(jnp.zeros((s, p, *head_DxV.shape), jnp.float32), rules)
   d_head, (nll, log_z, dx) = jax.lax.scan(
-      one, d_head, (_chunks(x_BxTxD, c), _chunks(targets_BxT, c),
-                    *([] if weights_BxT is None else [_chunks(weights_BxT, c)])))
-  d_head = jnp.sum(d_head, axis=0)
+      one, d_head, (_chunks(x_BxTxD, c, p), _chunks(targets_BxT, c, p),
+                    *([] if weights_BxT is None else [_chunks(weights_BxT, c, p)])))
+  d_head = jnp.sum(d_head, axis=(0, 1))
   if weights_BxT is None:
     nll_mean, z_mean = jnp.mean(nll), jnp.mean(jnp.square(log_z))
   else:  # nll and log_z are chunk-major: (T / C) x B x C.
-    w_NxBxC = _chunks(weights_BxT, c)
+    w_NxBxC = _chunks(weights_BxT, c, p)
     nll_mean, z_mean = jnp.sum(nll * w_NxBxC), jnp.sum(jnp.square(log_z) * w_NxBxC)
-  dx_BxTxD = jnp.swapaxes(dx, 0, 1).reshape(x_BxTxD.shape)
+  dx_BxTxD = _unchunk(dx, p)
   out = (nll_mean + z_loss * z_mean, nll_mean, z_mean)
   d_weights = None if weights_BxT is None else jnp.zeros_like(weights_BxT)
   return out, (dx_BxTxD, d_head.astype(head_DxV.dtype), d_weights)
+
+
+def _head_shards(d_head_SxPxDxV: jax.Array, rules: AxisRules | None) -> jax.Array:
+  return constrain(d_head_SxPxDxV, ('batch', 'length', 'embed', 'vocab'), rules)
 
 
 def _fused_bwd(chunk, z_loss, rules, softcap, residuals, cotangents):
