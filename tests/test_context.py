@@ -259,6 +259,17 @@ def test_positions_past_the_trained_rows_are_said():
   assert 'scaling' not in past_training(scaled, 256, 400)
 
 
+@pytest.mark.parametrize('n', [2, 4, 8])
+def test_rows_move_into_the_balancing_order_and_back(n):
+  rules = _context_rules(n)
+  x = np.arange(2 * T * 3).reshape(2, T, 3)
+  perm = context.sequence_order(T, n, 'zigzag')
+  rows, (moved,) = context.Rows.split('zigzag', rules, None, jnp.asarray(x))
+  np.testing.assert_array_equal(moved, x[:, perm])
+  np.testing.assert_array_equal(rows.index_T, perm)
+  np.testing.assert_array_equal(context.restore(moved, 'zigzag', rules), x)
+
+
 def test_no_activation_is_gathered_into_whole_rows():
   """On data=2 x context=4 the step gathers weights and moves key/value blocks, but no
   all-gather's result is a row's full length: activations stay split (the MLP once

@@ -72,14 +72,45 @@ class Rows:
     perm = sequence_order(t, split(rules, t), order)
     if segments_BxT is None:
       segments_BxT = jnp.zeros(per_token_BxT[0].shape, jnp.int32)
-    rows = cls(jnp.asarray(perm, jnp.int32), segments_BxT[:, perm])
-    return rows, tuple(x[:, perm] for x in per_token_BxT)
+    segments_BxT, *per_token_BxT = (_reorder(x, order, rules, inverse=False)
+                                    for x in (segments_BxT, *per_token_BxT))
+    return cls(jnp.asarray(perm, jnp.int32), segments_BxT), tuple(per_token_BxT)
 
 
 def restore(x_BxTx_: jax.Array, order: str, rules: AxisRules) -> jax.Array:
   """Undoes `Rows.split`'s order on axis 1."""
-  t = x_BxTx_.shape[1]
-  return x_BxTx_[:, np.argsort(sequence_order(t, split(rules, t), order))]
+  return _reorder(x_BxTx_, order, rules, inverse=True)
+
+
+def _reorder(x_BxTx_: jax.Array, order: str, rules: AxisRules, *, inverse: bool) -> jax.Array:
+  """Row order -> `sequence_order` on axis 1 (or back), chunk by chunk between the
+  devices: an index on the sharded axis would gather whole rows onto every device."""
+  if order == 'contiguous':
+    return x_BxTx_
+  n = rules.mesh.shape[CONTEXT_AXIS]
+  holder = lambda c: c if c < n else 2 * n - 1 - c  # noqa: E731  (zigzag's device of chunk c)
+  # In row order device j holds chunks 2j and 2j + 1: one even, one odd. So does every
+  # device in zigzag order (d and 2n - 1 - d), the even one first where d is even.
+  moves = [[(j, holder(2 * j + parity)) for j in range(n)] for parity in (0, 1)]
+  if inverse:
+    moves = [[(dst, src) for src, dst in pairs] for pairs in moves]
+
+  def local(x):
+    first, second = _halves(x, 1)
+    even_first = jax.lax.axis_index(CONTEXT_AXIS) % 2 == 0
+    if inverse:  # Zigzag in: which half is the even chunk depends on the device.
+      first, second = (jnp.where(even_first, first, second),
+                       jnp.where(even_first, second, first))
+    even, odd = (jax.lax.ppermute(h, CONTEXT_AXIS, pairs)
+                 for h, pairs in zip((first, second), moves))
+    if inverse:
+      return jnp.concatenate([even, odd], axis=1)
+    return jnp.where(even_first, jnp.concatenate([even, odd], 1),
+                     jnp.concatenate([odd, even], 1))
+
+  spec = P(rules.spec(('batch',), x_BxTx_.shape[:1])[0], CONTEXT_AXIS)
+  return jax.shard_map(local, mesh=rules.mesh, in_specs=spec, out_specs=spec,
+                       check_vma=False)(x_BxTx_)
 
 
 def _needed(key_index: Any, query_index: Any) -> Any:
