@@ -36,11 +36,12 @@ def _full(q, k, v, seg):
                                       scale=H ** -0.5)
 
 
-def _on_context(mode, rules, order, q, k, v, seg):
+def _on_context(mode, rules, order, q, k, v, seg, key_tile=context.KEY_TILE):
   """Context attention on rows permuted into `order`, the result put back in row order."""
   perm = context.sequence_order(T, rules.mesh.shape['context'], order)
   out = context.context_attention(q[:, perm], k[:, perm], v[:, perm], jnp.asarray(perm),
-                                  seg[:, perm], scale=H ** -0.5, mode=mode, rules=rules)
+                                  seg[:, perm], scale=H ** -0.5, mode=mode, rules=rules,
+                                  key_tile=key_tile)
   return out[:, np.argsort(perm)]
 
 
@@ -48,15 +49,26 @@ def _on_context(mode, rules, order, q, k, v, seg):
 @pytest.mark.parametrize('order', context.ORDERS)
 @pytest.mark.parametrize('mode', context.MODES)
 def test_context_attention_and_its_gradients_equal_full_attention(mode, order, n):
+  _assert_equals_full_attention(mode, order, n)
+
+
+@pytest.mark.parametrize('n,key_tile', [(2, 2), (4, 2), (2, 4)])
+@pytest.mark.parametrize('order', context.ORDERS)
+def test_the_ring_in_key_tiles_equals_full_attention(order, n, key_tile):
+  """Half-chunks of 8 or 4 keys scored 2 or 4 at a time; tiles past every query skipped."""
+  _assert_equals_full_attention('ring', order, n, key_tile)
+
+
+def _assert_equals_full_attention(mode, order, n, key_tile=context.KEY_TILE):
   q, k, v, seg = _inputs()
   w = np.random.default_rng(1).standard_normal((B, T, N, H)).astype(np.float32)
   rules = _context_rules(n)
+  ring = lambda q, k, v: _on_context(mode, rules, order, q, k, v, seg, key_tile)  # noqa: E731
   loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * w)  # noqa: E731
   full = jax.jit(jax.value_and_grad(loss(lambda q, k, v: _full(q, k, v, seg)), (0, 1, 2)))
-  ours = jax.jit(jax.value_and_grad(
-      loss(lambda q, k, v: _on_context(mode, rules, order, q, k, v, seg)), (0, 1, 2)))
-  np.testing.assert_allclose(jax.jit(lambda: _on_context(mode, rules, order, q, k, v, seg))(),
-                             _full(q, k, v, seg), atol=1e-5, rtol=1e-5)
+  ours = jax.jit(jax.value_and_grad(loss(ring), (0, 1, 2)))
+  np.testing.assert_allclose(jax.jit(lambda: ring(q, k, v))(), _full(q, k, v, seg),
+                             atol=1e-5, rtol=1e-5)
   (want, want_grads), (got, got_grads) = full(q, k, v), ours(q, k, v)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, w_ in zip(got_grads, want_grads):

@@ -39,6 +39,9 @@ MODES = CONTEXT_ATTENTIONS
 ORDERS = CONTEXT_ORDERS
 _PARTS = 2  # Each device's chunk is two half-chunks: the unit of work the ring skips.
 _MASKED = -1e30  # A finite -inf: exp(_MASKED - max) is 0 without NaNs.
+# Keys per score tile inside a block (flash attention's inner loop): a device holds
+# (T / 2n) x KEY_TILE scores per head at a time, however long the row.
+KEY_TILE = 1024
 
 
 def sequence_order(t: int, n: int, order: str) -> np.ndarray:
@@ -128,11 +131,12 @@ def block_work(t: int, n: int, order: str) -> list[int]:
 
 def context_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
                       index_T: jax.Array, segments_BxT: jax.Array, *, scale: float,
-                      mode: str, rules: AxisRules) -> jax.Array:
+                      mode: str, rules: AxisRules, key_tile: int = KEY_TILE) -> jax.Array:
   """Causal attention of tokens sharded on `context`; (B, T, N, H) in q's dtype.
 
   `index_T` is each token's position in the row (the rows are in `sequence_order`),
   `segments_BxT` its document: a query sees the keys at or before it in its document.
+  The ring computes scores `key_tile` keys at a time.
   """
   b, _, n_heads, _ = q_BxTxNxH.shape
   kv_heads = k_BxTxKxH.shape[2]
@@ -141,8 +145,9 @@ def context_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax
   if heads != rules.spec(('kv_heads',), (kv_heads,))[0]:
     heads = None  # Query and key heads split alike or not at all: groups stay local.
   q_spec, rows = P(batch, CONTEXT_AXIS, heads, None), P(batch, CONTEXT_AXIS)
-  local = _ring if mode == 'ring' else _allgather
-  fn = jax.shard_map(functools.partial(local, scale=scale), mesh=rules.mesh,
+  local = (functools.partial(_ring, scale=scale, tile=key_tile) if mode == 'ring'
+           else functools.partial(_allgather, scale=scale))
+  fn = jax.shard_map(local, mesh=rules.mesh,
                      in_specs=(q_spec, q_spec, q_spec, P(CONTEXT_AXIS), rows),
                      out_specs=q_spec, check_vma=False)
   return fn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, index_T, segments_BxT)
@@ -190,7 +195,7 @@ def _scores(q_a, k_b, mask_ab, scale):
   return jnp.where(mask_ab, s, _MASKED)
 
 
-def _ring_forward(q, k, v, index, seg, scale):
+def _ring_forward(q, k, v, index, seg, scale, tile):
   """(out (B, K, G, T, H), log-sum-exp (B, K, G, T)) of each query, float32."""
   n = jax.lax.axis_size(CONTEXT_AXIS)
   qs, q_index, q_seg = _halves(q, 3), _halves(index, 0), _halves(seg, 1)
@@ -202,8 +207,8 @@ def _ring_forward(q, k, v, index, seg, scale):
     out = []
     for qa, qi, qg, carry in zip(qs, q_index, q_seg, acc):
       for kb, vb, ki, kg in halves:
-        carry = jax.lax.cond(_needed(ki, qi), _fold_one, lambda c, *_: c, carry, qa, kb, vb,
-                             _mask(qi, ki, qg, kg), scale)
+        carry = jax.lax.cond(_needed(ki, qi), functools.partial(_fold_one, tile=tile),
+                             lambda c, *_: c, carry, qa, qi, qg, (kb, vb, ki, kg), scale)
       out.append(carry)
     return out
 
@@ -219,18 +224,49 @@ def _ring_forward(q, k, v, index, seg, scale):
   return out, lse
 
 
-def _fold_one(carry, q_a, k_b, v_b, mask_ab, scale):
-  """One block into a query half's online softmax (out, running max, running sum)."""
+def _key_tiles(block, tile):
+  """A half-chunk of keys as tiles of `tile` keys stacked on a leading axis, for a scan
+  (the half-chunk whole where `tile` does not divide it)."""
+  kb, vb, ki, kg = block
+  s = ki.shape[0]
+  tile = tile if s > tile and s % tile == 0 else s
+
+  def tiled(x, axis):
+    x = x.reshape(x.shape[:axis] + (s // tile, tile) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+  return tiled(kb, 1), tiled(vb, 1), tiled(ki, 0), tiled(kg, 1)
+
+
+def _untiled(x_nxBxtx_):
+  """Undoes _key_tiles on a per-tile result: (n, B, tile, ...) -> (B, n * tile, ...)."""
+  x = jnp.moveaxis(x_nxBxtx_, 0, 1)
+  return x.reshape((x.shape[0], -1) + x.shape[3:])
+
+
+def _fold_one(carry, q_a, qi, qg, block, scale, *, tile):
+  """One block into a query half's online softmax (out, running max, running sum),
+  a key tile at a time; a tile the causal mask hides whole is skipped."""
+
+  def one(carry, kv):
+    k_t, v_t, ki, kg = kv
+    return jax.lax.cond(_needed(ki, qi), _fold_tile, lambda c, *_: c, carry, q_a, k_t, v_t,
+                        _mask(qi, ki, qg, kg), scale), None
+
+  return jax.lax.scan(one, carry, _key_tiles(block, tile))[0]
+
+
+def _fold_tile(carry, q_a, k_t, v_t, mask, scale):
   o, m, total = carry
-  s = _scores(q_a, k_b, mask_ab, scale)
+  s = _scores(q_a, k_t, mask, scale)
   m_new = jnp.maximum(m, s.max(-1))
-  p = jnp.where(mask_ab, jnp.exp(s - m_new[..., None]), 0.0)
+  p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
   correction = jnp.exp(m - m_new)
-  o = o * correction[..., None] + jnp.einsum('bkgts,bskh->bkgth', p, v_b.astype(jnp.float32))
+  o = o * correction[..., None] + jnp.einsum('bkgts,bskh->bkgth', p, v_t.astype(jnp.float32))
   return o, m_new, total * correction + p.sum(-1)
 
 
-def _ring_backward(q, k, v, index, seg, out, lse, d_out, scale):
+def _ring_backward(q, k, v, index, seg, out, lse, d_out, scale, tile):
   """(dq, dk, dv) float32, running the ring again: each block's dk, dv go round with it."""
   n = jax.lax.axis_size(CONTEXT_AXIS)
   delta = jnp.sum(d_out * out, -1)  # (B, K, G, T): the softmax's backward term.
@@ -245,8 +281,8 @@ def _ring_backward(q, k, v, index, seg, out, lse, d_out, scale):
       for b_, (kb, vb, ki, kg) in enumerate(halves):
         grads = (dq[a], dks[b_], dvs[b_])
         dq[a], dks[b_], dvs[b_] = jax.lax.cond(
-            _needed(ki, qi), _grad_one, lambda g, *_: g, grads, qa, kb, vb,
-            _mask(qi, ki, qg, kg), lses[a], d_outs[a], deltas[a], scale)
+            _needed(ki, qi), functools.partial(_grad_one, tile=tile), lambda g, *_: g, grads,
+            qa, qi, qg, (kb, vb, ki, kg), (lses[a], d_outs[a], deltas[a]), scale)
     block = (k, v, k_index, k_seg, jnp.concatenate(dks, 1), jnp.concatenate(dvs, 1))
     return jax.tree.map(_shift, block), tuple(dq)
 
@@ -256,39 +292,53 @@ def _ring_backward(q, k, v, index, seg, out, lse, d_out, scale):
   return jnp.concatenate(dq, axis=3), block[4], block[5]
 
 
-def _grad_one(grads, q_a, k_b, v_b, mask_ab, lse_a, d_out_a, delta_a, scale):
+def _grad_one(grads, q_a, qi, qg, block, softmax, scale, *, tile):
+  """One block's share of (dq, dk, dv), a key tile at a time as in _fold_one."""
   dq, dk, dv = grads
-  p = jnp.where(mask_ab, jnp.exp(_scores(q_a, k_b, mask_ab, scale) - lse_a[..., None]), 0.0)
-  dv = dv + jnp.einsum('bkgts,bkgth->bskh', p, d_out_a)
-  dp = jnp.einsum('bkgth,bskh->bkgts', d_out_a, v_b.astype(jnp.float32))
+
+  def one(dq, kv):
+    k_t, v_t, ki, kg = kv
+    zero = (dq, jnp.zeros(k_t.shape, jnp.float32), jnp.zeros(v_t.shape, jnp.float32))
+    dq, dk_t, dv_t = jax.lax.cond(_needed(ki, qi), _grad_tile, lambda *_: zero, dq, q_a, k_t,
+                                  v_t, _mask(qi, ki, qg, kg), softmax, scale)
+    return dq, (dk_t, dv_t)
+
+  dq, (dk_t, dv_t) = jax.lax.scan(one, dq, _key_tiles(block, tile))
+  return dq, dk + _untiled(dk_t), dv + _untiled(dv_t)
+
+
+def _grad_tile(dq, q_a, k_t, v_t, mask, softmax, scale):
+  lse_a, d_out_a, delta_a = softmax
+  p = jnp.where(mask, jnp.exp(_scores(q_a, k_t, mask, scale) - lse_a[..., None]), 0.0)
+  dv = jnp.einsum('bkgts,bkgth->bskh', p, d_out_a)
+  dp = jnp.einsum('bkgth,bskh->bkgts', d_out_a, v_t.astype(jnp.float32))
   ds = p * (dp - delta_a[..., None]) * scale
-  dq = dq + jnp.einsum('bkgts,bskh->bkgth', ds, k_b.astype(jnp.float32))
-  dk = dk + jnp.einsum('bkgts,bkgth->bskh', ds, q_a)
-  return dq, dk, dv
+  dq = dq + jnp.einsum('bkgts,bskh->bkgth', ds, k_t.astype(jnp.float32))
+  return dq, jnp.einsum('bkgts,bkgth->bskh', ds, q_a), dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _ring_grouped(q, k, v, index, seg, scale):
-  return _ring_forward(q, k, v, index, seg, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _ring_grouped(q, k, v, index, seg, scale, tile):
+  return _ring_forward(q, k, v, index, seg, scale, tile)[0]
 
 
-def _ring_fwd(q, k, v, index, seg, scale):
-  out, lse = _ring_forward(q, k, v, index, seg, scale)
+def _ring_fwd(q, k, v, index, seg, scale, tile):
+  out, lse = _ring_forward(q, k, v, index, seg, scale, tile)
   return out, (q, k, v, index, seg, out, lse)
 
 
-def _ring_bwd(scale, residuals, d_out):
+def _ring_bwd(scale, tile, residuals, d_out):
   q, k, v, index, seg, out, lse = residuals
-  dq, dk, dv = _ring_backward(q, k, v, index, seg, out, lse, d_out, scale)
+  dq, dk, dv = _ring_backward(q, k, v, index, seg, out, lse, d_out, scale, tile)
   return (dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None)
 
 
 _ring_grouped.defvjp(_ring_fwd, _ring_bwd)
 
 
-def _ring(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, index_T, seg_BxT, *, scale):
+def _ring(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, index_T, seg_BxT, *, scale, tile):
   """One device's queries against every block of the ring: (B, T, N, H) in q's dtype."""
   b, t, n, h = q_BxTxNxH.shape
   out = _ring_grouped(_grouped(q_BxTxNxH, k_BxTxKxH.shape[2]), k_BxTxKxH, v_BxTxKxH,
-                      index_T, seg_BxT, scale)
+                      index_T, seg_BxT, scale, tile)
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q_BxTxNxH.dtype)
