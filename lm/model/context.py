@@ -22,6 +22,7 @@ half-chunks that the causal mask hides whole (`_needed`); `block_work` counts th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -144,12 +145,13 @@ def context_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax
   heads = rules.spec(('heads',), (n_heads,))[0]
   if heads != rules.spec(('kv_heads',), (kv_heads,))[0]:
     heads = None  # Query and key heads split alike or not at all: groups stay local.
-  q_spec, rows = P(batch, CONTEXT_AXIS, heads, None), P(batch, CONTEXT_AXIS)
-  local = (functools.partial(_ring, scale=scale, tile=key_tile) if mode == 'ring'
-           else functools.partial(_allgather, scale=scale))
-  fn = jax.shard_map(local, mesh=rules.mesh,
-                     in_specs=(q_spec, q_spec, q_spec, P(CONTEXT_AXIS), rows),
-                     out_specs=q_spec, check_vma=False)
+  if mode == 'ring':
+    ring = _Ring(rules.mesh, batch, heads, scale, key_tile)
+    return _ring_attention(ring, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, index_T, segments_BxT)
+  tokens, rows = P(batch, CONTEXT_AXIS, heads, None), P(batch, CONTEXT_AXIS)
+  fn = jax.shard_map(functools.partial(_allgather, scale=scale), mesh=rules.mesh,
+                     in_specs=(tokens, tokens, tokens, P(CONTEXT_AXIS), rows),
+                     out_specs=tokens, check_vma=False)
   return fn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, index_T, segments_BxT)
 
 
@@ -195,6 +197,17 @@ def _scores(q_a, k_b, mask_ab, scale):
   return jnp.where(mask_ab, s, _MASKED)
 
 
+def _loop(n, body, init):
+  """body(i, x) for i in range(n) as a while loop, `n` static or traced. Not fori_loop:
+  with a static length it is a scan, and under the scanned layers JAX then kept every
+  step's temporaries (each score tile) for a backward pass that never reads them."""
+  def step(state):
+    i, x = state
+    return i + 1, body(i, x)
+
+  return jax.lax.while_loop(lambda state: state[0] < n, step, (jnp.int32(0), init))[1]
+
+
 def _ring_forward(q, k, v, index, seg, scale, tile):
   """(out (B, K, G, T, H), log-sum-exp (B, K, G, T)) of each query, float32."""
   n = jax.lax.axis_size(CONTEXT_AXIS)
@@ -206,9 +219,8 @@ def _ring_forward(q, k, v, index, seg, scale, tile):
     halves = _block_halves(*block)
     out = []
     for qa, qi, qg, carry in zip(qs, q_index, q_seg, acc):
-      for kb, vb, ki, kg in halves:
-        carry = jax.lax.cond(_needed(ki, qi), functools.partial(_fold_one, tile=tile),
-                             lambda c, *_: c, carry, qa, qi, qg, (kb, vb, ki, kg), scale)
+      for half in halves:
+        carry = _fold_half(carry, qa, qi, qg, half, scale, tile)
       out.append(carry)
     return out
 
@@ -217,43 +229,39 @@ def _ring_forward(q, k, v, index, seg, scale, tile):
     nxt = jax.tree.map(_shift, block)  # Sent before the fold, so the two can overlap.
     return nxt, fold(acc, block)
 
-  block, acc = jax.lax.fori_loop(0, n - 1, step, ((k, v, index, seg), acc))
+  block, acc = _loop(n - 1, step, ((k, v, index, seg), acc))
   acc = fold(acc, block)
   out = jnp.concatenate([o / total[..., None] for o, _, total in acc], axis=3)
   lse = jnp.concatenate([m + jnp.log(total) for _, m, total in acc], axis=3)
   return out, lse
 
 
-def _key_tiles(block, tile):
-  """A half-chunk of keys as tiles of `tile` keys stacked on a leading axis, for a scan
-  (the half-chunk whole where `tile` does not divide it)."""
-  kb, vb, ki, kg = block
-  s = ki.shape[0]
-  tile = tile if s > tile and s % tile == 0 else s
+def _tiles(half, query_index, tile):
+  """(tile length, how many tiles of the key half-chunk some query sees, a function
+  giving tile i). A half-chunk's positions ascend, so the tiles seen are a prefix, and
+  none at all where the causal mask hides the half-chunk whole (`_needed`)."""
+  key_index = half[2]
+  s = key_index.shape[0]
+  t = tile if s > tile and s % tile == 0 else s
+  seen = jnp.sum(key_index[::t] <= query_index.max())
 
-  def tiled(x, axis):
-    x = x.reshape(x.shape[:axis] + (s // tile, tile) + x.shape[axis + 1:])
-    return jnp.moveaxis(x, axis, 0)
+  def tile_i(i):
+    return tuple(jax.lax.dynamic_slice_in_dim(x, i * t, t, axis)
+                 for x, axis in zip(half, (1, 1, 0, 1)))
 
-  return tiled(kb, 1), tiled(vb, 1), tiled(ki, 0), tiled(kg, 1)
-
-
-def _untiled(x_nxBxtx_):
-  """Undoes _key_tiles on a per-tile result: (n, B, tile, ...) -> (B, n * tile, ...)."""
-  x = jnp.moveaxis(x_nxBxtx_, 0, 1)
-  return x.reshape((x.shape[0], -1) + x.shape[3:])
+  return t, seen, tile_i
 
 
-def _fold_one(carry, q_a, qi, qg, block, scale, *, tile):
-  """One block into a query half's online softmax (out, running max, running sum),
-  a key tile at a time; a tile the causal mask hides whole is skipped."""
+def _fold_half(carry, q_a, qi, qg, half, scale, tile):
+  """A key half-chunk into a query half's online softmax (out, running max, running
+  sum), a tile of keys at a time."""
+  _, seen, tile_i = _tiles(half, qi, tile)
 
-  def one(carry, kv):
-    k_t, v_t, ki, kg = kv
-    return jax.lax.cond(_needed(ki, qi), _fold_tile, lambda c, *_: c, carry, q_a, k_t, v_t,
-                        _mask(qi, ki, qg, kg), scale), None
+  def one(i, carry):
+    k_t, v_t, ki, kg = tile_i(i)
+    return _fold_tile(carry, q_a, k_t, v_t, _mask(qi, ki, qg, kg), scale)
 
-  return jax.lax.scan(one, carry, _key_tiles(block, tile))[0]
+  return _loop(seen, one, carry)
 
 
 def _fold_tile(carry, q_a, k_t, v_t, mask, scale):
@@ -278,33 +286,31 @@ def _ring_backward(q, k, v, index, seg, out, lse, d_out, scale, tile):
     dq, dks, dvs = list(dq), _halves(dk, 1), _halves(dv, 1)
     halves = _block_halves(k, v, k_index, k_seg)
     for a, (qa, qi, qg) in enumerate(zip(qs, q_index, q_seg)):
-      for b_, (kb, vb, ki, kg) in enumerate(halves):
-        grads = (dq[a], dks[b_], dvs[b_])
-        dq[a], dks[b_], dvs[b_] = jax.lax.cond(
-            _needed(ki, qi), functools.partial(_grad_one, tile=tile), lambda g, *_: g, grads,
-            qa, qi, qg, (kb, vb, ki, kg), (lses[a], d_outs[a], deltas[a]), scale)
+      for b_, half in enumerate(halves):
+        dq[a], dks[b_], dvs[b_] = _grad_half((dq[a], dks[b_], dvs[b_]), qa, qi, qg, half,
+                                             (lses[a], d_outs[a], deltas[a]), scale, tile)
     block = (k, v, k_index, k_seg, jnp.concatenate(dks, 1), jnp.concatenate(dvs, 1))
     return jax.tree.map(_shift, block), tuple(dq)
 
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
   block = (k, v, index, seg, zeros(k), zeros(v))
-  block, dq = jax.lax.fori_loop(0, n, step, (block, tuple(zeros(qa) for qa in qs)))
+  block, dq = _loop(n, step, (block, tuple(zeros(qa) for qa in qs)))
   return jnp.concatenate(dq, axis=3), block[4], block[5]
 
 
-def _grad_one(grads, q_a, qi, qg, block, softmax, scale, *, tile):
-  """One block's share of (dq, dk, dv), a key tile at a time as in _fold_one."""
-  dq, dk, dv = grads
+def _grad_half(grads, q_a, qi, qg, half, softmax, scale, tile):
+  """A key half-chunk's share of (dq, dk, dv), a tile at a time as in _fold_half."""
+  t, seen, tile_i = _tiles(half, qi, tile)
 
-  def one(dq, kv):
-    k_t, v_t, ki, kg = kv
-    zero = (dq, jnp.zeros(k_t.shape, jnp.float32), jnp.zeros(v_t.shape, jnp.float32))
-    dq, dk_t, dv_t = jax.lax.cond(_needed(ki, qi), _grad_tile, lambda *_: zero, dq, q_a, k_t,
-                                  v_t, _mask(qi, ki, qg, kg), softmax, scale)
-    return dq, (dk_t, dv_t)
+  def one(i, grads):
+    dq, dk, dv = grads
+    k_t, v_t, ki, kg = tile_i(i)
+    dq, dk_t, dv_t = _grad_tile(dq, q_a, k_t, v_t, _mask(qi, ki, qg, kg), softmax, scale)
+    add = lambda acc, d: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+        acc, jax.lax.dynamic_slice_in_dim(acc, i * t, t, 1) + d, i * t, 1)
+    return dq, add(dk, dk_t), add(dv, dv_t)
 
-  dq, (dk_t, dv_t) = jax.lax.scan(one, dq, _key_tiles(block, tile))
-  return dq, dk + _untiled(dk_t), dv + _untiled(dv_t)
+  return _loop(seen, one, grads)
 
 
 def _grad_tile(dq, q_a, k_t, v_t, mask, softmax, scale):
@@ -317,28 +323,71 @@ def _grad_tile(dq, q_a, k_t, v_t, mask, softmax, scale):
   return dq, jnp.einsum('bkgts,bkgth->bskh', ds, q_a), dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _ring_grouped(q, k, v, index, seg, scale, tile):
-  return _ring_forward(q, k, v, index, seg, scale, tile)[0]
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+  """The ring's two passes, each one `shard_map` over the mesh. The custom VJP sits
+  outside them: inside a shard_map under a scan (scan_layers) JAX differentiated the
+  forward ring itself and kept every score tile for the backward pass."""
+
+  mesh: jax.sharding.Mesh
+  batch: Any  # The mesh axes of the batch, and of the heads (None: not split).
+  heads: Any
+  scale: float
+  tile: int
+
+  def _map(self, local, in_specs, out_specs):
+    return jax.shard_map(local, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
+
+  @property
+  def _specs(self):
+    tokens = P(self.batch, CONTEXT_AXIS, self.heads, None)  # (B, T, N, H)
+    grouped = P(self.batch, self.heads, None, CONTEXT_AXIS)  # (B, K, G, T, ...)
+    return tokens, grouped, (tokens, tokens, tokens, P(CONTEXT_AXIS), P(self.batch,
+                                                                          CONTEXT_AXIS))
+
+  def forward(self, q, k, v, index, seg):
+    """(out (B, T, N, H) in q's dtype, (out, log-sum-exp) float32 grouped)."""
+    tokens, grouped, inputs = self._specs
+
+    def local(q, k, v, index, seg):
+      out, lse = _ring_forward(_grouped(q, k.shape[2]), k, v, index, seg, self.scale,
+                               self.tile)
+      return _ungrouped(out).astype(q.dtype), out, lse
+
+    return self._map(local, inputs, (tokens, grouped, grouped))(q, k, v, index, seg)
+
+  def backward(self, q, k, v, index, seg, out, lse, d_out):
+    tokens, grouped, inputs = self._specs
+
+    def local(q, k, v, index, seg, out, lse, d_out):
+      kv_heads = k.shape[2]
+      dq, dk, dv = _ring_backward(_grouped(q, kv_heads), k, v, index, seg, out, lse,
+                                  _grouped(d_out, kv_heads), self.scale, self.tile)
+      return _ungrouped(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+    return self._map(local, (*inputs, grouped, grouped, tokens), (tokens,) * 3)(
+        q, k, v, index, seg, out, lse, d_out)
 
 
-def _ring_fwd(q, k, v, index, seg, scale, tile):
-  out, lse = _ring_forward(q, k, v, index, seg, scale, tile)
-  return out, (q, k, v, index, seg, out, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_attention(ring, q, k, v, index, seg):
+  return ring.forward(q, k, v, index, seg)[0]
 
 
-def _ring_bwd(scale, tile, residuals, d_out):
-  q, k, v, index, seg, out, lse = residuals
-  dq, dk, dv = _ring_backward(q, k, v, index, seg, out, lse, d_out, scale, tile)
-  return (dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+def _ring_fwd(ring, q, k, v, index, seg):
+  out, grouped_out, lse = ring.forward(q, k, v, index, seg)
+  return out, (q, k, v, index, seg, grouped_out, lse)
 
 
-_ring_grouped.defvjp(_ring_fwd, _ring_bwd)
+def _ring_bwd(ring, residuals, d_out):
+  return (*ring.backward(*residuals, d_out), None, None)
 
 
-def _ring(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, index_T, seg_BxT, *, scale, tile):
-  """One device's queries against every block of the ring: (B, T, N, H) in q's dtype."""
-  b, t, n, h = q_BxTxNxH.shape
-  out = _ring_grouped(_grouped(q_BxTxNxH, k_BxTxKxH.shape[2]), k_BxTxKxH, v_BxTxKxH,
-                      index_T, seg_BxT, scale, tile)
-  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q_BxTxNxH.dtype)
+_ring_attention.defvjp(_ring_fwd, _ring_bwd)
+
+
+def _ungrouped(x_BxKxGxTxH):
+  """Undoes _grouped: (B, K, G, T, H) -> (B, T, N, H)."""
+  b, k, g, t, h = x_BxKxGxTxH.shape
+  return jnp.transpose(x_BxKxGxTxH, (0, 3, 1, 2, 4)).reshape(b, t, k * g, h)
