@@ -33,6 +33,7 @@ EXPECTED_PARAMS = {
     'gpt2_medium': 355e6,
     'llama_1b': 1.1e9,
     'llama_7b': 6.74e9,
+    'llama_7b_long': 6.74e9,
 }
 
 
