@@ -2,7 +2,7 @@
 
 For 64 devices (8-way fsdp x 8-way context, a row per fsdp group); on 8 devices set
 batch_size=1. Positions past the 4,096 that llama_7b trains at are read through Llama 3's
-RoPE scaling, so a run that `init_from`s a llama_7b checkpoint extends it (docs/recipes.md).
+RoPE scaling, so a run that `init_from`s a llama_7b checkpoint extends it.
 `scripts/bench.py --aot` plans it on a CPU (docs/performance.md).
 """
 
