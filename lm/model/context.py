@@ -118,8 +118,9 @@ def _reorder(x_BxTx_: jax.Array, order: str, rules: AxisRules, *, inverse: bool)
 
 
 def _needed(key_index: Any, query_index: Any) -> Any:
-  # Some key of the block comes at or before some query: the causal mask hides not all.
-  return key_index.min() <= query_index.max()
+  # Some key of the block (each row of key_index's last axis) comes at or before some
+  # query: the causal mask hides not all.
+  return key_index.min(-1) <= query_index.max()
 
 
 def block_work(t: int, n: int, order: str) -> list[int]:
@@ -243,7 +244,7 @@ def _tiles(half, query_index, tile):
   key_index = half[2]
   s = key_index.shape[0]
   t = tile if s > tile and s % tile == 0 else s
-  seen = jnp.sum(key_index[::t] <= query_index.max())
+  seen = jnp.sum(_needed(key_index.reshape(-1, t), query_index))
 
   def tile_i(i):
     return tuple(jax.lax.dynamic_slice_in_dim(x, i * t, t, axis)
