@@ -61,6 +61,28 @@ def test_tiny_trains_two_steps_and_writes_the_run_folder(tmp_path, tokenizer, tw
 
 
 @pytest.mark.slow
+def test_context_axis_trains_evaluates_and_samples_like_whole_rows(tmp_path, tokenizer,
+                                                                  two_steps):
+  """Rows split 4 ways over `context` (2-way data on the 8 devices): the same losses as the
+  pulse's whole rows on data=8, an evaluation, and a checkpoint generate.py samples from."""
+  workdir = tmp_path / 'run'
+  proc = _train(workdir, tokenizer, '--config.steps=2', '--config.eval_every=2',
+                '--config.mesh.context=4')
+  header = proc.stdout.split('step=')[0]
+  assert 'mesh data=2 x fsdp=1 x tensor=1 x context=4' in header, header
+  lines = read_metrics(workdir)
+  split = [m['loss'] for m in lines if 'loss' in m]
+  whole = [m['loss'] for m in read_metrics(two_steps[0]) if 'loss' in m]
+  assert split == pytest.approx(whole, rel=1e-5)
+  evals = [m for m in lines if 'eval_loss' in m]
+  assert len(evals) == 1 and evals[0]['step'] == 2
+  sample = script('generate.py', f'--workdir={workdir}', '--prompt=def main(',
+                  '--max_new_tokens=4', '--temperature=0')
+  ids = json.loads(sample.stdout.strip().splitlines()[-1])['ids']
+  assert 1 <= len(ids) <= 4
+
+
+@pytest.mark.slow
 def test_bad_value_exits_non_zero_with_one_line_naming_the_key(tmp_path, tokenizer):
   proc = _train(tmp_path / 'bad', tokenizer, '--config.model.num_kv_heads=3', check=False)
   assert proc.returncode != 0
