@@ -1,5 +1,5 @@
 """Scores a trained run: python scripts/eval.py --workdir=RUN [--step=N] [--files=GLOB]
-[--max_tokens=N], or on task files: --task=PATHS [--max_examples=N]
+[--max_tokens=N] [--seq_len=N], or on task files: --task=PATHS [--max_examples=N]
 
 Without --files or --task it scores the run's held-out split. The last line of stdout is
 JSON: {"step", "loss", "perplexity", "bits_per_byte", "tokens", "bytes"} (+ "files" per
@@ -27,6 +27,9 @@ _TASK = flags.DEFINE_string('task', '', 'Comma-separated paths or globs of task 
                             'lines of {"context", "choices", "label"}) to score, each a task.')
 _MAX_EXAMPLES = flags.DEFINE_integer('max_examples', 0, 'Score the first N examples of each '
                                      'task file; 0 = all.')
+_SEQ_LEN = flags.DEFINE_integer('seq_len', 0, 'Score rows of this many tokens instead of the '
+                                 "run's seq_len (a long-context extension is judged at its "
+                                 'new length); 0 = the run\'s.')
 _QUANTIZE = define_quantize_flags()
 
 
@@ -39,8 +42,8 @@ def main(argv):
   cli.reject_extra_args(argv)
   quant = QuantConfig(*_QUANTIZE())
   if _TASK.value:
-    if _FILES.value or _MAX_TOKENS.value:
-      cli.fail('--task cannot be combined with --files or --max_tokens')
+    if _FILES.value or _MAX_TOKENS.value or _SEQ_LEN.value:
+      cli.fail('--task cannot be combined with --files, --max_tokens or --seq_len')
     result = cli.run_or_exit(lambda: tasks.evaluate_tasks(
         _WORKDIR.value, _TASK.value, step=_STEP.value, max_examples=_MAX_EXAMPLES.value,
         quant=quant))
@@ -50,7 +53,7 @@ def main(argv):
       cli.fail('--max_examples goes with --task')
     result = cli.run_or_exit(lambda: score_run.evaluate_run(
         _WORKDIR.value, step=_STEP.value, files=_FILES.value, max_tokens=_MAX_TOKENS.value,
-        quant=quant))
+        quant=quant, seq_len=_SEQ_LEN.value))
     print('\n'.join(score_run.report_lines(result)))
   print(json.dumps(result))
 

@@ -150,6 +150,22 @@ def test_eval_script_scores_the_held_out_split_as_training_did(run_dir):
 
 
 @pytest.mark.slow
+def test_seq_len_scores_the_same_text_in_rows_of_another_length(run_dir, text_files):
+  own = score_run.evaluate_run(run_dir)
+  assert score_run.evaluate_run(run_dir, seq_len=64) == {**own, 'seq_len': 64}
+  longer = score_run.evaluate_run(run_dir, seq_len=128)
+  assert longer['tokens'] == 8 * 128 and longer['loss'] != own['loss']
+  # Windows share one token, so a file's targets are the same at any length; what each
+  # target sees before it is not.
+  short, long = (score_run.evaluate_run(run_dir, files=f'{text_files}/*', seq_len=n)
+                 for n in (16, 128))
+  assert (short['tokens'], short['bytes']) == (long['tokens'], long['bytes'])
+  assert short['loss'] != long['loss']
+  with pytest.raises(ValueError, match='--seq_len must be >= 0'):
+    score_run.evaluate_run(run_dir, seq_len=-8)
+
+
+@pytest.mark.slow
 def test_a_packed_run_with_a_chunked_loss_is_scored_as_training_scored_it(tmp_path, tokenizer,
                                                                            text_files):
   # data.segment_ids and loss.chunk change both training and scoring; the eval

@@ -7,6 +7,7 @@ or batch is padded, and a mask keeps padding out of the loss, token and byte cou
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,7 @@ import numpy as np
 from data import packing, sources
 from data.batch import make_batch
 from data.tokenizer import Tokenizer
+from lm.config import as_dict, parse
 from lm.eval.perplexity import (
   ScoredBatch,
   evaluate,
@@ -117,17 +119,34 @@ def make_step(run: Run) -> Any:
                         loss_chunk=run.cfgs.loss.chunk)
 
 
+def at_length(run: Run, seq_len: int) -> Run:
+  """`run` scoring rows of `seq_len` tokens (its held-out split packed at that length),
+  checked as a run at that length would be: what a long-context extension is judged by."""
+  return dataclasses.replace(run, cfgs=parse({**as_dict(run.cfgs), 'seq_len': seq_len}))
+
+
 def evaluate_run(workdir: str, *, step: int | None = None, files: str = '',
-                 max_tokens: int = 0, quant: QuantConfig = NONE) -> dict[str, Any]:
+                 max_tokens: int = 0, quant: QuantConfig = NONE,
+                 seq_len: int = 0) -> dict[str, Any]:
   """{"step", "loss", "perplexity", "bits_per_byte", "tokens", "bytes"}, plus "files"
   (one such record per file, without "step") when `files` matches several.
 
   `max_tokens` > 0 caps the tokens scored from the held-out split, or from each file.
-  `quant` scores the run's weights quantised (lm/eval/quantize.py).
+  `quant` scores the run's weights quantised (lm/eval/quantize.py). `seq_len` > 0 scores
+  rows of that many tokens instead of the run's own (`at_length`); "seq_len" then joins
+  the record.
   """
   if max_tokens < 0:
     raise ValueError(f'--max_tokens must be >= 0, got {max_tokens}')
+  if seq_len < 0:
+    raise ValueError(f'--seq_len must be >= 0, got {seq_len}')
   run = load_quantized_run(workdir, step, quant)
+  if seq_len:
+    return {**_evaluate(at_length(run, seq_len), files, max_tokens), 'seq_len': seq_len}
+  return _evaluate(run, files, max_tokens)
+
+
+def _evaluate(run: Run, files: str, max_tokens: int) -> dict[str, Any]:
   if not files:
     return {'step': run.step, **score(run, heldout(run, max_tokens)), **weights_record(run)}
   eval_step = make_step(run)
