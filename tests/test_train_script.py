@@ -61,19 +61,17 @@ def test_tiny_trains_two_steps_and_writes_the_run_folder(tmp_path, tokenizer, tw
 
 
 @pytest.mark.slow
-def test_context_axis_trains_evaluates_and_samples_like_whole_rows(tmp_path, tokenizer,
-                                                                  two_steps):
-  """Rows split 4 ways over `context` (2-way data on the 8 devices): the same losses as the
-  pulse's whole rows on data=8, an evaluation, and a checkpoint generate.py samples from."""
+def test_context_axis_trains_evaluates_and_samples(tmp_path, tokenizer):
+  """Rows split 4 ways over `context` (2-way data on the 8 devices) through the CLI: the
+  header shows the mesh, the run evaluates, and generate.py samples from its checkpoint.
+  (That the split trains as whole rows do is tests/test_context.py's, in process.)"""
   workdir = tmp_path / 'run'
   proc = _train(workdir, tokenizer, '--config.steps=2', '--config.eval_every=2',
-                '--config.mesh.context=4')
+                '--config.mesh.context=4', '--config.seq_len=64', '--config.model.num_layers=1')
   header = proc.stdout.split('step=')[0]
   assert 'mesh data=2 x fsdp=1 x tensor=1 x context=4' in header, header
   lines = read_metrics(workdir)
-  split = [m['loss'] for m in lines if 'loss' in m]
-  whole = [m['loss'] for m in read_metrics(two_steps[0]) if 'loss' in m]
-  assert split == pytest.approx(whole, rel=1e-5)
+  assert [m['step'] for m in lines if 'loss' in m] == [1, 2]
   evals = [m for m in lines if 'eval_loss' in m]
   assert len(evals) == 1 and evals[0]['step'] == 2
   sample = script('generate.py', f'--workdir={workdir}', '--prompt=def main(',
