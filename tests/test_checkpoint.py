@@ -213,12 +213,13 @@ def test_a_resume_that_loses_state_fails_the_comparison(tmp_path, tokenizer, str
   restore = Checkpointer.restore
 
   def lossy_restore(self, step, abstract):
-    state, data_state = restore(self, step, abstract)
+    saved = restore(self, step, abstract)
+    state = saved.state
     if drop == 'opt_state':
       fresh = jax.tree.map(lambda x: jax.device_put(jnp.zeros_like(x), x.sharding),
                            state.opt_state)
-      return state.replace(opt_state=fresh), data_state
-    return state.replace(rng=jax.random.fold_in(state.rng, 1)), data_state
+      return saved._replace(state=state.replace(opt_state=fresh))
+    return saved._replace(state=state.replace(rng=jax.random.fold_in(state.rng, 1)))
 
   monkeypatch.setattr(Checkpointer, 'restore', lossy_restore)
   trainer.train(_config(workdir, tokenizer), handle_signals=False)
@@ -260,9 +261,9 @@ def test_a_save_over_an_unfinished_one_of_the_same_step_commits(tmp_path, caplog
   assert 'an unfinished save of step 2' in caplog.text
   assert ckpt.all_steps() == [1, 2]
   assert not [p for p in os.listdir(ckpt.directory) if 'tmp' in p]
-  restored, data = ckpt.restore(2, {'w': jax.ShapeDtypeStruct((8,), jnp.float32)})
+  restored, data, interval = ckpt.restore(2, {'w': jax.ShapeDtypeStruct((8,), jnp.float32)})
   np.testing.assert_array_equal(restored['w'], np.arange(8.0) + 1)
-  assert data == {'position': 2}
+  assert data == {'position': 2} and interval is None  # none given to save
   ckpt.close()
 
 
@@ -325,6 +326,22 @@ def test_vocabulary_and_tokenizer_changes_are_named_runtime_keys_are_not(
 
 
 # Resharding.
+
+
+@pytest.mark.slow
+def test_a_resume_in_the_middle_of_a_log_interval_logs_what_the_whole_run_logs(tmp_path,
+                                                                              tokenizer):
+  # Lines every 4 steps, checkpoints every 3: the run resumed from step 6 must log at 8
+  # the means over steps 5-8, not 7-8. Only the throughput, a clock, may differ.
+  extra = {'steps': 8, 'log_every': 4, 'checkpoint_every': 3, 'keep_checkpoints': 100}
+  trainer.train(_config(tmp_path / 'whole', tokenizer, extra), handle_signals=False)
+  workdir = _clone(tmp_path / 'whole', tmp_path / 'resumed', 6)
+  trainer.train(_config(workdir, tokenizer, extra), handle_signals=False)
+  clock = {'tokens_per_sec', 'mfu', 'mfu_causal', 'tflops_per_sec'}
+  lines = [[{k: v for k, v in m.items() if k not in clock} for m in read_metrics(d)]
+           for d in (tmp_path / 'whole', workdir)]
+  assert [m['step'] for m in lines[0]] == [4, 8]
+  assert lines[1] == lines[0]
 
 
 @pytest.mark.slow
@@ -454,9 +471,9 @@ def test_too_many_non_finite_steps_in_a_row_abort_without_saving(tmp_path, token
   restore = Checkpointer.restore
 
   def poisoned_restore(self, step, abstract):  # as if the parameters had gone bad
-    state, data_state = restore(self, step, abstract)
-    params = jax.tree.map(lambda x: x * jnp.nan, state.params)
-    return state.replace(params=params), data_state
+    saved = restore(self, step, abstract)
+    params = jax.tree.map(lambda x: x * jnp.nan, saved.state.params)
+    return saved._replace(state=saved.state.replace(params=params))
 
   monkeypatch.setattr(Checkpointer, 'restore', poisoned_restore)
   config = _config(workdir, tokenizer, {'max_nonfinite_steps': 3, 'checkpoint_every': 1})
@@ -604,7 +621,7 @@ def test_flipped_bits_anywhere_in_the_arrays_never_restore_silently(tmp_path, to
     _flip_bit(workdir / target.relative_to(straight[0]), offset)
     reader = Checkpointer(str(workdir), read_only=True)
     try:
-      state, _ = reader.restore(30, abstract)
+      state = reader.restore(30, abstract).state
     except Exception:  # noqa: BLE001  Refused: as good as unreadable, never wrong.
       refused += 1
     else:
@@ -685,8 +702,9 @@ def test_muon_resumes_bit_for_bit_and_needs_its_momentum(tmp_path, tokenizer, mo
   restore = Checkpointer.restore
 
   def lossy_restore(self, step, abstract):
-    state, data_state = restore(self, step, abstract)
-    return state.replace(opt_state=_zero_muon_momentum(state.opt_state)), data_state
+    saved = restore(self, step, abstract)
+    return saved._replace(state=saved.state.replace(
+        opt_state=_zero_muon_momentum(saved.state.opt_state)))
 
   monkeypatch.setattr(Checkpointer, 'restore', lossy_restore)
   workdir = _clone(reference, tmp_path / 'lossy', 10)

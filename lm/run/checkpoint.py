@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -48,11 +48,18 @@ RUNTIME_MODEL_KEYS = frozenset(
 # them to extend the context the model reads; a resume may not.
 POSITION_MODEL_KEYS = frozenset({'rope_theta', 'rope_scaling', 'rope_low_freq_factor',
                                  'rope_high_freq_factor', 'rope_original_max_position'})
-_ITEMS = ('state', 'data', 'meta', 'checksums')
+_ITEMS = ('state', 'data', 'meta', 'interval', 'checksums')
 
 
 class SaveFailed(Exception):
   """A checkpoint could not be written; the checkpoints committed before it stand."""
+
+
+class Restored(NamedTuple):
+  """What a checkpoint gives back to a resumed run."""
+  state: Any
+  data: dict[str, Any]  # The pipeline's position.
+  interval: dict[str, Any] | None  # The log interval's sums; None before they were saved.
 
 
 class CorruptCheckpoint(ValueError):
@@ -154,10 +161,12 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def save(self, step: int, state: Any, data_state: dict[str, Any], *,
-           force: bool = False) -> bool:
+           interval: dict[str, Any] | None = None, force: bool = False) -> bool:
     """Starts an asynchronous save; `wait()` blocks until it is committed.
 
-    Raises SaveFailed if the previous save failed (or this one cannot start).
+    `interval`: the log interval's running sums (JSON), so that a run resumed from this
+    step logs the figures the uninterrupted run logs. Raises SaveFailed if the previous
+    save failed (or this one cannot start).
     """
     if self._failed:
       raise SaveFailed(f'an earlier save in {self.directory} failed; not saving step {step}')
@@ -166,6 +175,8 @@ class Checkpointer:
     json_items = {'data': data_state}
     if self._metadata is not None:
       json_items['meta'] = self._metadata
+    if interval is not None:
+      json_items['interval'] = interval
     sums = checksums.make(state, json_items)  # Before the step donates the state.
     items = {'state': ocp.args.StandardSave(state), 'checksums': ocp.args.JsonSave(sums),
              **{name: ocp.args.JsonSave(value) for name, value in json_items.items()}}
@@ -212,20 +223,21 @@ class Checkpointer:
           log.warning('could not remove %s: %s', stale, e)
     _barrier(f'checkpoint_clear_unfinished_{step}')
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """State and data position, onto the shardings of `abstract_state` (any mesh).
+  def restore(self, step: int, abstract_state: Any) -> Restored:
+    """State, data position and log interval, onto the shardings of `abstract_state`
+    (any mesh).
 
     Raises CorruptCheckpoint when they do not match the checksums saved with them.
     """
     step_dir = self.step_dir(step)
     with ocp.StandardCheckpointer() as reader:
       state = reader.restore(os.path.join(step_dir, 'state'), abstract_state)
-    data_state = _read_json(step_dir, 'data')
-    json_items = {'data': data_state}
-    if os.path.isdir(os.path.join(step_dir, 'meta')):
-      json_items['meta'] = _read_json(step_dir, 'meta')
+    json_items = {'data': _read_json(step_dir, 'data')}
+    for item in ('meta', 'interval'):  # Absent from checkpoints written before them.
+      if os.path.isdir(os.path.join(step_dir, item)):
+        json_items[item] = _read_json(step_dir, item)
     _verify(step_dir, state, json_items)
-    return state, data_state
+    return Restored(state, json_items['data'], json_items.get('interval'))
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Just the parameters (fine-tuning, evaluation, export)."""

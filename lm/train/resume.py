@@ -22,7 +22,7 @@ from lm.config import Configs
 from lm.model.config import ModelConfig
 from lm.model.transformer import Transformer
 from lm.run import checkpoint
-from lm.run.checkpoint import Checkpointer, committed_steps, first_line
+from lm.run.checkpoint import Checkpointer, Restored, committed_steps, first_line
 from lm.run.folder import RunFolder
 from lm.sharding import AxisRules
 from lm.train.step import TrainState, abstract_state, init_state, state_from_params
@@ -61,6 +61,7 @@ class Start(NamedTuple):
   data_state: dict[str, Any] | None  # None: the pipeline starts from the beginning
   step: int
   origin: str  # For the run's header: 'new run', 'resumed from ...', 'initialised from ...'
+  interval: dict[str, Any] | None = None  # The log interval's sums at the resumed step
 
 
 def resolve_init_from(init_from: str) -> Source:
@@ -172,9 +173,9 @@ def start_state(cfgs: Configs, model: Transformer, tx: optax.GradientTransformat
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
   restored = restore_latest(checkpointer, abstract)
   if restored is not None:
-    step, state, data_state = restored
-    return Start(state, shardings, data_state, step,
-                 f'resumed from step {step} ({checkpointer.step_dir(step)})')
+    step, saved = restored
+    return Start(saved.state, shardings, saved.data, step,
+                 f'resumed from step {step} ({checkpointer.step_dir(step)})', saved.interval)
   if source is not None:
     params = _source_params(source, abstract.params)
     origin = source.path
@@ -189,8 +190,7 @@ def start_state(cfgs: Configs, model: Transformer, tx: optax.GradientTransformat
                f'initialised from {origin} (parameters only: new optimizer, step 0)')
 
 
-def restore_latest(checkpointer: Checkpointer,
-                   abstract: Any) -> tuple[int, TrainState, dict[str, Any]] | None:
+def restore_latest(checkpointer: Checkpointer, abstract: Any) -> tuple[int, Restored] | None:
   """Restores the newest readable checkpoint; unreadable ones are moved aside, with a warning.
 
   Newest first, so a healthy run pays for one restore. With several processes, all must
@@ -199,12 +199,12 @@ def restore_latest(checkpointer: Checkpointer,
   moved = []
   for step in reversed(checkpointer.all_steps()):
     try:
-      state, data_state = checkpointer.restore(step, abstract)
+      restored = checkpointer.restore(step, abstract)
       error = None
     except Exception as e:  # noqa: BLE001  Truncated or missing files, bad JSON, ...
       error = e
     if _everywhere(error is None):
-      return step, state, data_state
+      return step, restored
     path = checkpointer.step_dir(step)
     moved.append(checkpointer.move_aside(step))
     log.warning('checkpoint %s is unreadable (%s); moved it to %s and falling back to the '

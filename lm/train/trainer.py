@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from data import TrainBatches
 from data.pipeline import examples_summary
@@ -61,6 +62,7 @@ class Experiment:
   checkpointer: Checkpointer
   start_step: int
   header: list[str]
+  start_interval: dict[str, Any] | None  # The log interval's sums the checkpoint carried
   # What `build` took, released in reverse: the lock, the run log, Orbax's threads, the
   # data threads.
   resources: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
@@ -147,7 +149,7 @@ def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules,
   if examples_line:
     header.insert(-1, f'fine-tuning on responses only: {examples_line}')
   return Experiment(cfgs, rules, model, tokenizer, start.state, start.shardings, compiled,
-                    batches, checkpointer, start.step, header)
+                    batches, checkpointer, start.step, header, start.interval)
 
 
 def describe_tokenizer(data_cfg: Any, workdir: str) -> str:
@@ -244,7 +246,9 @@ class _Loop:
           token_byte_lengths(exp.tokenizer, exp.cfgs.model.vocab_size),
           loss_chunk=exp.cfgs.loss.chunk)
     self.throughput = _Throughput(exp.cfgs, exp.start_step)
-    self.interval = _Interval()  # metrics summed on the device since the last log line
+    # Metrics summed on the device since the last log line; a resume goes on from the
+    # checkpoint's sums, so the line that closes the interval is the uninterrupted run's.
+    self.interval = _Interval.from_state(exp.start_interval)
     self.pending = None  # (step, sums, last, count) waiting to be read one step late
     self.guard = NonFiniteGuard(run.max_nonfinite_steps)
     self.step = exp.start_step
@@ -312,7 +316,8 @@ class _Loop:
     exp = self.exp
     self._write_pending()  # The metrics up to a checkpoint are on disk before it is.
     with self.throughput.paused():
-      exp.checkpointer.save(self.step, exp.state, _data_state(exp.batches), force=final)
+      exp.checkpointer.save(self.step, exp.state, _data_state(exp.batches),
+                            interval=self.interval.state_dict(), force=final)
 
   def _finish(self) -> None:
     """Last log line, final evaluation, and a save unless this step is saved already."""
@@ -341,6 +346,21 @@ class _Interval:
     out = (self.sums, self.last, self.count)
     self.sums, self.last, self.count = None, None, 0
     return out
+
+  def state_dict(self) -> dict[str, Any]:
+    """The sums as JSON: {"count", "sums": {name: [value, dtype]}} (exact: a float32 is
+    a Python float without loss)."""
+    sums = jax.device_get(self.sums) or {}
+    return {'count': self.count,
+            'sums': {k: [np.asarray(v).item(), str(np.asarray(v).dtype)] for k, v in sums.items()}}
+
+  @classmethod
+  def from_state(cls, state: dict[str, Any] | None) -> _Interval:
+    interval = cls()
+    if state and state['count']:
+      interval.sums = {k: jnp.asarray(v, dtype) for k, (v, dtype) in state['sums'].items()}
+      interval.count = state['count']
+    return interval
 
 
 def _log_train(writer: MetricsWriter, throughput: _Throughput, step: int,
