@@ -1,8 +1,9 @@
 """Orbax checkpoints of the train state, the data position and what they were made with.
 
-RUN/checkpoints/<step>/ holds four items:
+RUN/checkpoints/<step>/ holds five items:
   state      params, optimizer state, step and RNG; restored onto any mesh's shardings
   data       the pipeline's JSON state, so a resumed run continues with the very next batch
+  interval   JSON: the log interval's running sums, so a resumed run logs as the whole one
   meta       JSON: the model keys, the tokenizer's sha256 and vocabulary size and the whole
              resolved config, so a resume or a fine-tune can refuse an incompatible
              checkpoint before it touches anything
