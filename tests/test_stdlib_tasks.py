@@ -160,3 +160,23 @@ def test_script_refuses_with_one_line(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.count('\n') == 1 and 'raise data.eval_fraction' in proc.stderr
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_script_never_overwrites_task_files_and_names_a_file_given_as_out(tmp_path):
+  args = ('--next_line_examples=5', '--module_examples=2')
+  script('make_tasks.py', f'--out={tmp_path / "tasks"}', *args)
+  made = {p.name: p.read_bytes() for p in (tmp_path / 'tasks').iterdir()}
+  (tmp_path / 'tasks' / 'stdlib_next_line.jsonl').write_text('my edits\n')
+  again = script('make_tasks.py', f'--out={tmp_path / "tasks"}', *args, check=False)
+  assert again.returncode == 1
+  assert again.stderr.strip().splitlines() == [
+      f'error: --out: {tmp_path}/tasks/stdlib_next_line.jsonl exists; refusing to '
+      'overwrite task files (choose another --out, or remove them)']
+  assert (tmp_path / 'tasks' / 'stdlib_next_line.jsonl').read_text() == 'my edits\n'
+  assert {p.name for p in (tmp_path / 'tasks').iterdir()} == set(made)
+  (tmp_path / 'a_file').write_text('x')
+  proc = script('make_tasks.py', f'--out={tmp_path / "a_file"}', *args, check=False)
+  assert proc.stderr.strip().splitlines() == [
+      f'error: --out: {tmp_path}/a_file is a file, not a folder']
+  assert (tmp_path / 'a_file').read_text() == 'x'

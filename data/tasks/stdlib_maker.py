@@ -350,11 +350,18 @@ def write_tasks(cfg: DataConfig, out_dir: str, **counts: int) -> dict[str, Any]:
   Returns {"out", "eval_fraction", "tasks": [{"task", "path", "examples", "files",
   and for the module tasks "per_class", "files_per_class"}]}.
   """
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f'--out: {out_dir} is a file, not a folder')
   tasks = build_tasks(cfg, **counts)
+  paths = {name: os.path.join(out_dir, name + '.jsonl') for name in tasks}
+  existing = [path for path in paths.values() if os.path.exists(path)]
+  if existing:  # Task files a user scored with are not replaced behind their back.
+    raise ValueError(f'--out: {existing[0]} exists; refusing to overwrite task files '
+                     '(choose another --out, or remove them)')
   os.makedirs(out_dir, exist_ok=True)
   summaries = []
   for name, examples in tasks.items():
-    path = os.path.join(out_dir, name + '.jsonl')
+    path = paths[name]
     _write(path, examples)
     summaries.append(_summary(name, path, examples, classes=name != NEXT_LINE))
   return {'out': out_dir, 'eval_fraction': cfg.eval_fraction, 'tasks': summaries}
