@@ -301,6 +301,13 @@ def test_plot_script_writes_a_png_of_several_runs(tmp_path):
                 f'--out={tmp_path / "x.png"}', check=False)
   assert bad.returncode == 1 and 'nope' in bad.stderr
   assert not (tmp_path / 'x.png').exists()
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'empty' / 'metrics.jsonl').write_text('')
+  empty = script('plot.py', str(tmp_path / 'run_a'), str(tmp_path / 'empty'),
+                 f'--out={tmp_path / "x.png"}', check=False)
+  assert empty.returncode == 1 and empty.stderr.strip().splitlines() == [
+      f'error: nothing to plot: {tmp_path}/empty/metrics.jsonl has no train or eval loss yet']
+  assert not (tmp_path / 'x.png').exists()
 
 
 @pytest.mark.slow

@@ -39,8 +39,12 @@ def plot_runs(workdirs: Sequence[str], out: str) -> str:
   `out` ending in another format matplotlib writes (.svg, .pdf, ...) gets that format;
   otherwise '.png' is appended. Returns the path written.
   """
-  plt = _pyplot()
   curves = [read_curves(w) for w in workdirs]
+  for workdir, run in zip(workdirs, curves):
+    if not run['loss'] and not run['eval_loss']:  # A blank plot would pass for a result.
+      raise ValueError(f'nothing to plot: {os.path.join(workdir, layout.METRICS)} has no '
+                       'train or eval loss yet')
+  plt = _pyplot()
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
   for i, (name, run) in enumerate(zip(run_names(workdirs), curves)):
