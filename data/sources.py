@@ -13,6 +13,7 @@ import functools
 import glob
 import hashlib
 import itertools
+import json
 import os
 import pathlib
 import tempfile
@@ -144,6 +145,9 @@ class FileSource(Source):
       # closed after module globals such as DataError are gone.
       if isinstance(e, DataError):
         raise
+      bad = _first_bad_json_line(path) if builder == 'json' else None
+      if bad:  # Arrow counts rows from 0 and skips blank lines: say the line itself.
+        raise DataError(f'data.files: {path} line {bad[0]}: not JSON: {bad[1]}') from e
       raise DataError(f'data.files: cannot read {path}: {type(e).__name__}: {e}') from e
 
   def check_has_documents(self) -> None:
@@ -332,6 +336,23 @@ def _rows(ds: Any, text_key: str | None, start: int, name: str, label: str, *,
           f'data.text_key: column {text_key!r} in {label} holds '
           f'{type(text).__name__}, not text')
     yield f'{name}:{row}', cleaning.fix_text(text)
+
+
+def _first_bad_json_line(path: str) -> tuple[int, str] | None:
+  """(line number, why) of the first non-blank line of a JSON lines file that is not
+  JSON, decoded as the reader decodes it; None if every line parses."""
+  try:
+    with open(path, 'rb') as f:
+      for n, raw in enumerate(f, 1):
+        line = raw.decode('utf-8', errors='replace').lstrip('\ufeff').strip()
+        if line:
+          try:
+            json.loads(line)
+          except json.JSONDecodeError as e:
+            return n, e.msg
+  except OSError:
+    return None
+  return None
 
 
 def _local_cache_dir() -> str:

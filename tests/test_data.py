@@ -599,3 +599,15 @@ def test_train_tokenizer_script(tmp_path, corpus):
                        f'--out={out}', check=False, timeout=120)
   assert bad.returncode != 0
   assert len(bad.stderr.strip().splitlines()) == 1 and '/no/where/*.jsonl' in bad.stderr
+
+
+@pytest.mark.parametrize('text_key', ['text', None])  # text documents and SFT records
+def test_a_torn_json_line_is_named_by_its_line(tmp_path, text_key):
+  from data.sources import DataError, FileSource
+
+  path = tmp_path / 'torn.jsonl'
+  path.write_text('{"text": "one", "context": "a", "choices": [" b"], "label": 0}\n\n'
+                  '{"text": "two", "cont\n')
+  with pytest.raises(DataError, match=rf'^data.files: {path} line 3: not JSON: '
+                                      'Unterminated string'):
+    list(FileSource(str(path), text_key).rows(0, 0))

@@ -107,6 +107,14 @@ def test_a_bad_line_is_named_by_file_and_line(tmp_path, line, message):
     read_task(str(path))
 
 
+def test_bytes_that_are_not_utf8_are_named_by_file_and_line(tmp_path):
+  path = tmp_path / 'bad.jsonl'
+  path.write_bytes(b'{"context": "x", "choices": ["y"], "label": 0}\n'
+                   b'{"context": "\xff\xfe", "choices": ["y"], "label": 0}\n')
+  with pytest.raises(ValueError, match=f'^{path}:2: not UTF-8 text$'):
+    read_task(str(path))
+
+
 def test_task_paths_expand_globs_and_name_tasks_by_stem(tmp_path):
   for name in ('b.jsonl', 'a.jsonl', 'c.json'):
     (tmp_path / name).write_text('')

@@ -79,19 +79,21 @@ def read_task(path: str, max_examples: int = 0) -> list[Example]:
 
 def _records(path: str) -> Iterator[tuple[str, object]]:
   try:
-    f = open(path, encoding='utf-8')
+    f = open(path, 'rb')  # Decoded line by line, so that bad bytes are named by line.
   except OSError as e:
     raise ValueError(f'{path}: cannot read: {e.strerror}') from e
   with f:
-    for n, line in enumerate(f, 1):
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise ValueError(f'{path}:{n}: not UTF-8 text') from e
       if not line.strip():
         continue
       try:
         yield f'{path}:{n}', json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f'{path}:{n}: not JSON: {e.msg}') from e
-      except UnicodeDecodeError as e:
-        raise ValueError(f'{path}:{n}: not UTF-8 text') from e
 
 
 def choice_tokens(tokenizer: Tokenizer, example: Example) -> list[tuple[list[int], list[int]]]:
