@@ -232,4 +232,9 @@ def examples_summary(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int) -> str
   docs = ((d.key, d.text) for d in reader_lib.single_pass(cfg, heldout=False))
   encode = formats.batch_encoder(tokenizer, cfg.encode_threads)
   counts = sft.count(docs, encode, tokenizer.bos_id, tokenizer.eos_id, seq_len + 1)
+  if counts.examples and counts.skipped == counts.examples:  # Nothing left to train on.
+    raise ValueError(f'seq_len: every one of the {counts.examples} training examples has a '
+                     f'prompt that leaves no response token within seq_len + 1 = '
+                     f'{seq_len + 1} tokens (first: {counts.first_skipped}); raise seq_len '
+                     'or shorten the prompts')
   return f'training {counts.line(seq_len + 1)}'

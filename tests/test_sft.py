@@ -208,6 +208,14 @@ def test_summary_counts_what_training_will_do(tok, sft_files):
       f'them are skipped (first: ' + examples_summary(cfg, tok, 16).split('(first: ')[1])
 
 
+def test_rows_too_short_for_every_prompt_are_refused_naming_seq_len(tok, sft_files):
+  cfg, _ = sft_files
+  # Two tokens: BOS and one of the prompt, whatever it is; no response fits after it.
+  with pytest.raises(ValueError, match=r'^seq_len: every one of the \d+ training examples '
+                                       r'has a prompt .* seq_len \+ 1 = 2 tokens \(first: '):
+    examples_summary(cfg, tok, 1)
+
+
 def test_a_bad_line_is_named_and_text_files_are_refused(tok, tmp_path):
   path = tmp_path / 'bad.jsonl'
   path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "answer": "b"}\n')
