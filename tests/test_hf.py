@@ -395,3 +395,14 @@ def test_an_export_onto_a_disk_that_refuses_it_is_one_line(trained_run, tmp_path
   with pytest.raises(OSError, match=rf'^cannot write {tmp_path}/x/model.safetensors: .*'
                                     'Read-only file system'):
     hf_export.export(str(trained_run), str(tmp_path / 'x'))
+
+
+def test_a_torn_safetensors_file_is_one_line_naming_it(tmp_path):
+  from safetensors.numpy import save_file
+
+  path = tmp_path / 'model.safetensors'
+  save_file({'w': np.arange(64, dtype=np.float32)}, str(path))
+  assert hf.read_safetensors(str(tmp_path))['w'].shape == (64,)  # whole, it reads
+  path.write_bytes(path.read_bytes()[:100])  # as a copy cut short leaves it
+  with pytest.raises(ValueError, match=rf'^cannot read {path}: \S'):
+    hf.read_safetensors(str(tmp_path))

@@ -316,7 +316,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
                      'checkpoints are read; re-save with save_pretrained(safe_serialization=True))')
   out: dict[str, np.ndarray] = {}
   for f in files:
-    out.update(load_file(f))
+    try:
+      out.update(load_file(f))
+    except Exception as e:  # noqa: BLE001  safetensors' own error type: a torn or foreign file.
+      why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise ValueError(f'cannot read {f}: {why}') from e
   return out
 
 
