@@ -333,3 +333,63 @@ def test_best_point_of_each_budget():
   # The frontier drops the 4e9 budget: 2.6 is no better than 2.4 at half the compute.
   assert scaling_fit.compute_frontier(flops, losses) == [2, 5]
   assert scaling_fit.compute_frontier(flops + [16e9], losses + [2.3]) == [2, 5, 7]
+
+
+def _pids_running(needle: str) -> list[int]:
+  """Live processes (not zombies) whose command line holds `needle` (Linux's /proc)."""
+  pids = []
+  for entry in os.listdir('/proc'):
+    try:
+      with open(f'/proc/{entry}/cmdline', 'rb') as f:
+        cmdline = f.read()
+      with open(f'/proc/{entry}/stat', encoding='ascii') as f:
+        state = f.read().rsplit(')', 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+      continue
+    if needle.encode() in cmdline and state != 'Z':
+      pids.append(int(entry))
+  return pids
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f'/proc/{pid}/stat', encoding='ascii') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='the parent-death signal')
+def test_a_killed_sweep_stops_its_point_which_saves_and_frees_its_folder(tmp_path, tokenizer):
+  import signal
+  import subprocess
+  import time
+
+  from tests.helpers import REPO
+  out = tmp_path / 'out'
+  argv = [sys.executable, os.path.join(REPO, 'scripts', 'sweep.py'), '--config=configs/tiny.py',
+          f'--out={out}', '--steps=100000', f'--config.data.tokenizer={tokenizer}', *SMALL,
+          '--config.checkpoint_every=0', '--config.eval_every=0', '--grid=model.d_model=32']
+  sweep_proc = subprocess.Popen(argv, cwd=REPO, env=one_device_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+  workdir = out / 'runs' / 'd_model=32'
+  deadline = time.time() + 120
+  while time.time() < deadline and not (
+      (workdir / 'metrics.jsonl').exists() and (workdir / 'metrics.jsonl').read_text()):
+    assert sweep_proc.poll() is None
+    time.sleep(0.2)
+  children = _pids_running(f'--config.workdir={workdir}')
+  assert children, 'the point is not running'
+  sweep_proc.send_signal(signal.SIGKILL)
+  sweep_proc.wait()
+  deadline = time.time() + 60
+  while any(map(_alive, children)) and time.time() < deadline:
+    time.sleep(0.2)
+  left = [pid for pid in children if _alive(pid)]
+  for pid in left:  # Not to outlive the test, whatever it asserts.
+    os.kill(pid, signal.SIGKILL)
+  assert not left, 'the point trained on after its sweep was killed'
+  log = (out / 'logs' / 'd_model=32.log').read_text()
+  assert 'signal 15' in log or 'stopping after this step' in log, log[-2000:]
+  assert [d for d in os.listdir(workdir / 'checkpoints') if d.isdigit()], log[-3000:]

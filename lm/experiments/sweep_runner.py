@@ -11,7 +11,9 @@ point that fails (out of memory, diverged) costs only itself. Devices per proces
 Children start in their own session, so a Ctrl-C on the terminal reaches the sweep only;
 the sweep's first SIGINT or SIGTERM starts no more points and sends one SIGTERM to each
 running train.py, which saves and exits (a second one stops them unsaved, as for
-train.py itself).
+train.py itself). On Linux a sweep that dies without a word (SIGKILL, out of memory)
+sends that SIGTERM too, through the kernel's parent-death signal, so no point trains on
+unwatched and holds its run folder from the next sweep.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -78,6 +81,15 @@ def slot_envs(parallel: int, gpus: Sequence[str],
     flags = _FORCED.sub(f'--xla_force_host_platform_device_count={each}', flags)
     return [{**base, 'XLA_FLAGS': flags} for _ in range(parallel)]
   return [dict(base) for _ in range(parallel)]
+
+
+def point_argv(argv: Sequence[str]) -> list[str]:
+  """`argv` (a point's train.py command) started so that it stops when the sweep dies
+  (lm/experiments/die_with_parent.py; Linux only, elsewhere `argv` as it is)."""
+  if not sys.platform.startswith('linux'):
+    return list(argv)
+  launcher = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'die_with_parent.py')
+  return [sys.executable, launcher, str(os.getpid()), *argv]
 
 
 def _last_error(log_path: str) -> str:
@@ -144,8 +156,8 @@ class Runner:
     self.say(f'{label}: training ({log_path})')
     start = time.time()
     with open(log_path, 'a', encoding='utf-8') as log:
-      proc = subprocess.Popen(sweep.child_argv(self.spec, point), env=dict(env), stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+      proc = subprocess.Popen(point_argv(sweep.child_argv(self.spec, point)), env=dict(env),
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
       with self.lock:
         self.running.add(proc)
       rc = proc.wait()
