@@ -322,6 +322,8 @@ def test_plot_prints_the_path_it_writes(tmp_path):
   from lm.experiments.plotting import plot_runs
   # A dot that names no format is part of the name; a format's extension is kept.
   assert plot_runs([str(run)], str(tmp_path / 'v1.2')) == str(tmp_path / 'v1.2.png')
+  with pytest.raises(ValueError, match=rf'^--out: {tmp_path} is a folder; name the file'):
+    plot_runs([str(run)], str(tmp_path))  # Not a silent {tmp_path}.png beside it.
   assert (tmp_path / 'v1.2.png').read_bytes().startswith(b'\x89PNG')
   assert plot_runs([str(run)], str(tmp_path / 'c.svg')) == str(tmp_path / 'c.svg')
   assert b'<svg' in (tmp_path / 'c.svg').read_bytes()[:1000]

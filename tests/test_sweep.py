@@ -216,6 +216,15 @@ def test_a_bad_grid_is_one_line_before_anything_is_written(tmp_path, tokenizer):
   assert not (tmp_path / 'out').exists()
 
 
+def test_an_out_that_is_a_file_is_named_and_kept(tmp_path, tokenizer):
+  out = tmp_path / 'a_file'
+  out.write_text('mine')
+  spec = sweep.Spec('configs/tiny.py', sweep.parse_grid(['model.d_model=32']), (), 1)
+  with pytest.raises(ValueError, match=rf'^--out: {out} is a file, not a folder$'):
+    sweep_runner.run_sweep(_config(tokenizer), spec, str(out))
+  assert out.read_text() == 'mine'
+
+
 @pytest.mark.parametrize('specs,message', [
     (['model.d_model=64,,128'], 'no empty value'),
     (['=1,2'], 'expected KEY=V1,V2'),

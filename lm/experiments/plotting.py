@@ -39,6 +39,8 @@ def plot_runs(workdirs: Sequence[str], out: str) -> str:
   `out` ending in another format matplotlib writes (.svg, .pdf, ...) gets that format;
   otherwise '.png' is appended. Returns the path written.
   """
+  if os.path.isdir(out):
+    raise ValueError(f'--out: {out} is a folder; name the file to write')
   curves = [read_curves(w) for w in workdirs]
   for workdir, run in zip(workdirs, curves):
     if not run['loss'] and not run['eval_loss']:  # A blank plot would pass for a result.

@@ -191,6 +191,8 @@ def run_sweep(config: ml_collections.ConfigDict, spec: Spec, out: str, *, parall
   different sweep already in `out`) before anything is written. Returns the exit code:
   1 if a point failed, else 0 (also when a signal stopped the sweep early).
   """
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'--out: {out} is a file, not a folder')
   points = sweep.make_points(config, spec, out)
   x_key = sweep.pick_x(spec, x)
   envs = slot_envs(parallel, visible_gpus(gpus) if parallel > 1 else [], os.environ)
