@@ -502,14 +502,14 @@ def test_one_document_feeds_every_process(tok, tmp_path):
   it.close()
 
 
-@pytest.mark.parametrize('name,content', [
-    ('x.parquet', b'not a parquet file'),
-    ('x.jsonl', b'{"text": "fine"}\n{not json\n'),
+@pytest.mark.parametrize('name,content,message', [
+    ('x.parquet', b'not a parquet file', 'cannot read'),
+    ('x.jsonl', b'{"text": "fine"}\n{not json\n', 'line 2: not JSON'),
 ])
-def test_unreadable_file(tok, tmp_path, name, content):
+def test_unreadable_file(tok, tmp_path, name, content, message):
   (tmp_path / name).write_bytes(content)
   cfg = DataConfig(source='files', files=str(tmp_path / name), eval_fraction=0.0)
-  with pytest.raises(ValueError, match='cannot read') as e:
+  with pytest.raises(ValueError, match=message) as e:
     for _ in range(3):
       next(TrainBatches(cfg, tok, 2, 16, prefetch=1))
   assert str(tmp_path / name) in str(e.value)
