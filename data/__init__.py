@@ -21,6 +21,7 @@ Where each thing lives:
   heldout.py    eval_batches, the held-out batches.
   sft.py        fine-tuning records (data.format='sft'): messages, the chat template,
                 tokens and the loss mask; packing.py's RowPacker packs them whole.
+  jsonl.py      JSON lines read a line at a time, a bad line named by its number.
   tasks/        multiple-choice task files and their choices as token rows, split as
                 lm-evaluation-harness splits them (lm/eval/tasks.py scores them), and
                 scripts/make_tasks.py's tasks from held-out stdlib files.

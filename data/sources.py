@@ -13,14 +13,13 @@ import functools
 import glob
 import hashlib
 import itertools
-import json
 import os
 import pathlib
 import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from data import cleaning, formats, sft, stdlib
+from data import cleaning, formats, jsonl, sft, stdlib
 from data.config import DataConfig
 
 # File suffix -> `datasets` packaged builder. Compressed files are read on the fly.
@@ -147,7 +146,7 @@ class FileSource(Source):
         raise
       bad = _first_bad_json_line(path) if builder == 'json' else None
       if bad:  # Arrow counts rows from 0 and skips blank lines: say the line itself.
-        raise DataError(f'data.files: {path} line {bad[0]}: not JSON: {bad[1]}') from e
+        raise DataError(f'data.files: {path} line {bad[0]}: {bad[1]}') from e
       raise DataError(f'data.files: cannot read {path}: {type(e).__name__}: {e}') from e
 
   def check_has_documents(self) -> None:
@@ -342,14 +341,10 @@ def _first_bad_json_line(path: str) -> tuple[int, str] | None:
   """(line number, why) of the first non-blank line of a JSON lines file that is not
   JSON, decoded as the reader decodes it; None if every line parses."""
   try:
-    with open(path, 'rb') as f:
-      for n, raw in enumerate(f, 1):
-        line = raw.decode('utf-8', errors='replace').lstrip('\ufeff').strip()
-        if line:
-          try:
-            json.loads(line)
-          except json.JSONDecodeError as e:
-            return n, e.msg
+    for _ in jsonl.records(path, encoding='utf-8-sig', errors='replace'):
+      pass
+  except jsonl.BadLine as e:
+    return e.line, e.why
   except OSError:
     return None
   return None

@@ -28,11 +28,11 @@ mark to sentencepiece and tokenizer.json.
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Iterator
 from typing import NamedTuple
 
+from data import jsonl
 from data.tasks.record import Example, example_from_record, split_continuations
 from data.tokenizer import Tokenizer
 
@@ -79,21 +79,12 @@ def read_task(path: str, max_examples: int = 0) -> list[Example]:
 
 def _records(path: str) -> Iterator[tuple[str, object]]:
   try:
-    f = open(path, 'rb')  # Decoded line by line, so that bad bytes are named by line.
+    for n, record in jsonl.records(path):
+      yield f'{path}:{n}', record
+  except jsonl.BadLine as e:
+    raise ValueError(f'{path}:{e.line}: {e.why}') from e
   except OSError as e:
     raise ValueError(f'{path}: cannot read: {e.strerror}') from e
-  with f:
-    for n, raw in enumerate(f, 1):
-      try:
-        line = raw.decode('utf-8')
-      except UnicodeDecodeError as e:
-        raise ValueError(f'{path}:{n}: not UTF-8 text') from e
-      if not line.strip():
-        continue
-      try:
-        yield f'{path}:{n}', json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{n}: not JSON: {e.msg}') from e
 
 
 def choice_tokens(tokenizer: Tokenizer, example: Example) -> list[tuple[list[int], list[int]]]:
