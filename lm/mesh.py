@@ -13,9 +13,11 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-# The fields' order. Context is innermost: a ring passes blocks between neighbours.
-MESH_AXES = ('data', 'fsdp', 'tensor', 'context')
+# The mesh's axes, outermost first. Context is innermost: a ring passes blocks between
+# neighbours; the experts' all-to-all stays close too.
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert', 'context')
 CONTEXT_AXIS = 'context'  # Splits each row's tokens (lm/model/context.py).
+EXPERT_AXIS = 'expert'  # Splits the experts of MoE layers (lm/model/moe.py).
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -34,14 +36,20 @@ class MeshConfig:
   context: int = 1
   """Context (sequence) parallelism: each row's tokens split over this many devices, and
   attention runs across them as model.context_attention says (lm/model/context.py)."""
-  rules: Rules = (('batch', ('data', 'fsdp')), ('embed', ('fsdp', 'context')),
+  expert: int = 1
+  """Expert parallelism: the experts of each MoE layer split over this many devices,
+  tokens sent to their experts and back by all-to-all (lm/model/moe.py). Outside the
+  experts these devices are data parallel."""
+  rules: Rules = (('batch', ('data', 'fsdp', 'expert')),
+                  ('embed', ('fsdp', 'context', 'expert')),
                   ('heads', ('tensor',)), ('kv_heads', ('tensor',)), ('mlp', ('tensor',)),
                   ('vocab', ('tensor',)), ('length', ('context',)), ('head_dim', ()),
-                  ('layers', ()))
+                  ('layers', ()), ('experts', ('expert',)))
   """Logical axis name -> mesh axes. A dimension that a mesh axis does not divide is
   replicated over that axis instead of failing. The parameters shard over `context`
-  as over `fsdp` (the devices of a row would otherwise each hold them whole);
-  activations' `length` claims `context` first, so their `embed` stays whole."""
+  and `expert` as over `fsdp` (their devices would otherwise each hold them whole);
+  activations' `length` claims `context` first, so their `embed` stays whole, and the
+  experts' own axis claims `expert` before their `embed` can."""
 
   def __post_init__(self) -> None:
     sizes = self._sizes()
@@ -89,7 +97,7 @@ def as_axes(axes: Any) -> tuple[str, ...]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor, context) mesh with Auto axes, as Linen's logical sharding
+  """A (data, fsdp, tensor, expert, context) mesh with Auto axes, as Linen's logical sharding
   expects."""
   devices = list(jax.devices() if devices is None else devices)
   shape = cfg.shape(len(devices))

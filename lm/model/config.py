@@ -7,6 +7,7 @@ lm/model/transformer.py builds the Transformer from it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 
@@ -15,6 +16,75 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTIONS = ('auto', 'xla', 'cudnn')
 CONTEXT_ATTENTIONS = ('ring', 'allgather')  # lm/model/context.py MODES
 CONTEXT_ORDERS = ('zigzag', 'contiguous')  # lm/model/context.py ORDERS
+ROUTERS = ('softmax', 'sigmoid')
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """The `model.moe.*` keys: a mixture of experts in place of the MLP (lm/model/moe.py).
+  Off (num_experts=0) by default: a dense model's parameters and losses are unchanged."""
+
+  num_experts: int = 0
+  """Routed experts E in each MoE layer; 0 = a dense model."""
+  experts_per_token: int = 2
+  """Experts k each token is sent to, 1 <= k <= E."""
+  expert_d_ff: int = 0
+  """Each expert's SwiGLU hidden width; 0 = model.d_ff."""
+  num_shared_experts: int = 0
+  """Always-on experts (DeepSeek, Qwen2-MoE), one MLP of num_shared_experts x expert_d_ff."""
+  router: str = 'softmax'
+  """'softmax': top-k of a softmax (Mixtral, Qwen3-MoE); 'sigmoid': top-k of per-expert
+  sigmoids (DeepSeek-V3). Either way the k weights are normalised to sum to 1."""
+  first_dense_layers: int = 0
+  """The first layers keep the dense MLP (DeepSeek-V3 has 3)."""
+  every: int = 1
+  """After those, every this many layers is MoE (1 = all of them)."""
+  aux_loss: float = 0.0
+  """Weight of the Switch / GShard load-balance loss E * sum_e f_e P_e, per layer
+  (0.01 is usual); 0 = off."""
+  z_loss: float = 0.0
+  """Weight of the router z-loss mean(logsumexp(router logits)^2), per layer (ST-MoE
+  uses 0.001); 0 = off."""
+  bias_rate: float = 0.0
+  """DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias, added to the scores
+  for selection only, moves by this much against the sign of each expert's load error
+  after every step (0.001 is theirs); 0 = off."""
+
+  @property
+  def enabled(self) -> bool:
+    return self.num_experts > 0
+
+  def validate(self) -> None:
+    """Raises ValueError('model.moe.KEY: why (got VALUE)') for the first bad key."""
+    def bad(key, why):
+      raise ValueError(f'model.moe.{key}: {why} (got {getattr(self, key)!r})')
+
+    for key in ('num_experts', 'expert_d_ff', 'num_shared_experts', 'first_dense_layers'):
+      if getattr(self, key) < 0:
+        bad(key, 'must be >= 0')
+    if not self.enabled:
+      return
+    if not 1 <= self.experts_per_token <= self.num_experts:
+      bad('experts_per_token', f'must be in [1, num_experts={self.num_experts}]')
+    if self.every < 1:
+      bad('every', 'must be >= 1')
+    if self.router not in ROUTERS:
+      bad('router', f'expected one of {", ".join(ROUTERS)}')
+    for key in ('aux_loss', 'z_loss', 'bias_rate'):
+      if getattr(self, key) < 0:
+        bad(key, 'must be >= 0 (0 = off)')
+
+  def width(self, d_ff: int) -> int:
+    """The experts' hidden width."""
+    return self.expert_d_ff or d_ff
+
+  @classmethod
+  def from_dict(cls, d: Mapping) -> MoEConfig:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f'unknown config key model.moe.{unknown[0]}')
+    return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +155,18 @@ class ModelConfig:
   matrices' Adam rate (and decay) / m, logits / m, attention logits / head_dim, so a rate
   tuned at this width holds at others (d_ff and the heads' width grow with d_model).
   0 = off."""
+  moe: MoEConfig = MoEConfig()
+  """Mixture of experts (`model.moe.*`); off by default."""
 
   def __post_init__(self) -> None:
+    if isinstance(self.moe, Mapping):  # From a config dict or config.json.
+      object.__setattr__(self, 'moe', MoEConfig.from_dict(self.moe))
     self.validate()  # Wherever a ModelConfig is made: parse, replace(), tests.
+
+  def is_moe_layer(self, i: int) -> bool:
+    """Whether layer i (from 0) has experts in place of the dense MLP."""
+    m = self.moe
+    return m.enabled and i >= m.first_dense_layers and (i - m.first_dense_layers) % m.every == 0
 
   @property
   def head_size(self) -> int:
@@ -133,6 +212,16 @@ class ModelConfig:
       bad('dropout', 'must be in [0, 1)')
     if not hasattr(jax.checkpoint_policies, self.remat_policy):
       bad('remat_policy', 'not a jax.checkpoint_policies name')
+    if not isinstance(self.moe, MoEConfig):
+      bad('moe', 'expected a section of model.moe.* keys')
+    self.moe.validate()
+    if self.moe.enabled:
+      if self.mlp != 'swiglu':
+        bad('mlp', "the experts of model.moe are SwiGLU MLPs; use 'swiglu' with them")
+      mixed = {self.is_moe_layer(i) for i in range(self.num_layers)}
+      if self.scan_layers and len(mixed) > 1:
+        bad('scan_layers', 'scanned layers must all be alike, and model.moe.'
+            'first_dense_layers / every make some dense: set scan_layers=False')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.model import context, mup
+from lm.model import context, moe, mup
 from lm.model.config import ModelConfig
 from lm.model.positions import rope, rope_frequencies, segment_positions
 from lm.sharding import AxisRules, constrain
@@ -188,18 +188,19 @@ class MLP(nn.Module):
   cfg: ModelConfig
   rules: AxisRules | None
   deterministic: bool
+  d_ff: int = 0  # The hidden width F; 0 = cfg.d_ff (MoE's shared experts set their own).
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     c = self.cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    f = self.d_ff or c.d_ff
     if c.mlp == 'swiglu':
-      w_gate_DxF = self.param('gate', _dense_init(('embed', 'mlp'), (0,)), (c.d_model, c.d_ff),
-                              pdt)
-    w_up_DxF = self.param('up', _dense_init(('embed', 'mlp'), (0,)), (c.d_model, c.d_ff), pdt)
+      w_gate_DxF = self.param('gate', _dense_init(('embed', 'mlp'), (0,)), (c.d_model, f), pdt)
+    w_up_DxF = self.param('up', _dense_init(('embed', 'mlp'), (0,)), (c.d_model, f), pdt)
     down_init = _dense_init(('mlp', 'embed'), (0,), 1.0 / (2 * c.num_layers),
                             zeros=c.zero_init_out)
-    w_down_FxD = self.param('down', down_init, (c.d_ff, c.d_model), pdt)
+    w_down_FxD = self.param('down', down_init, (f, c.d_model), pdt)
     # Batch and length folded into one axis (B*T, a bitcast): with 3-D activations XLA's
     # CPU backend transposes SwiGLU's gate gradient through a slow loop, which made the
     # MLP's backward pass twice as long. Same math and sharding (batch stays major), but
@@ -224,6 +225,7 @@ class Block(nn.Module):
   rules: AxisRules | None
   deterministic: bool
   decode: bool = False
+  experts: bool = False  # A mixture of experts (lm/model/moe.py) in place of the MLP.
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
@@ -235,10 +237,20 @@ class Block(nn.Module):
     attn = Attention(c, self.rules, self.deterministic, self.decode, name='attn')
     x_BxTxD = x_BxTxD + attn(h, positions_BxT, cache, mask_Bx1xTxS, rows)
     h = norm(name='mlp_norm')(x_BxTxD)
-    x_BxTxD = x_BxTxD + MLP(c, self.rules, self.deterministic, name='mlp')(h)
+    x_BxTxD = x_BxTxD + self._mlp()(h)
     x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'embed'), self.rules)
     # (carry, output) so the same module works under nn.scan.
     return x_BxTxD, None
+
+  def _mlp(self) -> nn.Module:
+    c = self.cfg
+    if not self.experts:
+      return MLP(c, self.rules, self.deterministic, name='mlp')
+    shared = None
+    if c.moe.num_shared_experts:
+      shared = functools.partial(MLP, c, self.rules, self.deterministic,
+                                 c.moe.num_shared_experts * c.moe.width(c.d_ff))
+    return moe.MoE(c, self.rules, self.deterministic, shared, name='mlp')
 
 
 class Transformer(nn.Module):
@@ -292,16 +304,17 @@ class Transformer(nn.Module):
                        prevent_cse=not c.scan_layers)
     if c.scan_layers:
       blocks = nn.scan(
-          block, variable_axes={'params': 0, 'cache': 0},
+          block, variable_axes={'params': 0, 'cache': 0, moe.STATS: 0},
           split_rngs={'params': True, 'dropout': True},
           in_axes=nn.broadcast, length=c.num_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxTxD, _ = blocks(c, self.rules, not train, decode, name='blocks')(
-          x_BxTxD, positions_BxT, cache, mask_Bx1xTxS, rows)
+      # Scanned layers are all alike (ModelConfig checks): all MoE or all dense.
+      x_BxTxD, _ = blocks(c, self.rules, not train, decode, c.is_moe_layer(0),
+                          name='blocks')(x_BxTxD, positions_BxT, cache, mask_Bx1xTxS, rows)
     else:
       for i in range(c.num_layers):
-        x_BxTxD, _ = block(c, self.rules, not train, decode, name=f'block_{i}')(
-            x_BxTxD, positions_BxT, cache, mask_Bx1xTxS, rows)
+        x_BxTxD, _ = block(c, self.rules, not train, decode, c.is_moe_layer(i),
+                           name=f'block_{i}')(x_BxTxD, positions_BxT, cache, mask_Bx1xTxS, rows)
     if rows is not None:  # Back in row order: the outputs as without a split.
       x_BxTxD = context.restore(x_BxTxD, c.context_order, self.rules)
 

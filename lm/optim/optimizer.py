@@ -58,13 +58,14 @@ def muon_dimensions(names: tuple[str | None, ...]) -> MuonDimensionNumbers | Non
   A hidden matrix maps the residual stream (`embed`) to something else, or back. The axes
   on the other side of `embed` are folded into one: q (D, N, H) is the D x (N*H) matrix
   of `x @ W` (reduction D, output N, H), the attention output (N, H, D) is (N*H) x D.
-  `layers` (stacked blocks under scan) is a batch axis: one matrix per layer. Anything
+  `layers` (stacked blocks under scan) and `experts` (an MoE layer's E experts) are
+  batch axes: one matrix per layer and expert. Anything
   with `vocab` (embeddings, the output head) or fewer than two matrix axes (norm gains)
   is AdamW's.
   """
   if 'vocab' in names:
     return None
-  axes = tuple(i for i, name in enumerate(names) if name != 'layers')
+  axes = tuple(i for i, name in enumerate(names) if name not in ('layers', 'experts'))
   if len(axes) < 2:
     return None
   if 'embed' in names and names.index('embed') == axes[0]:
@@ -134,6 +135,19 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, param_axes: Any = Non
   if cfg.clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
   return tx
+
+
+def frozen(names: frozenset[str]) -> optax.GradientTransformation:
+  """Zeroes the update of every parameter whose final name is in `names`: chained after
+  the optimizer, nothing it would do (a step, weight decay) moves them. The train step
+  sets such parameters itself (MoE's router bias, lm/model/moe.py)."""
+
+  def update(updates, state, params=None):
+    del params
+    zero = lambda path, u: jnp.zeros_like(u) if _last_name(path) in names else u
+    return jax.tree_util.tree_map_with_path(zero, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def global_norm(tree: Any) -> jax.Array:

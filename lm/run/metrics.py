@@ -24,6 +24,8 @@ def _clean(v: Any) -> Any:
   """JSON-able scalars; NaN and inf become null (JSON has no spelling for them)."""
   if v is None or isinstance(v, (str, bool)):
     return v
+  if isinstance(v, (list, tuple)):  # Per-expert loads: jsonl only, not the line.
+    return [_clean(x) for x in v]
   v = float(v) if not isinstance(v, int) else v
   return None if isinstance(v, float) and not math.isfinite(v) else v
 
@@ -31,6 +33,8 @@ def _clean(v: Any) -> Any:
 def format_line(record: Mapping[str, Any]) -> str:
   parts = []
   for k, v in record.items():
+    if isinstance(v, list):
+      continue  # Too long for a line: metrics.jsonl has it.
     if isinstance(v, float):
       v = f'{v:.4g}'
     parts.append(f'{k}={v}')
@@ -90,6 +94,10 @@ class MetricsWriter:
       for k, v in record.items():
         if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool):
           self._tb.add_scalar(k, v, step)
+        elif isinstance(v, list):  # One curve per element: k/0, k/1, ...
+          for i, x in enumerate(v):
+            if isinstance(x, (int, float)):
+              self._tb.add_scalar(f'{k}/{i}', x, step)
       self._tb.flush()
     for mirror in self._mirrors:
       mirror.write(record)

@@ -14,12 +14,12 @@ import optax
 
 from data.batch import Batch
 from lm.config import Configs
-from lm.model import mup
+from lm.model import moe, mup
 from lm.model.forward import model_loss, target_weights
 from lm.model.loss import Metrics
 from lm.model.params import param_axes
 from lm.model.transformer import Transformer
-from lm.optim.optimizer import global_norm, make_optimizer, schedule
+from lm.optim.optimizer import frozen, global_norm, make_optimizer, schedule
 from lm.sharding import AxisRules, batch_sharding, tree_shardings
 
 
@@ -103,8 +103,11 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
   """Returns the pure `(state, batch) -> (state, metrics)`; see `Batch` for the batch.
 
   metrics: loss, z_loss, grad_norm (0 on a skipped step), lr, and nonfinite (1 when the
-  loss or the gradients were NaN/inf and the update was skipped, else 0).
+  loss or the gradients were NaN/inf and the update was skipped, else 0). With MoE
+  layers also moe_balance, moe_router_z and moe_load: (MoE layers, E) token copies per
+  expert; with model.moe.bias_rate the router biases move by the batch's load.
   """
+  bias_rate = model.cfg.moe.bias_rate if model.cfg.moe.enabled else 0.0
 
   def loss_fn(params, batch_and_weights, key):
     batch, weights_BxT = batch_and_weights
@@ -128,12 +131,19 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
 
       micro = _microbatches(weighed, grad_accum, rules)
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      zero_aux = {'loss': jnp.zeros(()), 'z_loss': jnp.zeros(())}
+      aux_shape = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro),
+                                 key)[0][1]
+      zero_aux = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), aux_shape)
       (grads, aux), _ = jax.lax.scan(accumulate, (zeros, zero_aux),
                                      (jnp.arange(grad_accum), micro))
       grads, aux = jax.tree.map(lambda x: x / grad_accum, (grads, aux))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    sown = aux.pop(moe.STATS, None)
+    if sown is not None:
+      aux['moe_load'] = moe.layer_counts(sown)
+      if bias_rate:  # Counts over the whole global batch: every device's tokens.
+        params = moe.update_router_bias(params, sown, bias_rate)
     # One NaN or inf would poison the parameters and Adam's moments for good, so such a
     # step is skipped: both stay as they were, only the step (and the data) move on.
     grad_norm = global_norm(grads)
@@ -166,6 +176,8 @@ def step_parts(cfgs: Configs, rules: AxisRules) -> StepParts:
   lr = schedule(opt, steps)
   axes = param_axes(model)
   tx = make_optimizer(opt, steps, axes, mup.lr_scales(cfgs.model, axes))
+  if cfgs.model.moe.enabled and cfgs.model.moe.bias_rate:
+    tx = optax.chain(tx, frozen(frozenset({moe.BIAS})))  # The step sets the biases.
   step_fn = make_train_step(model, tx, lr, grad_accum=opt.grad_accum, z_loss=opt.z_loss,
                             loss_chunk=cfgs.loss.chunk, rules=rules)
   return StepParts(model, tx, lr, step_fn)

@@ -31,7 +31,7 @@ from lm.eval.perplexity import (
   make_eval_step,
   token_byte_lengths,
 )
-from lm.model import flops
+from lm.model import flops, moe
 from lm.model.transformer import Transformer
 from lm.run.checkpoint import Checkpointer, SaveFailed, file_sha256, make_metadata
 from lm.run.folder import RunFolder
@@ -295,7 +295,8 @@ class _Loop:
   def _write_pending(self) -> None:
     if self.pending is not None:
       self.last = _log_train(self.writer, self.throughput, *self.pending,
-                             log_z=self.exp.cfgs.optimizer.z_loss > 0)
+                             log_z=self.exp.cfgs.optimizer.z_loss > 0,
+                             moe_layers=moe.moe_layers(self.exp.cfgs.model))
       self.pending = None
 
   def _evaluate(self) -> None:
@@ -352,7 +353,8 @@ class _Interval:
     a Python float without loss)."""
     sums = jax.device_get(self.sums) or {}
     return {'count': self.count,
-            'sums': {k: [np.asarray(v).item(), str(np.asarray(v).dtype)] for k, v in sums.items()}}
+            'sums': {k: [np.asarray(v).tolist(), str(np.asarray(v).dtype)]
+                     for k, v in sums.items()}}
 
   @classmethod
   def from_state(cls, state: dict[str, Any] | None) -> _Interval:
@@ -365,7 +367,7 @@ class _Interval:
 
 def _log_train(writer: MetricsWriter, throughput: _Throughput, step: int,
                sums: dict[str, jax.Array], last: dict[str, jax.Array], count: int, *,
-               log_z: bool) -> dict[str, Any]:
+               log_z: bool, moe_layers: tuple[int, ...] = ()) -> dict[str, Any]:
   """One line per log interval: loss and grad norm averaged over the steps not skipped."""
   sums, last = jax.device_get((sums, last))
   skipped = int(sums['nonfinite'])
@@ -376,5 +378,8 @@ def _log_train(writer: MetricsWriter, throughput: _Throughput, step: int,
             'skipped_steps': skipped}
   if log_z:
     record['z_loss'] = mean('z_loss')
+  if moe_layers:
+    record.update(moe_balance=mean('moe_balance'), moe_router_z=mean('moe_router_z'),
+                  **moe.load_summary(sums['moe_load'], moe_layers))
   writer.write(record)
   return record
