@@ -150,6 +150,7 @@ def parse(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Configs:
   if cfgs.run.batch_size % cfgs.optimizer.grad_accum:
     raise ValueError(f'optimizer.grad_accum: must divide batch_size={cfgs.run.batch_size} '
                      f'(got {cfgs.optimizer.grad_accum!r})')
+  _check_experts(cfgs)
   return cfgs
 
 
@@ -163,6 +164,17 @@ def _check_context(cfgs: Configs) -> None:
   if cfgs.model.attention == 'cudnn':
     raise ValueError(f"model.attention: cuDNN's fused attention needs whole rows, and "
                      f"mesh.context={n} splits them; use 'auto' or 'xla' (got 'cudnn')")
+
+
+def _check_experts(cfgs: Configs) -> None:
+  n, moe = cfgs.mesh.expert, cfgs.model.moe
+  if n > 1 and moe.enabled and moe.num_experts % n:
+    raise ValueError(f'mesh.expert: {n} does not divide model.moe.num_experts='
+                     f'{moe.num_experts}, and each device holds whole experts (got {n})')
+  rows = cfgs.run.batch_size // cfgs.optimizer.grad_accum
+  if n > 1 and moe.enabled and rows % n:
+    raise ValueError(f'mesh.expert: {n} does not divide the {rows} rows of each '
+                     f'(micro-)batch, and each expert device routes rows of its own (got {n})')
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -68,6 +68,7 @@ def _model_figures(cfgs: Configs, tokens_per_sec: float | None) -> dict[str, Any
   peak = flops.device_peak_flops()
   out: dict[str, Any] = {
       'params': flops.num_params(cfgs.model),
+      'active_params': flops.active_params(cfgs.model),
       'flops_per_token': flops.flops_per_token(cfgs.model, seq),
       'flops_per_token_causal': flops.flops_per_token(cfgs.model, seq, causal=True),
       'device_kind': jax.devices()[0].device_kind,
@@ -164,7 +165,8 @@ def plan_inference(config: ml_collections.ConfigDict, quant: QuantConfig) -> dic
           'param_bytes_per_device': bytes_per_device(params),
           'memory_bytes_per_device': memory_per_device(compiled),
           'temp_bytes_per_device': memory_breakdown(compiled).get('temp_bytes_per_device'),
-          'params': flops.num_params(cfgs.model)}
+          'params': flops.num_params(cfgs.model),
+          'active_params': flops.active_params(cfgs.model)}
 
 
 def run_steps(config: ml_collections.ConfigDict, *, steps: int = 20,

@@ -45,24 +45,42 @@ def count_params(params: Any) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
 
-def num_params(cfg: ModelConfig) -> int:
-  """Parameters of the model, from its shape alone."""
-  d, h = cfg.d_model, cfg.head_size
+def num_params(cfg: ModelConfig, *, active: bool = False) -> int:
+  """Parameters of the model, from its shape alone. `active`: those one token uses, an
+  MoE layer's k routed experts (with its router and shared experts) instead of all E."""
+  d, h, m = cfg.d_model, cfg.head_size, cfg.moe
   attn = d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-  mlp = (3 if cfg.mlp == 'swiglu' else 2) * d * cfg.d_ff
-  block = attn + mlp + 2 * d + (2 * h if cfg.qk_norm else 0)
+  dense_mlp = (3 if cfg.mlp == 'swiglu' else 2) * d * cfg.d_ff
+  routed = m.experts_per_token if active else m.num_experts
+  expert = 3 * d * m.width(cfg.d_ff)
+  moe_mlp = d * m.num_experts + _bias(cfg) + (routed + m.num_shared_experts) * expert
+  norms = 2 * d + (2 * h if cfg.qk_norm else 0)
+  blocks = sum(attn + norms + (moe_mlp if cfg.is_moe_layer(i) else dense_mlp)
+               for i in range(cfg.num_layers))
   embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-  return cfg.num_layers * block + embed + d
+  return blocks + embed + d
+
+
+def active_params(cfg: ModelConfig) -> int:
+  """Parameters one token passes through (num_params for a dense model)."""
+  return num_params(cfg, active=True)
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-  """Parameters that take part in a matmul for every token.
+  """Parameters that take part in a matmul for every token: the active ones (an MoE
+  layer's router, shared and k routed experts).
 
   The input embedding is a lookup and costs nothing; a tied embedding still counts once
-  because it is the output head.
+  because it is the output head. The router bias is an addition, not a matmul.
   """
   lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
-  return num_params(cfg) - lookup
+  biases = _bias(cfg) * sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+  return active_params(cfg) - lookup - biases
+
+
+def _bias(cfg: ModelConfig) -> int:
+  """An MoE layer's router bias (model.moe.bias_rate): E numbers, or none."""
+  return cfg.moe.num_experts if cfg.moe.bias_rate else 0
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal: bool = False) -> float:

@@ -177,10 +177,11 @@ def run_experts(x_BxTxD: jax.Array, r_experts_BxTxK: jax.Array, r_weights_BxTxK:
   devices = rules.mesh.shape[EXPERT_AXIS]
   rows = rules.spec(('batch', 'length', None), (b, t, k))
   if devices > 1 and EXPERT_AXIS not in _axes(rows[0]):
-    # The expert axis's devices must hold different rows, or they would send each other
-    # the same tokens.
-    raise ValueError(f'mesh.expert={devices}: the batch of {b} rows must divide over the '
-                     'data, fsdp and expert axes')
+    # Rows too few to split over the expert axis (the one-row init, a single prompt): one
+    # global computation, which the partitioner lays out. Training batches always split
+    # (lm/config.py checks batch_size).
+    return experts_local(x_BxTxD.reshape(b * t, d), r_experts_BxTxK.reshape(b * t, k),
+                         r_weights_BxTxK.reshape(b * t, k), weights).reshape(b, t, d)
   experts_spec = PartitionSpec(EXPERT_AXIS if devices > 1 else None)
   fn = jax.shard_map(functools.partial(local, devices=devices), mesh=rules.mesh,
                      in_specs=(rows, rows, rows) + (experts_spec,) * len(weights),

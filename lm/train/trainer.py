@@ -172,12 +172,21 @@ def run_header(cfgs: Configs, rules: AxisRules, start: resume.Start, tokenizer: 
   return [f'run folder: {os.path.abspath(run.workdir)}',
           f'devices: {jax.device_count()} x {jax.devices()[0].device_kind} in '
           f'{jax.process_count()} process(es); mesh {mesh}',
-          f'model: {n_params:,} parameters; {run.batch_size * run.seq_len:,} tokens per step '
+          f'model: {n_params:,} parameters{_active(cfgs.model)}; '
+          f'{run.batch_size * run.seq_len:,} tokens per step '
           f'({run.batch_size} x {run.seq_len}), {run.steps} steps',
           f'data: {source}; tokenizer: {tokenizer}',
           f'start: {start.origin}'] + (
               [f'wandb: project {cfgs.wandb.project} (id in {run.workdir}/wandb_id)']
               if cfgs.wandb.project else [])
+
+
+def _active(model: Any) -> str:
+  if not model.moe.enabled:
+    return ''
+  m = model.moe
+  return (f', {flops.active_params(model):,} active per token ({m.experts_per_token} of '
+          f'{m.num_experts} experts)')
 
 
 class _Throughput:
