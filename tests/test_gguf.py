@@ -297,6 +297,8 @@ def test_refuses_what_llama_cannot_express(key, value):
   with pytest.raises(ValueError, match=rf'^model\.{key}={value!r}: .*llama') as e:
     gguf_export.check_expressible(ModelConfig(**{key: value}))
   assert '\n' not in str(e.value)
+  with pytest.raises(ValueError, match=r'^model\.moe\.num_experts=8: .*llama.* has no experts'):
+    gguf_export.check_expressible(ModelConfig(moe={'num_experts': 8}))
   # Training, compute and initialisation switches change nothing the file must say.
   gguf_export.check_expressible(ModelConfig(remat=True, scan_layers=True, dropout=0.1,
                                             param_dtype='bfloat16', zero_init_out=True))

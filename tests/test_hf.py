@@ -17,7 +17,7 @@ import sentencepiece as spm
 
 from data import stdlib
 from data.tokenizer import Tokenizer
-from lm.export import hf, hf_export, hf_tokenizer
+from lm.export import hf, hf_export, hf_import, hf_tokenizer
 from lm.model import flops
 from lm.model.config import ModelConfig
 from lm.model.transformer import Transformer
@@ -38,6 +38,15 @@ CONFIGS = {
     # Llama 3's RoPE scaling from 64 tokens: its three bands all hold frequencies.
     'llama3_rope': ModelConfig(**SMALL, tie_embeddings=False, rope_scaling=8.0,
                                rope_original_max_position=64),
+}
+# Mixtures of experts export as Qwen3-MoE: QK-norm, a dense first layer, 4 experts.
+MOE = {'num_experts': 4, 'experts_per_token': 2, 'expert_d_ff': 48, 'first_dense_layers': 1,
+       'aux_loss': 0.01}
+MOE_CONFIGS = {
+    'moe': ModelConfig(**{**SMALL, 'num_layers': 3}, qk_norm=True, tie_embeddings=False,
+                       moe=MOE),
+    'moe_tied_every_other': ModelConfig(**{**SMALL, 'num_layers': 4}, qk_norm=True,
+                                        moe={**MOE, 'every': 2, 'experts_per_token': 1}),
 }
 
 
@@ -85,13 +94,14 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize('name', list(CONFIGS))
+@pytest.mark.parametrize('name', list(CONFIGS) + list(MOE_CONFIGS))
 def test_transformers_reproduces_our_logits(tmp_path, name):
-  cfg = CONFIGS[name]
+  cfg = {**CONFIGS, **MOE_CONFIGS}[name]
   params = _params(cfg)
   hf.write_model(str(tmp_path), params, cfg)
   model = _hf_model(str(tmp_path))
-  assert type(model).__name__ == 'LlamaForCausalLM'
+  moe = cfg.moe.enabled
+  assert type(model).__name__ == ('Qwen3MoeForCausalLM' if moe else 'LlamaForCausalLM')
   ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (3, 24))
   ours = _our_logits(cfg, params, ids)
   np.testing.assert_allclose(_hf_logits(model, ids), ours, atol=1e-4, rtol=0)
@@ -99,11 +109,12 @@ def test_transformers_reproduces_our_logits(tmp_path, name):
   # The file holds a head only when untied, and the config says which.
   config = json.loads((tmp_path / 'config.json').read_text())
   assert config['tie_word_embeddings'] == cfg.tie_embeddings
-  assert ('lm_head.weight' in hf.read_safetensors(str(tmp_path))) != cfg.tie_embeddings
+  assert ('lm_head.weight' in hf_import.read_safetensors(str(tmp_path))) != cfg.tie_embeddings
 
 
-def test_greedy_generation_matches_transformers(tmp_path):
-  cfg = CONFIGS['gqa_untied']
+@pytest.mark.parametrize('name', ['gqa_untied', 'moe'])
+def test_greedy_generation_matches_transformers(tmp_path, name):
+  cfg = {**CONFIGS, **MOE_CONFIGS}[name]
   params = _params(cfg, seed=3)
   hf.write_model(str(tmp_path), params, cfg, eos_id=-1)  # No EOS: both run to the end.
   prompt, new = [5, 17, 42, 9, 77], 12
@@ -127,11 +138,42 @@ def test_round_trip_is_exact(tmp_path, name):
   params = _params(cfg)
   _assert_trees_equal(hf.from_hf(hf.to_hf(params, cfg), cfg), params)
   hf.write_model(str(tmp_path), params, cfg)
-  _assert_trees_equal(hf.load_hf(str(tmp_path), cfg), params)
+  _assert_trees_equal(hf_import.load_hf(str(tmp_path), cfg), params)
   # hf_model_config recovers the architecture from config.json alone.
-  arch = hf.hf_model_config(str(tmp_path))
+  arch = hf_import.hf_model_config(str(tmp_path))
   rebuilt = ModelConfig(**{**arch, 'scan_layers': cfg.scan_layers})
   assert rebuilt == cfg
+
+
+@pytest.mark.parametrize('name', list(MOE_CONFIGS))
+def test_moe_round_trip_is_exact_from_either_expert_layout(tmp_path, name):
+  """Per-expert tensors are written; transformers 5 holds them fused (E, 2F, D) in
+  memory, and from_hf reads that layout too."""
+  cfg = MOE_CONFIGS[name]
+  params = _params(cfg)
+  written = hf.to_hf(params, cfg)
+  assert 'model.layers.1.mlp.experts.3.gate_proj.weight' in written
+  assert 'model.layers.0.mlp.gate_proj.weight' in written  # the dense first layer
+  _assert_trees_equal(hf.from_hf(written, cfg), params)
+  hf.write_model(str(tmp_path), params, cfg)
+  fused = {k: v.numpy() for k, v in _hf_model(str(tmp_path)).state_dict().items()}
+  assert 'model.layers.1.mlp.experts.gate_up_proj' in fused
+  _assert_trees_equal(hf.from_hf(fused, cfg), params)
+  arch = hf_import.hf_model_config(str(tmp_path))
+  rebuilt = ModelConfig(**{**arch, 'moe': {**arch['moe'], 'aux_loss': cfg.moe.aux_loss}})
+  assert rebuilt == cfg
+
+
+@pytest.mark.parametrize('key,value', [('router', 'sigmoid'), ('num_shared_experts', 1),
+                                       ('bias_rate', 0.001)])
+def test_moe_settings_qwen3_cannot_express_are_refused_by_key(tmp_path, key, value):
+  cfg = dataclasses.replace(MOE_CONFIGS['moe'], moe={**MOE, key: value})
+  with pytest.raises(ValueError, match=rf'^model\.moe\.{key}={value!r}: .*Qwen3-MoE') as e:
+    hf.write_model(str(tmp_path / 'out'), _params(cfg), cfg)
+  assert '\n' not in str(e.value) and not (tmp_path / 'out').exists()
+  plain = dataclasses.replace(MOE_CONFIGS['moe'], qk_norm=False)
+  with pytest.raises(ValueError, match=r'^model\.qk_norm=False: .*Qwen3-MoE'):
+    hf.check_expressible(plain)
 
 
 @pytest.mark.parametrize('key,value', [('qk_norm', True), ('mlp', 'relu2'),
@@ -154,7 +196,7 @@ def test_zero_init_out_is_only_an_initialisation_and_exports(tmp_path):
   cfg = ModelConfig(**SMALL, zero_init_out=True)
   params = _params(cfg)  # Trained-like weights: the export must carry them as they are.
   hf.write_model(str(tmp_path), params, cfg)
-  _assert_trees_equal(hf.load_hf(str(tmp_path), cfg), params)
+  _assert_trees_equal(hf_import.load_hf(str(tmp_path), cfg), params)
   ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 16))
   np.testing.assert_allclose(_hf_logits(_hf_model(str(tmp_path)), ids),
                              _our_logits(cfg, params, ids), atol=1e-4, rtol=0)
@@ -179,7 +221,7 @@ def test_bfloat16_export_and_sharded_load(tmp_path):
   params = _params(cfg)
   hf.write_model(str(tmp_path), params, cfg, dtype='bfloat16')
   assert json.loads((tmp_path / 'config.json').read_text())['torch_dtype'] == 'bfloat16'
-  assert hf.read_safetensors(str(tmp_path))['model.norm.weight'].dtype.name == 'bfloat16'
+  assert hf_import.read_safetensors(str(tmp_path))['model.norm.weight'].dtype.name == 'bfloat16'
   # Placed onto the shardings and dtypes of an existing (e.g. freshly initialised) tree.
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('x',))
   sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('x'))
@@ -187,7 +229,7 @@ def test_bfloat16_export_and_sharded_load(tmp_path):
                                                jax.sharding.NamedSharding(
                                                    mesh, jax.sharding.PartitionSpec())),
                       params)
-  loaded = hf.load_hf(str(tmp_path), cfg, like=like)
+  loaded = hf_import.load_hf(str(tmp_path), cfg, like=like)
   for x, ref, orig in zip(jax.tree.leaves(loaded), jax.tree.leaves(like),
                           jax.tree.leaves(params)):
     assert x.sharding == ref.sharding and x.dtype == ref.dtype
@@ -207,7 +249,7 @@ def test_sharded_safetensors_folder(tmp_path):
     weight_map.update({k: fname for k in part})
   (tmp_path / 'model.safetensors.index.json').write_text(json.dumps({'weight_map': weight_map}))
   (tmp_path / 'config.json').write_text(json.dumps(hf.llama_config(cfg)))
-  _assert_trees_equal(hf.load_hf(str(tmp_path), cfg), params)
+  _assert_trees_equal(hf_import.load_hf(str(tmp_path), cfg), params)
 
 
 @pytest.fixture()
@@ -234,17 +276,17 @@ def _edit_config(folder, **changes):
 def test_unsupported_config_is_named(folder, changes, key):
   _edit_config(folder, **changes)
   with pytest.raises(ValueError, match=key):
-    hf.load_hf(str(folder), CONFIGS['gqa_untied'])
+    hf_import.load_hf(str(folder), CONFIGS['gqa_untied'])
 
 
 def test_config_mismatch_names_the_model_key(folder):
   cfg = CONFIGS['gqa_untied']
   with pytest.raises(ValueError, match=r'model\.d_ff=128 .*model\.d_ff=96'):
-    hf.load_hf(str(folder), dataclasses.replace(cfg, d_ff=128))
+    hf_import.load_hf(str(folder), dataclasses.replace(cfg, d_ff=128))
   with pytest.raises(ValueError, match=r'model\.tie_embeddings=True'):
-    hf.load_hf(str(folder), dataclasses.replace(cfg, tie_embeddings=True))
+    hf_import.load_hf(str(folder), dataclasses.replace(cfg, tie_embeddings=True))
   with pytest.raises(ValueError, match=r'model\.rope_theta=10000.0 .*500.0'):
-    hf.load_hf(str(folder), dataclasses.replace(cfg, rope_theta=10000.0))
+    hf_import.load_hf(str(folder), dataclasses.replace(cfg, rope_theta=10000.0))
 
 
 def test_bad_tensors_are_named():
@@ -265,12 +307,12 @@ def test_bad_tensors_are_named():
 
 def test_missing_files_are_named(tmp_path, folder):
   with pytest.raises(ValueError, match='no such folder'):
-    hf.read_safetensors(str(tmp_path / 'nope'))
+    hf_import.read_safetensors(str(tmp_path / 'nope'))
   with pytest.raises(ValueError, match='config.json'):
-    hf.load_hf(str(tmp_path / 'nope'), CONFIGS['gqa_untied'])
+    hf_import.load_hf(str(tmp_path / 'nope'), CONFIGS['gqa_untied'])
   (folder / 'model.safetensors').unlink()
   with pytest.raises(ValueError, match='model.safetensors'):
-    hf.load_hf(str(folder), CONFIGS['gqa_untied'])
+    hf_import.load_hf(str(folder), CONFIGS['gqa_untied'])
 
 
 # --- scripts/export_hf.py on a real (two-step) run: conftest's trained_run ------------------
@@ -363,7 +405,7 @@ def test_export_script_loads_in_transformers(trained_run, tmp_path):
   model = _hf_model(str(out))
   np.testing.assert_allclose(_hf_logits(model, [ids]), _our_logits(cfgs.model, params, [ids]),
                              atol=1e-4, rtol=0)
-  assert hf.hf_model_config(str(out))['num_kv_heads'] == 2
+  assert hf_import.hf_model_config(str(out))['num_kv_heads'] == 2
 
   # A second export into the same folder is refused, and the folder left as it was.
   before = sorted(os.listdir(out))
@@ -402,7 +444,7 @@ def test_a_torn_safetensors_file_is_one_line_naming_it(tmp_path):
 
   path = tmp_path / 'model.safetensors'
   save_file({'w': np.arange(64, dtype=np.float32)}, str(path))
-  assert hf.read_safetensors(str(tmp_path))['w'].shape == (64,)  # whole, it reads
+  assert hf_import.read_safetensors(str(tmp_path))['w'].shape == (64,)  # whole, it reads
   path.write_bytes(path.read_bytes()[:100])  # as a copy cut short leaves it
   with pytest.raises(ValueError, match=rf'^cannot read {path}: \S'):
-    hf.read_safetensors(str(tmp_path))
+    hf_import.read_safetensors(str(tmp_path))

@@ -136,7 +136,7 @@ def test_muon_trains_alike_on_every_mesh(muon_reference, shape, scan):
 
 
 @pytest.mark.parametrize('sizes,message', [
-    ((3, 1, 1), 'data\\*fsdp\\*tensor\\*context = 3'),
+    ((3, 1, 1), 'data\\*fsdp\\*tensor\\*expert\\*context = 3'),
     ((-1, -1, 1), r'^mesh.fsdp: only one axis may be -1, and mesh.data is \(got -1\)$'),
     ((-1, 3, 1), 'cannot be split'),
     ((0, 1, 1), r'^mesh.data: must be positive or -1 \(got 0\)$'),
@@ -147,7 +147,8 @@ def test_bad_mesh_names_the_problem(sizes, message):
 
 
 def test_minus_one_takes_the_remaining_devices():
-  # (data, fsdp, tensor, context), as lm.mesh.MESH_AXES orders them.
-  assert MeshConfig(-1, 2, 1).shape(8) == (4, 2, 1, 1)
-  assert MeshConfig(2, 1, -1).shape(8) == (2, 1, 4, 1)
-  assert MeshConfig(2, 1, 1, -1).shape(8) == (2, 1, 1, 4)
+  # (data, fsdp, tensor, expert, context), as lm.mesh.MESH_AXES orders them.
+  assert MeshConfig(-1, 2, 1).shape(8) == (4, 2, 1, 1, 1)
+  assert MeshConfig(2, 1, -1).shape(8) == (2, 1, 4, 1, 1)
+  assert MeshConfig(2, 1, 1, -1).shape(8) == (2, 1, 1, 1, 4)
+  assert MeshConfig(2, 1, 1, 1, -1).shape(8) == (2, 1, 1, 4, 1)

@@ -232,5 +232,5 @@ def _source_params(source: Source, abstract_params: Any) -> Any:
 
 def _hf_params(path: str, model_cfg: ModelConfig, abstract_params: Any) -> Any:
   """Parameters converted from a Hugging Face Llama folder, placed on this run's mesh."""
-  from lm.export import hf  # Imported only when asked for: it pulls in the conversion code.
-  return hf.load_hf(path, model_cfg, like=abstract_params)
+  from lm.export import hf_import  # Imported only when asked for: it pulls in the conversion code.
+  return hf_import.load_hf(path, model_cfg, like=abstract_params)
