@@ -171,10 +171,6 @@ def _check_experts(cfgs: Configs) -> None:
   if n > 1 and moe.enabled and moe.num_experts % n:
     raise ValueError(f'mesh.expert: {n} does not divide model.moe.num_experts='
                      f'{moe.num_experts}, and each device holds whole experts (got {n})')
-  rows = cfgs.run.batch_size // cfgs.optimizer.grad_accum
-  if n > 1 and moe.enabled and rows % n:
-    raise ValueError(f'mesh.expert: {n} does not divide the {rows} rows of each '
-                     f'(micro-)batch, and each expert device routes rows of its own (got {n})')
 
 
 def default_config() -> ml_collections.ConfigDict:

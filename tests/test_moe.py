@@ -15,7 +15,7 @@ from configs import base, tiny_moe
 from data.batch import Batch
 from lm.config import parse, set_key
 from lm.mesh import MeshConfig
-from lm.model import flops, moe
+from lm.model import experts, flops, moe
 from lm.model.config import ModelConfig
 from lm.model.params import stack_layers
 from lm.model.transformer import Transformer
@@ -49,16 +49,25 @@ def _moe_out(fn, x, logits, ws, k, router='softmax'):
   return fn(x, r.experts_NxK, r.weights_NxK, ws)
 
 
+def _grouped(impl):
+  def fn(*args):
+    y, dropped = experts.experts_local(*args, experts.Dispatch(impl))
+    assert dropped == 0  # dropless: buffers of the worst case
+    return y
+  return fn
+
+
 @pytest.mark.parametrize('k', [1, 2, E])
 @pytest.mark.parametrize('kind', ['random', 'ties', 'unused'])
 @pytest.mark.parametrize('router', ['softmax', 'sigmoid'])
-def test_grouped_experts_equal_the_dense_reference_with_gradients(k, kind, router):
+@pytest.mark.parametrize('impl', ['ragged', 'capacity'])
+def test_grouped_experts_equal_the_dense_reference_with_gradients(k, kind, router, impl):
   ws, x = _weights()
   logits = _logits(kind)
   if kind == 'unused' and k < E:
     assert moe.route(logits, k, router).counts_E[3] == 0  # really an idle expert
   outs = {}
-  for name, fn in (('grouped', moe.experts_local), ('dense', moe.dense_reference)):
+  for name, fn in (('grouped', _grouped(impl)), ('dense', experts.dense_reference)):
     loss = lambda x, logits, ws, fn=fn: jnp.sum(jnp.sin(_moe_out(fn, x, logits, ws, k, router)))
     y = _moe_out(fn, x, logits, ws, k, router)
     outs[name] = (y, jax.grad(loss, argnums=(0, 1, 2))(x, logits, ws))
@@ -113,7 +122,8 @@ def _mesh_rules(cfg):
 @pytest.mark.parametrize('mesh', [{'expert': 4, 'data': 2}, {'expert': 4, 'fsdp': 2},
                                   {'expert': 8}, {'data': 8}, {'expert': 2, 'data': 2,
                                                                 'tensor': 2}])
-def test_expert_parallel_experts_equal_one_device(mesh):
+@pytest.mark.parametrize('impl', ['ragged', 'capacity'])
+def test_expert_parallel_experts_equal_one_device(mesh, impl):
   ws, _ = _weights(1)
   x = jax.random.normal(jax.random.PRNGKey(3), (8, 6, D))
   logits = _logits('ties')[:, :E].repeat(2, axis=0)  # 48 = 8 x 6 tokens
@@ -122,7 +132,8 @@ def test_expert_parallel_experts_equal_one_device(mesh):
   rules = _rules(**mesh)
 
   def loss(x, mix, ws, rules):
-    return jnp.sum(jnp.sin(moe.run_experts(x, ex, mix, ws, rules)))
+    y, dropped = experts.run_experts(x, ex, mix, ws, rules, experts.Dispatch(impl))
+    return jnp.sum(jnp.sin(y)) + dropped
 
   got = jax.jit(jax.value_and_grad(lambda *a: loss(*a, rules), argnums=(0, 1, 2)))(x, mix, ws)
   want = jax.value_and_grad(lambda *a: loss(*a, None), argnums=(0, 1, 2))(x, mix, ws)
@@ -358,3 +369,77 @@ def test_resume_with_experts_is_bit_exact_and_moves_across_the_expert_axis(tmp_p
   # The same step-3 state on either mesh, router biases and Adam moments included.
   for a, b in zip(jax.tree.leaves(states['same']), jax.tree.leaves(states['one_expert_device'])):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_capacity_drops_the_later_copies_of_a_full_expert():
+  ws, x = _weights(2)
+  logits = _logits('random').at[:, 5].add(3.0)  # expert 5 wanted by nearly every token
+  r = moe.route(logits, 2, 'softmax')
+  factor = 1.0  # slots = ceil(N K / E) = 6 per expert
+  y, dropped = experts.experts_local(x, r.experts_NxK, r.weights_NxK, ws,
+                                     experts.Dispatch('capacity', factor))
+  # By hand: copy m = n K + j; an expert keeps its first 6 copies in that order.
+  flat = np.asarray(r.experts_NxK).reshape(-1)
+  seen, keep = {}, np.zeros(flat.shape, bool)
+  for m, e in enumerate(flat):
+    seen[e] = seen.get(e, 0) + 1
+    keep[m] = seen[e] <= 6
+  assert int(dropped) == (~keep).sum() > 0
+  kept_weights = np.where(keep.reshape(N, 2), np.asarray(r.weights_NxK), 0.0)
+  want = experts.dense_reference(x, r.experts_NxK, jnp.asarray(kept_weights), ws)
+  np.testing.assert_allclose(y, want, atol=1e-5)
+  # A factor at the worst case drops nothing.
+  _, none = experts.experts_local(x, r.experts_NxK, r.weights_NxK, ws,
+                                  experts.Dispatch('capacity', float(E)))
+  assert int(none) == 0
+
+
+def _exchange_drops(experts_BxTxK, data, ep, e, factor):
+  """(copies the senders drop, copies the receivers' experts drop) in experts_exchanged,
+  simulated: rows split over (data, expert)."""
+  b, t, k = experts_BxTxK.shape
+  per, n = e // ep, b * t // (data * ep)
+  c = min(n * min(k, per), int(np.ceil(factor * n * k / ep)))
+  slots = min(ep * min(n, c), int(np.ceil(factor * n * k / per)))
+  blocks = experts_BxTxK.reshape(data, ep, n * k)
+  dropped = [0, 0]
+  for g in range(data):
+    inbox = [[] for _ in range(ep)]  # per destination: (source, slot, local expert)
+    for s in range(ep):
+      sent = [0] * ep
+      for ex in blocks[g, s]:
+        d = ex // per
+        if sent[d] < c:
+          inbox[d].append((s, sent[d], ex % per))
+        else:
+          dropped[0] += 1
+        sent[d] += 1
+    for d in range(ep):
+      used = [0] * per
+      for _, _, ex in sorted(inbox[d]):
+        dropped[1] += used[ex] >= slots
+        used[ex] += 1
+  return dropped
+
+
+@pytest.mark.parametrize('impl', ['ragged', 'capacity'])
+def test_exchange_buffers_drop_what_a_simulation_of_them_drops(impl):
+  ws, _ = _weights(1)
+  x = jax.random.normal(jax.random.PRNGKey(3), (8, 6, D))
+  logits = _logits('random').repeat(2, axis=0).at[:, 6].add(2.0)
+  r = moe.route(logits, 2, 'softmax')
+  ex, mix = r.experts_NxK.reshape(8, 6, 2), r.weights_NxK.reshape(8, 6, 2)
+  factor = 1.0
+  _, dropped = jax.jit(lambda: experts.run_experts(
+      x, ex, mix, ws, _rules(expert=4, data=2), experts.Dispatch(impl, factor)))()
+  senders, receivers = _exchange_drops(np.asarray(ex), 2, 4, E, factor)
+  assert senders > 0 and receivers > 0
+  # ragged has no per-expert buffer: only the exchange's bound drops.
+  assert int(dropped) == (senders if impl == 'ragged' else senders + receivers)
+
+
+def test_a_batch_the_expert_axis_cannot_split_is_refused_by_key():
+  cfgs = _cfgs({'data': 2, 'expert': 4}, batch_size=4)
+  with pytest.raises(ValueError, match=r'^batch_size: each \(micro-\)batch of 4 rows must split '
+                                       r'over mesh.data x fsdp x expert = 8 devices'):
+    step_parts(cfgs, _mesh_rules(cfgs.mesh))

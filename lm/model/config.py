@@ -17,6 +17,7 @@ ATTENTIONS = ('auto', 'xla', 'cudnn')
 CONTEXT_ATTENTIONS = ('ring', 'allgather')  # lm/model/context.py MODES
 CONTEXT_ORDERS = ('zigzag', 'contiguous')  # lm/model/context.py ORDERS
 ROUTERS = ('softmax', 'sigmoid')
+MOE_IMPLS = ('ragged', 'capacity')  # lm/model/experts.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,12 @@ class MoEConfig:
   """DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias, added to the scores
   for selection only, moves by this much against the sign of each expert's load error
   after every step (0.001 is theirs); 0 = off."""
+  impl: str = 'ragged'
+  """How experts run their rows (lm/model/experts.py): 'ragged' (grouped matmuls,
+  jax.lax.ragged_dot) or 'capacity' (a fixed buffer per expert, batched einsums)."""
+  capacity_factor: float = 0.0
+  """Buffers of this many times the mean load per expert (and per device exchanged
+  with), copies past them dropped; 0 = the worst case's size: dropless."""
 
   @property
   def enabled(self) -> bool:
@@ -70,9 +77,11 @@ class MoEConfig:
       bad('every', 'must be >= 1')
     if self.router not in ROUTERS:
       bad('router', f'expected one of {", ".join(ROUTERS)}')
-    for key in ('aux_loss', 'z_loss', 'bias_rate'):
+    for key in ('aux_loss', 'z_loss', 'bias_rate', 'capacity_factor'):
       if getattr(self, key) < 0:
         bad(key, 'must be >= 0 (0 = off)')
+    if self.impl not in MOE_IMPLS:
+      bad('impl', f'expected one of {", ".join(MOE_IMPLS)}')
 
   def width(self, d_ff: int) -> int:
     """The experts' hidden width."""

@@ -171,6 +171,7 @@ class StepParts:
 
 def step_parts(cfgs: Configs, rules: AxisRules) -> StepParts:
   """The model, optimizer, schedule and pure train step a config describes."""
+  _check_expert_rows(cfgs, rules)
   model = Transformer(cfgs.model, rules)
   steps, opt = cfgs.run.steps, cfgs.optimizer
   lr = schedule(opt, steps)
@@ -181,6 +182,21 @@ def step_parts(cfgs: Configs, rules: AxisRules) -> StepParts:
   step_fn = make_train_step(model, tx, lr, grad_accum=opt.grad_accum, z_loss=opt.z_loss,
                             loss_chunk=cfgs.loss.chunk, rules=rules)
   return StepParts(model, tx, lr, step_fn)
+
+
+def _check_expert_rows(cfgs: Configs, rules: AxisRules) -> None:
+  """Expert parallelism routes each device's own rows: every (micro-)batch must split over
+  the batch axes, the expert axis included, or the experts' exchange has nothing to
+  exchange."""
+  shape = rules.mesh.shape
+  if not cfgs.model.moe.enabled or shape['expert'] == 1:
+    return
+  rows = cfgs.run.batch_size // cfgs.optimizer.grad_accum
+  devices = shape['data'] * shape['fsdp'] * shape['expert']
+  if rows % devices:
+    raise ValueError(f'batch_size: each (micro-)batch of {rows} rows must split over '
+                     f'mesh.data x fsdp x expert = {devices} devices with mesh.expert > 1 '
+                     f'(got {cfgs.run.batch_size})')
 
 
 def jit_train_step(step_fn: Callable[..., Any], state_shardings: Any, rules: AxisRules,

@@ -389,6 +389,7 @@ def _log_train(writer: MetricsWriter, throughput: _Throughput, step: int,
     record['z_loss'] = mean('z_loss')
   if moe_layers:
     record.update(moe_balance=mean('moe_balance'), moe_router_z=mean('moe_router_z'),
+                  moe_dropped=mean('moe_dropped'),
                   **moe.load_summary(sums['moe_load'], moe_layers))
   writer.write(record)
   return record
