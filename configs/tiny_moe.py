@@ -1,5 +1,6 @@
-"""tiny with a mixture of experts: 8 experts, 2 per token, each a quarter of tiny's MLP
-width... so a token's MLP compute is tiny's, with four times the MLP parameters."""
+"""tiny with a mixture of experts (docs/moe.md): 8 experts of width 384, 2 per token, so
+a token passes through as many MLP parameters as in tiny (d_ff 768) while the layer
+holds four times as many. QK-norm on, so it exports as Hugging Face's Qwen3-MoE."""
 
 import ml_collections
 
@@ -10,6 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = tiny.get_config()
   c.name = 'tiny_moe'
   c.workdir = 'runs/tiny_moe'
+  c.model.qk_norm = True
   c.model.moe.num_experts = 8
   c.model.moe.experts_per_token = 2
   c.model.moe.expert_d_ff = 384  # 2 x 384 = tiny's d_ff: the same active MLP.
