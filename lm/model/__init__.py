@@ -7,6 +7,9 @@
                   names, restore targets) and the scanned <-> per-layer layouts.
   positions.py    RoPE (with Llama 3's frequency scaling) and positions inside documents.
   context.py      attention over rows split on the mesh's context axis: ring, all-gather.
+  moe.py          mixture of experts: router, balance losses, router bias, load stats.
+  experts.py      tokens through their experts: ragged_dot or capacity buffers, the
+                  all-to-all exchange over the mesh's expert axis.
   mup.py          muP width transfer: rate and init multipliers.
   loss.py         next-token cross-entropy in float32, whole or chunked.
   forward.py      the batch -> (output, targets) pass and the loss, shared by training
