@@ -169,6 +169,12 @@ def _train(mesh, steps=3, model=None, tokens=None):
   rules = _mesh_rules(cfgs.mesh)
   parts = step_parts(cfgs, rules)
   state, shardings = init_state(parts.model, parts.tx, cfgs.run.seq_len, rules, seed=0)
+  if cfgs.model.scan_layers:  # Scanning draws other initial values: start from the same.
+    unrolled = dataclasses.replace(cfgs.model, scan_layers=False, remat=False)
+    params = Transformer(unrolled).init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
+    state = state.replace(params=jax.device_put(
+        stack_layers(nn.meta.unbox(params['params']), cfgs.model.num_layers),
+        shardings.params))
   step = jit_train_step(parts.step_fn, shardings, rules, (8, 17))
   if tokens is None:
     tokens = np.random.default_rng(0).integers(0, 256, (steps, 8, 17)).astype(np.int32)
@@ -185,7 +191,8 @@ def one_device():
 
 
 @pytest.mark.parametrize('mesh', [{'expert': 4}, {'data': 2, 'expert': 4},
-                                  {'fsdp': 2, 'expert': 4}])
+                                  {'fsdp': 2, 'expert': 4},
+                                  {'data': 2, 'context': 2, 'expert': 2}])
 def test_train_steps_with_expert_parallelism_equal_one_device(one_device, mesh):
   if 'data' not in mesh and 'fsdp' not in mesh:
     mesh = {**mesh, 'data': 2}  # the rest of the 8 devices
@@ -198,6 +205,31 @@ def test_train_steps_with_expert_parallelism_equal_one_device(one_device, mesh):
     np.testing.assert_array_equal(m['moe_load'], r['moe_load'])
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_scanned_rematerialised_layers_train_as_unrolled_ones(one_device):
+  metrics, params = _train({'data': 1}, model={'scan_layers': True, 'remat': True})
+  ref_metrics, ref_params = one_device
+  np.testing.assert_allclose([m['loss'] for m in metrics], [m['loss'] for m in ref_metrics],
+                             rtol=1e-5)
+  np.testing.assert_array_equal(metrics[-1]['moe_load'], ref_metrics[-1]['moe_load'])
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(stack_layers(ref_params, 2))):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_micro_batches_see_the_batch_the_whole_batch_sees(one_device):
+  cfgs = _cfgs({'data': 1}, lr=1e-3)
+  cfgs = cfgs._replace(optimizer=dataclasses.replace(cfgs.optimizer, grad_accum=2))
+  rules = _mesh_rules(cfgs.mesh)
+  parts = step_parts(cfgs, rules)
+  state, shardings = init_state(parts.model, parts.tx, cfgs.run.seq_len, rules, seed=0)
+  step = jit_train_step(parts.step_fn, shardings, rules, (8, 17))
+  tokens = np.random.default_rng(0).integers(0, 256, (3, 8, 17)).astype(np.int32)
+  _, m = step(state, Batch(tokens[0]))
+  ref = one_device[0][0]
+  np.testing.assert_allclose(m['loss'], ref['loss'], rtol=1e-6)  # the same parameters
+  # Counts are means over the micro-batches: the whole batch's over 2.
+  np.testing.assert_allclose(np.asarray(m['moe_load']) * 2, ref['moe_load'])
 
 
 def test_the_router_bias_takes_no_gradient_and_follows_the_load(one_device):
