@@ -475,3 +475,12 @@ def test_a_batch_the_expert_axis_cannot_split_is_refused_by_key():
   with pytest.raises(ValueError, match=r'^batch_size: each \(micro-\)batch of 4 rows must split '
                                        r'over mesh.data x fsdp x expert = 8 devices'):
     step_parts(cfgs, _mesh_rules(cfgs.mesh))
+
+
+def test_quantising_an_moe_model_is_refused_by_key():
+  from lm.eval.quantize import QuantConfig
+  model = Transformer(ModelConfig(**SMALL, moe=MOE))
+  QuantConfig().check_shapes(model)  # float weights: fine
+  for mode in ('int8', 'int4'):
+    with pytest.raises(ValueError, match=rf'^--quantize={mode}: model.moe.num_experts=8: '):
+      QuantConfig(mode).check_shapes(model)

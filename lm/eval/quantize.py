@@ -58,10 +58,17 @@ class QuantConfig:
     return self.mode != 'none'
 
   def check_shapes(self, model: Transformer) -> None:
-    """int4 groups must tile every contracted axis they split; say which one does not."""
+    """int4 groups must tile every contracted axis they split; say which one does not.
+    Mixtures of experts are refused: qwix quantises einsums, and the experts' grouped
+    matmuls are not einsums, so only the router and attention would be (the router's
+    choices changed, the bulk of the weights not)."""
+    c = model.cfg
+    if self.on and c.moe.enabled:
+      raise ValueError(f'--quantize={self.mode}: model.moe.num_experts={c.moe.num_experts}: '
+                       'the experts of an MoE model are not quantised yet; evaluate it '
+                       'with float weights')
     if self.mode != 'int4':
       return
-    c = model.cfg
     for key, size in (('d_model', c.d_model), ('d_ff', c.d_ff), ('head_dim', c.head_size)):
       if size % self.group:
         raise ValueError(f'--quantize_group={self.group} does not divide model.{key} '
