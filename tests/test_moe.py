@@ -484,3 +484,16 @@ def test_quantising_an_moe_model_is_refused_by_key():
   for mode in ('int8', 'int4'):
     with pytest.raises(ValueError, match=rf'^--quantize={mode}: model.moe.num_experts=8: '):
       QuantConfig(mode).check_shapes(model)
+
+
+def test_a_resume_may_change_how_experts_run_but_not_what_they_are():
+  from lm.run.checkpoint import incompatibilities
+  saved = {'model': {'d_model': 8, 'moe': dataclasses.asdict(ModelConfig(moe=MOE).moe)}}
+  runtime = {**MOE, 'impl': 'capacity', 'capacity_factor': 1.25, 'aux_loss': 0.0,
+             'z_loss': 0.0}
+  assert incompatibilities(saved, {'model': {'d_model': 8, 'moe': runtime}}) == []
+  assert incompatibilities(saved, {'model': {'d_model': 8, 'moe': {**MOE, 'num_experts': 4}}}
+                           ) == ['model.moe.num_experts: 8 in checkpoint, 4 now']
+  # A checkpoint written before model.moe existed holds a dense model.
+  assert incompatibilities({'model': {'d_model': 8}}, {'model': {'d_model': 8, 'moe': MOE}}
+                           ) == ['model.moe.num_experts: 0 in checkpoint, 8 now']

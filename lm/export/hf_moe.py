@@ -22,16 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from lm.model.config import ModelConfig, MoEConfig
+from lm.model.config import MOE_RUNTIME_KEYS, ModelConfig, MoEConfig
 
 ARCH = 'Qwen3MoeForCausalLM'
 MODEL_TYPE = 'qwen3_moe'
 FORMAT = 'the Hugging Face Qwen3-MoE format'
-# model.moe.* keys it states; the rest must stay at their defaults but these training
-# settings, which do not change what trained parameters compute.
+# model.moe.* keys it states; the rest must stay at their defaults but MOE_RUNTIME_KEYS.
 _MOE_EXPRESSED = ('num_experts', 'experts_per_token', 'expert_d_ff', 'first_dense_layers',
                   'every')
-_MOE_TRAINING = ('aux_loss', 'z_loss')
 
 
 def check_moe(moe: MoEConfig, needs: str) -> None:
@@ -39,7 +37,7 @@ def check_moe(moe: MoEConfig, needs: str) -> None:
   defaults = MoEConfig()
   for field in dataclasses.fields(moe):
     key = field.name
-    if key in _MOE_EXPRESSED or key in _MOE_TRAINING:
+    if key in _MOE_EXPRESSED or key in MOE_RUNTIME_KEYS:
       continue
     value, default = getattr(moe, key), getattr(defaults, key)
     if value != default:

@@ -18,6 +18,9 @@ CONTEXT_ATTENTIONS = ('ring', 'allgather')  # lm/model/context.py MODES
 CONTEXT_ORDERS = ('zigzag', 'contiguous')  # lm/model/context.py ORDERS
 ROUTERS = ('softmax', 'sigmoid')
 MOE_IMPLS = ('ragged', 'capacity')  # lm/model/experts.py
+# model.moe.* keys that say how the experts are computed or trained, not what the
+# parameters are: a resume may change them, and every export format expresses them.
+MOE_RUNTIME_KEYS = ('impl', 'capacity_factor', 'aux_loss', 'z_loss')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ RUN/checkpoints.corrupt/, never deleted.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -32,6 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from lm.model.config import MOE_RUNTIME_KEYS, MoEConfig
 from lm.run import checksums, layout
 
 log = logging.getLogger(__name__)
@@ -101,12 +103,25 @@ def incompatibilities(saved: Mapping[str, Any], now: Mapping[str, Any],
   Keys recorded on only one side (an older checkpoint, a newer config key) are skipped.
   """
   out = []
-  for section, skip in (('model', RUNTIME_MODEL_KEYS | free), ('tokenizer', frozenset())):
+  model_skip = RUNTIME_MODEL_KEYS | free | {f'moe.{k}' for k in MOE_RUNTIME_KEYS}
+  for section, skip in (('model', model_skip), ('tokenizer', frozenset())):
     before, after = saved.get(section) or {}, now.get(section) or {}
+    if section == 'model':
+      before, after = _flat_model(before), _flat_model(after)
     for key in sorted((set(before) & set(after)) - skip):
       if before[key] != after[key]:
         out.append(f'{section}.{key}: {_show(before[key])} in checkpoint, '
                    f'{_show(after[key])} now')
+  return out
+
+
+def _flat_model(model: Mapping[str, Any]) -> dict[str, Any]:
+  """The model keys with `moe` spelled out as moe.KEY; a checkpoint from before MoE
+  existed was dense, the defaults."""
+  out = {k: v for k, v in model.items() if k != 'moe'}
+  if model:
+    moe = {**dataclasses.asdict(MoEConfig()), **(model.get('moe') or {})}
+    out.update({f'moe.{k}': v for k, v in moe.items()})
   return out
 
 
