@@ -190,9 +190,15 @@ def one_device():
   return _train({'data': 1}, model={})
 
 
-@pytest.mark.parametrize('mesh', [{'expert': 4}, {'data': 2, 'expert': 4},
-                                  {'fsdp': 2, 'expert': 4},
-                                  {'data': 2, 'context': 2, 'expert': 2}])
+SLOW = pytest.mark.slow
+
+
+# One mesh in the fast tier; the others (each a compile of its own) in the whole suite.
+@pytest.mark.parametrize('mesh', [pytest.param({'expert': 4}, marks=SLOW),
+                                  {'data': 2, 'expert': 4},
+                                  pytest.param({'fsdp': 2, 'expert': 4}, marks=SLOW),
+                                  pytest.param({'data': 2, 'context': 2, 'expert': 2},
+                                               marks=SLOW)])
 def test_train_steps_with_expert_parallelism_equal_one_device(one_device, mesh):
   if 'data' not in mesh and 'fsdp' not in mesh:
     mesh = {**mesh, 'data': 2}  # the rest of the 8 devices
@@ -207,6 +213,7 @@ def test_train_steps_with_expert_parallelism_equal_one_device(one_device, mesh):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scanned_rematerialised_layers_train_as_unrolled_ones(one_device):
   metrics, params = _train({'data': 1}, model={'scan_layers': True, 'remat': True})
   ref_metrics, ref_params = one_device
@@ -217,6 +224,7 @@ def test_scanned_rematerialised_layers_train_as_unrolled_ones(one_device):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_micro_batches_see_the_batch_the_whole_batch_sees(one_device):
   cfgs = _cfgs({'data': 1}, lr=1e-3)
   cfgs = cfgs._replace(optimizer=dataclasses.replace(cfgs.optimizer, grad_accum=2))
@@ -334,7 +342,8 @@ def _decode_params(cfg):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-@pytest.mark.parametrize('scan', [False, True], ids=['plain', 'scanned'])
+@pytest.mark.parametrize('scan', [False, pytest.param(True, marks=SLOW)],
+                         ids=['plain', 'scanned'])
 def test_cached_decoding_with_experts_matches_recomputing_the_whole_sequence(scan):
   cfg = dataclasses.replace(DECODE, scan_layers=scan)
   params = _decode_params(DECODE)
