@@ -69,7 +69,7 @@ def test_context_axis_trains_evaluates_and_samples(tmp_path, tokenizer):
   proc = _train(workdir, tokenizer, '--config.steps=2', '--config.eval_every=2',
                 '--config.mesh.context=4', '--config.seq_len=64', '--config.model.num_layers=1')
   header = proc.stdout.split('step=')[0]
-  assert 'mesh data=2 x fsdp=1 x tensor=1 x context=4' in header, header
+  assert 'mesh data=2 x fsdp=1 x tensor=1 x expert=1 x context=4' in header, header
   lines = read_metrics(workdir)
   assert [m['step'] for m in lines if 'loss' in m] == [1, 2]
   evals = [m for m in lines if 'eval_loss' in m]
