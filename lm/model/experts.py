@@ -166,10 +166,13 @@ def run_experts(x_BxTxD: jax.Array, experts_BxTxK: jax.Array, mix_BxTxK: jax.Arr
   k = experts_BxTxK.shape[-1]
   flat = lambda a: a.reshape(-1, a.shape[-1])
 
-  if rules is None:
+  def whole():  # Every token in one computation, all experts at hand.
     y, dropped = experts_local(flat(x_BxTxD), flat(experts_BxTxK), flat(mix_BxTxK), weights,
                                how)
     return y.reshape(b, t, d), dropped
+
+  if rules is None:
+    return whole()
   devices = rules.mesh.shape[EXPERT_AXIS]
   rows = rules.spec(('batch', 'length', None), (b, t, k))
   split = tuple(a for entry in rows[:2] for a in _axes(entry))
@@ -177,9 +180,7 @@ def run_experts(x_BxTxD: jax.Array, experts_BxTxK: jax.Array, mix_BxTxK: jax.Arr
     # Rows too few to split over the expert axis (the one-row init, a single prompt): one
     # global computation, which the partitioner lays out. Training batches always split
     # (step_parts checks the batch against the mesh).
-    y, dropped = experts_local(flat(x_BxTxD), flat(experts_BxTxK), flat(mix_BxTxK), weights,
-                               how)
-    return y.reshape(b, t, d), dropped
+    return whole()
 
   def per_device(x, experts, mix, *ws):
     bl, tl = x.shape[:2]

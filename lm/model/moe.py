@@ -27,6 +27,7 @@ import numpy as np
 
 from lm.model import experts
 from lm.model.config import ModelConfig
+from lm.model.initializers import dense_init
 from lm.sharding import AxisRules
 
 BIAS = 'router_bias'  # The parameter the optimizer leaves alone (lm/optim/optimizer.py).
@@ -75,15 +76,6 @@ def router_z_loss(r: Routing) -> jax.Array:
   return jnp.mean(jnp.square(r.log_z_N))
 
 
-def _expert_init(names: tuple[str, ...], fan_in_axis: int, scale: float = 1.0,
-                 zeros: bool = False) -> Callable[..., Any]:
-  if zeros:
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
-  base = nn.initializers.variance_scaling(scale, 'fan_in', 'truncated_normal',
-                                          in_axis=fan_in_axis, out_axis=-1, batch_axis=(0,))
-  return nn.with_logical_partitioning(base, names)
-
-
 class MoE(nn.Module):
   """Routed SwiGLU experts (plus shared ones): B x T x D -> B x T x D.
 
@@ -108,9 +100,9 @@ class MoE(nn.Module):
     if m.bias_rate:
       bias_E = self.param(BIAS, nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                              (None,)), (e,), jnp.float32)
-    up_init = _expert_init(('experts', 'embed', 'mlp'), 1)
-    down_init = _expert_init(('experts', 'mlp', 'embed'), 1, 1.0 / (2 * c.num_layers),
-                             zeros=c.zero_init_out)
+    up_init = dense_init(('experts', 'embed', 'mlp'), (1,))
+    down_init = dense_init(('experts', 'mlp', 'embed'), (1,), 1.0 / (2 * c.num_layers),
+                           zeros=c.zero_init_out)
     weights = (self.param('gate', up_init, (e, d, f), pdt),
                self.param('up', up_init, (e, d, f), pdt),
                self.param('down', down_init, (e, f, d), pdt))

@@ -32,27 +32,9 @@ import jax.numpy as jnp
 
 from lm.model import context, moe, mup
 from lm.model.config import ModelConfig
+from lm.model.initializers import dense_init, init
 from lm.model.positions import rope, rope_frequencies, segment_positions
 from lm.sharding import AxisRules, constrain
-
-
-def _init(names: tuple[str, ...], scale: float = 1.0, *, ones: bool = False):
-  """A logically-partitioned initialiser: N(0, scale^2 / fan_in) or ones."""
-  if ones:
-    base = nn.initializers.ones_init()
-  else:
-    base = nn.initializers.variance_scaling(scale, 'fan_in', 'truncated_normal')
-  return nn.with_logical_partitioning(base, names)
-
-
-def _dense_init(names: tuple[str, ...], fan_in_axes: tuple[int, ...], scale: float = 1.0,
-                *, zeros: bool = False):
-  if zeros:
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
-  base = nn.initializers.variance_scaling(
-      scale, 'fan_in', 'truncated_normal', in_axis=fan_in_axes,
-      out_axis=tuple(i for i in range(len(names)) if i not in fan_in_axes))
-  return nn.with_logical_partitioning(base, names)
 
 
 class RMSNorm(nn.Module):
@@ -65,7 +47,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    scale_D = self.param('scale', _init((self.axis,), ones=True), (x_BxTxD.shape[-1],),
+    scale_D = self.param('scale', init((self.axis,), ones=True), (x_BxTxD.shape[-1],),
                          self.param_dtype)
     # Statistics in float32: bf16 mean-of-squares loses too much precision.
     x = x_BxTxD.astype(jnp.float32)
@@ -123,15 +105,15 @@ class Attention(nn.Module):
     c = self.cfg
     D, N, K, H = c.d_model, c.num_heads, c.num_kv_heads, c.head_size
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    q_init = _dense_init(('embed', 'heads', 'head_dim'), (0,))
-    kv_init = _dense_init(('embed', 'kv_heads', 'head_dim'), (0,))
+    q_init = dense_init(('embed', 'heads', 'head_dim'), (0,))
+    kv_init = dense_init(('embed', 'kv_heads', 'head_dim'), (0,))
     w_q_DxNxH = self.param('q', q_init, (D, N, H), pdt)
     w_k_DxKxH = self.param('k', kv_init, (D, K, H), pdt)
     w_v_DxKxH = self.param('v', kv_init, (D, K, H), pdt)
     # Output projections start small (or at zero) so each residual branch begins near
     # identity.
     out_scale = 1.0 / (2 * c.num_layers)
-    o_init = _dense_init(('heads', 'head_dim', 'embed'), (0, 1), out_scale,
+    o_init = dense_init(('heads', 'head_dim', 'embed'), (0, 1), out_scale,
                          zeros=c.zero_init_out)
     w_o_NxHxD = self.param('o', o_init, (N, H, D), pdt)
 
@@ -196,9 +178,9 @@ class MLP(nn.Module):
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     f = self.d_ff or c.d_ff
     if c.mlp == 'swiglu':
-      w_gate_DxF = self.param('gate', _dense_init(('embed', 'mlp'), (0,)), (c.d_model, f), pdt)
-    w_up_DxF = self.param('up', _dense_init(('embed', 'mlp'), (0,)), (c.d_model, f), pdt)
-    down_init = _dense_init(('mlp', 'embed'), (0,), 1.0 / (2 * c.num_layers),
+      w_gate_DxF = self.param('gate', dense_init(('embed', 'mlp'), (0,)), (c.d_model, f), pdt)
+    w_up_DxF = self.param('up', dense_init(('embed', 'mlp'), (0,)), (c.d_model, f), pdt)
+    down_init = dense_init(('mlp', 'embed'), (0,), 1.0 / (2 * c.num_layers),
                             zeros=c.zero_init_out)
     w_down_FxD = self.param('down', down_init, (f, c.d_model), pdt)
     # Batch and length folded into one axis (B*T, a bitcast): with 3-D activations XLA's
@@ -292,7 +274,7 @@ class Transformer(nn.Module):
           c.context_order, self.rules, segment_ids_BxT, tokens_BxT, positions_BxT)
     elif segment_ids_BxT is not None:
       mask_Bx1xTxS = segment_mask(segment_ids_BxT)  # T x T: only for rows held whole.
-    embed_VxD = self.param('embed', _init(('vocab', 'embed')), (c.vocab_size, c.d_model), pdt)
+    embed_VxD = self.param('embed', init(('vocab', 'embed')), (c.vocab_size, c.d_model), pdt)
     x_BxTxD = embed_rows(embed_VxD, tokens_BxT, dt, self.rules)
     x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'embed'), self.rules)
     x_BxTxD = nn.Dropout(c.dropout)(x_BxTxD, deterministic=not train)
@@ -321,7 +303,7 @@ class Transformer(nn.Module):
     x_BxTxD = RMSNorm(c.norm_eps, dt, pdt, name='final_norm')(x_BxTxD)
     params = {'embed': embed_VxD}
     if not c.tie_embeddings:
-      head_init = _init(('embed', 'vocab'), mup.head_init_scale(c))
+      head_init = init(('embed', 'vocab'), mup.head_init_scale(c))
       params['head'] = self.param('head', head_init, (c.d_model, c.vocab_size), pdt)
     if features:
       return x_BxTxD
