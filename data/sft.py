@@ -106,6 +106,23 @@ def split_pair(encode, context: str, continuation: str) -> tuple[list[int], list
   return whole[:len(head)], whole[len(head):]
 
 
+def reply_prompt(messages: Sequence[Mapping[str, str]], encode, bos_id: int,
+                 eos_id: int) -> list[int]:
+  """The ids a model continues to answer `messages`: the template as training renders it,
+  then the text after the last assistant message, encoded as training encoded a prompt
+  (its trailing whitespace belongs to the reply, split_pair's rule). `encode` maps a list
+  of strings to their ids."""
+  answered = max((i for i, m in enumerate(messages) if m['role'] == 'assistant'), default=-1)
+  ids = [bos_id]
+  if answered >= 0:
+    done = encode_messages(messages[:answered + 1], encode, bos_id, eos_id, 2 ** 62)
+    ids = done.rows[:, 0].tolist()
+  tail = ''.join(m['content'] for m in messages[answered + 1:])
+  if tail:
+    ids += split_continuations(encode, tail, [])[0]
+  return ids
+
+
 @dataclasses.dataclass
 class Encoded:
   """An example's tokens (int32 [N, 2]: id, trained-on flag) and what happened to it."""

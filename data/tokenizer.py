@@ -90,6 +90,13 @@ class Tokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
 
+  def piece_text(self, i: int) -> str:
+    """Token `i` as text on its own: its piece with the space mark as a space; a byte
+    piece stays '<0xNN>' and a control token (BOS, EOS) is ''."""
+    if self._sp.is_control(i):
+      return ''
+    return self._sp.id_to_piece(int(i)).replace(_SPACE_MARK, ' ')
+
   def _encode_with_marks(self, text: str) -> list[int]:
     ids: list[int] = []
     for i, part in enumerate(text.split(_SPACE_MARK)):

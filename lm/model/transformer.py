@@ -72,7 +72,10 @@ def attention_impl(setting: str, dtype: Any) -> str | None:
 class DecodeState:
   """What every layer needs to read and write its cache in one decode call."""
 
-  index: jax.Array  # int32 scalar: the cache slot of the first of the T new tokens.
+  # int32: the cache slot of the first of the T new tokens; a scalar when every row
+  # writes the same slot (one batch of prompts), one per row (B) when rows advance on
+  # their own (a server's decode slots, lm/serve/engine.py).
+  index: jax.Array
   mask_Bx1xTxS: jax.Array  # bool: query t may attend to cache slot s.
 
 
@@ -84,12 +87,20 @@ def decode_mask(positions_BxS: jax.Array, index: jax.Array, t: int) -> jax.Array
   still sees its own slot, so no row is empty and padding rows stay finite.
   """
   slot_S = jnp.arange(positions_BxS.shape[1])
-  query_slot_T = index + jnp.arange(t)
-  causal_TxS = slot_S[None, :] <= query_slot_T[:, None]
-  own_TxS = slot_S[None, :] == query_slot_T[:, None]
+  query_slot_RxT = jnp.reshape(index, (-1, 1)) + jnp.arange(t)  # R = 1 or B rows.
+  causal_RxTxS = slot_S <= query_slot_RxT[..., None]
+  own_RxTxS = slot_S == query_slot_RxT[..., None]
   real_BxS = positions_BxS >= 0
-  mask_BxTxS = (causal_TxS[None] & real_BxS[:, None, :]) | own_TxS[None]
+  mask_BxTxS = (causal_RxTxS & real_BxS[:, None, :]) | own_RxTxS
   return mask_BxTxS[:, None]
+
+
+def write_slots(slots_BxS: jax.Array, new_BxT: jax.Array, index: jax.Array) -> jax.Array:
+  """`new` written into `slots` (along axis 1) from slot `index`: a scalar, or one per row."""
+  if index.ndim == 0:
+    return jax.lax.dynamic_update_slice_in_dim(slots_BxS, new_BxT, index, axis=1)
+  row = lambda s, n, i: jax.lax.dynamic_update_slice_in_dim(s, n, i, axis=0)  # noqa: E731
+  return jax.vmap(row)(slots_BxS, new_BxT, index)
 
 
 class Attention(nn.Module):
@@ -160,7 +171,7 @@ class Attention(nn.Module):
     The cache is created at init with the length of the init input: that is S.
     """
     slots = self.variable('cache', name, jnp.zeros, new_BxTxKxH.shape, new_BxTxKxH.dtype)
-    slots.value = jax.lax.dynamic_update_slice(slots.value, new_BxTxKxH, (0, index, 0, 0))
+    slots.value = write_slots(slots.value, new_BxTxKxH, index)
     return slots.value
 
 
@@ -312,14 +323,16 @@ class Transformer(nn.Module):
     return constrain(logits_BxTxV, ('batch', 'length', 'vocab'), self.rules)
 
   def _decode_state(self, positions_BxT: jax.Array) -> DecodeState:
-    """Advances the shared cache bookkeeping by T tokens; layers keep their own k, v."""
+    """Advances the shared cache bookkeeping by T tokens; layers keep their own k, v.
+
+    The index is a scalar as init makes it; a caller may hand in one per row instead.
+    """
     t = positions_BxT.shape[1]
     # Created at init with the init input's shape: its length is the cache size S.
     positions = self.variable('cache', 'positions', jnp.zeros, positions_BxT.shape, jnp.int32)
     index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
     start = index.value
-    positions.value = jax.lax.dynamic_update_slice(
-        positions.value, positions_BxT.astype(jnp.int32), (0, start))
+    positions.value = write_slots(positions.value, positions_BxT.astype(jnp.int32), start)
     index.value = start + t
     return DecodeState(start, decode_mask(positions.value, start, t))
 
