@@ -18,7 +18,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from data import sft
@@ -50,6 +51,7 @@ class Served:
   api_key: str | None = None
   inspect: Callable[[dict[str, Any]], dict[str, Any]] | None = None
   page: str | None = None  # The chat page's HTML.
+  compiles: Any = None  # lm/serve/server.py's CompileCounter.
   created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
@@ -73,7 +75,8 @@ def create_app(s: Served) -> FastAPI:
   async def health():
     load = s.scheduler.load()
     body = {'status': 'failed' if s.scheduler.failure else 'ok', **load,
-            'programs': s.scheduler.engine.compiled()}
+            'programs': s.scheduler.engine.compiled(),
+            'compiled_since_warm_up': s.compiles.since() if s.compiles else None}
     return JSONResponse(body, status_code=503 if s.scheduler.failure else 200)
 
   @app.get('/v1/models')

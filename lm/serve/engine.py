@@ -89,7 +89,7 @@ def pick(logits_BxV: jax.Array, knobs: Knobs, vocab_limit: int) -> Picked:
   # The sort only when some row samples.
   token_B = jax.lax.cond(jnp.all(greedy_B), lambda _: best_B, draw, None)
   logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
-  top_lp, top_ids = jax.lax.top_k(logprobs_BxV, TOP_LOGPROBS)
+  top_lp, top_ids = jax.lax.top_k(logprobs_BxV, min(TOP_LOGPROBS, v))
   chosen_B = jnp.take_along_axis(logprobs_BxV, token_B[:, None], axis=-1)[:, 0]
   return Picked(token_B, chosen_B, top_ids.astype(jnp.int32), top_lp)
 

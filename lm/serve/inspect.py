@@ -24,6 +24,7 @@ from lm.model.config import ModelConfig
 from lm.model.params import unstack_layers
 from lm.model.positions import rope, rope_frequencies
 from lm.model.transformer import Block, RMSNorm, Transformer, output_head, softcap
+from lm.serve.engine import buckets
 from lm.serve.protocol import ApiError, bad
 
 LENS_TOP = 3  # Alternatives per cell of the lens.
@@ -32,13 +33,6 @@ LENS_TOP = 3  # Alternatives per cell of the lens.
 def _capture(mdl: nn.Module, method: str) -> bool:
   # Each block's output (the residual stream) and each attention norm's (its input).
   return method == '__call__' and (isinstance(mdl, Block) or mdl.name == 'attn_norm')
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _hidden(model: Transformer, params: Any, tokens_1xT: jax.Array) -> Any:
-  _, state = model.apply({'params': params}, tokens_1xT, capture_intermediates=_capture,
-                         mutable=['intermediates'])
-  return state['intermediates']
 
 
 def lens(cfg: ModelConfig, params: Any, hidden_LxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -55,6 +49,7 @@ def attention_weights(cfg: ModelConfig, layer: Any, h_TxD: jax.Array, head: int)
   """T x T causal attention weights of query head `head`, from the layer's normed input."""
   attn = layer['attn']
   dt = jnp.dtype(cfg.dtype)
+  head = jnp.asarray(head)
   kv = head // (cfg.num_heads // cfg.num_kv_heads)
   q_TxH = jnp.einsum('td,dh->th', h_TxD, jnp.asarray(attn['q'][:, head], dt))
   k_TxH = jnp.einsum('td,dh->th', h_TxD, jnp.asarray(attn['k'][:, kv], dt))
@@ -73,9 +68,28 @@ def attention_weights(cfg: ModelConfig, layer: Any, h_TxD: jax.Array, head: int)
   return jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _look(model: Transformer, params: Any, tokens_1xT: jax.Array, layer: jax.Array,
+          head: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(lens probabilities, lens ids, attention weights) for one prompt; the layer and the
+  head are traced, so one program serves them all (one per prompt bucket)."""
+  c = model.cfg
+  _, state = model.apply({'params': params}, tokens_1xT, capture_intermediates=_capture,
+                         mutable=['intermediates'])
+  got = state['intermediates']
+  blocks = [f'block_{i}' for i in range(c.num_layers)]
+  hidden_LxTxD = jnp.stack([got[b]['__call__'][0][0][0] for b in blocks])
+  probs, ids = lens(c, params, hidden_LxTxD)
+  normed_LxTxD = jnp.stack([got[b]['attn_norm']['__call__'][0][0] for b in blocks])
+  attn = jax.tree.map(lambda *xs: jnp.stack(xs)[layer], *[params[b]['attn'] for b in blocks])
+  return probs, ids, attention_weights(c, {'attn': attn}, normed_LxTxD[layer], head)
+
+
 @dataclasses.dataclass
 class Inspector:
-  """Answers /v1/inspect for a run's model (unquantised weights)."""
+  """Answers /v1/inspect for a run's model (unquantised weights). Prompts are padded on
+  the right to the serving buckets (causal attention: padding changes nothing before
+  it), so after `warm_up` no prompt compiles a program."""
 
   run: Any  # lm/run/folder.py's Run
   context: int
@@ -88,16 +102,34 @@ class Inspector:
       params = unstack_layers(params, cfg.num_layers)
     self.params = params
     self.model = Transformer(self.cfg)
+    self.buckets = buckets(self.context)
+
+  def warm_up(self) -> None:
+    if self._quantized():
+      return
+    for b in self.buckets:
+      self._look([0] * b, 0, 0)
+
+  def _quantized(self) -> bool:
+    return self.run.quant is not None and self.run.quant.on
+
+  def _look(self, ids: list[int], layer: int, head: int) -> tuple[np.ndarray, ...]:
+    n = len(ids)
+    padded = np.zeros((1, next(b for b in self.buckets if n <= b)), np.int32)
+    padded[0, :n] = ids
+    probs, top, weights = jax.device_get(_look(self.model, self.params, jnp.asarray(padded),
+                                               jnp.int32(layer), jnp.int32(head)))
+    return probs[:, :n], top[:, :n], weights[:n, :n]
 
   def answer(self, body: dict[str, Any]) -> dict[str, Any]:
-    if self.run.quant is not None and self.run.quant.on:
+    if self._quantized():
       raise ApiError(400, 'inspection reads the unquantised weights; serve without --quantize')
-    prompt = body.get('prompt')
-    if not isinstance(prompt, str) or not prompt:
-      raise bad('prompt', 'required: a non-empty string')
     for key in body:
       if key not in ('prompt', 'layer', 'head', 'model'):
         raise bad(key, 'unknown field')
+    prompt = body.get('prompt')
+    if not isinstance(prompt, str) or not prompt:
+      raise bad('prompt', 'required: a non-empty string')
     c = self.cfg
     layer = _index(body, 'layer', c.num_layers)
     head = _index(body, 'head', c.num_heads)
@@ -105,19 +137,15 @@ class Inspector:
     ids = [tok.bos_id] + tok.encode(prompt)
     if len(ids) > self.context:
       raise bad('prompt', f'{len(ids)} tokens; the context is {self.context}')
-    got = _hidden(self.model, self.params, jnp.asarray([ids], jnp.int32))
-    hidden = jnp.stack([got[f'block_{i}']['__call__'][0][0][0] for i in range(c.num_layers)])
-    probs, top = jax.device_get(lens(c, self.params, hidden))
-    h = got[f'block_{layer}']['attn_norm']['__call__'][0][0]
-    weights = np.asarray(attention_weights(c, self.params[f'block_{layer}'], h, head))
+    probs, top, weights = self._look(ids, layer, head)
     text = tok.piece_text
     return {
         'tokens': [text(i) for i in ids], 'ids': ids, 'layers': c.num_layers,
         'heads': c.num_heads, 'layer': layer, 'head': head,
-        # lens[l][t]: what layer l's stream predicts after token t, most likely first.
+        # lens[k][t]: what layer k's stream predicts after token t, most likely first.
         'lens': [[[{'token': text(int(i)), 'prob': round(float(p), 4)}
-                   for i, p in zip(top[l, t], probs[l, t])] for t in range(len(ids))]
-                 for l in range(c.num_layers)],
+                   for i, p in zip(top[k, t], probs[k, t])] for t in range(len(ids))]
+                 for k in range(c.num_layers)],
         'attention': np.round(weights, 4).tolist()}
 
 

@@ -228,8 +228,11 @@ class Scheduler:
     before `start`); the number of programs and the seconds it took."""
     start = time.perf_counter()
     engine = self.engine
-    for b in engine.buckets:
-      engine.prefill(0, [0] * b, self._knobs([None]))
-    engine.step(self._last, self._positions, self._knobs(self._slots))
+    # Twice: on a mesh the fresh cache may be laid out unlike the one the programs return,
+    # and the second pass compiles those variants too.
+    for _ in range(2):
+      for b in engine.buckets:
+        engine.prefill(0, [0] * b, self._knobs([None]))
+      engine.step(self._last, self._positions, self._knobs(self._slots))
     # Row 0 holds a dummy prompt now; no request owns it and the next prefill replaces it.
     return {'programs': engine.compiled(), 'seconds': round(time.perf_counter() - start, 2)}

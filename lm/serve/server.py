@@ -7,12 +7,41 @@ import logging
 import os
 from typing import Any
 
+import jax
+
 from lm.eval import quantize, sampling
 from lm.serve import api
 from lm.serve.engine import Engine
 from lm.serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+COMPILE_EVENTS = ('/jax/core/compile/jaxpr_trace_duration',
+                  '/jax/core/compile/backend_compile_duration')
+
+
+class CompileCounter:
+  """Counts programs traced or compiled in this process (jax.monitoring's events), so the
+  server can say when a request made one after warm-up: each costs that request seconds."""
+
+  def __init__(self) -> None:
+    self.count = 0
+    self.baseline = 0
+    jax.monitoring.register_event_duration_secs_listener(self._event)
+
+  def _event(self, event: str, _duration: float, **_: Any) -> None:
+    if event in COMPILE_EVENTS:
+      self.count += 1
+      if self.baseline:
+        log.warning('a program was compiled while serving (%d since warm-up)', self.since())
+
+  def settle(self) -> None:
+    """Marks the end of warm-up."""
+    self.baseline = self.count
+
+  def since(self) -> int:
+    return self.count - self.baseline
+
+
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'page.html')
 
 
@@ -39,21 +68,25 @@ def load(workdir: str, step: int | None, quant: quantize.QuantConfig,
          cfg: ServeConfig) -> tuple[api.Served, dict[str, Any]]:
   """The Served for a run folder, warmed up and running; and what warm-up compiled."""
   cfg.validate()
+  compiles = CompileCounter()
   run = quantize.load_quantized_run(workdir, step, quant)
   context = run.cfgs.run.seq_len
   model = quantize.quantized_model(sampling.sampling_model(run.cfgs.model, run.rules),
                                    run.quant or quantize.NONE)
   engine = Engine(model, run.params, cfg.slots, context, run.tokenizer.vocab_size)
   scheduler = Scheduler(engine, run.tokenizer.decode, run.tokenizer.eos_id, cfg.max_waiting)
-  warm = scheduler.warm_up()
-  scheduler.start()
   from lm.serve import inspect  # The page's second view.
 
+  inspector = inspect.Inspector(run, context)
+  warm = scheduler.warm_up()
+  inspector.warm_up()
+  compiles.settle()
+  scheduler.start()
   with open(PAGE, encoding='utf-8') as f:
     page = f.read()
   name = cfg.name or os.path.basename(os.path.normpath(workdir))
   limits = api.Limits(context, min(cfg.max_tokens or context, context), cfg.max_body_bytes)
-  served = api.Served(name, run.tokenizer, scheduler, limits, cfg.api_key,
-                      inspect.Inspector(run, context).answer, page)
+  served = api.Served(name, run.tokenizer, scheduler, limits, cfg.api_key, inspector.answer,
+                      page, compiles)
   return served, {'model': name, 'step': run.step, 'context': context, 'slots': cfg.slots,
                   **warm, **quantize.weights_record(run)}
