@@ -180,6 +180,7 @@ def test_stop_strings_and_finish_reasons(client, served, run):
   assert out.choices[0].finish_reason == 'length' and out.usage.completion_tokens == 3
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_requests_match_one_at_a_time(client, served):
   # 16 requests on 4 slots: they queue, share the batch in every mix, and leave early.
   jobs = [(PROMPTS[i % len(PROMPTS)], 4 + 3 * (i % 5)) for i in range(16)]
@@ -393,7 +394,8 @@ def test_text_stream_holds_stop_prefixes_and_unfinished_characters(tok):
   assert ''.join(p.text for p in stream.flush()) == '\ufffd'  # Cut short: shown as decoded.
 
 
-def test_the_script_serves_and_refuses_bad_flags(trained_run, tmp_path):
+@pytest.mark.slow
+def test_the_script_refuses_bad_flags(trained_run, tmp_path):
   from tests.helpers import script
 
   bad = script('serve.py', f'--workdir={tmp_path / "missing"}', check=False)
@@ -403,6 +405,7 @@ def test_the_script_serves_and_refuses_bad_flags(trained_run, tmp_path):
   assert bad.returncode == 1 and '--slots' in bad.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_the_chat_page_in_chromium(live, served, tmp_path):
   chromium = shutil.which('chromium') or shutil.which('chromium-browser')
