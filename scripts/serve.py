@@ -52,7 +52,7 @@ def main(argv):
   try:
     uvicorn.run(api.create_app(served), host=_HOST.value, port=_PORT.value, log_level='warning')
   finally:
-    served.scheduler.close()
+    served.close()
 
 
 if __name__ == '__main__':

@@ -66,7 +66,7 @@ def served(trained_run):
   s, info = server.load(str(trained_run), None, quantize.NONE, cfg)
   s.info = info
   yield s
-  s.scheduler.close()
+  s.close()
 
 
 @pytest.fixture(scope='module')
@@ -460,3 +460,14 @@ def _drive(driver, live, served, tmp_path):
 
 def run_layers(served) -> int:
   return served.scheduler.engine.model.cfg.num_layers
+
+
+def test_the_compile_counter_counts_until_closed():
+  counter = server.CompileCounter()
+  counter.settle()
+  jax.jit(lambda x: x * 3 + 1)(jnp.ones(3))
+  seen = counter.since()
+  assert seen >= 1
+  counter.close()  # Process-wide otherwise: later compiles would be logged as the server's.
+  jax.jit(lambda x: x * 5 - 1)(jnp.ones(3))
+  assert counter.since() == seen

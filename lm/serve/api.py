@@ -54,6 +54,12 @@ class Served:
   compiles: Any = None  # lm/serve/server.py's CompileCounter.
   created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
+  def close(self) -> None:
+    """Stops the decode loop and the compile counter."""
+    self.scheduler.close()
+    if self.compiles is not None:
+      self.compiles.close()
+
 
 def create_app(s: Served) -> FastAPI:
   app = FastAPI(title='lm serve', docs_url=None, redoc_url=None, openapi_url=None)

@@ -34,6 +34,10 @@ class CompileCounter:
       if self.baseline:
         log.warning('a program was compiled while serving (%d since warm-up)', self.since())
 
+  def close(self) -> None:
+    """Stops listening (the listener is process-wide)."""
+    jax.monitoring.unregister_event_duration_listener(self._event)
+
   def settle(self) -> None:
     """Marks the end of warm-up."""
     self.baseline = self.count
