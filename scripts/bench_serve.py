@@ -35,7 +35,7 @@ def one(client: httpx.Client, prompt: str) -> dict:
   body = {'model': _MODEL.value, 'prompt': prompt, 'max_tokens': _MAX_TOKENS.value,
           'temperature': 0, 'stream': True, 'stream_options': {'include_usage': True}}
   start = time.perf_counter()
-  first, tokens = None, 0
+  first, tokens, chunks = None, 0, 0
   with client.stream('POST', '/v1/completions', json=body) as r:
     r.raise_for_status()
     for line in r.iter_lines():
@@ -44,9 +44,13 @@ def one(client: httpx.Client, prompt: str) -> dict:
       chunk = json.loads(line[6:])
       if chunk.get('usage'):
         tokens = chunk['usage']['completion_tokens']
-      if chunk.get('choices') and chunk['choices'][0].get('text') and first is None:
-        first = time.perf_counter() - start
-  return {'ttft': first, 'seconds': time.perf_counter() - start, 'tokens': tokens}
+      if chunk.get('choices') and chunk['choices'][0].get('text'):
+        chunks += 1
+        if first is None:
+          first = time.perf_counter() - start
+  # A server without stream_options (llama_cpp.server) sends no usage: count its text
+  # chunks, one a token there.
+  return {'ttft': first, 'seconds': time.perf_counter() - start, 'tokens': tokens or chunks}
 
 
 def level(streams: int) -> dict:
