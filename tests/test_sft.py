@@ -350,3 +350,19 @@ def test_train_script_names_a_bad_line_and_writes_no_config(tokenizer, tmp_path)
   assert proc.stderr.strip().splitlines() == [
       f'error: {path} line 2: "label" must index "choices" (0 to 0), got 3']
   assert not (run / 'config.json').exists()
+
+
+def test_reply_prompt_is_what_training_saw_before_the_response(tok):
+  """A served chat's prompt ids are the training example's ids up to its first trained
+  token: the reply the model learnt begins right where generation starts."""
+  turns = [{'role': 'user', 'content': 'x = 1\n# x is '}, {'role': 'assistant', 'content': '1\n'},
+           {'role': 'system', 'content': 'Be brief. '}, {'role': 'user', 'content': 'y = '},
+           {'role': 'assistant', 'content': '2'}]
+  for end in (1, 4):  # One user turn; then a second exchange after an answered one.
+    example = sft.encode_messages(turns[:end + 1], tok.encode_batch, tok.bos_id, tok.eos_id,
+                                  10**6).rows
+    last_response = np.flatnonzero(example[:, 1])
+    start = last_response[0] if end == 1 else last_response[np.flatnonzero(
+        np.diff(last_response) > 1)[0] + 1]
+    prompt = sft.reply_prompt(turns[:end], tok.encode_batch, tok.bos_id, tok.eos_id)
+    assert prompt == example[:start, 0].tolist()
