@@ -203,6 +203,11 @@ def past_training(model: ModelConfig, seq_len: int, positions: int) -> str:
   return line
 
 
+def run_model(run: Run) -> Transformer:
+  """The sampling model of a trained run, reading its weights quantised if they are."""
+  return quantized_model(sampling_model(run.cfgs.model, run.rules), run.quant or NONE)
+
+
 def complete(run: Run, prompt: str, cfg: SamplingConfig, seed: int = 0,
              timed: bool = False) -> dict[str, Any]:
   """{"prompt_ids", "ids", "text"} for one text prompt of a trained run.
@@ -214,7 +219,7 @@ def complete(run: Run, prompt: str, cfg: SamplingConfig, seed: int = 0,
   tok = run.tokenizer
   prompt_ids = [tok.bos_id] + tok.encode(prompt)
   cfg = dataclasses.replace(cfg, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
-  model = quantized_model(sampling_model(run.cfgs.model, run.rules), run.quant or NONE)
+  model = run_model(run)
   ids = generate(model, run.params, [prompt_ids], cfg, seed)[0]
   out = {'prompt_ids': prompt_ids, 'ids': ids, 'text': tok.decode(ids)}
   if timed:

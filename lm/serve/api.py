@@ -105,7 +105,7 @@ def create_app(s: Served) -> FastAPI:
 
   @app.post('/v1/inspect')
   async def inspect(request: HttpRequest):
-    body = protocol.parse_json(await _read(request, s.limits.max_body_bytes))
+    body = await _body(request, s.limits)
     if s.inspect is None:
       raise ApiError(404, 'inspection is not available on this server')
     return await asyncio.to_thread(s.inspect, body)

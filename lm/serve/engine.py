@@ -28,6 +28,14 @@ from lm.model.transformer import Transformer
 TOP_LOGPROBS = 20  # The most alternatives a request may ask for (OpenAI's limit too).
 
 
+def bucket(lengths: Sequence[int], n: int) -> int:
+  """The shortest of `lengths` (ascending) that holds n tokens."""
+  for b in lengths:
+    if n <= b:
+      return b
+  raise ValueError(f'a prompt of {n} tokens is longer than the context ({lengths[-1]})')
+
+
 def buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
   """Prefill lengths: powers of two from `smallest`, then `max_len` itself."""
   out = []
@@ -129,17 +137,10 @@ class Engine:
     self._step = jax.jit(functools.partial(_step, self.model, self.vocab_limit),
                          donate_argnums=(1,))
 
-  def bucket(self, n: int) -> int:
-    """The prefill length for a prompt of n tokens."""
-    for b in self.buckets:
-      if n <= b:
-        return b
-    raise ValueError(f'a prompt of {n} tokens is longer than the context ({self.max_len})')
-
   def prefill(self, slot: int, prompt: Sequence[int], knobs: Knobs) -> Picked:
     """Writes `prompt` into row `slot` (whatever it held is forgotten); its first token."""
     n = len(prompt)
-    tokens = np.zeros((1, self.bucket(n)), np.int32)
+    tokens = np.zeros((1, bucket(self.buckets, n)), np.int32)
     tokens[0, :n] = prompt
     picked, self.cache = self._prefill(self.params, self.cache, jnp.asarray(tokens),
                                        jnp.int32(n), jnp.int32(slot), knobs)
@@ -153,7 +154,8 @@ class Engine:
     return jax.device_get(picked)
 
   def compiled(self) -> int:
-    """Programs compiled so far (every bucket's prefill and the step count once)."""
+    """Programs compiled so far: each bucket's prefill and the step, each once per cache
+    layout it has seen."""
     return self._prefill._cache_size() + self._step._cache_size()
 
 

@@ -24,7 +24,7 @@ from lm.model.config import ModelConfig
 from lm.model.params import unstack_layers
 from lm.model.positions import rope, rope_frequencies
 from lm.model.transformer import Block, RMSNorm, Transformer, output_head, softcap
-from lm.serve.engine import buckets
+from lm.serve.engine import bucket, buckets
 from lm.serve.protocol import ApiError, bad
 
 LENS_TOP = 3  # Alternatives per cell of the lens.
@@ -115,7 +115,7 @@ class Inspector:
 
   def _look(self, ids: list[int], layer: int, head: int) -> tuple[np.ndarray, ...]:
     n = len(ids)
-    padded = np.zeros((1, next(b for b in self.buckets if n <= b)), np.int32)
+    padded = np.zeros((1, bucket(self.buckets, n)), np.int32)
     padded[0, :n] = ids
     probs, top, weights = jax.device_get(_look(self.model, self.params, jnp.asarray(padded),
                                                jnp.int32(layer), jnp.int32(head)))

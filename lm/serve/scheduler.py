@@ -74,7 +74,6 @@ class Request:
     self.cancelled = False
     self.generated = 0
     self.stream: TextStream | None = None
-    self.submitted = time.perf_counter()
 
 
 class Scheduler:
@@ -221,7 +220,6 @@ class Scheduler:
       self._waiting.clear()
     for req in stranded:
       req.deliver(Event([], error=message))
-
 
   def warm_up(self) -> dict[str, Any]:
     """Compiles every bucket's prefill and the step before the first request (call it

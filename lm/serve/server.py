@@ -72,16 +72,14 @@ def load(workdir: str, step: int | None, quant: quantize.QuantConfig,
          cfg: ServeConfig) -> tuple[api.Served, dict[str, Any]]:
   """The Served for a run folder, warmed up and running; and what warm-up compiled."""
   cfg.validate()
-  compiles = CompileCounter()
   run = quantize.load_quantized_run(workdir, step, quant)
   context = run.cfgs.run.seq_len
-  model = quantize.quantized_model(sampling.sampling_model(run.cfgs.model, run.rules),
-                                   run.quant or quantize.NONE)
-  engine = Engine(model, run.params, cfg.slots, context, run.tokenizer.vocab_size)
+  engine = Engine(sampling.run_model(run), run.params, cfg.slots, context, run.tokenizer.vocab_size)
   scheduler = Scheduler(engine, run.tokenizer.decode, run.tokenizer.eos_id, cfg.max_waiting)
   from lm.serve import inspect  # The page's second view.
 
   inspector = inspect.Inspector(run, context)
+  compiles = CompileCounter()
   warm = scheduler.warm_up()
   inspector.warm_up()
   compiles.settle()
