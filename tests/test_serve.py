@@ -435,31 +435,26 @@ def _drive(driver, live, served, tmp_path):
   from selenium.webdriver.common.by import By
   from selenium.webdriver.support.ui import WebDriverWait
 
-  if True:
-    driver.get(live.url + '/')
-    wait = WebDriverWait(driver, 60)
-    wait.until(lambda d: d.find_element(By.ID, 'model').text == served.name)
-    driver.find_element(By.ID, 'text').send_keys('def main():')
-    driver.find_element(By.CSS_SELECTOR, '#send button').click()
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.assistant[data-finish], .error'))
-    assert not driver.find_elements(By.CSS_SELECTOR, '.error')
-    tokens = driver.find_elements(By.CSS_SELECTOR, '.assistant .tok')
-    assert tokens and all(t.value_of_css_property('background-color') for t in tokens)
-    shades = {t.value_of_css_property('background-color') for t in tokens}
-    assert len(shades) > 1  # Coloured by probability, not one flat colour.
-    driver.save_screenshot(str(tmp_path / 'chat.png'))
-    driver.find_element(By.ID, 'show-inspect').click()
-    driver.find_element(By.ID, 'look-text').send_keys('import os')
-    driver.find_element(By.CSS_SELECTOR, '#look button').click()
-    wait.until(lambda d: d.find_element(By.ID, 'heat').get_attribute('data-drawn'))
-    rows = driver.find_elements(By.CSS_SELECTOR, 'table.lens tr')
-    assert len(rows) == 1 + run_layers(served)
-    driver.save_screenshot(str(tmp_path / 'inspect.png'))
-    assert os.path.getsize(tmp_path / 'inspect.png') > 0
-
-
-def run_layers(served) -> int:
-  return served.scheduler.engine.model.cfg.num_layers
+  driver.get(live.url + '/')
+  wait = WebDriverWait(driver, 60)
+  wait.until(lambda d: d.find_element(By.ID, 'model').text == served.name)
+  driver.find_element(By.ID, 'text').send_keys('def main():')
+  driver.find_element(By.CSS_SELECTOR, '#send button').click()
+  wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.assistant[data-finish], .error'))
+  assert not driver.find_elements(By.CSS_SELECTOR, '.error')
+  tokens = driver.find_elements(By.CSS_SELECTOR, '.assistant .tok')
+  assert tokens and all(t.value_of_css_property('background-color') for t in tokens)
+  shades = {t.value_of_css_property('background-color') for t in tokens}
+  assert len(shades) > 1  # Coloured by probability, not one flat colour.
+  driver.save_screenshot(str(tmp_path / 'chat.png'))
+  driver.find_element(By.ID, 'show-inspect').click()
+  driver.find_element(By.ID, 'look-text').send_keys('import os')
+  driver.find_element(By.CSS_SELECTOR, '#look button').click()
+  wait.until(lambda d: d.find_element(By.ID, 'heat').get_attribute('data-drawn'))
+  rows = driver.find_elements(By.CSS_SELECTOR, 'table.lens tr')
+  assert len(rows) == 1 + served.scheduler.engine.model.cfg.num_layers
+  driver.save_screenshot(str(tmp_path / 'inspect.png'))
+  assert os.path.getsize(tmp_path / 'inspect.png') > 0
 
 
 def test_the_compile_counter_counts_until_closed():
