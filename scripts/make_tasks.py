@@ -3,10 +3,11 @@
   python scripts/make_tasks.py --out=DIR [--config=configs/tiny.py] [--config.KEY=VALUE ...]
       [--next_line_examples=N] [--module_examples=N]
 
-DIR gets stdlib_next_line.jsonl, stdlib_module_train.jsonl and stdlib_module_test.jsonl,
-built only from the stdlib files the config never trains on (its data.eval_fraction; see
-data/stdlib_maker.py). Prints a summary, then one JSON line: {"out", "eval_fraction", "tasks":
-[{"task", "path", "examples", "files", ...}], "seconds"}.
+DIR gets stdlib_next_line.jsonl, stdlib_module_train.jsonl, stdlib_module_test.jsonl,
+stdlib_helpdesk_train.jsonl and stdlib_helpdesk_test.jsonl, built only from the stdlib
+files the config never trains on (its data.eval_fraction; see data/tasks/). Prints a
+summary, then one JSON line: {"out", "eval_fraction", "tasks": [{"task", "path",
+"examples", "files", ...}], "seconds"}.
 """
 
 import json
@@ -40,7 +41,7 @@ def report_lines(result: dict) -> list[str]:
 
 def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
-  from data.tasks import stdlib_maker  # After flag parsing, so --help stays fast.
+  from data.tasks import make  # After flag parsing, so --help stays fast.
   from lm import cli
   from lm.config import parse
 
@@ -49,14 +50,14 @@ def main(argv: list[str]) -> None:
     if flag.value < 1:
       cli.fail(f'--{flag.name} must be at least 1, got {flag.value}')
 
-  def make() -> dict:
+  def build_and_write() -> dict:
     start = time.perf_counter()
-    result = stdlib_maker.write_tasks(parse(_CONFIG.value).data, _OUT.value,
+    result = make.write_tasks(parse(_CONFIG.value).data, _OUT.value,
                                       next_line_examples=_NEXT_LINE.value,
                                       module_examples=_MODULE.value)
     return {**result, 'seconds': round(time.perf_counter() - start, 2)}
 
-  result = cli.run_or_exit(make)
+  result = cli.run_or_exit(build_and_write)
   print('\n'.join(report_lines(result)))
   print(json.dumps(result))
 

@@ -1,4 +1,5 @@
-"""Tests of data/stdlib_maker.py and scripts/make_tasks.py: tasks from held-out stdlib files."""
+"""Tests of data/tasks/ (stdlib_maker, helpdesk, make) and scripts/make_tasks.py: tasks from
+held-out stdlib files."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import pytest
 from data import stdlib
 from data.config import DataConfig
 from data.split import is_heldout
-from data.tasks import stdlib_maker
+from data.tasks import helpdesk, make, stdlib_maker
 from tests.helpers import script
 
 FRACTION = 0.25  # Enough held-out files for the package task (0.01 is not: see below).
@@ -17,7 +18,7 @@ CFG = DataConfig(eval_fraction=FRACTION)
 
 @pytest.fixture(scope='module')
 def built():
-  return stdlib_maker.build_tasks(CFG, next_line_examples=300, module_examples=16)
+  return make.build_tasks(CFG, next_line_examples=300, module_examples=16)
 
 
 @pytest.fixture(scope='module')
@@ -75,6 +76,50 @@ def test_module_tasks_split_by_file_with_the_same_choices(built, heldout):
   assert not {e.context for e in train} & {e.context for e in test}
 
 
+def test_helpdesk_asks_both_questions_of_heldout_files_one_side_each(built, heldout):
+  train, test = built[helpdesk.HELPDESK_TRAIN], built[helpdesk.HELPDESK_TEST]
+  module = {name: {e.context[:-len(stdlib_maker.PROMPT)] for e in built[name]}
+            for name in (stdlib_maker.MODULE_TRAIN, stdlib_maker.MODULE_TEST)}
+  for examples, snippets in ((train, module[stdlib_maker.MODULE_TRAIN]),
+                             (test, module[stdlib_maker.MODULE_TEST])):
+    kinds = {'purpose': 0, 'package': 0}
+    for e in examples:
+      assert all(is_heldout(k, FRACTION) for k in e.files)
+      assert len(set(e.choices)) == len(e.choices)
+      assert all(c.startswith('\n') for c in e.choices) and not e.context[-1].isspace()
+      if e.context.startswith(helpdesk.PACKAGE_QUESTION):
+        kinds['package'] += 1
+        snippet = e.context[len(helpdesk.PACKAGE_QUESTION):-len('\n```')]
+        assert snippet in snippets and snippet in heldout[e.files[0]]
+        assert e.choices[e.label] == (
+            f'\nIt is from the {stdlib_maker.package_of(e.files[0])} package.')
+      else:
+        kinds['purpose'] += 1
+        name = helpdesk.module_name(e.files[0])
+        assert e.context == f'What is the {name} module for?'
+        # Each answer is its own file's purpose, read from that file's docstring.
+        answers = [helpdesk.purpose(heldout[k]) for k in e.files]
+        assert e.choices[e.label] == '\n' + answers[0]
+        assert sorted('\n' + a for a in answers) == sorted(e.choices)
+    assert kinds['package'] == len(snippets) and kinds['purpose'] > 30, kinds
+  sides = [{k for e in examples for k in e.files} for examples in (train, test)]
+  assert not sides[0] & sides[1]  # No file, asked about or offered, on both sides.
+
+
+def test_module_name_and_purpose():
+  assert helpdesk.module_name('json/decoder.py') == 'json.decoder'
+  assert helpdesk.module_name('json/__init__.py') == 'json'
+  assert helpdesk.module_name('os.py') == 'os'
+  purpose = helpdesk.purpose
+  assert purpose('"""Tools for\n    working with lists.  More here.\n\nDetails."""\nx = 1\n') == (
+      'Tools for working with lists.')
+  assert purpose('"""Parse the command line options"""') == 'Parse the command line options.'
+  assert purpose('"""Copyright 2001 by the authors of this file."""') is None
+  assert purpose('"""Too short."""') is None
+  assert purpose('x = 1\n"""Not a docstring, not the first statement."""') is None
+  assert purpose('def broken(:\n  """Never parsed."""') is None
+
+
 def test_heldout_documents_are_exactly_the_unseen_stdlib_files(heldout):
   training = {stdlib.read(k) for k in stdlib.list_files() if not is_heldout(k, FRACTION)}
   copies = {k for k, text in heldout.items() if text in training}
@@ -124,9 +169,9 @@ def test_snippets_are_disjoint_verbatim_runs_of_lines():
 
 def test_too_few_heldout_files_is_one_clear_error():
   with pytest.raises(ValueError, match=r'data.eval_fraction=0.01: .*held out: asyncio'):
-    stdlib_maker.build_tasks(DataConfig(eval_fraction=0.01))
+    make.build_tasks(DataConfig(eval_fraction=0.01))
   with pytest.raises(ValueError, match="data.source='files' does not read the stdlib"):
-    stdlib_maker.build_tasks(DataConfig(source='files', files='*.toml', eval_fraction=0.5))
+    make.build_tasks(DataConfig(source='files', files='*.toml', eval_fraction=0.5))
 
 
 @pytest.mark.slow
@@ -137,8 +182,9 @@ def test_script_writes_the_same_bytes_in_every_process(tmp_path):
                 f'--config.data.eval_fraction={FRACTION}', '--next_line_examples=40',
                 '--module_examples=4', env={**os.environ, 'PYTHONHASHSEED': '123'})
   summary = json.loads(proc.stdout.strip().split('\n')[-1])
-  stdlib_maker.write_tasks(CFG, str(tmp_path / 'b'), **counts)
-  names = ['stdlib_module_test.jsonl', 'stdlib_module_train.jsonl', 'stdlib_next_line.jsonl']
+  make.write_tasks(CFG, str(tmp_path / 'b'), **counts)
+  names = ['stdlib_helpdesk_test.jsonl', 'stdlib_helpdesk_train.jsonl',
+           'stdlib_module_test.jsonl', 'stdlib_module_train.jsonl', 'stdlib_next_line.jsonl']
   assert sorted(os.listdir(tmp_path / 'a')) == names
   for name in names:
     a = (tmp_path / 'a' / name).read_bytes()

@@ -1,8 +1,9 @@
 """Offline tasks from the embedded corpus: task files built from held-out stdlib files only.
 
-`write_tasks` reads the stdlib files a config holds out of training (data.eval_fraction
-of them, picked by data/split.py, cleaned as training cleans) and writes, as the JSON
-lines that `scripts/eval.py --task` scores ({"context", "choices", "label"}):
+`heldout_documents` reads the stdlib files a config holds out of training
+(data.eval_fraction of them, picked by data/split.py, cleaned as training cleans); from
+them come, as the JSON lines that `scripts/eval.py --task` scores ({"context", "choices",
+"label"}; data/tasks/make.py writes them):
 
   stdlib_next_line.jsonl     a few lines of a file, then four candidate next lines: the
                              true one and three lines of other held-out files with the
@@ -30,9 +31,8 @@ the same bytes on every machine and run.
 import bisect
 import hashlib
 import heapq
-import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from data import mixture, reader
 from data.config import DataConfig
@@ -61,16 +61,12 @@ _MAX_LINE_CHARS = 100  # With its indentation.
 _MIN_LINE_LETTERS = 8  # Rules out rulers ('# -----') and lone brackets.
 _SNIPPET_CHARS = 280  # Module snippets, before the prompt line.
 _SNIPPET_LINES = 3  # Non-blank lines a snippet needs to say anything about its package.
-# Measured: at 0.25 every package has 3 or more held-out files on each side of the module
-# split and 64 snippets or more on each side, on Python 3.11, 3.12 and 3.13; at 0.2 some
-# have 2 files and under 20 snippets, and at 0.15 tkinter has 1 file.
-_RAISE = 'raise data.eval_fraction (0.25 is enough, e.g. --config.data.eval_fraction=0.25)'
 
 Doc = tuple[str, str]  # (key: the file's path relative to the stdlib, text)
 _T = TypeVar('_T')
 
 
-def _rank(*parts: object) -> bytes:
+def rank(*parts: object) -> bytes:
   """A sort key that is the same on every machine and run (hash() is salted per process)."""
   return hashlib.blake2b(':'.join(map(str, parts)).encode(), digest_size=8).digest()
 
@@ -95,9 +91,9 @@ def heldout_documents(cfg: DataConfig) -> list[Doc]:
     where = f'data.mixture={cfg.mixture!r}' if cfg.mixture else f'data.source={cfg.source!r}'
     raise ValueError(f'{where} does not read the stdlib corpus these tasks are built from; '
                      'use a config that trains on it (e.g. configs/tiny.py)')
-  seen = {_rank(d.text) for d in reader.single_pass(parts[0], heldout=False)}
+  seen = {rank(d.text) for d in reader.single_pass(parts[0], heldout=False)}
   return [(d.key, d.text) for d in reader.single_pass(parts[0], heldout=True)
-          if _rank(d.text) not in seen]
+          if rank(d.text) not in seen]
 
 
 # --- stdlib_next_line ---------------------------------------------------------------
@@ -145,7 +141,7 @@ class _LinePool:
     self.owner = owner  # A line's first file in listed order.
     # One digest per line, mixed with an example's seed to order its candidates: far
     # cheaper than a digest per (example, candidate).
-    self.digest = {line: int.from_bytes(_rank('line', line), 'big') for line in owner}
+    self.digest = {line: int.from_bytes(rank('line', line), 'big') for line in owner}
     self._lengths: dict[int, list[int]] = {}
     self._lines: dict[int, list[str]] = {}
     for line in sorted(owner, key=lambda s: (len(s), s)):
@@ -171,8 +167,8 @@ def next_line_task(docs: Sequence[Doc], max_examples: int) -> list[Example]:
   """
   pool = _LinePool(docs)
   groups = []
-  for key, text in sorted(docs, key=lambda d: _rank('next-line-file', d[0])):
-    targets = sorted(_targets(text), key=lambda t: _rank('next-line', key, t[0]))
+  for key, text in sorted(docs, key=lambda d: rank('next-line-file', d[0])):
+    targets = sorted(_targets(text), key=lambda t: rank('next-line', key, t[0]))
     own_lines = frozenset(text.split('\n'))  # One set per file, shared by its targets.
     groups.append([(key, own_lines, t) for t in targets])
   examples: list[Example] = []
@@ -186,9 +182,9 @@ def next_line_task(docs: Sequence[Doc], max_examples: int) -> list[Example]:
     if len(others) < NUM_CHOICES - 1:
       continue
     seen.add((context, line))
-    seed = int.from_bytes(_rank('distractors', key, i), 'big')
+    seed = int.from_bytes(rank('distractors', key, i), 'big')
     wrong = heapq.nsmallest(NUM_CHOICES - 1, others, key=lambda s: pool.digest[s] ^ seed)
-    label = int.from_bytes(_rank('label', key, i), 'big') % NUM_CHOICES
+    label = int.from_bytes(rank('label', key, i), 'big') % NUM_CHOICES
     lines = wrong[:label] + [line] + wrong[label:]
     files = (key,) + tuple(pool.owner[s] for s in wrong)
     examples.append(Example(context, tuple('\n' + s for s in lines), label, files=files))
@@ -232,7 +228,7 @@ def _split_package(files: list[Doc]) -> tuple[list[Doc], list[Doc]]:
   """
   by_length = sorted(files, key=lambda d: (-len(d[1]), d[0]))
   runs = [by_length[i:i + 2] for i in range(0, len(by_length) - 1, 2)]
-  test = [min(run, key=lambda d: _rank('module-split', d[0])) for run in runs]
+  test = [min(run, key=lambda d: rank('module-split', d[0])) for run in runs]
   return [d for d in files if d not in test], test
 
 
@@ -282,9 +278,9 @@ def module_tasks(docs: Sequence[Doc], per_package: int) -> tuple[list[Example], 
   out: tuple[list[Example], list[Example]] = ([], [])
   for package, sides in splits.items():
     for side, files in enumerate(sides):
-      files = sorted(files, key=lambda d: _rank('module-file', d[0]))
+      files = sorted(files, key=lambda d: rank('module-file', d[0]))
       groups = [sorted(((key, s) for s in set(cut[key]) if len(owners[s]) == 1),
-                       key=lambda ks: _rank('snippet', *ks)) for key, _ in files]
+                       key=lambda ks: rank('snippet', *ks)) for key, _ in files]
       picked: dict[str, str] = {}  # snippet -> file, first come.
       for key, s in _interleave(groups):
         if len(picked) == per_package:
@@ -294,74 +290,5 @@ def module_tasks(docs: Sequence[Doc], per_package: int) -> tuple[list[Example], 
       out[side].extend(Example(s + PROMPT, CHOICES, label, files=(key,))
                        for s, key in picked.items())
   for examples in out:
-    examples.sort(key=lambda e: _rank('order', e.context))
+    examples.sort(key=lambda e: rank('order', e.context))
   return out
-
-
-# --- writing ------------------------------------------------------------------------
-
-
-def _write(path: str, examples: Sequence[Example]) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8', newline='\n') as f:
-    f.writelines(e.to_json() + '\n' for e in examples)
-  os.replace(tmp, path)  # A reader never sees half a file.
-
-
-def _summary(name: str, path: str, examples: Sequence[Example], classes: bool) -> dict[str, Any]:
-  out: dict[str, Any] = {'task': name, 'path': path, 'examples': len(examples),
-                         'files': len({e.files[0] for e in examples})}
-  if classes:
-    out['per_class'] = {p: sum(e.label == i for e in examples) for i, p in enumerate(PACKAGES)}
-    out['files_per_class'] = {p: len({e.files[0] for e in examples if e.label == i})
-                              for i, p in enumerate(PACKAGES)}
-  return out
-
-
-def build_tasks(cfg: DataConfig, *, next_line_examples: int = 1000,
-                module_examples: int = 64) -> dict[str, list[Example]]:
-  """Task name -> examples, from the stdlib files `cfg` holds out; ValueError says why a
-  task cannot be built (naming data.eval_fraction where more held-out files would help)."""
-  if next_line_examples < 1 or module_examples < 1:
-    raise ValueError('the number of examples per task must be positive')
-  docs = heldout_documents(cfg)
-  fraction = f'data.eval_fraction={cfg.eval_fraction}'
-  if not docs:
-    raise ValueError(f'{fraction} holds out no stdlib file to build tasks from; {_RAISE}')
-  try:
-    train, test = module_tasks(docs, module_examples)
-  except ValueError as e:
-    raise ValueError(f'{fraction}: {e}; {_RAISE}') from e
-  for name, examples in ((MODULE_TRAIN, train), (MODULE_TEST, test)):
-    empty = [p for i, p in enumerate(PACKAGES) if not any(e.label == i for e in examples)]
-    if empty:
-      raise ValueError(f'{fraction}: {name}: no snippet of {", ".join(empty)} (their '
-                       f'held-out files are too short); {_RAISE}')
-  next_line = next_line_task(docs, next_line_examples)
-  if not next_line:
-    raise ValueError(f'{fraction}: {NEXT_LINE}: no example in {len(docs)} held-out '
-                     f'files; {_RAISE}')
-  return {NEXT_LINE: next_line, MODULE_TRAIN: train, MODULE_TEST: test}
-
-
-def write_tasks(cfg: DataConfig, out_dir: str, **counts: int) -> dict[str, Any]:
-  """Builds the tasks (see build_tasks for `counts`) and writes DIR/<task>.jsonl.
-
-  Returns {"out", "eval_fraction", "tasks": [{"task", "path", "examples", "files",
-  and for the module tasks "per_class", "files_per_class"}]}.
-  """
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise ValueError(f'--out: {out_dir} is a file, not a folder')
-  tasks = build_tasks(cfg, **counts)
-  paths = {name: os.path.join(out_dir, name + '.jsonl') for name in tasks}
-  existing = [path for path in paths.values() if os.path.exists(path)]
-  if existing:  # Task files a user scored with are not replaced behind their back.
-    raise ValueError(f'--out: {existing[0]} exists; refusing to overwrite task files '
-                     '(choose another --out, or remove them)')
-  os.makedirs(out_dir, exist_ok=True)
-  summaries = []
-  for name, examples in tasks.items():
-    path = paths[name]
-    _write(path, examples)
-    summaries.append(_summary(name, path, examples, classes=name != NEXT_LINE))
-  return {'out': out_dir, 'eval_fraction': cfg.eval_fraction, 'tasks': summaries}
