@@ -372,3 +372,12 @@ def test_a_run_read_with_another_tokenizer_is_refused(trained_run, tmp_path):
   for read in (lambda: load_run(str(workdir)), lambda: hf_export.restore_run(str(workdir))):
     with pytest.raises(ValueError, match=message):
       read()
+
+
+def test_a_run_folder_named_relative_to_the_working_directory_loads(trained_run, monkeypatch):
+  # Orbax refuses relative paths; users type `--workdir=runs/tiny`.
+  monkeypatch.chdir(os.path.dirname(trained_run))
+  run = load_run(os.path.basename(trained_run))
+  full = load_run(str(trained_run))
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), run.params,
+                                   full.params))

@@ -363,6 +363,8 @@ def read_params(step_dir: str, abstract_params: Any) -> Any:
       item=target, partial_restore=True,
       restore_args=ocp.checkpoint_utils.construct_restore_args(target))
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
-    params = reader.restore(os.path.join(step_dir, 'state'), args=args)['params']
+    # Orbax wants an absolute path; a user's `--workdir=runs/tiny` is relative.
+    params = reader.restore(os.path.abspath(os.path.join(step_dir, 'state')),
+                            args=args)['params']
   _verify(step_dir, params, {}, under='.params')
   return params
