@@ -466,3 +466,22 @@ def test_the_compile_counter_counts_until_closed():
   counter.close()  # Process-wide otherwise: later compiles would be logged as the server's.
   jax.jit(lambda x: x * 5 - 1)(jnp.ones(3))
   assert counter.since() == seen
+
+
+def test_bench_serve_counts_what_the_server_generated(live, served, client):
+  from tests.helpers import script
+
+  proc = script('bench_serve.py', f'--url={live.url}', f'--model={served.name}',
+                '--streams=1,3', '--requests=5', '--max_tokens=6', '--label=ours')
+  lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+  # The same greedy requests, one by one: what each level must have counted.
+  prompts = PROMPTS[:5]  # bench_serve.py's prompts, in its order.
+  expected = sum(client.completions.create(model=served.name, prompt=p, max_tokens=6,
+                                           temperature=0).usage.completion_tokens
+                 for p in prompts)
+  assert [(d['server'], d['streams'], d['requests']) for d in lines] == [
+      ('ours', 1, 5), ('ours', 3, 5)]
+  for d in lines:
+    assert d['generated_tokens'] == expected
+    assert d['tokens_per_sec'] == pytest.approx(expected / d['seconds'], rel=0.01)
+    assert 0 < d['ttft_median_s'] <= d['ttft_p90_s'] <= d['seconds']
