@@ -36,6 +36,8 @@ from lm.model.initializers import dense_init, init
 from lm.model.positions import rope, rope_frequencies, segment_positions
 from lm.sharding import AxisRules, constrain
 
+KERNEL_INPUTS = 'kernel_inputs'  # The sown collection of projection inputs.
+
 
 class RMSNorm(nn.Module):
   """RMSNorm over the last axis (D, or H for the query and key norms: `axis` names it)."""
@@ -128,6 +130,9 @@ class Attention(nn.Module):
                          zeros=c.zero_init_out)
     w_o_NxHxD = self.param('o', o_init, (N, H, D), pdt)
 
+    # What each projection reads, for pruning's calibration (lm/compress/); sow is a
+    # no-op unless the collection is made mutable, so training and decoding never keep it.
+    self.sow(KERNEL_INPUTS, 'qkv', x_BxTxD)
     q_BxTxNxH = jnp.einsum('btd,dnh->btnh', x_BxTxD, jnp.asarray(w_q_DxNxH, dt))
     k_BxSxKxH = jnp.einsum('bsd,dkh->bskh', x_BxTxD, jnp.asarray(w_k_DxKxH, dt))
     v_BxSxKxH = jnp.einsum('bsd,dkh->bskh', x_BxTxD, jnp.asarray(w_v_DxKxH, dt))
@@ -162,6 +167,7 @@ class Attention(nn.Module):
           q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, is_causal=True,
           scale=mup.attention_scale(c), implementation=attention_impl(c.attention, dt))
     out_BxTxNxH = constrain(out_BxTxNxH, ('batch', 'length', 'heads', 'head_dim'), self.rules)
+    self.sow(KERNEL_INPUTS, 'o', out_BxTxNxH)
     out_BxTxD = jnp.einsum('btnh,nhd->btd', out_BxTxNxH, jnp.asarray(w_o_NxHxD, dt))
     return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
 
@@ -202,6 +208,7 @@ class MLP(nn.Module):
     b, t, d = x_BxTxD.shape
     whole_rows = self.rules is None or self.rules.spec(('batch', 'length'), (b, t))[1] is None
     x_NxD = x_BxTxD.reshape(b * t, d) if whole_rows else x_BxTxD
+    self.sow(KERNEL_INPUTS, 'up', x_BxTxD)  # And gate's.
     up_NxF = jnp.einsum('...d,df->...f', x_NxD, jnp.asarray(w_up_DxF, dt))
     if c.mlp == 'swiglu':
       gate_NxF = jnp.einsum('...d,df->...f', x_NxD, jnp.asarray(w_gate_DxF, dt))
@@ -209,6 +216,7 @@ class MLP(nn.Module):
     else:
       h_NxF = jnp.square(nn.relu(up_NxF))
     h_BxTxF = constrain(h_NxF.reshape(b, t, -1), ('batch', 'length', 'mlp'), self.rules)
+    self.sow(KERNEL_INPUTS, 'down', h_BxTxF)
     out_BxTxD = jnp.einsum('btf,fd->btd', h_BxTxF, jnp.asarray(w_down_FxD, dt))
     return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
 

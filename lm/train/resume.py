@@ -105,6 +105,7 @@ def preflight(cfgs: Configs) -> Plan:
   current = tokenizer or (own_tokenizer if os.path.isfile(own_tokenizer) else None)
   steps = committed_steps(run.workdir)
   if steps:
+    _refuse_pruned(run.workdir, steps)
     _check(run.workdir, steps, cfgs.model, current,
            'use a new workdir, or fine-tune from it with init_from', cfgs.optimizer.name)
     return Plan(None, tokenizer)
@@ -117,6 +118,16 @@ def preflight(cfgs: Configs) -> Plan:
          f'init_from={run.init_from} needs the same model and tokenizer',
          free=checkpoint.POSITION_MODEL_KEYS)
   return Plan(source, tokenizer)
+
+
+def _refuse_pruned(workdir: str, steps: list[int]) -> None:
+  """A pruned run (scripts/prune.py) holds no optimizer state to resume, and plain
+  training would grow its pruned weights back: say so before anything moves."""
+  saved, step_dir = _newest_metadata(workdir, steps)
+  if saved and saved.get('pruned'):
+    raise ValueError(f'{step_dir} holds pruned weights (scripts/prune.py), not a run to '
+                     'resume; fine-tune them in a new workdir with '
+                     f'--config.init_from={workdir}')
 
 
 def _check(workdir: str, steps: list[int], model: ModelConfig, tokenizer_path: str | None,

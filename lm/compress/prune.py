@@ -1,0 +1,187 @@
+"""scripts/prune.py's work: a run's projections pruned layer by layer into a new run folder.
+
+Layer by layer, as Wanda and SparseGPT do: the calibration rows (the run's own training
+split) go through the model with every earlier layer already pruned, so each layer is
+fitted to the inputs it will really see. Within a layer, four stages in the order the
+data flows: q, k and v (they read the same input), o, gate and up, down; before each,
+one forward pass sows the inputs of that stage's projections (lm/model/transformer.py's
+KERNEL_INPUTS) and their X^T X is summed. Embeddings and the output head stay dense, as
+in both papers.
+
+The new run folder holds the pruned parameters as a checkpoint of the source's step, the
+source's config (its workdir the new folder) and tokenizer, `masks.npz` (the kept
+weights of every pruned matrix, by parameter path) and `prune.json` (what was done).
+It is written beside its final name and renamed into place, so an error leaves nothing
+under --out; the source run is only read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data.pipeline import TrainBatches
+from lm.compress import sparsegpt as methods
+from lm.compress.masks import Sparsity, as_matrix, zero_fraction
+from lm.config import as_dict
+from lm.model.params import stack_layers, unstack_layers
+from lm.model.transformer import KERNEL_INPUTS, Transformer
+from lm.run.checkpoint import Checkpointer, file_sha256, make_metadata
+from lm.run.folder import Run, RunFolder
+from lm.train.step import TrainState
+
+METHODS = ('magnitude', 'wanda', 'sparsegpt')
+# (module, sown input) -> the kernels that read it: the four stages of a layer, in order.
+STAGES = ((('attn', 'qkv'), ('q', 'k', 'v')), (('attn', 'o'), ('o',)),
+          (('mlp', 'up'), ('gate', 'up')), (('mlp', 'down'), ('down',)))
+MASKS = 'masks.npz'
+REPORT = 'prune.json'
+
+
+def calibration_rows(run: Run, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
+  """(tokens, segment ids) of the first `rows` training rows the run itself read."""
+  cfgs = run.cfgs
+  with TrainBatches(cfgs.data, run.tokenizer, rows, cfgs.run.seq_len, seed=cfgs.run.seed,
+                    prefetch=0) as batches:
+    batch = next(batches)
+  segments = None if batch.segment_ids is None else np.asarray(batch.segment_ids)[:, :-1]
+  return np.asarray(batch.tokens)[:, :-1], segments
+
+
+def _input_capture(cfg: Any) -> Callable[..., Any]:
+  """params, tokens, segment ids -> every block's sown projection inputs."""
+  model = Transformer(dataclasses.replace(cfg, scan_layers=False))
+
+  def capture(params, tokens, segments):
+    _, sown = model.apply({'params': params}, tokens, segment_ids_BxT=segments,
+                          mutable=[KERNEL_INPUTS])
+    return sown[KERNEL_INPUTS]
+
+  return jax.jit(capture)
+
+
+def _hessian(x: jax.Array) -> np.ndarray:
+  """X^T X over every calibration token, in float64."""
+  x = np.asarray(x, np.float64)
+  x = x.reshape(-1, x.shape[-1] * (x.shape[-2] if x.ndim == 4 else 1))
+  return x.T @ x
+
+
+def prune_params(cfg: Any, params: dict[str, Any], method: str, sparsity: Sparsity,
+                 tokens: np.ndarray | None, segments: np.ndarray | None
+                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(pruned unscanned params as numpy, {path: mask of kept weights})."""
+  params = jax.tree.map(np.asarray, params)
+  for block in range(cfg.num_layers):
+    for (module, _), names in STAGES:
+      for name in names:
+        if name in params[f'block_{block}'][module]:
+          kernel = params[f'block_{block}'][module][name]
+          sparsity.check(f'block_{block}/{module}/{name}', as_matrix(name, kernel).shape[0])
+  capture = _input_capture(cfg) if method != 'magnitude' else None
+  masks = {}
+  for block in range(cfg.num_layers):
+    layer = params[f'block_{block}']
+    for (module, sown), names in STAGES:
+      names = [n for n in names if n in layer[module]]  # relu2 has no gate.
+      h = None
+      if capture is not None:
+        inputs = capture(params, tokens, segments)
+        h = _hessian(inputs[f'block_{block}'][module][sown][0])
+      for name in names:
+        kernel = layer[module][name]
+        w = as_matrix(name, kernel)
+        if method == 'sparsegpt':
+          pruned, keep = methods.sparsegpt(w, h, sparsity)
+        else:
+          scores = (methods.magnitude_scores(w) if method == 'magnitude'
+                    else methods.wanda_scores(w, h))
+          pruned, keep = methods.prune_by_scores(w, scores, sparsity)
+        layer[module][name] = pruned.reshape(kernel.shape).astype(kernel.dtype)
+        masks[f'block_{block}/{module}/{name}'] = keep.reshape(kernel.shape)
+  return params, masks
+
+
+def prune_run(run: Run, out: str, method: str, sparsity: Sparsity, *,
+              calibration_rows_n: int = 16) -> dict[str, Any]:
+  """Prunes `run` into the new run folder `out`; returns the report (prune.json)."""
+  start = time.perf_counter()
+  cfg = run.cfgs.model
+  if method not in METHODS:
+    raise ValueError(f'--method must be one of {", ".join(METHODS)}, got {method!r}')
+  if cfg.moe.num_experts:
+    raise ValueError(f'{run.workdir} is a mixture of experts; prune.py prunes dense '
+                     'models only')
+  if os.path.exists(out):  # Nothing a user has is replaced.
+    raise ValueError(f'--out: {out} exists; choose a new folder for the pruned run')
+  params = jax.tree.map(np.asarray, run.params)
+  if cfg.scan_layers:
+    params = unstack_layers(params, cfg.num_layers)
+  tokens, segments = (calibration_rows(run, calibration_rows_n) if method != 'magnitude'
+                      else (None, None))
+  pruned, masks = prune_params(cfg, params, method, sparsity, tokens, segments)
+  if cfg.scan_layers:
+    pruned = jax.tree.map(np.asarray, stack_layers(pruned, cfg.num_layers))
+  report = {
+      'method': method, 'sparsity': sparsity.describe(),
+      'source': {'workdir': os.path.abspath(run.workdir), 'step': run.step},
+      'out': out,
+      'calibration': None if tokens is None else {
+          'rows': int(tokens.shape[0]), 'seq_len': int(tokens.shape[1]),
+          'tokens': int(tokens.size), 'split': 'train'},
+      'matrices': {path: round(1 - float(k.mean()), 6) for path, k in masks.items()},
+      'pruned_fraction_of_matrices': round(
+          1 - sum(int(k.sum()) for k in masks.values()) / sum(k.size for k in masks.values()),
+          6),
+      'zero_fraction_of_all_params': round(_zeros(pruned), 6),
+  }
+  write_run(run, out, pruned, masks, report)
+  report['seconds'] = round(time.perf_counter() - start, 2)
+  return report
+
+
+def _zeros(params: Any) -> float:
+  leaves = jax.tree.leaves(params)
+  return sum(zero_fraction(x) * x.size for x in leaves) / sum(x.size for x in leaves)
+
+
+def write_run(run: Run, out: str, params: Any, masks: dict[str, np.ndarray],
+              report: dict[str, Any]) -> None:
+  """The new run folder: written under a temporary name, then renamed to `out`."""
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f'.{os.path.basename(out)}.prune-{os.getpid()}')
+  shutil.rmtree(tmp, ignore_errors=True)  # Only ever this process's own leftovers.
+  try:
+    cfgs = run.cfgs._replace(run=dataclasses.replace(run.cfgs.run, workdir=out))
+    folder = RunFolder(tmp)
+    folder.write_config(cfgs)
+    shutil.copyfile(RunFolder(run.workdir).tokenizer_path, folder.tokenizer_path)
+    meta = make_metadata(dataclasses.asdict(cfgs.model), file_sha256(folder.tokenizer_path),
+                         run.tokenizer.vocab_size, as_dict(cfgs))
+    meta['pruned'] = {k: report[k] for k in ('method', 'sparsity', 'source')}
+    state = TrainState(step=jnp.asarray(run.step, jnp.int32),
+                       params=jax.tree.map(jnp.asarray, params), opt_state={},
+                       rng=jax.random.PRNGKey(run.cfgs.run.seed))
+    checkpointer = Checkpointer(tmp, metadata=meta)
+    try:
+      checkpointer.save(run.step, state, {})
+      checkpointer.wait()
+    finally:
+      checkpointer.close()
+    np.savez_compressed(os.path.join(tmp, MASKS), **masks)
+    with open(os.path.join(tmp, REPORT), 'w', encoding='utf-8') as f:
+      json.dump(report, f, indent=1)
+    os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
