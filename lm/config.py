@@ -151,6 +151,10 @@ def parse(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Configs:
     raise ValueError(f'optimizer.grad_accum: must divide batch_size={cfgs.run.batch_size} '
                      f'(got {cfgs.optimizer.grad_accum!r})')
   _check_experts(cfgs)
+  if cfgs.optimizer.hold_zeros and not cfgs.run.init_from:
+    # A fresh init has zeros too (zero_init_out's projections): they would never train.
+    raise ValueError('optimizer.hold_zeros: holds the zeros of the run init_from names '
+                     '(a pruned run); set init_from (got True with init_from empty)')
   return cfgs
 
 

@@ -212,3 +212,45 @@ def test_a_2_4_run_exports_to_hugging_face_with_its_zeros(learned_run, tmp_path)
   for key in projections:
     w = state[key]  # (outputs, inputs): groups of four inputs hold two zeros.
     assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(axis=-1) == 2).all(), key
+
+
+LEARNED_MODEL = ('--config.model.vocab_size=512', '--config.seq_len=64',
+                 '--config.model.num_layers=2', '--config.model.d_model=128',
+                 '--config.model.d_ff=256', '--config.model.num_heads=4',
+                 '--config.model.num_kv_heads=2', '--config.data.eval_fraction=0.05')
+
+
+@pytest.mark.slow
+def test_recovery_with_hold_zeros_keeps_every_pruned_weight_at_zero(pruned, tmp_path):
+  source = pruned['magnitude'][1]
+  masks = np.load(os.path.join(source, prune.MASKS))
+  before = {p: w for p, _, w in kernels(load_run(source).params)}
+  for hold in (True, False):
+    workdir = tmp_path / f'hold_{hold}'
+    script('train.py', '--config=configs/tiny.py', f'--config.init_from={source}',
+           f'--config.workdir={workdir}', '--config.steps=20', '--config.eval_every=0',
+           f'--config.optimizer.hold_zeros={hold}', *LEARNED_MODEL, env=one_device_env())
+    after = {p: w for p, _, w in kernels(load_run(str(workdir)).params)}
+    for path, keep in masks.items():
+      assert not np.array_equal(after[path][keep], before[path][keep])  # It trained.
+      regrown = np.count_nonzero(after[path][~keep])
+      assert (regrown == 0) if hold else (regrown > 0), (hold, path, regrown)
+  # Its masks live in the optimizer state: resuming without them is refused, untouched.
+  held = tmp_path / 'hold_True'
+  steps = sorted(os.listdir(held / 'checkpoints'))
+  bad = script('train.py', '--config=configs/tiny.py', f'--config.workdir={held}',
+               '--config.steps=30', '--config.optimizer.hold_zeros=false', *LEARNED_MODEL,
+               env=one_device_env(), check=False)
+  assert bad.returncode == 1
+  assert 'optimizer.hold_zeros: true in checkpoint, false now' in bad.stderr
+  assert sorted(os.listdir(held / 'checkpoints')) == steps
+
+
+def test_hold_zeros_needs_init_from():
+  from configs import tiny
+  from lm.config import parse
+
+  cfg = tiny.get_config()
+  cfg.optimizer.hold_zeros = True
+  with pytest.raises(ValueError, match='^optimizer.hold_zeros: .*set init_from'):
+    parse(cfg)

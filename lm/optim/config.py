@@ -55,6 +55,10 @@ class OptimizerConfig:
   """Micro-batches per step (the batch is split, not grown); must divide batch_size."""
   z_loss: float = 0.0
   """Weight of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)."""
+  hold_zeros: bool = False
+  """Weights that are exactly zero when training starts never move (their updates are
+  zeroed after the optimizer, weight decay included): recovering a pruned run
+  (scripts/prune.py) with `init_from` keeps its sparsity. Needs init_from."""
 
   def __post_init__(self) -> None:
     self.validate()  # Wherever an OptimizerConfig is made: parse, replace(), tests.

@@ -8,7 +8,7 @@ and the same AdamW as above on the rest: embeddings, the output head, norm gains
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +148,25 @@ def frozen(names: frozenset[str]) -> optax.GradientTransformation:
     return jax.tree_util.tree_map_with_path(zero, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+class HoldZerosState(NamedTuple):
+  keep: Any  # Per parameter: True where it was nonzero at init.
+
+
+def hold_zeros() -> optax.GradientTransformation:
+  """Chained after the optimizer: the weights that are zero when the state is made (a
+  pruned run's, lm/compress/) get no update, so they stay exactly zero. The mask lives in
+  the optimizer state, so a resumed run holds the same weights."""
+
+  def init(params):
+    return HoldZerosState(jax.tree.map(lambda p: p != 0, params))
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, k: jnp.where(k, u, 0), updates, state.keep), state
+
+  return optax.GradientTransformation(init, update)
 
 
 def global_norm(tree: Any) -> jax.Array:

@@ -8,6 +8,7 @@ unreadable checkpoints aside), fine-tunes from a source, or initialises.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any, NamedTuple
@@ -21,6 +22,7 @@ from data.tokenizer import Tokenizer
 from lm.config import Configs
 from lm.model.config import ModelConfig
 from lm.model.transformer import Transformer
+from lm.optim.config import OptimizerConfig
 from lm.run import checkpoint
 from lm.run.checkpoint import Checkpointer, Restored, committed_steps, first_line
 from lm.run.folder import RunFolder
@@ -107,7 +109,7 @@ def preflight(cfgs: Configs) -> Plan:
   if steps:
     _refuse_pruned(run.workdir, steps)
     _check(run.workdir, steps, cfgs.model, current,
-           'use a new workdir, or fine-tune from it with init_from', cfgs.optimizer.name)
+           'use a new workdir, or fine-tune from it with init_from', cfgs.optimizer)
     return Plan(None, tokenizer)
   if not run.init_from or run.init_from.startswith(HF_PREFIX):
     return Plan(None, tokenizer)
@@ -131,9 +133,11 @@ def _refuse_pruned(workdir: str, steps: list[int]) -> None:
 
 
 def _check(workdir: str, steps: list[int], model: ModelConfig, tokenizer_path: str | None,
-           hint: str, optimizer: str | None = None, free: frozenset[str] = frozenset()) -> None:
+           hint: str, optimizer: OptimizerConfig | None = None,
+           free: frozenset[str] = frozenset()) -> None:
   """One line: the checkpoint, each key that differs, what to do about it. `optimizer`
-  (a resume, which restores the optimizer state): the optimizer.name it must have had.
+  (a resume, which restores the optimizer state): the optimizer.name and hold_zeros it
+  must have had.
   `free`: model keys that may differ (a fine-tune's RoPE, lm/run/checkpoint.py)."""
   saved, step_dir = _newest_metadata(workdir, steps)
   if saved is None:
@@ -146,9 +150,13 @@ def _check(workdir: str, steps: list[int], model: ModelConfig, tokenizer_path: s
                                        fingerprint(model, tokenizer_path), free)
   # The optimizer state of one optimizer cannot be restored as another's. Checkpoints
   # from before optimizer.name existed are AdamW's.
-  before = (saved.get('config') or {}).get('optimizer', {}).get('name', 'adamw')
-  if optimizer is not None and before != optimizer:
-    diffs.append(f'optimizer.name: "{before}" in checkpoint, "{optimizer}" now')
+  # Nor one with hold_zeros' masks as one without.
+  before = (saved.get('config') or {}).get('optimizer', {})
+  shape = {'name': before.get('name', 'adamw'), 'hold_zeros': before.get('hold_zeros', False)}
+  for key, was in shape.items():
+    now = getattr(optimizer, key) if optimizer is not None else was
+    if now != was:
+      diffs.append(f'optimizer.{key}: {json.dumps(was)} in checkpoint, {json.dumps(now)} now')
   if diffs:
     raise ValueError(f'{step_dir} does not match this config: {"; ".join(diffs)} ({hint})')
 

@@ -19,7 +19,7 @@ from lm.model.forward import model_loss, target_weights
 from lm.model.loss import Metrics
 from lm.model.params import param_axes
 from lm.model.transformer import Transformer
-from lm.optim.optimizer import frozen, global_norm, make_optimizer, schedule
+from lm.optim.optimizer import frozen, global_norm, hold_zeros, make_optimizer, schedule
 from lm.sharding import AxisRules, batch_sharding, tree_shardings
 
 
@@ -179,6 +179,8 @@ def step_parts(cfgs: Configs, rules: AxisRules) -> StepParts:
   tx = make_optimizer(opt, steps, axes, mup.lr_scales(cfgs.model, axes))
   if cfgs.model.moe.enabled and cfgs.model.moe.bias_rate:
     tx = optax.chain(tx, frozen(frozenset({moe.BIAS})))  # The step sets the biases.
+  if opt.hold_zeros:
+    tx = optax.chain(tx, hold_zeros())
   step_fn = make_train_step(model, tx, lr, grad_accum=opt.grad_accum, z_loss=opt.z_loss,
                             loss_chunk=cfgs.loss.chunk, rules=rules)
   return StepParts(model, tx, lr, step_fn)
