@@ -83,6 +83,29 @@ class WandbConfig:
                        f'(got {self.mode!r})')
 
 
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """The `distill.*` keys: knowledge distillation from a teacher run (lm/train/distill.py),
+  e.g. the unpruned model a pruned one recovers from."""
+
+  teacher: str = ''
+  """The teacher's run folder or checkpoint (RUN or RUN/checkpoints/<step>); '' = none.
+  Same tokenizer as this run; any shape."""
+  kl_weight: float = 1.0
+  """Weight of KL(teacher || student) on the next-token distributions, times T^2."""
+  ce_weight: float = 1.0
+  """Weight of the usual next-token loss beside it (0 = the teacher alone, as Minitron)."""
+  temperature: float = 1.0
+  """T: both distributions are softmax(logits / T) in the KL term."""
+
+  def __post_init__(self) -> None:
+    for key in ('kl_weight', 'ce_weight'):
+      if getattr(self, key) < 0:
+        raise ValueError(f'distill.{key}: must be >= 0 (got {getattr(self, key)!r})')
+    if self.temperature <= 0:
+      raise ValueError(f'distill.temperature: must be positive (got {self.temperature!r})')
+
+
 class Configs(NamedTuple):
   run: RunConfig
   mesh: MeshConfig
@@ -91,6 +114,7 @@ class Configs(NamedTuple):
   data: DataConfig
   loss: LossConfig = LossConfig()
   wandb: WandbConfig = WandbConfig()
+  distill: DistillConfig = DistillConfig()
 
 
 # Keys that moved, old name -> new. default_config links each old name to the new key
@@ -100,8 +124,10 @@ MOVED_KEYS = {'model.loss_chunk': 'loss.chunk'}
 
 
 SECTIONS = {'mesh': MeshConfig, 'model': ModelConfig, 'optimizer': OptimizerConfig,
-            'data': DataConfig, 'loss': LossConfig, 'wandb': WandbConfig}
-OPTIONAL_SECTIONS = ('loss', 'wandb')  # Runs written before they existed lack them.
+            'data': DataConfig, 'loss': LossConfig, 'wandb': WandbConfig,
+            'distill': DistillConfig}
+# Runs written before they existed lack them.
+OPTIONAL_SECTIONS = ('loss', 'wandb', 'distill')
 
 
 def _section(cls, d: Any, prefix: str):

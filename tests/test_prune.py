@@ -85,6 +85,7 @@ def test_every_method_prunes_exactly_per_output(sparsity):
   assert err['sparsegpt'] < err['wanda'] < err['magnitude'], err
 
 
+@pytest.mark.slow
 def test_a_pruned_run_is_exactly_sparse_and_loads_like_any_run(pruned, learned_run):
   source = load_run(learned_run)
   for method, (report, out) in pruned.items():
@@ -111,6 +112,7 @@ def test_a_pruned_run_is_exactly_sparse_and_loads_like_any_run(pruned, learned_r
   assert any(not np.allclose(w[w != 0], src[p][w != 0]) for p, _, w in kernels(sgpt.params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sparsity', [Sparsity(fraction=0.5), Sparsity(n=2, m=4)])
 def test_on_the_calibration_inputs_sparsegpt_reconstructs_best(learned_run, sparsity):
   """Every projection of the trained model, on the inputs it reads from the run's own
@@ -134,6 +136,7 @@ def test_on_the_calibration_inputs_sparsegpt_reconstructs_best(learned_run, spar
           assert err['wanda'] < err['magnitude'], (block, name, err)
 
 
+@pytest.mark.slow
 def test_the_scanned_layout_is_pruned_the_same(learned_run, tmp_path):
   run = load_run(learned_run)
   cfg = run.cfgs.model
@@ -199,6 +202,7 @@ def test_the_script_and_its_refusals_leave_the_source_alone(learned_run, tmp_pat
   assert tree_digest(learned_run) == before
 
 
+@pytest.mark.slow
 def test_a_2_4_run_exports_to_hugging_face_with_its_zeros(learned_run, tmp_path):
   from lm.export import hf_export
   from lm.export.hf_import import read_safetensors

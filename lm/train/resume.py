@@ -27,6 +27,7 @@ from lm.run import checkpoint
 from lm.run.checkpoint import Checkpointer, Restored, committed_steps, first_line
 from lm.run.folder import RunFolder
 from lm.sharding import AxisRules
+from lm.train.distill import check_teacher
 from lm.train.step import TrainState, abstract_state, init_state, state_from_params
 
 log = logging.getLogger(__name__)
@@ -66,20 +67,21 @@ class Start(NamedTuple):
   interval: dict[str, Any] | None = None  # The log interval's sums at the resumed step
 
 
-def resolve_init_from(init_from: str) -> Source:
-  """A run folder (its latest checkpoint) or one checkpoint folder RUN/checkpoints/<step>."""
+def resolve_init_from(init_from: str, flag: str = 'init_from') -> Source:
+  """A run folder (its latest checkpoint) or one checkpoint folder RUN/checkpoints/<step>;
+  errors name `flag`, the key that gave the path."""
   path = os.path.abspath(init_from)
   if not os.path.isdir(path):
-    raise ValueError(f'init_from: no such folder: {init_from}')
+    raise ValueError(f'{flag}: no such folder: {init_from}')
   parent = os.path.dirname(path)
   if os.path.basename(path).isdigit() and os.path.basename(parent) == RunFolder.CHECKPOINTS:
     source = Source(os.path.dirname(parent), int(os.path.basename(path)))
     if source.step not in committed_steps(source.workdir):
-      raise ValueError(f'init_from: {init_from} is not a committed checkpoint')
+      raise ValueError(f'{flag}: {init_from} is not a committed checkpoint')
     return source
   steps = committed_steps(path)
   if not steps:
-    raise ValueError(f'init_from: no checkpoint in {init_from} (expected a run folder '
+    raise ValueError(f'{flag}: no checkpoint in {init_from} (expected a run folder '
                      'or a checkpoint folder RUN/checkpoints/<step>)')
   return Source(path, steps[-1])
 
@@ -106,6 +108,7 @@ def preflight(cfgs: Configs) -> Plan:
   own_tokenizer = RunFolder(run.workdir).tokenizer_path
   current = tokenizer or (own_tokenizer if os.path.isfile(own_tokenizer) else None)
   steps = committed_steps(run.workdir)
+  check_teacher(cfgs, current)
   if steps:
     _refuse_pruned(run.workdir, steps)
     _check(run.workdir, steps, cfgs.model, current,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from data.batch import Batch
-from lm.config import Configs
+from lm.config import Configs, DistillConfig
 from lm.model import moe, mup
 from lm.model.forward import model_loss, target_weights
 from lm.model.loss import Metrics
@@ -21,6 +21,7 @@ from lm.model.params import param_axes
 from lm.model.transformer import Transformer
 from lm.optim.optimizer import frozen, global_norm, hold_zeros, make_optimizer, schedule
 from lm.sharding import AxisRules, batch_sharding, tree_shardings
+from lm.train.distill import distill_loss
 
 
 @flax.struct.dataclass
@@ -99,8 +100,11 @@ def _microbatches(batch: Any, n: int, rules: AxisRules) -> Any:
 def make_train_step(model: Transformer, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, *, grad_accum: int = 1,
                     z_loss: float = 0.0, loss_chunk: int = 0,
-                    rules: AxisRules) -> Callable[..., Any]:
+                    rules: AxisRules, teacher: Transformer | None = None,
+                    distill: DistillConfig | None = None) -> Callable[..., Any]:
   """Returns the pure `(state, batch) -> (state, metrics)`; see `Batch` for the batch.
+  With a `teacher`, `(state, batch, teacher_params)` and the distillation loss
+  (lm/train/distill.py; metrics also distill_kl).
 
   metrics: loss, z_loss, grad_norm (0 on a skipped step), lr, and nonfinite (1 when the
   loss or the gradients were NaN/inf and the update was skipped, else 0). With MoE
@@ -109,30 +113,34 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
   """
   bias_rate = model.cfg.moe.bias_rate if model.cfg.moe.enabled else 0.0
 
-  def loss_fn(params, batch_and_weights, key):
+  def loss_fn(params, batch_and_weights, key, teacher_params):
     batch, weights_BxT = batch_and_weights
+    if teacher is not None:
+      return distill_loss(model, params, teacher, teacher_params, batch, distill,
+                          z_loss=z_loss, rngs={'dropout': key}, weights_BxT=weights_BxT)
     return model_loss(model, params, batch, chunk=loss_chunk, z_loss=z_loss, train=True,
                       rngs={'dropout': key}, weights_BxT=weights_BxT)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  def train_step(state: TrainState, batch: Batch,
+                 teacher_params: Any = None) -> tuple[TrainState, Metrics]:
     key = jax.random.fold_in(state.rng, state.step)
     # Weighed over the whole batch before it is split: the micro-batches' mean is then
     # the mean over every trained token of the batch, however they fall.
     weighed = (batch._replace(loss_mask=None), target_weights(batch, float(grad_accum)))
     if grad_accum == 1:
-      (_, aux), grads = grad_fn(state.params, weighed, key)
+      (_, aux), grads = grad_fn(state.params, weighed, key, teacher_params)
     else:
       def accumulate(carry, xs):
         i, micro = xs
-        (_, aux), g = grad_fn(state.params, micro, jax.random.fold_in(key, i))
+        (_, aux), g = grad_fn(state.params, micro, jax.random.fold_in(key, i), teacher_params)
         return jax.tree.map(jnp.add, carry, (g, aux)), None
 
       micro = _microbatches(weighed, grad_accum, rules)
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       aux_shape = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro),
-                                 key)[0][1]
+                                 key, teacher_params)[0][1]
       zero_aux = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), aux_shape)
       (grads, aux), _ = jax.lax.scan(accumulate, (zeros, zero_aux),
                                      (jnp.arange(grad_accum), micro))
@@ -169,8 +177,10 @@ class StepParts:
   step_fn: Callable[..., Any]  # The pure step, before jit.
 
 
-def step_parts(cfgs: Configs, rules: AxisRules) -> StepParts:
-  """The model, optimizer, schedule and pure train step a config describes."""
+def step_parts(cfgs: Configs, rules: AxisRules,
+               teacher: Transformer | None = None) -> StepParts:
+  """The model, optimizer, schedule and pure train step a config describes; with a
+  distillation `teacher` (lm/train/distill.py) the step takes its parameters too."""
   _check_expert_rows(cfgs, rules)
   model = Transformer(cfgs.model, rules)
   steps, opt = cfgs.run.steps, cfgs.optimizer
@@ -182,7 +192,8 @@ def step_parts(cfgs: Configs, rules: AxisRules) -> StepParts:
   if opt.hold_zeros:
     tx = optax.chain(tx, hold_zeros())
   step_fn = make_train_step(model, tx, lr, grad_accum=opt.grad_accum, z_loss=opt.z_loss,
-                            loss_chunk=cfgs.loss.chunk, rules=rules)
+                            loss_chunk=cfgs.loss.chunk, rules=rules, teacher=teacher,
+                            distill=cfgs.distill)
   return StepParts(model, tx, lr, step_fn)
 
 
@@ -202,12 +213,15 @@ def _check_expert_rows(cfgs: Configs, rules: AxisRules) -> None:
 
 
 def jit_train_step(step_fn: Callable[..., Any], state_shardings: Any, rules: AxisRules,
-                   batch_shape: tuple[int, int]) -> Callable[..., Any]:
+                   batch_shape: tuple[int, int],
+                   teacher_shardings: Any = None) -> Callable[..., Any]:
   """Compiles once: explicit shardings, the old state's buffers donated to the new one.
 
-  One sharding serves every field of the batch: they share a shape.
+  One sharding serves every field of the batch: they share a shape. `teacher_shardings`:
+  the step takes a distillation teacher's parameters as a third argument.
   """
+  extra = () if teacher_shardings is None else (teacher_shardings,)
   return jax.jit(step_fn,
-                 in_shardings=(state_shardings, batch_sharding(rules, batch_shape)),
+                 in_shardings=(state_shardings, batch_sharding(rules, batch_shape), *extra),
                  out_shardings=(state_shardings, rules.replicated()),
                  donate_argnums=(0,))

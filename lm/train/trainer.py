@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -41,6 +42,7 @@ from lm.run.metrics import MetricsWriter
 from lm.run.wandb_tracker import WandbWriter
 from lm.sharding import AxisRules, put_rows
 from lm.train import resume
+from lm.train.distill import load_teacher
 from lm.train.step import TrainState, jit_train_step, step_parts
 from lm.train.stops import NonFiniteGuard, StopRequest, TrainingAborted
 
@@ -127,7 +129,8 @@ def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules,
   # by every process, so that all of them stop.
   examples_line = examples_summary(cfgs.data, tokenizer, run.seq_len)
 
-  parts = step_parts(cfgs, rules)
+  teacher = load_teacher(cfgs, rules, tokenizer.path)
+  parts = step_parts(cfgs, rules, teacher.model if teacher else None)
   model, tx = parts.model, parts.tx
   metadata = make_metadata(dataclasses.asdict(cfgs.model), file_sha256(tokenizer.path),
                            tokenizer.vocab_size, as_dict(cfgs))
@@ -143,13 +146,26 @@ def _build_locked(cfgs: Configs, plan: resume.Plan, rules: AxisRules,
   if jax.process_index() == 0:
     RunFolder(run.workdir).write_config(cfgs)
   compiled = jit_train_step(parts.step_fn, start.shardings, rules,
-                            (run.batch_size, run.seq_len + 1))
+                            (run.batch_size, run.seq_len + 1),
+                            None if teacher is None else
+                            jax.tree.map(lambda x: x.sharding, teacher.params))
+  if teacher is not None:  # The teacher's parameters: an argument, never in the state.
+    compiled = functools.partial(_with_teacher, compiled, teacher.params)
   header = run_header(cfgs, rules, start, tokenizer_origin,
                       flops.count_params(start.state.params))
   if examples_line:
     header.insert(-1, f'fine-tuning on responses only: {examples_line}')
+  if teacher is not None:
+    d = cfgs.distill
+    header.insert(-1, f'distilling from {teacher.workdir} (step {teacher.step}, '
+                      f'{flops.count_params(teacher.params):,} parameters): {d.ce_weight} x '
+                      f'loss + {d.kl_weight} x T^2 x KL at T={d.temperature}')
   return Experiment(cfgs, rules, model, tokenizer, start.state, start.shardings, compiled,
                     batches, checkpointer, start.step, header, start.interval)
+
+
+def _with_teacher(compiled: Any, teacher_params: Any, state: Any, batch: Any) -> Any:
+  return compiled(state, batch, teacher_params)
 
 
 def describe_tokenizer(data_cfg: Any, workdir: str) -> str:
@@ -387,6 +403,8 @@ def _log_train(writer: MetricsWriter, throughput: _Throughput, step: int,
             'skipped_steps': skipped}
   if log_z:
     record['z_loss'] = mean('z_loss')
+  if 'distill_kl' in sums:  # Distilling (lm/train/distill.py): the teacher's term.
+    record['distill_kl'] = mean('distill_kl')
   if moe_layers:
     record.update(moe_balance=mean('moe_balance'), moe_router_z=mean('moe_router_z'),
                   moe_dropped=mean('moe_dropped'),
