@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm.compress import prune, sparsegpt
+from lm.compress import prune, sparsegpt, structured
 from lm.compress.masks import Sparsity, as_matrix
 from lm.model.params import stack_layers, unstack_layers
 from lm.run.folder import load_run
@@ -183,7 +183,9 @@ def test_the_script_and_its_refusals_leave_the_source_alone(learned_run, tmp_pat
       ('--method=wanda', '--pattern=2:3'): '--pattern=2:3: block_0/attn/q has 128 inputs',
       ('--method=wanda', '--sparsity=0.5', '--pattern=2:4'): 'exactly one of --sparsity',
       ('--method=best', '--sparsity=0.5'): '--method must be one of',
-      ('--method=structured', '--sparsity=0.5'): '--method=structured',
+      ('--method=structured', '--sparsity=0.5'): '--method=structured takes --d_ff',
+      ('--method=structured', '--d_ff=9999'): '--d_ff must be in [1, 256]',
+      ('--method=wanda', '--sparsity=0.5', '--d_ff=10'): '--d_ff is for --method=structured',
   }
   for args, message in refusals.items():
     bad = script('prune.py', f'--workdir={learned_run}', f'--out={tmp_path / "bad"}', *args,
@@ -258,3 +260,65 @@ def test_hold_zeros_needs_init_from():
   cfg.optimizer.hold_zeros = True
   with pytest.raises(ValueError, match='^optimizer.hold_zeros: .*set init_from'):
     parse(cfg)
+
+
+def test_structured_sizes_are_checked():
+  from lm.model.config import ModelConfig
+
+  cfg = ModelConfig(d_model=64, num_heads=8, num_kv_heads=4, d_ff=128, num_layers=4)
+  new = structured.Shape(d_ff=64, num_kv_heads=2, num_layers=3).resolve(cfg)
+  assert (new.d_ff, new.num_kv_heads, new.num_heads, new.num_layers) == (64, 2, 4, 3)
+  assert new.head_size == cfg.head_size == 8  # Pinned, not d_model / the new num_heads.
+  for shape, message in ((structured.Shape(d_ff=256), r'--d_ff must be in \[1, 128\]'),
+                         (structured.Shape(num_layers=-1), '--num_layers'),
+                         (structured.Shape(), 'needs a smaller')):
+    with pytest.raises(ValueError, match=message):
+      shape.resolve(cfg)
+
+
+@pytest.mark.slow
+def test_structured_pruning_drops_what_does_nothing_and_exports(learned_run, tmp_path):
+  import torch
+  import transformers
+
+  from lm.eval import sampling
+  from lm.export import hf_export
+
+  run = load_run(learned_run)
+  params = jax.tree.map(np.array, run.params)  # Writable copies.
+  # Hand-made dead parts: MLP unit 5 of every layer, and the whole of layer 1 (both its
+  # residual branches zeroed, so the block passes the stream through unchanged).
+  for block in ('block_0', 'block_1'):
+    for name in ('gate', 'up'):
+      params[block]['mlp'][name][:, 5] = 0
+  params['block_1']['attn']['o'][:] = 0
+  params['block_1']['mlp']['down'][:] = 0
+  run = dataclasses.replace(run, params=params)
+  cfg = run.cfgs.model
+  out = tmp_path / 'small'
+  report = prune.prune_run(run, str(out), prune.STRUCTURED, shape=structured.Shape(
+      d_ff=cfg.d_ff - 1, num_kv_heads=1, num_layers=1))
+  assert report['kept']['layers'] == [0]
+  assert 5 not in report['kept']['mlp_units'][0]
+  small = load_run(str(out))
+  new = small.cfgs.model
+  assert (new.num_layers, new.d_ff, new.num_kv_heads, new.num_heads) == (1, 255, 1, 2)
+  assert report['params_after'] == sum(np.size(x) for x in jax.tree.leaves(small.params))
+  # The kept weights are the source's, sliced.
+  units, group = report['kept']['mlp_units'][0], report['kept']['kv_groups'][0]
+  got = jax.tree.map(np.asarray, small.params['block_0'])
+  np.testing.assert_array_equal(got['mlp']['down'], params['block_0']['mlp']['down'][units])
+  np.testing.assert_array_equal(got['attn']['k'], params['block_0']['attn']['k'][:, group])
+  np.testing.assert_array_equal(got['attn']['q'],
+                                params['block_0']['attn']['q'][:, [2 * group[0], 2 * group[0] + 1]])
+  # It exports, and transformers generates its greedy tokens.
+  hf_export.export(str(out), str(tmp_path / 'hf'))
+  prompt = 'import os\n'
+  ours = sampling.complete(small, prompt, sampling.SamplingConfig(max_new_tokens=8,
+                                                                  temperature=0))
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path / 'hf'), attn_implementation='eager').float().eval()
+  with torch.no_grad():
+    theirs = model.generate(torch.tensor([ours['prompt_ids']]), do_sample=False,
+                            max_new_tokens=8, min_new_tokens=8)
+  assert theirs[0, len(ours['prompt_ids']):].tolist() == ours['ids']

@@ -31,6 +31,7 @@ import numpy as np
 
 from data.pipeline import TrainBatches
 from lm.compress import sparsegpt as methods
+from lm.compress import structured
 from lm.compress.masks import Sparsity, as_matrix, zero_fraction
 from lm.config import as_dict
 from lm.model.params import stack_layers, unstack_layers
@@ -39,7 +40,8 @@ from lm.run.checkpoint import Checkpointer, file_sha256, make_metadata
 from lm.run.folder import Run, RunFolder
 from lm.train.step import TrainState
 
-METHODS = ('magnitude', 'wanda', 'sparsegpt')
+METHODS = ('magnitude', 'wanda', 'sparsegpt')  # Zeros at the sizes the model has.
+STRUCTURED = 'structured'  # A smaller model: lm/compress/structured.py.
 # (module, sown input) -> the kernels that read it: the four stages of a layer, in order.
 STAGES = ((('attn', 'qkv'), ('q', 'k', 'v')), (('attn', 'o'), ('o',)),
           (('mlp', 'up'), ('gate', 'up')), (('mlp', 'down'), ('down',)))
@@ -59,7 +61,7 @@ def calibration_rows(run: Run, rows: int) -> tuple[np.ndarray, np.ndarray | None
 
 def _input_capture(cfg: Any) -> Callable[..., Any]:
   """params, tokens, segment ids -> every block's sown projection inputs."""
-  model = Transformer(dataclasses.replace(cfg, scan_layers=False))
+  model = Transformer(dataclasses.replace(cfg, scan_layers=False, remat=False))
 
   def capture(params, tokens, segments):
     _, sown = model.apply({'params': params}, tokens, segment_ids_BxT=segments,
@@ -111,16 +113,20 @@ def prune_params(cfg: Any, params: dict[str, Any], method: str, sparsity: Sparsi
   return params, masks
 
 
-def prune_run(run: Run, out: str, method: str, sparsity: Sparsity, *,
+def prune_run(run: Run, out: str, method: str, sparsity: Sparsity | None = None, *,
+              shape: structured.Shape | None = None,
               calibration_rows_n: int = 16) -> dict[str, Any]:
-  """Prunes `run` into the new run folder `out`; returns the report (prune.json)."""
+  """Prunes `run` into the new run folder `out`; returns the report (prune.json).
+  `sparsity` for magnitude, wanda and sparsegpt; `shape` for structured."""
   start = time.perf_counter()
   cfg = run.cfgs.model
-  if method not in METHODS:
-    raise ValueError(f'--method must be one of {", ".join(METHODS)}, got {method!r}')
+  if method not in METHODS + (STRUCTURED,):
+    raise ValueError(f'--method must be one of {", ".join(METHODS + (STRUCTURED,))}, got '
+                     f'{method!r}')
   if cfg.moe.num_experts:
     raise ValueError(f'{run.workdir} is a mixture of experts; prune.py prunes dense '
                      'models only')
+  new_cfg = shape.resolve(cfg) if method == STRUCTURED else cfg
   if os.path.exists(out):  # Nothing a user has is replaced.
     raise ValueError(f'--out: {out} exists; choose a new folder for the pruned run')
   params = jax.tree.map(np.asarray, run.params)
@@ -128,25 +134,36 @@ def prune_run(run: Run, out: str, method: str, sparsity: Sparsity, *,
     params = unstack_layers(params, cfg.num_layers)
   tokens, segments = (calibration_rows(run, calibration_rows_n) if method != 'magnitude'
                       else (None, None))
-  pruned, masks = prune_params(cfg, params, method, sparsity, tokens, segments)
-  if cfg.scan_layers:
-    pruned = jax.tree.map(np.asarray, stack_layers(pruned, cfg.num_layers))
-  report = {
-      'method': method, 'sparsity': sparsity.describe(),
-      'source': {'workdir': os.path.abspath(run.workdir), 'step': run.step},
-      'out': out,
-      'calibration': None if tokens is None else {
+  report: dict[str, Any] = {
+      'method': method, 'source': {'workdir': os.path.abspath(run.workdir), 'step': run.step},
+      'out': out, 'calibration': None if tokens is None else {
           'rows': int(tokens.shape[0]), 'seq_len': int(tokens.shape[1]),
-          'tokens': int(tokens.size), 'split': 'train'},
-      'matrices': {path: round(1 - float(k.mean()), 6) for path, k in masks.items()},
-      'pruned_fraction_of_matrices': round(
-          1 - sum(int(k.sum()) for k in masks.values()) / sum(k.size for k in masks.values()),
-          6),
-      'zero_fraction_of_all_params': round(_zeros(pruned), 6),
-  }
-  write_run(run, out, pruned, masks, report)
+          'tokens': int(tokens.size), 'split': 'train'}}
+  masks = None
+  if method == STRUCTURED:
+    scores = structured.importance(cfg, params, tokens, segments)
+    pruned, kept = structured.prune_structure(cfg, new_cfg, params, scores)
+    report.update(kept=kept, params_before=_count(params), params_after=_count(pruned),
+                  model={k: getattr(new_cfg, k) for k in
+                         ('num_layers', 'd_ff', 'num_heads', 'num_kv_heads', 'head_dim')})
+  else:
+    pruned, masks = prune_params(cfg, params, method, sparsity, tokens, segments)
+    report.update(
+        sparsity=sparsity.describe(),
+        matrices={path: round(1 - float(k.mean()), 6) for path, k in masks.items()},
+        pruned_fraction_of_matrices=round(
+            1 - sum(int(k.sum()) for k in masks.values()) / sum(k.size for k in masks.values()),
+            6),
+        zero_fraction_of_all_params=round(_zeros(pruned), 6))
+  if new_cfg.scan_layers:
+    pruned = jax.tree.map(np.asarray, stack_layers(pruned, new_cfg.num_layers))
+  write_run(run, out, new_cfg, pruned, masks, report)
   report['seconds'] = round(time.perf_counter() - start, 2)
   return report
+
+
+def _count(params: Any) -> int:
+  return sum(int(np.size(x)) for x in jax.tree.leaves(params))
 
 
 def _zeros(params: Any) -> float:
@@ -154,21 +171,23 @@ def _zeros(params: Any) -> float:
   return sum(zero_fraction(x) * x.size for x in leaves) / sum(x.size for x in leaves)
 
 
-def write_run(run: Run, out: str, params: Any, masks: dict[str, np.ndarray],
-              report: dict[str, Any]) -> None:
-  """The new run folder: written under a temporary name, then renamed to `out`."""
+def write_run(run: Run, out: str, model_cfg: Any, params: Any,
+              masks: dict[str, np.ndarray] | None, report: dict[str, Any]) -> None:
+  """The new run folder, of `model_cfg` (smaller after structured pruning): written under
+  a temporary name, then renamed to `out`. `masks`: None when nothing is held at zero."""
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f'.{os.path.basename(out)}.prune-{os.getpid()}')
   shutil.rmtree(tmp, ignore_errors=True)  # Only ever this process's own leftovers.
   try:
-    cfgs = run.cfgs._replace(run=dataclasses.replace(run.cfgs.run, workdir=out))
+    cfgs = run.cfgs._replace(run=dataclasses.replace(run.cfgs.run, workdir=out),
+                             model=model_cfg)
     folder = RunFolder(tmp)
     folder.write_config(cfgs)
     shutil.copyfile(RunFolder(run.workdir).tokenizer_path, folder.tokenizer_path)
     meta = make_metadata(dataclasses.asdict(cfgs.model), file_sha256(folder.tokenizer_path),
                          run.tokenizer.vocab_size, as_dict(cfgs))
-    meta['pruned'] = {k: report[k] for k in ('method', 'sparsity', 'source')}
+    meta['pruned'] = {k: report.get(k) for k in ('method', 'sparsity', 'source')}
     state = TrainState(step=jnp.asarray(run.step, jnp.int32),
                        params=jax.tree.map(jnp.asarray, params), opt_state={},
                        rng=jax.random.PRNGKey(run.cfgs.run.seed))
@@ -178,7 +197,8 @@ def write_run(run: Run, out: str, params: Any, masks: dict[str, np.ndarray],
       checkpointer.wait()
     finally:
       checkpointer.close()
-    np.savez_compressed(os.path.join(tmp, MASKS), **masks)
+    if masks is not None:
+      np.savez_compressed(os.path.join(tmp, MASKS), **masks)
     with open(os.path.join(tmp, REPORT), 'w', encoding='utf-8') as f:
       json.dump(report, f, indent=1)
     os.rename(tmp, out)
