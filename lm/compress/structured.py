@@ -50,10 +50,13 @@ class Shape:
       raise ValueError('--method=structured needs a smaller --d_ff, --num_kv_heads or '
                        '--num_layers')
     group = cfg.num_heads // cfg.num_kv_heads
-    # The head size is pinned: with head_dim=0 it would follow d_model / num_heads.
+    heads = out['num_kv_heads'] * group
+    # Fewer heads: the head size is pinned, as with head_dim=0 it would follow
+    # d_model / num_heads.
+    head_dim = cfg.head_size if heads != cfg.num_heads else cfg.head_dim
     return dataclasses.replace(cfg, d_ff=out['d_ff'], num_kv_heads=out['num_kv_heads'],
-                               num_heads=out['num_kv_heads'] * group,
-                               num_layers=out['num_layers'], head_dim=cfg.head_size)
+                               num_heads=heads, num_layers=out['num_layers'],
+                               head_dim=head_dim)
 
 
 def _capture(mdl: nn.Module, method: str) -> bool:
