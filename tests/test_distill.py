@@ -93,30 +93,23 @@ def test_train_distills_from_a_teacher_and_refuses_another_vocabulary(trained_ru
   from data import stdlib
   from data.tokenizer import train_tokenizer
 
-  other = str(tmp_path / 'other.model')
-  train_tokenizer((stdlib.read(p) for p in stdlib.list_files()[:50]), 1024, other,
-                  max_bytes=1 << 18)
-  bad = script('train.py', '--config=configs/tiny.py', '--config.steps=2',
-               '--config.model.vocab_size=1024', f'--config.data.tokenizer={other}',
-               f'--config.workdir={tmp_path / "refused"}',
-               f'--config.distill.teacher={trained_run}', *MODEL, env=one_device_env(),
-               check=False)
-  assert bad.returncode == 1
-  assert bad.stderr.strip().splitlines()[-1] == (
+  def refusal(files, vocab):
+    """train.py's error for a student whose tokenizer is trained on `files`."""
+    path = str(tmp_path / f'tok_{vocab}.model')
+    train_tokenizer((stdlib.read(p) for p in files), vocab, path, max_bytes=1 << 18)
+    bad = script('train.py', '--config=configs/tiny.py', '--config.steps=2',
+                 f'--config.model.vocab_size={vocab}', f'--config.data.tokenizer={path}',
+                 f'--config.workdir={tmp_path / "refused"}',
+                 f'--config.distill.teacher={trained_run}', *MODEL, env=one_device_env(),
+                 check=False)
+    assert bad.returncode == 1 and not (tmp_path / 'refused').exists()
+    return bad.stderr.strip().splitlines()[-1]
+
+  assert refusal(stdlib.list_files()[:50], 1024) == (
       f'error: distill.teacher: {trained_run} has a vocabulary of 512, this run 1024; a '
       'teacher must share the tokenizer')
-  assert not (tmp_path / 'refused').exists()
   # The same vocabulary size from another tokenizer: the same ids mean other text.
-  same_size = str(tmp_path / 'same_size.model')
-  train_tokenizer((stdlib.read(p) for p in stdlib.list_files()[-80:]), 512, same_size,
-                  max_bytes=1 << 18)
-  bad = script('train.py', '--config=configs/tiny.py', '--config.steps=2',
-               '--config.model.vocab_size=512', f'--config.data.tokenizer={same_size}',
-               f'--config.workdir={tmp_path / "refused"}',
-               f'--config.distill.teacher={trained_run}', *MODEL, env=one_device_env(),
-               check=False)
-  assert bad.returncode == 1
-  assert "error: distill.teacher: " in bad.stderr and "is not this run's tokenizer" in bad.stderr
-  assert not (tmp_path / 'refused').exists()
+  line = refusal(stdlib.list_files()[-80:], 512)
+  assert line.startswith('error: distill.teacher: ') and "is not this run's tokenizer" in line
   assert json.loads((trained_run / 'config.json').read_text())  # The teacher is unchanged.
   assert os.path.isdir(trained_run / 'checkpoints' / '2')
