@@ -8,9 +8,13 @@ one forward pass sows the inputs of that stage's projections (lm/model/transform
 KERNEL_INPUTS) and their X^T X is summed. Embeddings and the output head stay dense, as
 in both papers.
 
+`--method=structured` instead measures importance once and slices out whole units, heads
+and layers (structured.py) into a smaller model.
+
 The new run folder holds the pruned parameters as a checkpoint of the source's step, the
-source's config (its workdir the new folder) and tokenizer, `masks.npz` (the kept
-weights of every pruned matrix, by parameter path) and `prune.json` (what was done).
+source's config (its workdir the new folder; smaller sizes after structured pruning) and
+tokenizer, `masks.npz` (the kept weights of every pruned matrix, by parameter path; not
+for structured) and `prune.json` (what was done).
 It is written beside its final name and renamed into place, so an error leaves nothing
 under --out; the source run is only read.
 """
