@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm.compress import prune, sparsegpt, structured
+from lm.compress import calibrate, prune, sparsegpt, structured
 from lm.compress.masks import Sparsity, as_matrix
 from lm.model.params import stack_layers, unstack_layers
 from lm.run.folder import load_run
@@ -120,11 +120,11 @@ def test_on_the_calibration_inputs_sparsegpt_reconstructs_best(learned_run, spar
   magnitude on the MLP's down projection, whose inputs are the least even."""
   run = load_run(learned_run)
   params = jax.tree.map(np.asarray, run.params)
-  tokens, segments = prune.calibration_rows(run, 16)
-  inputs = prune._input_capture(run.cfgs.model)(params, tokens, segments)
+  tokens, segments = calibrate.calibration_rows(run, 16)
+  inputs = calibrate.projection_inputs(run.cfgs.model)(params, tokens, segments)
   for block in range(run.cfgs.model.num_layers):
     for (module, sown), names in prune.STAGES:
-      h = prune._hessian(inputs[f'block_{block}'][module][sown][0])
+      h = calibrate.hessian(inputs[f'block_{block}'][module][sown][0])
       for name in names:
         w = as_matrix(name, params[f'block_{block}'][module][name])
         err = {'magnitude': sparsegpt.prune_by_scores(w, sparsegpt.magnitude_scores(w), sparsity),

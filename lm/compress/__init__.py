@@ -1,2 +1,3 @@
-"""Compression by pruning: masks (masks.py), the methods (sparsegpt.py), layer-by-layer
-pruning into a new run folder (prune.py)."""
+"""Compression by pruning: masks (masks.py), the methods (sparsegpt.py), calibration rows and
+what the projections read (calibrate.py), structured pruning (structured.py), pruning into a
+new run folder (prune.py)."""

@@ -26,20 +26,17 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data.pipeline import TrainBatches
+from lm.compress import calibrate, structured
 from lm.compress import sparsegpt as methods
-from lm.compress import structured
 from lm.compress.masks import Sparsity, as_matrix, zero_fraction
 from lm.config import as_dict
 from lm.model.params import stack_layers, unstack_layers
-from lm.model.transformer import KERNEL_INPUTS, Transformer
 from lm.run.checkpoint import Checkpointer, file_sha256, make_metadata
 from lm.run.folder import Run, RunFolder
 from lm.train.step import TrainState
@@ -53,35 +50,6 @@ MASKS = 'masks.npz'
 REPORT = 'prune.json'
 
 
-def calibration_rows(run: Run, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
-  """(tokens, segment ids) of the first `rows` training rows the run itself read."""
-  cfgs = run.cfgs
-  with TrainBatches(cfgs.data, run.tokenizer, rows, cfgs.run.seq_len, seed=cfgs.run.seed,
-                    prefetch=0) as batches:
-    batch = next(batches)
-  segments = None if batch.segment_ids is None else np.asarray(batch.segment_ids)[:, :-1]
-  return np.asarray(batch.tokens)[:, :-1], segments
-
-
-def _input_capture(cfg: Any) -> Callable[..., Any]:
-  """params, tokens, segment ids -> every block's sown projection inputs."""
-  model = Transformer(dataclasses.replace(cfg, scan_layers=False, remat=False))
-
-  def capture(params, tokens, segments):
-    _, sown = model.apply({'params': params}, tokens, segment_ids_BxT=segments,
-                          mutable=[KERNEL_INPUTS])
-    return sown[KERNEL_INPUTS]
-
-  return jax.jit(capture)
-
-
-def _hessian(x: jax.Array) -> np.ndarray:
-  """X^T X over every calibration token, in float64."""
-  x = np.asarray(x, np.float64)
-  x = x.reshape(-1, x.shape[-1] * (x.shape[-2] if x.ndim == 4 else 1))
-  return x.T @ x
-
-
 def prune_params(cfg: Any, params: dict[str, Any], method: str, sparsity: Sparsity,
                  tokens: np.ndarray | None, segments: np.ndarray | None
                  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -93,7 +61,7 @@ def prune_params(cfg: Any, params: dict[str, Any], method: str, sparsity: Sparsi
         if name in params[f'block_{block}'][module]:
           kernel = params[f'block_{block}'][module][name]
           sparsity.check(f'block_{block}/{module}/{name}', as_matrix(name, kernel).shape[0])
-  capture = _input_capture(cfg) if method != 'magnitude' else None
+  capture = calibrate.projection_inputs(cfg) if method != 'magnitude' else None
   masks = {}
   for block in range(cfg.num_layers):
     layer = params[f'block_{block}']
@@ -102,7 +70,7 @@ def prune_params(cfg: Any, params: dict[str, Any], method: str, sparsity: Sparsi
       h = None
       if capture is not None:
         inputs = capture(params, tokens, segments)
-        h = _hessian(inputs[f'block_{block}'][module][sown][0])
+        h = calibrate.hessian(inputs[f'block_{block}'][module][sown][0])
       for name in names:
         kernel = layer[module][name]
         w = as_matrix(name, kernel)
@@ -136,7 +104,7 @@ def prune_run(run: Run, out: str, method: str, sparsity: Sparsity | None = None,
   params = jax.tree.map(np.asarray, run.params)
   if cfg.scan_layers:
     params = unstack_layers(params, cfg.num_layers)
-  tokens, segments = (calibration_rows(run, calibration_rows_n) if method != 'magnitude'
+  tokens, segments = (calibrate.calibration_rows(run, calibration_rows_n) if method != 'magnitude'
                       else (None, None))
   report: dict[str, Any] = {
       'method': method, 'source': {'workdir': os.path.abspath(run.workdir), 'step': run.step},

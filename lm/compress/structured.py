@@ -20,12 +20,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 
+from lm.compress import calibrate
 from lm.model.config import ModelConfig
-from lm.model.transformer import KERNEL_INPUTS, Block, Transformer, embed_rows
+from lm.model.transformer import embed_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,22 +59,10 @@ class Shape:
                                head_dim=head_dim)
 
 
-def _capture(mdl: nn.Module, method: str) -> bool:
-  return method == '__call__' and isinstance(mdl, Block)
-
-
 def importance(cfg: ModelConfig, params: dict[str, Any], tokens: np.ndarray,
                segments: np.ndarray | None) -> dict[str, np.ndarray]:
   """{'mlp': (L, d_ff), 'kv': (L, num_kv_heads), 'layers': (L,)} from one forward pass."""
-  model = Transformer(dataclasses.replace(cfg, scan_layers=False, remat=False))
-
-  def run(p, t, s):
-    _, state = model.apply({'params': p}, t, segment_ids_BxT=s,
-                           mutable=[KERNEL_INPUTS, 'intermediates'],
-                           capture_intermediates=_capture)
-    return state[KERNEL_INPUTS], state['intermediates']
-
-  sown, inter = jax.jit(run)(params, tokens, segments)
+  sown, inter = calibrate.projection_inputs(cfg, block_outputs=True)(params, tokens, segments)
   group = cfg.num_heads // cfg.num_kv_heads
   mlp, kv, layers = [], [], []
   x_in = np.asarray(embed_rows(params['embed'], tokens, np.float32, None), np.float64)
