@@ -1,0 +1,156 @@
+"""The preparation run: four datatrove stages, on the local or the SLURM executor.
+
+1. per task: read, clean, set the held-out split aside, quality filters, PII, write the
+   kept documents and their MinHash signatures;
+2. per band: sort the signatures and emit duplicate pairs;
+3. one task: cluster the pairs, choose what each task drops;
+4. per task: drop duplicates, then contaminated documents, and write the output shards;
+5. one task: write OUTPUT/report.json and remove OUTPUT/work.
+
+Everything intermediate lives under OUTPUT/work (removed by the last stage), the
+executors' logs and per-task stats under OUTPUT/logs, dropped documents under
+OUTPUT/removed/<why>/ for audit, the held-out split under OUTPUT/heldout/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.minhash import (
+  MinhashDedupBuckets,
+  MinhashDedupCluster,
+  MinhashDedupFilter,
+)
+from datatrove.pipeline.writers import JsonlWriter
+
+from data.prep import decont, filters, minhash, pii, report, steps
+from data.prep.words import WORDS
+
+STAGES = ('1_filter', '2_buckets', '3_clusters', '4_output', '5_report')
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  input: str  # Comma-separated globs of .txt/.jsonl(.gz)/.parquet files.
+  output: str
+  filters: tuple[str, ...] = filters.PRESETS['web']
+  pii: bool = True
+  dedup: bool = True
+  decontaminate: str = ''  # '' = make_tasks' test tasks; 'none'; or task files / globs.
+  decont_ngrams: int = 13
+  eval_fraction: float = 0.01
+  minhash_threshold: float = 0.7
+  minhash_hashes: int = 112
+  minhash_ngrams: int = 5
+  tasks: int = 1
+  workers: int = 1
+  gzip: bool = True
+  executor: str = 'local'
+  slurm: dict = dataclasses.field(default_factory=dict)  # partition, time, cpus_per_task, ...
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.output, *parts)
+
+
+def _record(self, doc) -> dict:
+  """The output line: the text and the input key it came from."""
+  return {'text': doc.text, 'id': doc.id}
+
+
+def _writer(folder: str, gz: bool = True, lean: bool = False) -> JsonlWriter:
+  name = '${rank}.jsonl' + ('.gz' if gz else '')
+  return JsonlWriter(folder, output_filename=name, compression='gzip' if gz else None,
+                     adapter=_record if lean else None)
+
+
+def stage_pipelines(opts: Options) -> list[tuple[str, list, int]]:
+  """(stage, pipeline, tasks) of each stage to run, in order."""
+  work = opts.path('work')
+  mh = minhash.config(opts.minhash_threshold, opts.minhash_hashes, opts.minhash_ngrams)
+  dcfg = decont.config(opts.decont_ngrams)
+  first = [steps.InputReader(opts.input), steps.Count('read'), steps.Clean(),
+           steps.Count('clean'),
+           steps.HeldOutSplit(opts.eval_fraction, opts.path('heldout'),
+                              os.path.join(work, 'index'), opts.decont_ngrams),
+           steps.Count('train split')]
+  for name in opts.filters:
+    block = filters.FILTERS[name]()
+    block.exclusion_writer = _writer(opts.path('removed', name))
+    first += [block, steps.Count(f'filter {name}')]
+  if opts.pii:
+    first += [pii.PIIScrubber(), steps.Count('pii')]
+  first.append(_writer(os.path.join(work, 'kept'), lean=True))
+  last = [steps.ShardReader(os.path.join(work, 'kept'))]
+  out = [(STAGES[0], first, opts.tasks)]
+  if opts.dedup:
+    first.append(steps.Signature(os.path.join(work, 'signatures'), config=mh, language=WORDS))
+    out += [(STAGES[1], [MinhashDedupBuckets(os.path.join(work, 'signatures'),
+                                             os.path.join(work, 'buckets'), config=mh)],
+             mh.num_buckets),
+            (STAGES[2], [MinhashDedupCluster(os.path.join(work, 'buckets'),
+                                             os.path.join(work, 'remove_ids'), config=mh,
+                                             save_cluster_id=True)], 1)]
+    last += [MinhashDedupFilter(os.path.join(work, 'remove_ids'), load_cluster_ids=True,
+                                exclusion_writer=_writer(opts.path('removed', 'duplicates'))),
+             steps.Count('deduplicate')]
+  last += [decont.decont_filter(os.path.join(work, 'index'), dcfg,
+                                _writer(opts.path('removed', 'contaminated'))),
+           steps.Count('decontaminate'),
+           _writer(opts.output, opts.gzip, lean=True)]
+  out.append((STAGES[3], last, opts.tasks))
+  out.append((STAGES[4], [Finish(opts)], 1))
+  return out
+
+
+class Finish(PipelineStep):
+  """The last stage: the report from every stage's stats, then OUTPUT/work removed. A
+  stage of its own, so that SLURM runs it after the others like everything else."""
+
+  name, type = 'report', 'REPORT'
+
+  def __init__(self, opts: Options) -> None:
+    super().__init__()
+    self.opts = opts
+
+  def run(self, data=None, rank: int = 0, world_size: int = 1):
+    stages = STAGES[:4] if self.opts.dedup else (STAGES[0], STAGES[3])
+    options = {k: v for k, v in dataclasses.asdict(self.opts).items() if k != 'slurm'}
+    mh = minhash.config(self.opts.minhash_threshold, self.opts.minhash_hashes,
+                        self.opts.minhash_ngrams)
+    options['minhash_bands_rows'] = [mh.num_buckets, mh.hashes_per_bucket]
+    report.write(self.opts.output, report.build(self.opts.output, stages, options))
+    shutil.rmtree(self.opts.path('work'), ignore_errors=True)
+    return iter(())
+
+
+def executors(opts: Options) -> list:
+  """The chained executors, last one first to run after all the others."""
+  chain = []
+  for stage, pipeline, tasks in stage_pipelines(opts):
+    logs = opts.path('logs', stage)
+    depends = chain[-1] if chain else None
+    if opts.executor == 'slurm':
+      from datatrove.executor import SlurmPipelineExecutor
+      slurm = {'time': '24:00:00', 'partition': 'cpu', **opts.slurm}
+      chain.append(SlurmPipelineExecutor(
+          pipeline=pipeline, tasks=tasks, logging_dir=logs, depends=depends,
+          job_name=f'prepare_{stage}', slurm_logs_folder=os.path.join(logs, 'slurm'),
+          **slurm))
+    else:
+      from datatrove.executor import LocalPipelineExecutor
+      chain.append(LocalPipelineExecutor(
+          pipeline=pipeline, tasks=tasks, workers=min(opts.workers, tasks), logging_dir=logs,
+          depends=depends, start_method='fork'))
+  return chain
+
+
+def run(opts: Options) -> dict[str, int]:
+  """Indexes the task files, then runs (or, on SLURM, submits) the stages: the last
+  executor pulls the others. Returns task name -> indexed n-grams."""
+  indexed = decont.index_tasks(opts.decontaminate, opts.path('work', 'index'),
+                               decont.config(opts.decont_ngrams))
+  executors(opts)[-1].run()
+  return indexed
