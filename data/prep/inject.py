@@ -15,6 +15,7 @@ import gzip
 import json
 import os
 import random
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,8 +24,10 @@ PII = {'email': ['maria.lopez{i}@example.org', 'j.smith{i}@mail.example.com'],
        'ip': ['93.184.{a}.{b}', '8.{a}.{b}.34']}
 
 
-def random_words(rng: random.Random, n: int, vocab: Sequence[str]) -> str:
-  return ' '.join(rng.choice(vocab) for _ in range(n))
+def random_words(rng: random.Random, n: int, vocab: Sequence[str], per_line: int = 10) -> str:
+  """n words of `vocab`, `per_line` to a line (so that line-length rules pass them)."""
+  words = [rng.choice(vocab) for _ in range(n)]
+  return '\n'.join(' '.join(words[i:i + per_line]) for i in range(0, n, per_line))
 
 
 def vocabulary(rng: random.Random, size: int = 5000) -> list[str]:
@@ -36,11 +39,12 @@ def vocabulary(rng: random.Random, size: int = 5000) -> list[str]:
 def edit_words(text: str, fraction: float, rng: random.Random, vocab: Sequence[str]) -> str:
   """`text` with round(fraction * words) of its whitespace-separated words replaced (at
   least one), each by a word of `vocab`; the spacing is kept."""
-  words = text.split(' ')
+  parts = re.split(r'(\s+)', text)  # Words at even indices, the spacing between them odd.
+  words = [i for i in range(0, len(parts), 2) if parts[i]]
   n = max(1, round(fraction * len(words)))
-  for i in rng.sample(range(len(words)), min(n, len(words))):
-    words[i] = rng.choice(vocab)
-  return ' '.join(words)
+  for i in rng.sample(words, min(n, len(words))):
+    parts[i] = rng.choice(vocab)
+  return ''.join(parts)
 
 
 def pii_line(kind: str, i: int, rng: random.Random) -> str:
@@ -49,32 +53,36 @@ def pii_line(kind: str, i: int, rng: random.Random) -> str:
 
 
 def inject(out: str, base: Sequence[str], rng: random.Random, vocab: Sequence[str], *,
-           exact: int, near: int, edit_fraction: float, pii: int, contaminated: int,
-           task_records: Sequence[dict], shards: int = 4) -> dict[str, Any]:
+           exact: int, near: int | dict[float, int], edit_fraction: float = 0.01, pii: int,
+           contaminated: int, task_records: Sequence[dict],
+           shards: int = 4) -> dict[str, Any]:
   """Writes base + injected documents as `shards` .jsonl files under `out`, ids in
-  order; returns (and writes to out/../truth.json) what was injected where."""
+  order; returns (and writes to out/../truth.json) what was injected where. `near` is a
+  count at `edit_fraction`, or edit fraction -> count."""
   docs: list[tuple[str, str, dict]] = [(t, 'base', {}) for t in base]
-  picks = rng.sample(range(len(base)), exact + near + pii + contaminated)
+  levels = near if isinstance(near, dict) else {edit_fraction: near}
+  # Copies are made of documents of 200 words or more, where a 1% edit is 2 words or more.
+  long = [i for i, t in enumerate(base) if len(t.split()) >= 200]
+  picks = rng.sample(long, exact + sum(levels.values()))
   k = 0
   for _ in range(exact):
     docs.append((base[picks[k]], 'exact', {'of': picks[k]}))
     k += 1
-  for _ in range(near):
-    docs.append((edit_words(base[picks[k]], edit_fraction, rng, vocab), 'near',
-                 {'of': picks[k]}))
-    k += 1
+  for fraction, count in levels.items():
+    for _ in range(count):
+      docs.append((edit_words(base[picks[k]], fraction, rng, vocab), 'near',
+                   {'of': picks[k], 'edit': fraction}))
+      k += 1
   for i in range(pii):  # A base document with one of each kind added (a fresh document).
     kinds = {kind: pii_line(kind, i, rng) for kind in PII}
     text = (f'Contact {kinds["email"]} or call {kinds["phone"]}; the server is at '
             f'{kinds["ip"]}.\n' + random_words(rng, 120, vocab))
     docs.append((text, 'pii', kinds))
-    k += 1
   for i in range(contaminated):
     record = task_records[i % len(task_records)]
     quote = record['context'] + record['choices'][record['label']]
     text = random_words(rng, 80, vocab) + '\n' + quote + '\n' + random_words(rng, 80, vocab)
     docs.append((text, 'contaminated', {'record': i % len(task_records)}))
-    k += 1
   order = list(range(len(docs)))
   rng.shuffle(order)
   os.makedirs(out, exist_ok=True)
@@ -126,6 +134,11 @@ def score(output: str, truth: dict[str, Any]) -> dict[str, Any]:
     found = [k for k in pairs if not (k in kept and docs[k]['of'] in kept)]
     out[kind] = {'injected': len(pairs), 'found': len(found),
                  'recall': len(found) / max(len(pairs), 1)}
+  by_edit: dict[float, list[bool]] = {}
+  for k in of_kind('near'):
+    by_edit.setdefault(docs[k]['edit'], []).append(not (k in kept and docs[k]['of'] in kept))
+  out['near_by_edit'] = {str(e): {'injected': len(v), 'recall': sum(v) / len(v)}
+                         for e, v in sorted(by_edit.items())}
   in_pairs = {k for kind in ('exact', 'near') for k in of_kind(kind)}
   in_pairs |= {docs[k]['of'] for k in in_pairs}
   false_merges = sorted(dropped_dup - in_pairs)

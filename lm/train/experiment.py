@@ -166,10 +166,18 @@ def run_header(cfgs: Configs, rules: AxisRules, start: resume.Start, tokenizer: 
           f'model: {n_params:,} parameters{_active(cfgs.model)}; '
           f'{run.batch_size * run.seq_len:,} tokens per step '
           f'({run.batch_size} x {run.seq_len}), {run.steps} steps',
-          f'data: {source}; tokenizer: {tokenizer}',
+          f'data: {source}; tokenizer: {tokenizer}'] + _prepared(data) + [
           f'start: {start.origin}'] + (
               [f'wandb: project {cfgs.wandb.project} (id in {run.workdir}/wandb_id)']
               if cfgs.wandb.project else [])
+
+
+def _prepared(data: Any) -> list[str]:
+  """What scripts/prepare_data.py kept of the files, where they are a prepared corpus."""
+  from data.prep.report import header_line
+
+  line = header_line(data.files) if data.source == 'files' else ''
+  return [f'prepared: {line}'] if line else []
 
 
 def _active(model: Any) -> str:
