@@ -189,7 +189,8 @@ def test_code_filter_rules():
 
 
 @pytest.mark.parametrize('case', ['empty folder', 'bad line', 'not empty', 'overwrite other',
-                                  'unknown filter', 'output holds input'])
+                                  'unknown filter', 'output holds input',
+                                  'output inside input'])
 def test_bad_input_is_refused_in_one_line(tmp_path, case):
   (tmp_path / 'in').mkdir()
   good = tmp_path / 'in' / 'a.jsonl'
@@ -213,6 +214,9 @@ def test_bad_input_is_refused_in_one_line(tmp_path, case):
   elif case == 'output holds input':
     out = tmp_path
     expect = '--output: ' + str(tmp_path) + ' holds the input file'
+  elif case == 'output inside input':
+    out = tmp_path / 'in' / 'prepared'
+    expect = f'--output: {out} lies inside the input folder {tmp_path / "in"}'
   before = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()}
   with pytest.raises(ValueError) as e:
     command.prepare(flags(tmp_path / 'in', out, **kw))

@@ -42,15 +42,20 @@ def input_spec(given: str) -> tuple[str, int]:
   return given, len(files)
 
 
-def check_output(output: str, overwrite: bool, inputs: list[str]) -> None:
+def check_output(output: str, overwrite: bool, inputs: list[str], bases: list[str]) -> None:
   """Refuses an output that is a file, not empty (unless --overwrite, and then only a
-  folder an earlier preparation wrote), or that holds or lies in an input file."""
+  folder an earlier preparation wrote), that holds an input file or lies in a folder the
+  input globs read."""
   out = os.path.abspath(output)
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f'--output: {output} is a file, not a folder')
   for path in inputs:
     if os.path.commonpath([out, os.path.abspath(path)]) == out:
       raise ValueError(f'--output: {output} holds the input file {path}; choose another folder')
+  for base in bases:  # Each task globs the input again: it would read what others wrote.
+    if os.path.commonpath([out, os.path.abspath(base)]) == os.path.abspath(base):
+      raise ValueError(f'--output: {output} lies inside the input folder {base}, so its files '
+                       'would be read as input; choose a folder outside it')
   if os.path.isdir(out) and os.listdir(out):
     if not overwrite:
       raise ValueError(f'--output: {output} is not empty (pass --overwrite to replace an '
@@ -106,8 +111,10 @@ def _stderr_to(path: str):
 def prepare(flags: dict[str, Any]) -> dict[str, Any]:
   """Checks, runs and returns the report (on SLURM: what was submitted)."""
   opts, n_files = options(flags)
+  bases = [sources._glob_base(os.path.expanduser(p)) for p in opts.input.split(',')
+           if any(c in p for c in '*?[')]
   check_output(flags['output'], flags['overwrite'],
-               [p for _, p in sources.resolve_files(opts.input)])
+               [p for _, p in sources.resolve_files(opts.input)], bases)
   if os.path.isdir(opts.output) and os.listdir(opts.output):
     shutil.rmtree(opts.output)  # An earlier preparation, replaced on request (checked above).
   os.makedirs(opts.output, exist_ok=True)
