@@ -190,7 +190,7 @@ def test_code_filter_rules():
 
 @pytest.mark.parametrize('case', ['empty folder', 'bad line', 'not empty', 'overwrite other',
                                   'unknown filter', 'output holds input',
-                                  'output inside input'])
+                                  'output inside input', 'bad task record'])
 def test_bad_input_is_refused_in_one_line(tmp_path, case):
   (tmp_path / 'in').mkdir()
   good = tmp_path / 'in' / 'a.jsonl'
@@ -214,6 +214,12 @@ def test_bad_input_is_refused_in_one_line(tmp_path, case):
   elif case == 'output holds input':
     out = tmp_path
     expect = '--output: ' + str(tmp_path) + ' holds the input file'
+  elif case == 'bad task record':
+    tasks = tmp_path / 'tasks.jsonl'
+    tasks.write_text('{"context": "a b", "choices": ["x", "y"], "label": 0}\n'
+                     '{"context": "a b", "choices": ["x", "x"], "label": 0}\n')
+    kw = {'decontaminate': str(tasks)}
+    expect = f'--decontaminate: {tasks} line 2: "choices" must differ'
   elif case == 'output inside input':
     out = tmp_path / 'in' / 'prepared'
     expect = f'--output: {out} lies inside the input folder {tmp_path / "in"}'

@@ -13,12 +13,17 @@ import time
 from typing import Any
 
 from data import sources
-from data.prep import filters, minhash, report
+from data.prep import decont, filters, minhash, report
 from data.prep.pipeline import Options, run
 
 
-def input_spec(given: str) -> tuple[str, int]:
-  """The glob spec (data.files syntax) of `--input` and how many files it names. A folder
+def _as_input_error(e: Exception) -> ValueError:
+  """The reader's message names data.files; to this command it is --input."""
+  return ValueError(str(e).replace('data.files', '--input', 1))
+
+
+def input_spec(given: str) -> tuple[str, list[str]]:
+  """The glob spec (data.files syntax) of `--input` and the files it names. A folder
   means every readable file below it, named relative to it as data.files='DIR/**/*.jsonl'
   would name them, so that held-out keys agree with training on the raw folder."""
   if os.path.isdir(given):
@@ -32,14 +37,14 @@ def input_spec(given: str) -> tuple[str, int]:
   try:
     files = sources.resolve_files(given)
   except sources.DataError as e:
-    raise ValueError(str(e).replace('data.files', '--input', 1)) from None
+    raise _as_input_error(e) from None
   for _, path in files:
     try:
       with open(path, 'rb') as f:
         f.read(1)
     except OSError as e:
       raise ValueError(f'--input: cannot read {path}: {e.strerror}') from None
-  return given, len(files)
+  return given, [path for _, path in files]
 
 
 def check_output(output: str, overwrite: bool, inputs: list[str], bases: list[str]) -> None:
@@ -67,9 +72,9 @@ def check_output(output: str, overwrite: bool, inputs: list[str], bases: list[st
                        '(report.json or logs/); refusing to replace it even with --overwrite')
 
 
-def options(flags: dict[str, Any]) -> tuple[Options, int]:
-  """Options from the flags' values, checked; and the number of input files."""
-  spec, n_files = input_spec(flags['input'])
+def options(flags: dict[str, Any]) -> tuple[Options, list[str]]:
+  """Options from the flags' values, checked; and the input files."""
+  spec, files = input_spec(flags['input'])
   names = filters.parse(flags['filters'])
   for key in ('workers', 'decont_ngrams', 'minhash_ngrams'):
     if flags[key] < 1:
@@ -81,7 +86,7 @@ def options(flags: dict[str, Any]) -> tuple[Options, int]:
   minhash.config(flags['minhash_threshold'], flags['minhash_hashes'], flags['minhash_ngrams'])
   if flags['executor'] not in ('local', 'slurm'):
     raise ValueError(f'--executor: must be local or slurm (got {flags["executor"]!r})')
-  tasks = flags['tasks'] or n_files
+  tasks = flags['tasks'] or len(files)
   opts = Options(
       input=spec, output=os.path.abspath(flags['output']), filters=names, pii=flags['pii'],
       dedup=flags['dedup'], decontaminate=flags['decontaminate'],
@@ -89,7 +94,7 @@ def options(flags: dict[str, Any]) -> tuple[Options, int]:
       minhash_threshold=flags['minhash_threshold'], minhash_hashes=flags['minhash_hashes'],
       minhash_ngrams=flags['minhash_ngrams'], tasks=tasks, workers=flags['workers'],
       gzip=flags['gzip'], executor=flags['executor'], slurm=flags.get('slurm', {}))
-  return opts, n_files
+  return opts, files
 
 
 @contextlib.contextmanager
@@ -110,11 +115,11 @@ def _stderr_to(path: str):
 
 def prepare(flags: dict[str, Any]) -> dict[str, Any]:
   """Checks, runs and returns the report (on SLURM: what was submitted)."""
-  opts, n_files = options(flags)
+  opts, files = options(flags)
   bases = [sources._glob_base(os.path.expanduser(p)) for p in opts.input.split(',')
            if any(c in p for c in '*?[')]
-  check_output(flags['output'], flags['overwrite'],
-               [p for _, p in sources.resolve_files(opts.input)], bases)
+  check_output(flags['output'], flags['overwrite'], files, bases)
+  references = decont.task_references(opts.decontaminate)  # Checked before anything is written.
   if os.path.isdir(opts.output) and os.listdir(opts.output):
     shutil.rmtree(opts.output)  # An earlier preparation, replaced on request (checked above).
   os.makedirs(opts.output, exist_ok=True)
@@ -122,9 +127,9 @@ def prepare(flags: dict[str, Any]) -> dict[str, Any]:
   log = opts.path('logs', 'prepare.log')
   try:
     with _stderr_to(log):  # datatrove's task logs; the terminal gets the table.
-      indexed = run(opts)
-  except ValueError as e:  # The reader's DataError names data.files: here it is --input.
-    raise ValueError(str(e).replace('data.files', '--input', 1)) from None
+      indexed = run(opts, references)
+  except ValueError as e:  # The reader's DataError, raised inside a task.
+    raise _as_input_error(e) from None
   except Exception as e:
     raise PrepError(f'a preparation task failed: {type(e).__name__}: {e} (log: {log})') from e
   if opts.executor == 'slurm':
@@ -135,7 +140,7 @@ def prepare(flags: dict[str, Any]) -> dict[str, Any]:
     result = json.load(f)
   result['seconds'] = round(seconds, 2)
   result['documents_per_second'] = round(result['input']['documents'] / max(seconds, 1e-9), 1)
-  result['input']['files'] = n_files
+  result['input']['files'] = len(files)
   result['decontamination_ngrams'] = indexed
   report.write(opts.output, result)
   return result

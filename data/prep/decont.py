@@ -22,6 +22,7 @@ from datatrove.utils.text import ngrams, simplify_text
 
 from data import jsonl
 from data.prep.words import WORDS
+from data.tasks.record import example_from_record
 
 INDEX_SUFFIX = '.index.hashes'
 
@@ -51,14 +52,13 @@ def write_index(folder: str, name: str, hashes: Iterable[int]) -> int:
 
 
 def task_documents(path: str) -> Iterator[str]:
-  """The text of each line of a task file (context + the right choice) or of a JSON-lines
-  corpus (its `text`); a ValueError naming the file and line otherwise."""
+  """The text of each line of a task file (context + the right choice; record.py's checks)
+  or of a JSON-lines corpus (its `text`); a ValueError naming the file and line otherwise."""
   try:
     for n, record in jsonl.records(path):
-      if isinstance(record, dict) and isinstance(record.get('context'), str):
-        choices, label = record.get('choices'), record.get('label')
-        ok = isinstance(choices, list) and isinstance(label, int) and 0 <= label < len(choices)
-        yield record['context'] + (str(choices[label]) if ok else '')
+      if isinstance(record, dict) and 'context' in record:  # Checked as every reader does.
+        example = example_from_record(record, f'--decontaminate: {path} line {n}')
+        yield example.context + example.choices[example.label]
       elif isinstance(record, dict) and isinstance(record.get('text'), str):
         yield record['text']
       else:
@@ -82,19 +82,23 @@ def default_task_documents() -> dict[str, list[str]]:
           for name, examples in tasks.items() if not name.endswith('_train')}
 
 
-def index_tasks(spec: str, folder: str, cfg: NGramsDecontConfig) -> dict[str, int]:
-  """Indexes the task files of `--decontaminate` ('' = the default tasks, 'none' = no
-  task); returns task name -> n-gram count."""
+def task_references(spec: str) -> dict[str, list[str]]:
+  """Task name -> reference texts of `--decontaminate` ('' = the default tasks, 'none' =
+  no task), every file read and checked."""
   if spec == 'none':
     return {}
-  if spec:
-    from data.tasks.files import task_paths
-    try:
-      named = {name: list(task_documents(path)) for name, path in task_paths(spec)}
-    except ValueError as e:
-      raise ValueError(str(e).replace('--task:', '--decontaminate:')) from None
-  else:
-    named = default_task_documents()
+  if not spec:
+    return default_task_documents()
+  from data.tasks.files import task_paths
+  try:
+    return {name: list(task_documents(path)) for name, path in task_paths(spec)}
+  except ValueError as e:
+    raise ValueError(str(e).replace('--task:', '--decontaminate:')) from None
+
+
+def index_tasks(named: dict[str, list[str]], folder: str,
+                cfg: NGramsDecontConfig) -> dict[str, int]:
+  """Indexes each task's reference texts; returns task name -> n-gram count."""
   hasher = NgramHasher(cfg)
   return {name: write_index(folder, 'task_' + name, (h for t in texts for h in hasher(t)))
           for name, texts in named.items()}

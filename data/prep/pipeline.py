@@ -1,4 +1,4 @@
-"""The preparation run: four datatrove stages, on the local or the SLURM executor.
+"""The preparation run: five datatrove stages, on the local or the SLURM executor.
 
 1. per task: read, clean, set the held-out split aside, quality filters, PII, write the
    kept documents and their MinHash signatures;
@@ -101,7 +101,8 @@ def stage_pipelines(opts: Options) -> list[tuple[str, list, int]]:
            steps.Count('decontaminate'),
            _writer(opts.output, opts.gzip, lean=True)]
   out.append((STAGES[3], last, opts.tasks))
-  out.append((STAGES[4], [Finish(opts)], 1))
+  out.append((STAGES[4], [Finish(opts, tuple(stage for stage, _, _ in out),
+                                 (mh.num_buckets, mh.hashes_per_bucket))], 1))
   return out
 
 
@@ -111,17 +112,14 @@ class Finish(PipelineStep):
 
   name, type = 'report', 'REPORT'
 
-  def __init__(self, opts: Options) -> None:
+  def __init__(self, opts: Options, stages: tuple[str, ...], bands_rows: tuple[int, int]) -> None:
     super().__init__()
-    self.opts = opts
+    self.opts, self.stages, self.bands_rows = opts, stages, bands_rows
 
   def run(self, data=None, rank: int = 0, world_size: int = 1):
-    stages = STAGES[:4] if self.opts.dedup else (STAGES[0], STAGES[3])
     options = {k: v for k, v in dataclasses.asdict(self.opts).items() if k != 'slurm'}
-    mh = minhash.config(self.opts.minhash_threshold, self.opts.minhash_hashes,
-                        self.opts.minhash_ngrams)
-    options['minhash_bands_rows'] = [mh.num_buckets, mh.hashes_per_bucket]
-    report.write(self.opts.output, report.build(self.opts.output, stages, options))
+    options['minhash_bands_rows'] = list(self.bands_rows)
+    report.write(self.opts.output, report.build(self.opts.output, self.stages, options))
     shutil.rmtree(self.opts.path('work'), ignore_errors=True)
     return iter(())
 
@@ -147,10 +145,11 @@ def executors(opts: Options) -> list:
   return chain
 
 
-def run(opts: Options) -> dict[str, int]:
-  """Indexes the task files, then runs (or, on SLURM, submits) the stages: the last
-  executor pulls the others. Returns task name -> indexed n-grams."""
-  indexed = decont.index_tasks(opts.decontaminate, opts.path('work', 'index'),
+def run(opts: Options, references: dict[str, list[str]]) -> dict[str, int]:
+  """Indexes the tasks' reference texts (decont.task_references), then runs (or, on SLURM,
+  submits) the stages: the last executor pulls the others. Returns task name -> indexed
+  n-grams."""
+  indexed = decont.index_tasks(references, opts.path('work', 'index'),
                                decont.config(opts.decont_ngrams))
   executors(opts)[-1].run()
   return indexed

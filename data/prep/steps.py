@@ -130,5 +130,4 @@ class Signature(MinhashDedupSignature):
     words = self.word_tokenizer.word_tokenize(simplify_text(text, self.config.norm_config))
     if not words:
       return shingles
-
     return np.array([[self._hash_func(' '.join(words))]], dtype=np.uint64)
