@@ -66,3 +66,15 @@ def gather_json(obj: Any) -> list[Any]:
   padded[:blob.size] = blob
   rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
   return [json.loads(bytes(row[:int(n)])) for row, n in zip(rows, sizes)]
+
+
+
+def shutdown() -> None:
+  """Ends the distributed runtime: a rendezvous of every process; collectives fail after.
+
+  A job that stops on an error every process agreed on calls it before exiting: process
+  0 holds the coordination service, and a process still connected when it leaves is
+  killed by the runtime before it can say why it stopped.
+  """
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()

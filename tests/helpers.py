@@ -66,3 +66,31 @@ def cached_decode(model, params, prompts, more):
     logits, cache = step(params, cache, more[:, i:i + 1], positions[:, -1:] + 1 + i)
     decoded.append(logits[:, 0])
   return prefill, decoded, p
+
+
+# Faults for the tests that save: one process's disk full or read-only.
+
+
+def with_file_size_limit(argv: Sequence[str], kib: int) -> list[str]:
+  # Every write past `kib` KiB in one file fails with EFBIG, as on a full disk (Python
+  # ignores SIGXFSZ, so the write fails instead of killing the process).
+  return ['bash', '-c', f'ulimit -f {kib} && exec "$@"', 'bash', *argv]
+
+
+def read_only_checkpoints(tmp_path) -> str:
+  """A PYTHONPATH folder whose site hook fails making any Orbax temporary folder, as a
+  read-only disk does (the folders are made by process 0).
+
+  Root ignores permission bits, so the test cannot chmod its way to a read-only folder.
+  """
+  site = tmp_path / 'site'
+  site.mkdir()
+  (site / 'sitecustomize.py').write_text(
+      'import errno, os\n'
+      '_mkdir = os.mkdir\n'
+      'def mkdir(path, *args, **kwargs):\n'
+      '  if str(path).endswith(".orbax-checkpoint-tmp"):\n'
+      '    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))\n'
+      '  return _mkdir(path, *args, **kwargs)\n'
+      'os.mkdir = mkdir\n')
+  return str(site)

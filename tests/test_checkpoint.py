@@ -38,7 +38,14 @@ from lm.run.folder import RunFolder, load_run
 from lm.sharding import AxisRules, batch_sharding
 from lm.train import resume, trainer
 from lm.train.step import abstract_state, init_state, jit_train_step, make_train_step, step_parts
-from tests.helpers import REPO, host_devices_env, read_metrics, run
+from tests.helpers import (
+  REPO,
+  host_devices_env,
+  read_metrics,
+  read_only_checkpoints,
+  run,
+  with_file_size_limit,
+)
 
 TRAIN = os.path.join(REPO, 'scripts', 'train.py')
 STEPS = 60
@@ -488,30 +495,6 @@ def test_too_many_non_finite_steps_in_a_row_abort_without_saving(tmp_path, token
 # Saves that fail, flipped bits, a refused resume, two trainers in one folder.
 
 
-def _with_file_size_limit(argv, kib):
-  # Every write past `kib` KiB in one file fails with EFBIG, as on a full disk (Python
-  # ignores SIGXFSZ, so the write fails instead of killing the process).
-  return ['bash', '-c', f'ulimit -f {kib} && exec "$@"', 'bash', *argv]
-
-
-def _read_only_checkpoints(tmp_path):
-  """A site hook that fails making any Orbax temporary folder, as a read-only disk does.
-
-  Root ignores permission bits, so the test cannot chmod its way to a read-only folder.
-  """
-  site = tmp_path / 'site'
-  site.mkdir()
-  (site / 'sitecustomize.py').write_text(
-      'import errno, os\n'
-      '_mkdir = os.mkdir\n'
-      'def mkdir(path, *args, **kwargs):\n'
-      '  if str(path).endswith(".orbax-checkpoint-tmp"):\n'
-      '    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))\n'
-      '  return _mkdir(path, *args, **kwargs)\n'
-      'os.mkdir = mkdir\n')
-  return str(site)
-
-
 def _assert_stopped_at_the_failed_save(proc, workdir, elapsed):
   assert proc.returncode == 1, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
@@ -531,7 +514,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_resuming_later_is_bit_exact
     tmp_path, tokenizer, straight, compile_cache):
   workdir = _clone(straight[0], tmp_path / 'run', 10)
   start = time.monotonic()
-  proc = _run(_with_file_size_limit(_argv(workdir, tokenizer), 128), _env(compile_cache),
+  proc = _run(with_file_size_limit(_argv(workdir, tokenizer), 128), _env(compile_cache),
               check=False)
   _assert_stopped_at_the_failed_save(proc, workdir, time.monotonic() - start)
   assert 'File too large' in proc.stderr, proc.stderr[-3000:]
@@ -544,7 +527,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_resuming_later_is_bit_exact
 def test_a_read_only_checkpoint_folder_stops_the_run_at_once(tmp_path, tokenizer, straight,
                                                             compile_cache):
   workdir = _clone(straight[0], tmp_path / 'run', 10)
-  env = {**_env(compile_cache), 'PYTHONPATH': _read_only_checkpoints(tmp_path)}
+  env = {**_env(compile_cache), 'PYTHONPATH': read_only_checkpoints(tmp_path)}
   start = time.monotonic()
   proc = _run(_argv(workdir, tokenizer), env, check=False)
   _assert_stopped_at_the_failed_save(proc, workdir, time.monotonic() - start)

@@ -14,7 +14,14 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, host_devices_env, read_metrics
+from lm.run.checkpoint import committed_steps
+from tests.helpers import (
+  REPO,
+  host_devices_env,
+  read_metrics,
+  read_only_checkpoints,
+  with_file_size_limit,
+)
 
 TRAIN = os.path.join(REPO, 'scripts', 'train.py')
 SMALL = ('--config.model.vocab_size=512', '--config.model.num_layers=2',
@@ -38,16 +45,19 @@ def _args(workdir, tokenizer, steps, extra=()):
           f'--config.data.tokenizer={tokenizer}', f'--config.steps={steps}', *SMALL, *extra]
 
 
-def _launch(workdir, tokenizer, steps, processes, extra=()):
-  """Starts `processes` processes that share 8 CPU devices between them."""
+def _launch(workdir, tokenizer, steps, processes, extra=(), fault=lambda i, argv, env: argv):
+  """Starts `processes` processes that share 8 CPU devices between them.
+
+  fault(i, argv, env): process i's command line, after it may change env in place."""
   port = _free_port()
   procs = []
   for i in range(processes):
     dist = (f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}',
             f'--process_id={i}', '--heartbeat_timeout=10') if processes > 1 else ()
-    procs.append(subprocess.Popen(
-        _args(workdir, tokenizer, steps, extra) + list(dist), cwd=REPO,
-        env=_env(8 // processes), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    env = _env(8 // processes)
+    argv = fault(i, _args(workdir, tokenizer, steps, extra) + list(dist), env)
+    procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
   return procs
 
 
@@ -166,3 +176,54 @@ def test_a_corrupt_checkpoint_is_moved_aside_once_by_two_processes(tmp_path, tok
   assert sorted(got) == [4, 5, 6]
   for step in (4, 5, 6):
     assert got[step] == pytest.approx(ref[step], rel=1e-5)
+
+
+def _read_only_on_process_0(tmp_path):
+  site = read_only_checkpoints(tmp_path)
+
+  def fault(i, argv, env):
+    if i == 0:  # Process 0 makes the step's folders.
+      env['PYTHONPATH'] = site
+    return argv
+  return fault, 0, 'Read-only file system'
+
+
+def _full_disk_on_process_1(tmp_path):
+  # Process 1 writes its own shards of the state; every file past 64 KiB fails there.
+  return (lambda i, argv, env: with_file_size_limit(argv, 64) if i == 1 else argv), 1, \
+      'File too large'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('broken', [_read_only_on_process_0, _full_disk_on_process_1])
+def test_a_save_failing_on_one_process_stops_every_process_at_the_same_step(
+    tmp_path, tokenizer, broken):
+  # Without an agreement the others wait at Orbax's barriers for ten minutes, while the
+  # failed process's own commit thread waits at the next one.
+  fault, process, why = broken(tmp_path)
+  workdir = tmp_path / 'run'
+  procs = _launch(workdir, tokenizer, 100000, 2, ('--config.checkpoint_every=10',), fault)
+  ended = []
+  deadline = time.monotonic() + 300
+  while len(ended) < 2 and time.monotonic() < deadline:
+    ended += [(time.monotonic(), i) for i, p in enumerate(procs)
+              if p.poll() is not None and i not in [j for _, j in ended]]
+    time.sleep(0.1)
+  for p in procs:
+    p.kill()
+  errs = [p.communicate()[1] for p in procs]
+  assert len(ended) == 2, ('still running after 300 s', [e[-2000:] for e in errs])
+  assert ended[1][0] - ended[0][0] < 10, ended  # within seconds of each other
+  lines = [e.strip().splitlines() for e in errs]
+  for p, err, out in zip(procs, errs, lines):
+    assert p.returncode == 1 and len(out) == 1, err[-3000:]  # one line, no traceback
+  assert lines[0] == lines[1], lines  # the failing process's message, on both
+  message = lines[0][0]
+  assert message.startswith(f'error: could not save the checkpoint of step 10 in '
+                            f'{workdir}/checkpoints: process {process}: '), message
+  assert why in message, message
+  stopped = int(message.rsplit('stopped after step ', 1)[1])
+  assert 10 < stopped <= 13, message  # noticed at once, not steps later
+  logged = [s for s, _ in _losses(workdir)]
+  assert logged == list(range(1, stopped)), logged  # every step up to the stop
+  assert committed_steps(str(workdir)) == []

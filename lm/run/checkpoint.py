@@ -10,7 +10,8 @@ RUN/checkpoints/<step>/ holds five items:
   checksums  JSON: a checksum of every array and JSON item (lm/run/checksums.py), checked on
              every restore, so flipped bits make a checkpoint unreadable, not wrong
 Saves are asynchronous; a save that fails in the background is reported by `poll()` at
-the next step, as `SaveFailed`. Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it
+the next step, as `SaveFailed`; with several processes, on every process at the same
+step (lm/run/save_agreement.py). Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it
 when every file is written, so a process killed mid-save leaves no step folder that
 could pass for a good one; such temporary folders are never listed as steps and are
 replaced when that step is saved again. Unreadable checkpoints are moved to
@@ -26,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -33,8 +35,10 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from lm import distributed
 from lm.model.config import MOE_RUNTIME_KEYS, MoEConfig
 from lm.run import checksums, layout
+from lm.run.save_agreement import DONE, FAILED, SAVING, SaveAgreement, outcome
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +165,16 @@ class Checkpointer:
     self._manager = None
     self._in_flight: int | None = None  # The step being saved in the background.
     self._failed = False
+    self._agreement: SaveAgreement | None = None
+    self._local_error = ''  # This process's part of the save in flight failed (several).
+    if not read_only and jax.process_count() > 1:
+      self._agreement = SaveAgreement(ocp.multihost.get_jax_distributed_client(),
+                                      jax.process_index(), jax.process_count())
     if not read_only:
-      options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, MIN_KEEP), create=True,
-                                             enable_async_checkpointing=True)
+      barrier = self._agreement.barrier if self._agreement else None
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max(keep, MIN_KEEP), create=True, enable_async_checkpointing=True,
+          async_options=ocp.AsyncOptions(barrier_sync_fn=barrier))
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_names=_ITEMS)
 
@@ -200,11 +211,21 @@ class Checkpointer:
     try:
       return self._writer().save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as e:  # noqa: BLE001  The previous save's error, or this one's.
-      raise self._failure(e) from e
+      if self._agreement is None:
+        raise self._failure(e) from e
+      self._local_error = first_line(e)  # Told to the others at the next poll().
+      return False
 
   def poll(self) -> None:
-    """Raises SaveFailed once the background save has failed; cheap when none is running."""
+    """Raises SaveFailed once the background save has failed; cheap when none is running.
+
+    With several processes every process must call it once per step: while a save is in
+    flight it is a rendezvous of all of them.
+    """
     if self._in_flight is None or self._manager is None:
+      return
+    if self._agreement is not None:
+      self._agree(until_done=False)
       return
     if self._manager.is_saving_in_progress():
       return
@@ -214,10 +235,43 @@ class Checkpointer:
       raise self._failure(e) from e
     self._in_flight = None
 
-  def _failure(self, error: BaseException) -> SaveFailed:
+  def _failure(self, error: BaseException | str) -> SaveFailed:
     step, self._in_flight, self._failed = self._in_flight, None, True
+    why = error if isinstance(error, str) else first_line(error)
     return SaveFailed(f'could not save the checkpoint of step {step} in {self.directory}: '
-                      f'{first_line(error)}')
+                      f'{why}')
+
+  def _agree(self, *, until_done: bool) -> None:
+    """Exchanges the save's status with the other processes (lm/run/save_agreement.py);
+    raises the failing process's SaveFailed on every process alike."""
+    assert self._agreement is not None
+    while True:
+      state = self._local_state()
+      result, failed = outcome(self._agreement.exchange(state, self._local_error))
+      if result == FAILED:
+        # The error where the save failed, rather than the others' "failed elsewhere".
+        failed = self._agreement.first_failure() or failed
+        raise self._failure(f'process {failed["process"]}: {failed["error"]}')
+      if result == DONE:
+        self._in_flight = None
+        return
+      if not until_done:
+        return
+      time.sleep(0.1)
+
+  def _local_state(self) -> str:
+    """This process's part of the save in flight: SAVING, DONE or FAILED."""
+    self._local_error = self._local_error or self._agreement.local_error
+    if self._local_error:
+      return FAILED
+    if self._manager.is_saving_in_progress():
+      return SAVING
+    try:
+      self._manager.wait_until_finished()  # Finished: returns at once, or raises its error.
+    except Exception as e:  # noqa: BLE001
+      self._local_error = first_line(e)
+      return FAILED
+    return DONE
 
   def _clear_unfinished(self, step: int) -> None:
     """Removes what a killed run left of an unfinished save of `step`.
@@ -278,8 +332,15 @@ class Checkpointer:
     return target
 
   def wait(self) -> None:
-    """Blocks until the save in flight is committed; raises SaveFailed if it failed."""
+    """Blocks until the save in flight is committed; raises SaveFailed if it failed.
+
+    With several processes, a rendezvous of all of them while a save is in flight.
+    """
     if self._manager is None or self._failed:
+      return
+    if self._agreement is not None:
+      if self._in_flight is not None:
+        self._agree(until_done=True)
       return
     try:
       self._manager.wait_until_finished()
@@ -296,6 +357,11 @@ class Checkpointer:
     if self._manager is None:
       return
     manager, self._manager = self._manager, None
+    if self._failed and self._agreement is not None:
+      # Every process gets here, having agreed the save failed. Some of Orbax's threads
+      # wait on the coordination service for a process that gave up (a signal its failed
+      # write never sent); ending the runtime ends those waits with an error.
+      distributed.shutdown()
     if not self._failed:
       try:
         manager.close()

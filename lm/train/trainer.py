@@ -140,9 +140,13 @@ class _Loop:
           self._save(final=False)
       self._finish()
       self.exp.checkpointer.wait()  # The last save is committed, or SaveFailed says why not.
-    except (TrainingAborted, SaveFailed):
+    except TrainingAborted:
       self._write_pending()  # The metrics up to the stop, for the post-mortem.
       raise
+    except SaveFailed as e:
+      self._write_pending()
+      # Every process stops at this step (lm/run/save_agreement.py): the last logged one.
+      raise SaveFailed(f'{e}; stopped after step {self.step}') from e
     finally:
       self.writer.close()
     return {'step': self.step, 'stopped_early': self.step < run.steps, **self.last}
