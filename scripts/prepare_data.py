@@ -32,6 +32,9 @@ _FILTERS = flags.DEFINE_string('filters', 'web', 'Comma-separated filters or pre
                                'gopher_repetition, gopher_quality, c4, fineweb), code, none.')
 _PII = flags.DEFINE_bool('pii', True, 'Replace e-mail addresses, phone numbers and public IPs.')
 _DEDUP = flags.DEFINE_bool('dedup', True, 'Remove near-duplicates (MinHash).')
+_LINE_DEDUP = flags.DEFINE_integer('line_dedup', 0, 'Cut out every repeat of a span of this '
+                                   'many consecutive lines already seen in the corpus (C4 '
+                                   'does it with 3 sentences); 0 = off.')
 _THRESHOLD = flags.DEFINE_float('minhash_threshold', 0.7, 'Similarity where the LSH curve '
                                 'is centred.')
 _HASHES = flags.DEFINE_integer('minhash_hashes', 112, 'MinHash hashes per document.')
@@ -55,7 +58,8 @@ def main(argv):
   cli.reject_extra_args(argv)
   values = {f: flags.FLAGS[f].value for f in (
       'input', 'output', 'overwrite', 'decontaminate', 'workers', 'tasks', 'executor',
-      'filters', 'pii', 'dedup', 'minhash_threshold', 'minhash_hashes', 'minhash_ngrams',
+      'filters', 'pii', 'dedup', 'line_dedup', 'minhash_threshold', 'minhash_hashes',
+      'minhash_ngrams',
       'decont_ngrams', 'eval_fraction', 'gzip')}
   values['slurm'] = {'partition': _PARTITION.value, 'time': _TIME.value,
                      'cpus_per_task': _CPUS.value}

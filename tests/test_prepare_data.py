@@ -152,6 +152,48 @@ def test_heldout_split_is_set_aside_and_decontaminates(tmp_path):
   assert result['heldout']['documents'] == len(held)
 
 
+def _lines_corpus(folder, rng):
+  """30 documents of 10 random lines; a 3-line block in every third (and alone in one
+  more document), a 2-line pair in every fifth."""
+  vocab = inject.vocabulary(rng)
+  line = lambda: inject.random_words(rng, 8, vocab)  # noqa: E731
+  block, pair = [line() for _ in range(3)], [line() for _ in range(2)]
+  docs = []
+  for i in range(30):
+    body = [line() for _ in range(10)]
+    for every, lines in ((3, block), (5, pair)):
+      if i % every == 0:
+        at = rng.randrange(len(body) + 1)
+        body[at:at] = lines
+    docs.append('\n'.join(body))
+  docs.append('\n'.join(block))
+  folder.mkdir()
+  h.write_jsonl(folder / 'a.jsonl', docs[:15])
+  h.write_jsonl(folder / 'b.jsonl', docs[15:])
+  return docs, block, pair
+
+
+def test_line_dedup_cuts_every_repeat_of_a_span_and_keeps_one(tmp_path):
+  docs, block, pair = _lines_corpus(tmp_path / 'in', random.Random(3))
+  result = command.prepare(flags(tmp_path / 'in', tmp_path / 'out', line_dedup=3, dedup=False,
+                                 pii=False, tasks=2))
+  out = dict(read_output(tmp_path / 'out'))
+  lines = [line for text in out.values() for line in text.split('\n')]
+  assert [lines.count(b) for b in block] == [1, 1, 1]  # 11 copies: the first one stays
+  assert [lines.count(p) for p in pair] == [6, 6]  # shorter than a span: untouched
+  # Every other line is still there, in its document's order.
+  keys = [f'a.jsonl:{i}' for i in range(15)] + [f'b.jsonl:{i}' for i in range(16)]
+  emptied = [k for k, d in zip(keys, docs) if k not in out]
+  assert emptied == ['b.jsonl:15']  # the document that was only the block
+  for key, doc in zip(keys, docs):
+    if key in out:
+      assert out[key].split('\n') == [x for x in doc.split('\n')
+                                      if x not in block or out[key].count(x)]
+  assert result['line_dedup'] == {'lines_removed': 30, 'documents_emptied': 1}
+  assert result['stages'][-1]['removed'] == {'line duplicates': 1}
+  assert result['output']['documents'] == len(docs) - 1
+
+
 def test_near_duplicate_detection_follows_the_lsh_curve():
   # Hand-derivable: 1 - (1 - s^r)^b, and (b, r) spends at most the hash budget.
   assert minhash.candidate_probability(0.5, 2, 2) == pytest.approx(1 - 0.75**2)
@@ -190,7 +232,8 @@ def test_code_filter_rules():
 
 @pytest.mark.parametrize('case', ['empty folder', 'bad line', 'not empty', 'overwrite other',
                                   'unknown filter', 'output holds input',
-                                  'output inside input', 'bad task record'])
+                                  'output inside input', 'bad task record',
+                                  'negative line span'])
 def test_bad_input_is_refused_in_one_line(tmp_path, case):
   (tmp_path / 'in').mkdir()
   good = tmp_path / 'in' / 'a.jsonl'
@@ -220,6 +263,8 @@ def test_bad_input_is_refused_in_one_line(tmp_path, case):
                      '{"context": "a b", "choices": ["x", "x"], "label": 0}\n')
     kw = {'decontaminate': str(tasks)}
     expect = f'--decontaminate: {tasks} line 2: "choices" must differ'
+  elif case == 'negative line span':
+    kw, expect = {'line_dedup': -1}, '--line_dedup: lines per span, at least 1, or 0 for off'
   elif case == 'output inside input':
     out = tmp_path / 'in' / 'prepared'
     expect = f'--output: {out} lies inside the input folder {tmp_path / "in"}'

@@ -5,6 +5,9 @@
 2. per band: sort the signatures and emit duplicate pairs;
 3. one task: cluster the pairs, choose what each task drops;
 4. per task: drop duplicates, then contaminated documents, and write the output shards;
+   with --line_dedup, write them to OUTPUT/work/deduped with their line-span hashes, and
+   4a. one task: find every repeat of a span of N lines seen earlier in the corpus;
+   4b. per task: cut those repeats out and write the output shards;
 5. one task: write OUTPUT/report.json and remove OUTPUT/work.
 
 Everything intermediate lives under OUTPUT/work (removed by the last stage), the
@@ -24,12 +27,19 @@ from datatrove.pipeline.dedup.minhash import (
   MinhashDedupCluster,
   MinhashDedupFilter,
 )
+from datatrove.pipeline.dedup.sentence_dedup import (
+  SentDedupConfig,
+  SentenceDedupFilter,
+  SentenceDedupSignature,
+  SentenceFindDedups,
+)
 from datatrove.pipeline.writers import JsonlWriter
 
 from data.prep import decont, filters, minhash, pii, report, steps
 from data.prep.words import WORDS
 
-STAGES = ('1_filter', '2_buckets', '3_clusters', '4_output', '5_report')
+STAGES = ('1_filter', '2_buckets', '3_clusters', '4_output', '4a_line_dups', '4b_lines',
+          '5_report')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +49,7 @@ class Options:
   filters: tuple[str, ...] = filters.PRESETS['web']
   pii: bool = True
   dedup: bool = True
+  line_dedup: int = 0  # Lines per span whose repeats are cut out; 0 = off.
   decontaminate: str = ''  # '' = make_tasks' test tasks; 'none'; or task files / globs.
   decont_ngrams: int = 13
   eval_fraction: float = 0.01
@@ -98,12 +109,40 @@ def stage_pipelines(opts: Options) -> list[tuple[str, list, int]]:
              steps.Count('deduplicate')]
   last += [decont.decont_filter(os.path.join(work, 'index'), dcfg,
                                 _writer(opts.path('removed', 'contaminated'))),
-           steps.Count('decontaminate'),
-           _writer(opts.output, opts.gzip, lean=True)]
-  out.append((STAGES[3], last, opts.tasks))
-  out.append((STAGES[4], [Finish(opts, tuple(stage for stage, _, _ in out),
+           steps.Count('decontaminate')]
+  if not opts.line_dedup:
+    out.append((STAGES[3], last + [_writer(opts.output, opts.gzip, lean=True)], opts.tasks))
+  else:
+    out += _line_dedup_stages(opts, last)
+  out.append((STAGES[-1], [Finish(opts, tuple(stage for stage, _, _ in out),
                                  (mh.num_buckets, mh.hashes_per_bucket))], 1))
   return out
+
+
+def line_config(lines: int) -> SentDedupConfig:
+  """Spans of `lines` lines, compared after datatrove's normalisation; a document is only
+  dropped when nothing of it is left (the quality filters have judged it already)."""
+  return SentDedupConfig(n_sentences=lines, split_sentences=False, only_dedup_in_index=False,
+                         min_doc_words=0, min_num_sentences=0)
+
+
+def _line_dedup_stages(opts: Options, last: list) -> list[tuple[str, list, int]]:
+  """Stage 4 writes to work/deduped with the line-span hashes of what it wrote (in the
+  order stage 4b reads it back), 4a finds the repeats, 4b cuts them out."""
+  work, cfg = opts.path('work'), line_config(opts.line_dedup)
+  last += [_writer(os.path.join(work, 'deduped'), lean=True),
+           SentenceDedupSignature(os.path.join(work, 'line_signatures'), config=cfg,
+                                  language=WORDS)]
+  return [(STAGES[3], last, opts.tasks),
+          (STAGES[4], [SentenceFindDedups(os.path.join(work, 'line_signatures'),
+                                          os.path.join(work, 'line_dups'), config=cfg)], 1),
+          (STAGES[5], [steps.ShardReader(os.path.join(work, 'deduped')),
+                       SentenceDedupFilter(os.path.join(work, 'line_dups'), config=cfg,
+                                           exclusion_writer=_writer(
+                                               opts.path('removed', 'line_duplicates')),
+                                           language=WORDS),
+                       steps.Count('line dedup'),
+                       _writer(opts.output, opts.gzip, lean=True)], opts.tasks)]
 
 
 class Finish(PipelineStep):

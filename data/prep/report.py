@@ -1,7 +1,8 @@
 """The preparation report: documents and bytes after each stage, what each filter removed,
-duplicate clusters, PII replacements and contaminated documents, from datatrove's per-task
-stats (OUTPUT/logs/<stage>/stats/<rank>.json); written as OUTPUT/report.json and printed as
-a table. Imports nothing of datatrove, so the trainer's header can read reports too.
+duplicate clusters, repeated line spans cut out, PII replacements and contaminated
+documents, from datatrove's per-task stats (OUTPUT/logs/<stage>/stats/<rank>.json);
+written as OUTPUT/report.json and printed as a table. Imports nothing of datatrove, so
+the trainer's header can read reports too.
 """
 
 from __future__ import annotations
@@ -39,13 +40,23 @@ def build(output: str, stages: tuple[str, ...], options: dict[str, Any]) -> dict
   pii: dict[str, int] = {}
   contaminated: dict[str, int] = {}
   clusters: dict[str, int] = {}
+  lines = {'lines_removed': 0, 'documents_emptied': 0}
+  lines_in = None  # Documents the line dedup filter read, until the next Count.
   for stage in stages:
     for name, stats in merged_steps(os.path.join(output, 'logs', stage)):
       if name.startswith('COUNT: '):
+        if lines_in is not None:  # Documents with nothing left are dropped.
+          lines['documents_emptied'] = lines_in - int(stats.get('documents', 0))
+          pending['line duplicates'] = lines['documents_emptied']
+          lines_in = None
         rows.append({'stage': name.removeprefix('COUNT: '),
                      'documents': int(stats.get('documents', 0)),
                      'bytes': int(stats.get('bytes', 0)), 'removed': pending})
         pending = {}
+        continue
+      if 'sentence-deduplication stage 3' in name:  # datatrove's name, lines or sentences
+        lines_in = int(stats.get('total', 0))
+        lines['lines_removed'] = int(stats.get('removed_sentences', 0))
         continue
       for key, value in stats.items():
         if key.startswith('dropped_'):
@@ -74,6 +85,7 @@ def build(output: str, stages: tuple[str, ...], options: dict[str, Any]) -> dict
       'duplicates': {'clusters': clusters.get('clusters', 0),
                      'documents_in_clusters': clusters.get('duplicates', 0),
                      'removed': clusters.get('to_remove', 0)},
+      'line_dedup': lines,
       'pii': {kind: pii.get(kind, 0) for kind in ('email', 'phone', 'ip', 'documents')},
       'contaminated': {'documents': sum(contaminated.values()), 'by_reference': contaminated},
       'options': options,
