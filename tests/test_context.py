@@ -238,16 +238,16 @@ def test_llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones():
 
 
 def test_a_fine_tune_may_change_how_positions_are_read_and_a_resume_may_not():
-  from lm.run import checkpoint
+  from lm.run import meta
 
   saved = {'model': {'rope_scaling': 0.0, 'rope_theta': 10000.0, 'd_model': 64}}
   now = {'model': {'rope_scaling': 8.0, 'rope_theta': 500000.0, 'd_model': 64}}
-  assert checkpoint.incompatibilities(saved, now, checkpoint.POSITION_MODEL_KEYS) == []
-  assert checkpoint.incompatibilities(saved, now) == [
+  assert meta.incompatibilities(saved, now, meta.POSITION_MODEL_KEYS) == []
+  assert meta.incompatibilities(saved, now) == [
       'model.rope_scaling: 0.0 in checkpoint, 8.0 now',
       'model.rope_theta: 10000.0 in checkpoint, 500000.0 now']
   wider = {'model': {**now['model'], 'd_model': 128}}
-  assert checkpoint.incompatibilities(saved, wider, checkpoint.POSITION_MODEL_KEYS) == [
+  assert meta.incompatibilities(saved, wider, meta.POSITION_MODEL_KEYS) == [
       'model.d_model: 64 in checkpoint, 128 now']
 
 

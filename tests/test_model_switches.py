@@ -18,7 +18,7 @@ from lm.model.forward import model_loss
 from lm.model.params import stack_layers
 from lm.model.transformer import MLP, Transformer
 from lm.optim.optimizer import muon_dimensions
-from lm.run import checkpoint
+from lm.run import meta
 from lm.train import resume
 from tests.helpers import cached_decode
 
@@ -250,12 +250,12 @@ def test_bad_switch_names_the_key(key, value):
 def test_a_resume_that_flips_a_switch_is_refused_by_key(name):
   key, value = next(iter(SWITCHES[name].items()))
   before = resume.fingerprint(SMALL, None)
-  diffs = checkpoint.incompatibilities(before, resume.fingerprint(_cfg(name), None))
+  diffs = meta.incompatibilities(before, resume.fingerprint(_cfg(name), None))
   assert len(diffs) == 1 and diffs[0].startswith(f'model.{key}: ')
   # A checkpoint written before the key existed was trained with its default.
   older = {'model': {k: v for k, v in before['model'].items() if k != key}}
-  assert not checkpoint.incompatibilities(resume.with_default_model_keys(older), before)
-  diffs = checkpoint.incompatibilities(resume.with_default_model_keys(older),
+  assert not meta.incompatibilities(resume.with_default_model_keys(older), before)
+  diffs = meta.incompatibilities(resume.with_default_model_keys(older),
                                        resume.fingerprint(_cfg(name), None))
   assert len(diffs) == 1 and diffs[0].startswith(f'model.{key}: ')
-  assert key not in checkpoint.RUNTIME_MODEL_KEYS
+  assert key not in meta.RUNTIME_MODEL_KEYS

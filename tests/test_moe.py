@@ -496,7 +496,7 @@ def test_quantising_an_moe_model_is_refused_by_key():
 
 
 def test_a_resume_may_change_how_experts_run_but_not_what_they_are():
-  from lm.run.checkpoint import incompatibilities
+  from lm.run.meta import incompatibilities
   saved = {'model': {'d_model': 8, 'moe': dataclasses.asdict(ModelConfig(moe=MOE).moe)}}
   runtime = {**MOE, 'impl': 'capacity', 'capacity_factor': 1.25, 'aux_loss': 0.0,
              'z_loss': 0.0}

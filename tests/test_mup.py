@@ -24,7 +24,7 @@ from lm.model.params import param_axes
 from lm.model.transformer import Transformer, output_head
 from lm.optim.config import OptimizerConfig
 from lm.optim.optimizer import make_optimizer
-from lm.run import checkpoint
+from lm.run import meta
 from lm.sharding import AxisRules
 from lm.train import resume
 from lm.train.step import init_state, jit_train_step, step_parts
@@ -271,16 +271,16 @@ def test_a_resume_that_changes_the_base_width_is_refused_by_key():
   before = resume.fingerprint(SMALL, None)
   other = dataclasses.replace(MUP, mup_base_width=128)
   for saved, now in ((SMALL, MUP), (MUP, SMALL), (MUP, other)):
-    diffs = checkpoint.incompatibilities(resume.fingerprint(saved, None),
+    diffs = meta.incompatibilities(resume.fingerprint(saved, None),
                                          resume.fingerprint(now, None))
     assert len(diffs) == 1 and diffs[0].startswith('model.mup_base_width: ')
   # A checkpoint from before the key existed was trained without muP.
   older = {'model': {k: v for k, v in before['model'].items() if k != 'mup_base_width'}}
-  assert not checkpoint.incompatibilities(resume.with_default_model_keys(older), before)
-  diffs = checkpoint.incompatibilities(resume.with_default_model_keys(older),
+  assert not meta.incompatibilities(resume.with_default_model_keys(older), before)
+  diffs = meta.incompatibilities(resume.with_default_model_keys(older),
                                        resume.fingerprint(MUP, None))
   assert len(diffs) == 1 and diffs[0].startswith('model.mup_base_width: ')
-  assert 'mup_base_width' not in checkpoint.RUNTIME_MODEL_KEYS
+  assert 'mup_base_width' not in meta.RUNTIME_MODEL_KEYS
 
 
 # Meshes

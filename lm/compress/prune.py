@@ -37,8 +37,9 @@ from lm.compress import sparsegpt as methods
 from lm.compress.masks import Sparsity, as_matrix, zero_fraction
 from lm.config import as_dict
 from lm.model.params import stack_layers, unstack_layers
-from lm.run.checkpoint import Checkpointer, file_sha256, make_metadata
+from lm.run.checkpoint import Checkpointer
 from lm.run.folder import Run, RunFolder
+from lm.run.meta import file_sha256, make_metadata
 from lm.train.step import TrainState
 
 METHODS = ('magnitude', 'wanda', 'sparsegpt')  # Zeros at the sizes the model has.

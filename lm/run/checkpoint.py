@@ -20,10 +20,7 @@ RUN/checkpoints.corrupt/, never deleted.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -36,25 +33,14 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from lm import distributed
-from lm.model.config import MOE_RUNTIME_KEYS, MoEConfig
 from lm.run import checksums, layout
 from lm.run.save_agreement import DONE, FAILED, SAVING, SaveAgreement, outcome
 
 log = logging.getLogger(__name__)
 
-META_VERSION = 1
 # At least two checkpoints are kept, whatever `keep_checkpoints` says, so that a corrupt
 # latest one always has a predecessor to fall back to.
 MIN_KEEP = 2
-# Model keys that change how the same parameters are computed with, not what they are:
-# a resume or a fine-tune may change them. Every other model key must match.
-RUNTIME_MODEL_KEYS = frozenset(
-    {'dtype', 'param_dtype', 'remat', 'remat_policy', 'attention', 'dropout',
-     'context_attention', 'context_order'})
-# How positions are read, not what the parameters are: a fine-tune (init_from) may change
-# them to extend the context the model reads; a resume may not.
-POSITION_MODEL_KEYS = frozenset({'rope_theta', 'rope_scaling', 'rope_low_freq_factor',
-                                 'rope_high_freq_factor', 'rope_original_max_position'})
 _ITEMS = ('state', 'data', 'meta', 'interval', 'checksums')
 
 
@@ -77,56 +63,6 @@ def first_line(e: BaseException) -> str:
   """`Type: first line of the message`: storage errors can run to hundreds of lines."""
   text = str(e).strip()
   return f'{type(e).__name__}: {text.splitlines()[0] if text else ""}'
-
-
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def make_metadata(model: Mapping[str, Any], tokenizer_sha256: str, tokenizer_vocab_size: int,
-                  config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """The `meta` item: what a checkpoint's parameters mean and how they were trained."""
-  return {'version': META_VERSION, 'model': dict(model),
-          'tokenizer': {'sha256': tokenizer_sha256, 'vocab_size': tokenizer_vocab_size},
-          'config': dict(config or {})}
-
-
-def _show(value: Any) -> str:
-  return json.dumps(value) if isinstance(value, str) else str(value)
-
-
-def incompatibilities(saved: Mapping[str, Any], now: Mapping[str, Any],
-                      free: frozenset[str] = frozenset()) -> list[str]:
-  """`key: X in checkpoint, Y now` for each model or tokenizer key that differs, but
-  RUNTIME_MODEL_KEYS and the model keys in `free`.
-
-  Keys recorded on only one side (an older checkpoint, a newer config key) are skipped.
-  """
-  out = []
-  model_skip = RUNTIME_MODEL_KEYS | free | {f'moe.{k}' for k in MOE_RUNTIME_KEYS}
-  for section, skip in (('model', model_skip), ('tokenizer', frozenset())):
-    before, after = saved.get(section) or {}, now.get(section) or {}
-    if section == 'model':
-      before, after = _flat_model(before), _flat_model(after)
-    for key in sorted((set(before) & set(after)) - skip):
-      if before[key] != after[key]:
-        out.append(f'{section}.{key}: {_show(before[key])} in checkpoint, '
-                   f'{_show(after[key])} now')
-  return out
-
-
-def _flat_model(model: Mapping[str, Any]) -> dict[str, Any]:
-  """The model keys with `moe` spelled out as moe.KEY; a checkpoint from before MoE
-  existed was dense, the defaults."""
-  out = {k: v for k, v in model.items() if k != 'moe'}
-  if model:
-    moe = {**dataclasses.asdict(MoEConfig()), **(model.get('moe') or {})}
-    out.update({f'moe.{k}': v for k, v in moe.items()})
-  return out
 
 
 # What a CheckpointManager holds that must be closed when its own close() cannot run (it

@@ -22,11 +22,11 @@ from lm.model.transformer import Transformer
 from lm.run import layout
 from lm.run.checkpoint import (
     committed_steps,
-    file_sha256,
     first_line,
     read_metadata,
     read_params,
 )
+from lm.run.meta import file_sha256
 from lm.sharding import AxisRules
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from lm.model.forward import forward
 from lm.model.loss import cross_entropy
 from lm.model.params import abstract_params
 from lm.model.transformer import Transformer
-from lm.run.checkpoint import file_sha256
 from lm.run.folder import RunFolder
+from lm.run.meta import file_sha256
 from lm.sharding import AxisRules
 
 Metrics = dict[str, jax.Array]

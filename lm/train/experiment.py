@@ -24,10 +24,11 @@ from lm import distributed
 from lm.config import Configs, as_dict, parse
 from lm.model import flops
 from lm.model.transformer import Transformer
-from lm.run.checkpoint import Checkpointer, file_sha256, make_metadata
+from lm.run.checkpoint import Checkpointer
 from lm.run.folder import RunFolder
 from lm.run.lock import RunLock
 from lm.run.log import RunLog
+from lm.run.meta import file_sha256, make_metadata
 from lm.sharding import AxisRules
 from lm.train import resume
 from lm.train.distill import load_teacher

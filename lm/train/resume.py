@@ -23,7 +23,7 @@ from lm.config import Configs
 from lm.model.config import ModelConfig
 from lm.model.transformer import Transformer
 from lm.optim.config import OptimizerConfig
-from lm.run import checkpoint
+from lm.run import checkpoint, meta
 from lm.run.checkpoint import Checkpointer, Restored, committed_steps, first_line
 from lm.run.folder import RunFolder
 from lm.sharding import AxisRules
@@ -90,8 +90,8 @@ def fingerprint(model: ModelConfig, tokenizer_path: str | None) -> dict[str, Any
   """The metadata a checkpoint of this model and tokenizer would carry."""
   if tokenizer_path is None:
     return {'model': dataclasses.asdict(model)}
-  return checkpoint.make_metadata(dataclasses.asdict(model),
-                                  checkpoint.file_sha256(tokenizer_path),
+  return meta.make_metadata(dataclasses.asdict(model),
+                                  meta.file_sha256(tokenizer_path),
                                   Tokenizer(tokenizer_path).vocab_size)
 
 
@@ -121,7 +121,7 @@ def preflight(cfgs: Configs) -> Plan:
     current = tokenizer = source.tokenizer
   _check(source.workdir, [source.step], cfgs.model, current,
          f'init_from={run.init_from} needs the same model and tokenizer',
-         free=checkpoint.POSITION_MODEL_KEYS)
+         free=meta.POSITION_MODEL_KEYS)
   return Plan(source, tokenizer)
 
 
@@ -149,7 +149,7 @@ def _check(workdir: str, steps: list[int], model: ModelConfig, tokenizer_path: s
     raise ValueError(f'{step_dir} was trained with a tokenizer, but '
                      f'{RunFolder(workdir).tokenizer_path} is missing and data.tokenizer is '
                      'empty')
-  diffs = checkpoint.incompatibilities(with_default_model_keys(saved),
+  diffs = meta.incompatibilities(with_default_model_keys(saved),
                                        fingerprint(model, tokenizer_path), free)
   # The optimizer state of one optimizer cannot be restored as another's. Checkpoints
   # from before optimizer.name existed are AdamW's.
