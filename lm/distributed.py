@@ -68,7 +68,6 @@ def gather_json(obj: Any) -> list[Any]:
   return [json.loads(bytes(row[:int(n)])) for row, n in zip(rows, sizes)]
 
 
-
 def shutdown() -> None:
   """Ends the distributed runtime: a rendezvous of every process; collectives fail after.
 

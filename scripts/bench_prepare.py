@@ -58,8 +58,8 @@ def main(argv):
     target = os.path.join(out, f'out_w{workers}')
     values = dict(input=corpus, output=target, overwrite=True, decontaminate=task_file,
                   workers=workers, tasks=8, executor='local', filters='code', pii=True,
-                  dedup=True, minhash_threshold=0.7, minhash_hashes=112, minhash_ngrams=5,
-                  decont_ngrams=13, eval_fraction=0.01, gzip=True, slurm={})
+                  dedup=True, line_dedup=0, minhash_threshold=0.7, minhash_hashes=112,
+                  minhash_ngrams=5, decont_ngrams=13, eval_fraction=0.01, gzip=True, slurm={})
     start = time.perf_counter()
     result = command.prepare(values)
     seconds = time.perf_counter() - start

@@ -22,6 +22,7 @@ EXACT, NEAR, PII_DOCS, CONTAMINATED = 10, 40, 10, 10
 def flags(input_, output, **kw):
   values = dict(input=str(input_), output=str(output), overwrite=False, decontaminate='none',
                 workers=1, tasks=0, executor='local', filters='none', pii=True, dedup=True,
+                line_dedup=0,
                 minhash_threshold=0.7, minhash_hashes=112, minhash_ngrams=5, decont_ngrams=13,
                 eval_fraction=0.0, gzip=True, slurm={})
   values.update(kw)

@@ -47,6 +47,11 @@ class FakeClient:
         raise TimeoutError(barrier_id)
 
 
+def _agreement(client, process):
+  """Process `process` of two; errors posted as str() gives them."""
+  return SaveAgreement(client, process, 2, describe=str)
+
+
 def _both(fn0, fn1):
   """Runs fn0 and fn1 as processes 0 and 1; returns their results (or exceptions)."""
   results = [None, None]
@@ -67,7 +72,7 @@ def _both(fn0, fn1):
 
 def test_every_process_reads_every_status_in_process_order_and_the_outcome():
   client = FakeClient()
-  a, b = (SaveAgreement(client, i, 2) for i in range(2))
+  a, b = (_agreement(client, i) for i in range(2))
   first = _both(lambda: a.exchange(DONE), lambda: b.exchange(SAVING))
   assert first[0] == first[1] == [{'process': 0, 'state': DONE, 'error': ''},
                                   {'process': 1, 'state': SAVING, 'error': ''}]
@@ -91,7 +96,7 @@ def _fails_then_waits(agreement):
 
 def test_an_error_met_at_a_barrier_is_posted_and_ends_every_barrier_at_once():
   client = FakeClient()
-  failing, waiting = SaveAgreement(client, 0, 2), SaveAgreement(client, 1, 2)
+  failing, waiting = _agreement(client, 0), _agreement(client, 1)
   start = time.monotonic()
   results = _both(lambda: _fails_then_waits(failing),
                   lambda: waiting.barrier(key='write_complete', timeout_ms=60_000))
@@ -109,7 +114,7 @@ def test_an_error_met_at_a_barrier_is_posted_and_ends_every_barrier_at_once():
 
 def test_a_barrier_key_used_again_waits_for_everyone_again():
   client = FakeClient()
-  a, b = SaveAgreement(client, 0, 2), SaveAgreement(client, 1, 2)
+  a, b = _agreement(client, 0), _agreement(client, 1)
   passed_second = []
 
   def twice_quickly():
@@ -128,6 +133,6 @@ def test_a_barrier_key_used_again_waits_for_everyone_again():
 
 
 def test_a_barrier_not_everyone_reaches_times_out_naming_its_key():
-  alone = SaveAgreement(FakeClient(), 0, 2)
+  alone = _agreement(FakeClient(), 0)
   with pytest.raises(TimeoutError, match='checkpoint barrier write_complete'):
     alone.barrier(key='write_complete', timeout_ms=200)

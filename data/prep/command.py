@@ -79,7 +79,7 @@ def options(flags: dict[str, Any]) -> tuple[Options, list[str]]:
   for key in ('workers', 'decont_ngrams', 'minhash_ngrams'):
     if flags[key] < 1:
       raise ValueError(f'--{key}: must be at least 1 (got {flags[key]})')
-  if flags.get('line_dedup', 0) < 0:
+  if flags['line_dedup'] < 0:
     raise ValueError(f'--line_dedup: lines per span, at least 1, or 0 for off '
                      f'(got {flags["line_dedup"]})')
   if flags['tasks'] < 0:
@@ -92,7 +92,7 @@ def options(flags: dict[str, Any]) -> tuple[Options, list[str]]:
   tasks = flags['tasks'] or len(files)
   opts = Options(
       input=spec, output=os.path.abspath(flags['output']), filters=names, pii=flags['pii'],
-      dedup=flags['dedup'], line_dedup=flags.get('line_dedup', 0),
+      dedup=flags['dedup'], line_dedup=flags['line_dedup'],
       decontaminate=flags['decontaminate'],
       decont_ngrams=flags['decont_ngrams'], eval_fraction=flags['eval_fraction'],
       minhash_threshold=flags['minhash_threshold'], minhash_hashes=flags['minhash_hashes'],

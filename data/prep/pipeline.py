@@ -130,10 +130,10 @@ def _line_dedup_stages(opts: Options, last: list) -> list[tuple[str, list, int]]
   """Stage 4 writes to work/deduped with the line-span hashes of what it wrote (in the
   order stage 4b reads it back), 4a finds the repeats, 4b cuts them out."""
   work, cfg = opts.path('work'), line_config(opts.line_dedup)
-  last += [_writer(os.path.join(work, 'deduped'), lean=True),
-           SentenceDedupSignature(os.path.join(work, 'line_signatures'), config=cfg,
-                                  language=WORDS)]
-  return [(STAGES[3], last, opts.tasks),
+  signed = last + [_writer(os.path.join(work, 'deduped'), lean=True),
+                   SentenceDedupSignature(os.path.join(work, 'line_signatures'), config=cfg,
+                                          language=WORDS)]
+  return [(STAGES[3], signed, opts.tasks),
           (STAGES[4], [SentenceFindDedups(os.path.join(work, 'line_signatures'),
                                           os.path.join(work, 'line_dups'), config=cfg)], 1),
           (STAGES[5], [steps.ShardReader(os.path.join(work, 'deduped')),

@@ -103,10 +103,11 @@ class Checkpointer:
     self._failed = False
     self._agreement: SaveAgreement | None = None
     self._local_error = ''  # This process's part of the save in flight failed (several).
-    if not read_only and jax.process_count() > 1:
-      self._agreement = SaveAgreement(ocp.multihost.get_jax_distributed_client(),
-                                      jax.process_index(), jax.process_count())
     if not read_only:
+      if jax.process_count() > 1:
+        self._agreement = SaveAgreement(ocp.multihost.get_jax_distributed_client(),
+                                        jax.process_index(), jax.process_count(),
+                                        describe=first_line)
       barrier = self._agreement.barrier if self._agreement else None
       options = ocp.CheckpointManagerOptions(
           max_to_keep=max(keep, MIN_KEEP), create=True, enable_async_checkpointing=True,

@@ -23,6 +23,7 @@ import collections
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 SAVING, DONE, FAILED = 'saving', 'done', 'failed'
@@ -48,10 +49,13 @@ class Client(Protocol):
 class SaveAgreement:
   """Exchanges each process's save status; every call is a rendezvous of all processes."""
 
-  def __init__(self, client: Client, process_index: int, process_count: int,
+  def __init__(self, client: Client, process_index: int, process_count: int, *,
+               describe: Callable[[BaseException], str],
                prefix: str = 'lm_checkpoint_save') -> None:
+    """describe: an error as the one line posted to the others (the checkpointer's own)."""
     self.client, self.index, self.count, self.prefix = (client, process_index,
                                                         process_count, prefix)
+    self.describe = describe
     self._round = 0
     self._entered: collections.Counter[str] = collections.Counter()
     self.local_error = ''  # This process's part of the save failed, as posted.
@@ -91,8 +95,7 @@ class SaveAgreement:
 
   def _post_error(self, error: BaseException) -> None:
     if not self.local_error:
-      lines = str(error).strip().splitlines()
-      self.local_error = lines[0] if lines else type(error).__name__
+      self.local_error = self.describe(error)
       self.client.key_value_set(f'{self.prefix}/failed/{self.index}', self.local_error)
 
   def exchange(self, state: str, error: str = '') -> list[dict[str, Any]]:
