@@ -56,7 +56,8 @@ def main(argv):
   corpus, task_file, truth = build(out)
   for workers in map(int, _WORKERS.value):
     target = os.path.join(out, f'out_w{workers}')
-    values = dict(input=corpus, output=target, overwrite=True, decontaminate=task_file,
+    values = dict(input=corpus, split='train', text_key='text', output=target, overwrite=True,
+                  decontaminate=task_file,
                   workers=workers, tasks=8, executor='local', filters='code', pii=True,
                   dedup=True, line_dedup=0, minhash_threshold=0.7, minhash_hashes=112,
                   minhash_ngrams=5, decont_ngrams=13, eval_fraction=0.01, gzip=True, slurm={})

@@ -6,7 +6,9 @@ python scripts/prepare_data.py --input=DIR_OR_GLOB --output=DIR [--decontaminate
     [--overwrite]
 
 --input: .txt (one document per paragraph, as training reads them), .jsonl(.gz) and .parquet
-files (a `text` column); a folder means every such file below it. --output gets
+files (a `text` column, or --text_key); a folder means every such file below it;
+hub:NAME[:CONFIG] streams a dataset's --split as data.source=hub would (a Hub name, read
+from the local Hugging Face cache when offline, or a local dataset folder). --output gets
 00000.jsonl.gz, ... (train on them with --config.data.source=files
 --config.data.files='DIR/*.jsonl.gz'), heldout/ (the --eval_fraction split, set aside as
 training would hold it out of the raw input), removed/<why>/ (every dropped document),
@@ -20,7 +22,11 @@ import json
 
 from absl import app, flags, logging
 
-_INPUT = flags.DEFINE_string('input', None, 'Folder, file or comma-separated globs to read.')
+_INPUT = flags.DEFINE_string('input', None, 'Folder, file or comma-separated globs to read; or '
+                             'hub:NAME[:CONFIG], a dataset for datasets.load_dataset.')
+_SPLIT = flags.DEFINE_string('split', 'train', 'The split of a hub: dataset.')
+_TEXT_KEY = flags.DEFINE_string('text_key', 'text', 'The column that holds the text (.jsonl, '
+                                '.parquet, datasets).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder to write; must be empty or absent.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an earlier preparation in --output.')
 _DECONT = flags.DEFINE_string('decontaminate', '', 'Task files (globs); default make_tasks\' '
@@ -57,10 +63,9 @@ def main(argv):
 
   cli.reject_extra_args(argv)
   values = {f: flags.FLAGS[f].value for f in (
-      'input', 'output', 'overwrite', 'decontaminate', 'workers', 'tasks', 'executor',
-      'filters', 'pii', 'dedup', 'line_dedup', 'minhash_threshold', 'minhash_hashes',
-      'minhash_ngrams',
-      'decont_ngrams', 'eval_fraction', 'gzip')}
+      'input', 'split', 'text_key', 'output', 'overwrite', 'decontaminate', 'workers', 'tasks',
+      'executor', 'filters', 'pii', 'dedup', 'line_dedup', 'minhash_threshold',
+      'minhash_hashes', 'minhash_ngrams', 'decont_ngrams', 'eval_fraction', 'gzip')}
   values['slurm'] = {'partition': _PARTITION.value, 'time': _TIME.value,
                      'cpus_per_task': _CPUS.value}
   if _ENV.value:

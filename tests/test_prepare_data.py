@@ -20,9 +20,9 @@ EXACT, NEAR, PII_DOCS, CONTAMINATED = 10, 40, 10, 10
 
 
 def flags(input_, output, **kw):
-  values = dict(input=str(input_), output=str(output), overwrite=False, decontaminate='none',
-                workers=1, tasks=0, executor='local', filters='none', pii=True, dedup=True,
-                line_dedup=0,
+  values = dict(input=str(input_), split='train', text_key='text', output=str(output),
+                overwrite=False, decontaminate='none', workers=1, tasks=0, executor='local',
+                filters='none', pii=True, dedup=True, line_dedup=0,
                 minhash_threshold=0.7, minhash_hashes=112, minhash_ngrams=5, decont_ngrams=13,
                 eval_fraction=0.0, gzip=True, slurm={})
   values.update(kw)
@@ -153,6 +153,41 @@ def test_heldout_split_is_set_aside_and_decontaminates(tmp_path):
   assert result['heldout']['documents'] == len(held)
 
 
+def test_a_dataset_is_read_as_the_trainer_streams_it(tmp_path):
+  """--input=hub:NAME reads data.source=hub's rows under its keys: the held-out split is
+  the one training on the dataset holds out, and tasks split the rows without repeats."""
+  from data import sources
+
+  rng = random.Random(2)
+  vocab = inject.vocabulary(rng)
+  docs = [inject.random_words(rng, 40, vocab) for _ in range(30)]
+  for i in (3, 7, 11, 19, 25):
+    docs[i] = inject.pii_line('email', i, rng) + docs[i]
+  (tmp_path / 'ds').mkdir()
+  h.write_jsonl(tmp_path / 'ds' / 'part0.jsonl', docs[:18], key='body')
+  h.write_jsonl(tmp_path / 'ds' / 'part1.jsonl', docs[18:], key='body')
+  name = str(tmp_path / 'ds')
+  stream = list(sources.HubSource(name, '', 'train', 'body').rows(0, 0))
+  assert sorted(t for _, t in stream) == sorted(docs)
+  outputs = []
+  for tasks in (1, 3):
+    out = tmp_path / f'out{tasks}'
+    result = command.prepare(flags(f'hub:{name}', out, text_key='body', eval_fraction=0.2,
+                                   tasks=tasks, dedup=False))
+    assert result['input']['documents'] == len(docs)
+    assert result['input']['dataset'] == {'name': name, 'config': '', 'split': 'train'}
+    outputs.append(read_output(out))
+    aside = set()
+    for f in sorted((out / 'heldout').iterdir()):
+      with gzip.open(f, 'rt') as lines:
+        aside |= {(r['id'], r['text']) for r in map(json.loads, lines)}
+    held = {(k, t) for k, t in stream if split.is_heldout(k, 0.2)}  # Keys hold tmp_path.
+    assert aside == held and 1 <= len(held) < 15
+    assert result['pii']['email'] == sum('@' in t for _, t in set(stream) - held)
+    assert {k for k, _ in outputs[-1]} == {k for k, _ in stream} - {k for k, _ in held}
+  assert outputs[0] == outputs[1]
+
+
 def _lines_corpus(folder, rng):
   """30 documents of 10 random lines; a 3-line block in every third (and alone in one
   more document), a 2-line pair in every fifth."""
@@ -234,7 +269,8 @@ def test_code_filter_rules():
 @pytest.mark.parametrize('case', ['empty folder', 'bad line', 'not empty', 'overwrite other',
                                   'unknown filter', 'output holds input',
                                   'output inside input', 'bad task record',
-                                  'negative line span'])
+                                  'negative line span', 'missing dataset',
+                                  'dataset column', 'output inside dataset'])
 def test_bad_input_is_refused_in_one_line(tmp_path, case):
   (tmp_path / 'in').mkdir()
   good = tmp_path / 'in' / 'a.jsonl'
@@ -269,9 +305,18 @@ def test_bad_input_is_refused_in_one_line(tmp_path, case):
   elif case == 'output inside input':
     out = tmp_path / 'in' / 'prepared'
     expect = f'--output: {out} lies inside the input folder {tmp_path / "in"}'
+  elif case == 'missing dataset':
+    kw['input'] = f'hub:{tmp_path / "nowhere"}'
+    expect = f"--input: cannot stream '{tmp_path / 'nowhere'}'"
+  elif case == 'dataset column':
+    kw.update(input=f'hub:{tmp_path / "in"}', text_key='body')
+    expect = "--text_key: column 'body' not found"
+  elif case == 'output inside dataset':
+    kw['input'], out = f'hub:{tmp_path / "in"}', tmp_path / 'in' / 'prepared'
+    expect = f'--output: {out} lies inside the input folder {tmp_path / "in"}'
   before = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()}
   with pytest.raises(ValueError) as e:
-    command.prepare(flags(tmp_path / 'in', out, **kw))
+    command.prepare(flags(kw.pop('input', tmp_path / 'in'), out, **kw))
   assert expect in str(e.value)
   if case != 'bad line':  # That one fails inside the run, into its own (new) folder.
     assert {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()} == before

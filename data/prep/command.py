@@ -13,13 +13,33 @@ import time
 from typing import Any
 
 from data import sources
-from data.prep import decont, filters, minhash, report
+from data.prep import decont, filters, minhash, report, steps
 from data.prep.pipeline import Options, run
 
 
 def _as_input_error(e: Exception) -> ValueError:
-  """The reader's message names data.files; to this command it is --input."""
-  return ValueError(str(e).replace('data.files', '--input', 1))
+  """The reader's message names the trainer's keys; to this command they are flags."""
+  message = str(e)
+  for key, flag in (('data.files', '--input'), ('data.name', '--input'),
+                    ('data.text_key', '--text_key')):
+    message = message.replace(key, flag, 1)
+  return ValueError(message)
+
+
+def hub_input(given: str, split: str, text_key: str) -> sources.HubSource:
+  """The dataset of `--input=hub:NAME[:CONFIG]`, opened and its first row read, so that a
+  missing dataset, split or column is refused before anything is written."""
+  name, config_name = steps.hub_dataset(given)
+  if not name:
+    raise ValueError(f'--input: {given!r} names no dataset (hub:NAME or hub:NAME:CONFIG)')
+  source = sources.HubSource(name, config_name, split, text_key)
+  try:
+    first = next(iter(source.rows(0, 0)), None)
+  except sources.DataError as e:
+    raise _as_input_error(e) from None
+  if first is None:
+    raise ValueError(f'--input: {given} split {split!r} holds no rows')
+  return source
 
 
 def input_spec(given: str) -> tuple[str, list[str]]:
@@ -73,8 +93,14 @@ def check_output(output: str, overwrite: bool, inputs: list[str], bases: list[st
 
 
 def options(flags: dict[str, Any]) -> tuple[Options, list[str]]:
-  """Options from the flags' values, checked; and the input files."""
-  spec, files = input_spec(flags['input'])
+  """Options from the flags' values, checked; and the input files (none for a dataset)."""
+  if not flags['text_key']:
+    raise ValueError('--text_key: must name the column that holds the text')
+  if steps.hub_dataset(flags['input']):
+    hub_input(flags['input'], flags['split'], flags['text_key'])
+    spec, files = flags['input'], []
+  else:
+    spec, files = input_spec(flags['input'])
   names = filters.parse(flags['filters'])
   for key in ('workers', 'decont_ngrams', 'minhash_ngrams'):
     if flags[key] < 1:
@@ -89,9 +115,10 @@ def options(flags: dict[str, Any]) -> tuple[Options, list[str]]:
   minhash.config(flags['minhash_threshold'], flags['minhash_hashes'], flags['minhash_ngrams'])
   if flags['executor'] not in ('local', 'slurm'):
     raise ValueError(f'--executor: must be local or slurm (got {flags["executor"]!r})')
-  tasks = flags['tasks'] or len(files)
+  tasks = flags['tasks'] or max(len(files), 1)
   opts = Options(
-      input=spec, output=os.path.abspath(flags['output']), filters=names, pii=flags['pii'],
+      input=spec, split=flags['split'], text_key=flags['text_key'],
+      output=os.path.abspath(flags['output']), filters=names, pii=flags['pii'],
       dedup=flags['dedup'], line_dedup=flags['line_dedup'],
       decontaminate=flags['decontaminate'],
       decont_ngrams=flags['decont_ngrams'], eval_fraction=flags['eval_fraction'],
@@ -120,8 +147,12 @@ def _stderr_to(path: str):
 def prepare(flags: dict[str, Any]) -> dict[str, Any]:
   """Checks, runs and returns the report (on SLURM: what was submitted)."""
   opts, files = options(flags)
-  bases = [sources._glob_base(os.path.expanduser(p)) for p in opts.input.split(',')
-           if any(c in p for c in '*?[')]
+  dataset = steps.hub_dataset(opts.input)
+  if dataset:  # A local dataset folder must not receive the output.
+    bases = [dataset[0]] if os.path.isdir(dataset[0]) else []
+  else:
+    bases = [sources._glob_base(os.path.expanduser(p)) for p in opts.input.split(',')
+             if any(c in p for c in '*?[')]
   check_output(flags['output'], flags['overwrite'], files, bases)
   references = decont.task_references(opts.decontaminate)  # Checked before anything is written.
   if os.path.isdir(opts.output) and os.listdir(opts.output):
@@ -144,7 +175,11 @@ def prepare(flags: dict[str, Any]) -> dict[str, Any]:
     result = json.load(f)
   result['seconds'] = round(seconds, 2)
   result['documents_per_second'] = round(result['input']['documents'] / max(seconds, 1e-9), 1)
-  result['input']['files'] = len(files)
+  if files:
+    result['input']['files'] = len(files)
+  else:
+    name, config_name = steps.hub_dataset(opts.input)
+    result['input']['dataset'] = {'name': name, 'config': config_name, 'split': opts.split}
   result['decontamination_ngrams'] = indexed
   report.write(opts.output, result)
   return result

@@ -44,8 +44,10 @@ STAGES = ('1_filter', '2_buckets', '3_clusters', '4_output', '4a_line_dups', '4b
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  input: str  # Comma-separated globs of .txt/.jsonl(.gz)/.parquet files.
+  input: str  # Comma-separated globs of .txt/.jsonl(.gz)/.parquet files, or hub:NAME[:CONFIG].
   output: str
+  split: str = 'train'  # Of a hub: dataset.
+  text_key: str = 'text'  # The column of .jsonl/.parquet rows and of dataset rows.
   filters: tuple[str, ...] = filters.PRESETS['web']
   pii: bool = True
   dedup: bool = True
@@ -82,8 +84,8 @@ def stage_pipelines(opts: Options) -> list[tuple[str, list, int]]:
   work = opts.path('work')
   mh = minhash.config(opts.minhash_threshold, opts.minhash_hashes, opts.minhash_ngrams)
   dcfg = decont.config(opts.decont_ngrams)
-  first = [steps.InputReader(opts.input), steps.Count('read'), steps.Clean(),
-           steps.Count('clean'),
+  first = [steps.InputReader(opts.input, opts.split, opts.text_key), steps.Count('read'),
+           steps.Clean(), steps.Count('clean'),
            steps.HeldOutSplit(opts.eval_fraction, opts.path('heldout'),
                               os.path.join(work, 'index'), opts.decont_ngrams),
            steps.Count('train split')]

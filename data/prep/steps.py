@@ -4,6 +4,7 @@ held-out split, per-stage counts, a shard's reader and MinHash signatures for sh
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 
 import numpy as np
@@ -16,25 +17,43 @@ from datatrove.utils.text import simplify_text
 from data import cleaning, sources, split
 from data.prep import decont
 
+HUB = 'hub:'  # --input=hub:NAME[:CONFIG], as data.mixture's entries name a dataset.
+
+
+def hub_dataset(spec: str) -> tuple[str, str] | None:
+  """(name, config) of `--input=hub:NAME[:CONFIG]`; None for files."""
+  if not spec.startswith(HUB):
+    return None
+  name, _, config_name = spec[len(HUB):].partition(':')
+  return name, config_name
+
 
 class InputReader(PipelineStep):
-  """Task r of n reads files r, r+n, ... of `--input` with the trainer's own file reader, so
-  each document's id is the key that decides its held-out split in training ('<file>:<row>',
-  paragraphs of .txt files, the `text` column of .jsonl and .parquet)."""
+  """Task r of n reads files r, r+n, ... of `--input` with the trainer's own reader, so each
+  document's id is the key that decides its held-out split in training ('<file>:<row>',
+  paragraphs of .txt files, the `text_key` column of .jsonl and .parquet). A dataset
+  (hub:NAME[:CONFIG]) is one stream: task r keeps its rows r, r+n, ..., keyed '<name>:<row>'
+  as data.source=hub numbers them, so every task streams the whole split."""
 
   name, type = 'read', 'READER'
 
-  def __init__(self, spec: str) -> None:
+  def __init__(self, spec: str, split: str = 'train', text_key: str = 'text') -> None:
     super().__init__()
-    self.spec = spec
+    self.spec, self.split, self.text_key = spec, split, text_key
 
   def run(self, data: DocumentsPipeline = None, rank: int = 0,
           world_size: int = 1) -> DocumentsPipeline:
-    source = sources.FileSource(self.spec, 'text')
-    for shard in range(rank, len(source.shard_names), world_size):
-      for key, text in source.rows(shard, 0):
-        self.stat_update('documents')
-        yield Document(text=text, id=key)
+    dataset = hub_dataset(self.spec)
+    if dataset:
+      stream = sources.HubSource(*dataset, self.split, self.text_key).rows(0, 0)
+      rows = itertools.islice(stream, rank, None, world_size)
+    else:
+      source = sources.FileSource(self.spec, self.text_key)
+      rows = (row for shard in range(rank, len(source.shard_names), world_size)
+              for row in source.rows(shard, 0))
+    for key, text in rows:
+      self.stat_update('documents')
+      yield Document(text=text, id=key)
 
 
 class Clean(PipelineStep):
