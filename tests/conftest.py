@@ -1,7 +1,18 @@
 """Every test runs on the CPU with 8 forced host devices, so meshes can be tested here."""
 
+import atexit
 import os
+import shutil
 import tempfile
+
+
+def _session_dir(variable: str, prefix: str) -> None:
+  """A temporary folder in `variable` for this session and the processes it starts (xdist
+  workers, scripts inherit it); the process that made it removes it at exit."""
+  if variable not in os.environ:
+    os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, os.environ[variable], True)
+
 
 # Must be set before jax is imported anywhere. The tests' programs are small, so compiling
 # them costs more than running them: LLVM's -O0 (XLA's backend optimisation level 0) cuts
@@ -13,12 +24,12 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ['JAX_PLATFORMS'] = 'cpu'
 # Many tests (and their subprocesses, which inherit this) compile the same small models:
 # a persistent compilation cache shared by the session compiles each only once.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='lm-test-jax-cache-'))
+_session_dir('JAX_COMPILATION_CACHE_DIR', 'lm-test-jax-cache-')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # `datasets` reads these when it is first imported, by whichever test module comes first:
 # its cache out of ~, and never the network.
-os.environ.setdefault('HF_DATASETS_CACHE', tempfile.mkdtemp(prefix='lm-test-hf-'))
+_session_dir('HF_DATASETS_CACHE', 'lm-test-hf-')
 os.environ['HF_HUB_OFFLINE'] = '1'
 os.environ['HF_DATASETS_OFFLINE'] = '1'
 os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'
