@@ -1,7 +1,9 @@
 """Every test runs on the CPU with 8 forced host devices, so meshes can be tested here."""
 
 import atexit
+import fcntl
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -38,6 +40,24 @@ os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'
 import pytest  # noqa: E402  (after the environment above is set)
 
 
+def _built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """A folder `build` fills once per test session, shared by the xdist workers (their
+  temporary folders lie side by side): the first to arrive builds it under a lock, the
+  others wait and read it. Deterministic builds only; never changed by a test."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent
+  folder, done = root / name, root / f'{name}.done'
+  with open(root / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # A build that failed half-way.
+      folder.mkdir()
+      build(folder)
+      done.touch()
+  return folder
+
+
 @pytest.fixture(scope='session')
 def tokenizer(tmp_path_factory) -> str:
   """Path of one small (512-piece) tokenizer trained on ~1 MB of the stdlib, shared by
@@ -45,9 +65,11 @@ def tokenizer(tmp_path_factory) -> str:
   from data import stdlib
   from data.tokenizer import train_tokenizer
 
-  path = str(tmp_path_factory.mktemp('tok') / 'tok.model')
-  train_tokenizer((stdlib.read(p) for p in stdlib.list_files()), 512, path, max_bytes=1 << 20)
-  return path
+  def build(folder):
+    train_tokenizer((stdlib.read(p) for p in stdlib.list_files()), 512,
+                    str(folder / 'tok.model'), max_bytes=1 << 20)
+
+  return str(_built_once(tmp_path_factory, 'tok', build) / 'tok.model')
 
 
 @pytest.fixture(scope='session')
@@ -58,16 +80,18 @@ def trained_run(tmp_path_factory, tokenizer):
   tiny's zero, so that two steps leave every weight of the exported blocks far from 0."""
   from tests.helpers import one_device_env, script
 
-  workdir = tmp_path_factory.mktemp('trained_run') / 'run'
-  script('train.py', '--config=configs/tiny.py',
-         '--config.steps=2', '--config.model.vocab_size=512',
-         f'--config.data.tokenizer={tokenizer}', f'--config.workdir={workdir}',
-         '--config.eval_every=0', '--config.seq_len=64',
-         '--config.model.num_layers=2', '--config.model.d_model=128', '--config.model.d_ff=256',
-         '--config.model.num_heads=4', '--config.model.num_kv_heads=2',
-         '--config.model.tie_embeddings=false', '--config.data.eval_fraction=0',
-         '--config.model.zero_init_out=false', env=one_device_env())
-  return workdir
+  def build(folder):
+    script('train.py', '--config=configs/tiny.py',
+           '--config.steps=2', '--config.model.vocab_size=512',
+           f'--config.data.tokenizer={tokenizer}', f'--config.workdir={folder / "run"}',
+           '--config.eval_every=0', '--config.seq_len=64',
+           '--config.model.num_layers=2', '--config.model.d_model=128',
+           '--config.model.d_ff=256', '--config.model.num_heads=4',
+           '--config.model.num_kv_heads=2', '--config.model.tie_embeddings=false',
+           '--config.data.eval_fraction=0', '--config.model.zero_init_out=false',
+           env=one_device_env())
+
+  return _built_once(tmp_path_factory, 'trained_run', build) / 'run'
 
 
 # The data tests' shared inputs (tests/data_helpers.py builds them); read, never changed.
