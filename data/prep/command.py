@@ -26,8 +26,8 @@ def _as_input_error(e: Exception) -> ValueError:
   return ValueError(message)
 
 
-def hub_input(given: str, split: str, text_key: str) -> sources.HubSource:
-  """The dataset of `--input=hub:NAME[:CONFIG]`, opened and its first row read, so that a
+def check_hub_input(given: str, split: str, text_key: str) -> None:
+  """Opens the dataset of `--input=hub:NAME[:CONFIG]` and reads its first row, so that a
   missing dataset, split or column is refused before anything is written."""
   name, config_name = steps.hub_dataset(given)
   if not name:
@@ -39,7 +39,6 @@ def hub_input(given: str, split: str, text_key: str) -> sources.HubSource:
     raise _as_input_error(e) from None
   if first is None:
     raise ValueError(f'--input: {given} split {split!r} holds no rows')
-  return source
 
 
 def input_spec(given: str) -> tuple[str, list[str]]:
@@ -97,7 +96,7 @@ def options(flags: dict[str, Any]) -> tuple[Options, list[str]]:
   if not flags['text_key']:
     raise ValueError('--text_key: must name the column that holds the text')
   if steps.hub_dataset(flags['input']):
-    hub_input(flags['input'], flags['split'], flags['text_key'])
+    check_hub_input(flags['input'], flags['split'], flags['text_key'])
     spec, files = flags['input'], []
   else:
     spec, files = input_spec(flags['input'])
@@ -175,11 +174,10 @@ def prepare(flags: dict[str, Any]) -> dict[str, Any]:
     result = json.load(f)
   result['seconds'] = round(seconds, 2)
   result['documents_per_second'] = round(result['input']['documents'] / max(seconds, 1e-9), 1)
-  if files:
-    result['input']['files'] = len(files)
+  if dataset:
+    result['input']['dataset'] = {'name': dataset[0], 'config': dataset[1], 'split': opts.split}
   else:
-    name, config_name = steps.hub_dataset(opts.input)
-    result['input']['dataset'] = {'name': name, 'config': config_name, 'split': opts.split}
+    result['input']['files'] = len(files)
   result['decontamination_ngrams'] = indexed
   report.write(opts.output, result)
   return result
