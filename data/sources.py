@@ -188,16 +188,12 @@ class HubSource(Source):
       raise DataError(
           f'data.name: cannot stream {self._name!r} (config {self._config_name!r}, '
           f'split {self._split!r}): {type(e).__name__}: {e}') from e
-    if self.splits_by_host:
-      # Whole shards per host when their count divides evenly, else every n-th row:
-      # either way no row is read by two hosts and none is lost.
-      ds = datasets.distributed.split_dataset_by_node(
-          ds, rank=self._host[0], world_size=self._host[1])
     label = f'dataset {self._name!r}'
     try:
-      # After a split by rows, datasets applies skip() before the split: skip here.
-      yield from _rows(ds, self._text_key, start, self._name, label,
-                       fast_skip=not self.splits_by_host)
+      # On several hosts each streams the whole split and keeps every n-th row, keyed by
+      # its row in the split: a row's key, and so whether it is held out, is the same on
+      # any number of hosts (eval.py, one process, holds out what training did not read).
+      yield from _rows(ds, self._text_key, start, self._name, label, stride=self._host)
     except Exception as e:  # As in FileSource.rows.
       if isinstance(e, DataError):
         raise
@@ -308,14 +304,17 @@ def _builder(path: str) -> str | None:
 
 
 def _rows(ds: Any, text_key: str | None, start: int, name: str, label: str, *,
-          fast_skip: bool = True) -> Iterator[tuple[str, str]]:
+          stride: tuple[int, int] = (0, 1)) -> Iterator[tuple[str, str]]:
   """(key, text) of each row from `start` on; text_key None: the whole record as
-  data/sft.py's document, checked (a bad record names its line)."""
-  if start and fast_skip:  # skip() drops whole Arrow tables without making rows.
-    ds = ds.skip(start)
-  elif start:
-    ds = itertools.islice(ds, start, None)
-  for row, example in enumerate(ds, start):
+  data/sft.py's document, checked (a bad record names its line). stride (i, n): only
+  rows i, i + n, ... of ds, `start` counting those, each keyed by its row in ds."""
+  first, step = stride
+  if start or first:  # skip() drops whole Arrow tables without making rows.
+    ds = ds.skip(start * step + first)
+  if step > 1:
+    ds = itertools.islice(ds, 0, None, step)
+  for i, example in enumerate(ds, start):
+    row = i * step + first
     if text_key is None:
       try:
         text = sft.record_text(example, f'{label} line {row + 1}')

@@ -414,7 +414,7 @@ def test_mixture_proportions_follow_weights_and_seed(tmp_path):
 # Hub sources on several hosts.
 
 
-@pytest.mark.parametrize('num_files', [2, 3])  # By shards; by rows (3 files, 2 hosts).
+@pytest.mark.parametrize('num_files', [2, 3])  # Files a multiple of the hosts, or not.
 def test_hub_hosts_read_disjoint_rows(tok, tmp_path, num_files):
   texts = [h.doc_text(i) for i in range(30)]
   for f in range(num_files):
@@ -443,6 +443,26 @@ def test_hub_hosts_read_disjoint_rows(tok, tmp_path, num_files):
   rest, _ = h.batches(cfg, tok, 3, state=merged, process_index=1, **kw)
   for a, b in zip(full[3:], rest):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('num_files', [2, 3])
+def test_hub_rows_keep_their_keys_on_any_host_count(tmp_path, num_files):
+  # The held-out split is by key: a key that changed with the host count would make
+  # eval.py (one process) score rows that training on several hosts read.
+  for f in range(num_files):
+    h.write_jsonl(tmp_path / f'part{f}.jsonl', [h.doc_text(i) for i in range(f, 30, num_files)])
+  cfg = DataConfig(source='hub', name=str(tmp_path), eval_fraction=0.0)
+  one = {d.key: d.text for d in sources.documents(sources.open_source(cfg), repeat=False)}
+  for count in (2, 3):
+    keyed = {}
+    for host in range(count):
+      src = sources.open_source(cfg, host, count)
+      docs = list(sources.documents(src, repeat=False))
+      keyed.update((d.key, d.text) for d in docs)
+      # Resuming inside a host's share gives the rest of that share, under the same keys.
+      again = list(sources.documents(src, docs[3].position, repeat=False))
+      assert [(d.key, d.text) for d in again] == [(d.key, d.text) for d in docs[3:]]
+    assert keyed == one
 
 
 # Bad input.
