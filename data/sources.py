@@ -32,6 +32,7 @@ _BUILDERS = (
     ('.txt.gz', 'text'),
     ('.txt', 'text'),
 )
+FILE_SUFFIXES = tuple(s for s, _ in _BUILDERS)
 
 
 class DataError(ValueError):
@@ -271,10 +272,10 @@ def resolve_files(spec: str) -> list[tuple[str, str]]:
     matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
     if not matches:
       raise DataError(f'data.files: glob {pattern!r} matched no files')
-    base = _glob_base(expanded)
+    base = glob_base(expanded)
     for path in matches:
       if _builder(path) is None:
-        suffixes = ', '.join(s for s, _ in _BUILDERS)
+        suffixes = ', '.join(FILE_SUFFIXES)
         raise DataError(f'data.files: {path} is not one of {suffixes}')
       if not os.access(path, os.R_OK):
         raise DataError(f'data.files: cannot read {path}: permission denied')
@@ -283,7 +284,7 @@ def resolve_files(spec: str) -> list[tuple[str, str]]:
   return sorted((name, path) for path, name in by_path.items())
 
 
-def _glob_base(pattern: str) -> str:
+def glob_base(pattern: str) -> str:
   """The leading folders of a glob that hold no wildcard (a plain path: its folder)."""
   parts = pathlib.PurePath(pattern).parts
   fixed = []

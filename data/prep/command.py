@@ -46,10 +46,10 @@ def input_spec(given: str) -> tuple[str, list[str]]:
   means every readable file below it, named relative to it as data.files='DIR/**/*.jsonl'
   would name them, so that held-out keys agree with training on the raw folder."""
   if os.path.isdir(given):
-    suffixes = [s for s, _ in sources._BUILDERS
+    suffixes = [s for s in sources.FILE_SUFFIXES
                 if glob.glob(os.path.join(given, '**', '*' + s), recursive=True)]
     if not suffixes:
-      kinds = ', '.join(s for s, _ in sources._BUILDERS)
+      kinds = ', '.join(sources.FILE_SUFFIXES)
       raise ValueError(f'--input: {given} holds no input files ({kinds})')
     # '*.jsonl' also matches nothing of '*.jsonl.gz', so the patterns never overlap.
     given = ','.join(os.path.join(given, '**', '*' + s) for s in suffixes)
@@ -150,7 +150,7 @@ def prepare(flags: dict[str, Any]) -> dict[str, Any]:
   if dataset:  # A local dataset folder must not receive the output.
     bases = [dataset[0]] if os.path.isdir(dataset[0]) else []
   else:
-    bases = [sources._glob_base(os.path.expanduser(p)) for p in opts.input.split(',')
+    bases = [sources.glob_base(os.path.expanduser(p)) for p in opts.input.split(',')
              if any(c in p for c in '*?[')]
   check_output(flags['output'], flags['overwrite'], files, bases)
   references = decont.task_references(opts.decontaminate)  # Checked before anything is written.

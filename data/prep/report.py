@@ -116,11 +116,11 @@ def write(output: str, report: dict[str, Any]) -> str:
 def header_line(files: str) -> str:
   """For the trainer's header: what preparation kept, when a glob of data.files lies in
   a prepared folder (one holding report.json); '' otherwise."""
-  from data.sources import _glob_base
+  from data.sources import glob_base
 
   parts = []
   for pattern in [p.strip() for p in files.split(',') if p.strip()]:
-    path = os.path.join(_glob_base(os.path.expanduser(pattern)), REPORT)
+    path = os.path.join(glob_base(os.path.expanduser(pattern)), REPORT)
     try:
       with open(path) as f:
         r = json.load(f)
