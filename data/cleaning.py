@@ -3,7 +3,8 @@
 Every reader (training, held-out, tokenizer training) applies the same rules, in stream
 order, to every document of a source, whichever process or split it belongs to, so all
 hosts agree on each verdict and a text kept in one split is dropped from the other
-(exact-duplicate decontamination).
+(exact-duplicate decontamination); a hub source split across hosts is the exception
+below.
 
 Deduplication remembers an 8-byte hash of each kept text within one epoch of one source
 (about 100 bytes of memory per distinct document; the set is emptied at each epoch).

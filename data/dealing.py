@@ -22,8 +22,8 @@ fewest characters, no stream gets more than the longest document ahead of anothe
 the text is known to every process before tokenising (token counts would make every
 process tokenise everything).
 
-Hub sources split across hosts are the exception: each host streams its own rows
-(data/sources.py), so with several processes and a hub source each process numbers its
+Hub sources split across hosts are the exception: each host keeps its own rows
+(every n-th, data/sources.py), so with several processes and a hub source each process numbers its
 own documents and deals them, as above, to K / process_count streams of its own. Its
 batches then depend on the process count.
 

@@ -117,7 +117,7 @@ class MixtureReader:
   choice needs no saved RNG; each source keeps its own position and epochs.
 
   Every process reads the same documents, unless `per_process`: with several processes
-  and a hub source (which streams each host its own rows), each process reads only its
+  and a hub source (of which each host keeps its own rows), each process reads only its
   share of every source, and n counts this process's documents.
   """
 

@@ -45,7 +45,7 @@ class Position:
 
   epoch: int = 0
   shard: int = 0  # Index into this epoch's shard order.
-  row: int = 0  # Row within that shard.
+  row: int = 0  # Row within that shard (of this host's rows, for a hub source split per host).
   index: int = 0  # Documents before this one in the epoch (all hosts, held-out included).
 
   def next(self) -> 'Position':
@@ -310,7 +310,7 @@ def _rows(ds: Any, text_key: str | None, start: int, name: str, label: str, *,
   data/sft.py's document, checked (a bad record names its line). stride (i, n): only
   rows i, i + n, ... of ds, `start` counting those, each keyed by its row in ds."""
   first, step = stride
-  if start or first:  # skip() drops whole Arrow tables without making rows.
+  if start or first:
     ds = ds.skip(start * step + first)
   if step > 1:
     ds = itertools.islice(ds, 0, None, step)
@@ -380,7 +380,6 @@ def _datasets() -> Any:
   """The `datasets` library with its progress bars off. Imported on first use: it takes
   half a second, which every script and stdlib run would pay for nothing."""
   import datasets
-  import datasets.distributed
 
   datasets.disable_progress_bars()
   return datasets

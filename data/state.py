@@ -29,7 +29,9 @@ from typing import Any
 from data import dealing, sources
 from data import reader as reader_lib
 
-VERSION = 4  # Documents dealt by characters.
+VERSION = 5  # A hub source split per host keys each row by its row in the split.
+# Version 4 differs only there: its global-layout states read on unchanged.
+_SAME_GLOBAL = 4
 log = logging.getLogger(__name__)
 
 _LAYOUT_WORDS = {dealing.GLOBAL: 'in one sequence for all processes',
@@ -139,7 +141,14 @@ def own_part(state: dict[str, Any], layout: dealing.Layout, reader: reader_lib.M
   documents, other sources or shards, or another process's part of a per-process state.
   """
   version = state.get('version')
-  if version != VERSION:
+  if version == _SAME_GLOBAL and state.get('layout') == dealing.PER_PROCESS:
+    raise ValueError(
+        'data state was saved by processes that each numbered their own rows of a hub '
+        'source (version 4), so its held-out rows differ from one process\'s; it cannot '
+        'resume here: start the run again, or resume with the code that saved it')
+  if version == _SAME_GLOBAL:
+    state = dict(state, version=VERSION)
+  elif version != VERSION:
     raise ValueError(f'data state version {version!r} is not one this code reads '
                      f'({VERSION}); was it written by another version?')
   state = _process_part(state, layout, process_index, process_count)

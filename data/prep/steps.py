@@ -4,7 +4,6 @@ held-out split, per-stage counts, a shard's reader and MinHash signatures for sh
 from __future__ import annotations
 
 import gzip
-import itertools
 import os
 
 import numpy as np
@@ -45,8 +44,7 @@ class InputReader(PipelineStep):
           world_size: int = 1) -> DocumentsPipeline:
     dataset = hub_dataset(self.spec)
     if dataset:
-      stream = sources.HubSource(*dataset, self.split, self.text_key).rows(0, 0)
-      rows = itertools.islice(stream, rank, None, world_size)
+      rows = sources.HubSource(*dataset, self.split, self.text_key, rank, world_size).rows(0, 0)
     else:
       source = sources.FileSource(self.spec, self.text_key)
       rows = (row for shard in range(rank, len(source.shard_names), world_size)
