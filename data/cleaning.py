@@ -3,15 +3,13 @@
 Every reader (training, held-out, tokenizer training) applies the same rules, in stream
 order, to every document of a source, whichever process or split it belongs to, so all
 hosts agree on each verdict and a text kept in one split is dropped from the other
-(exact-duplicate decontamination); a hub source split across hosts is the exception
-below.
+(exact-duplicate decontamination).
 
 Deduplication remembers an 8-byte hash of each kept text within one epoch of one source
 (about 100 bytes of memory per distinct document; the set is emptied at each epoch).
 Resuming does not store that set: it re-reads the epoch's documents up to the resume
 point, without tokenising them, to rebuild it. That suits corpora that can be re-read
-in minutes; for web-scale data deduplicate offline. A hub source split across hosts
-(data/sources.py) is deduplicated per host.
+in minutes; for web-scale data deduplicate offline.
 
 Binary or non-UTF-8 documents (files are decoded with errors='replace', so such bytes
 arrive as U+FFFD) are dropped by a rule on their first BINARY_HEAD characters, as

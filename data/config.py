@@ -39,7 +39,7 @@ class DataConfig:
   far (the lowest-numbered on a tie), so that a run of long documents does not hold one
   stream back while documents read for the others pile up; global row r of batch b is
   the next window of stream (b * rows + r) % streams. Several processes need a multiple
-  of the global rows; next to a hub source split per host, a multiple of the processes.
+  of the global rows.
   """
   min_chars: int = 0
   """Drop documents shorter than this many characters; 0 = keep all non-blank ones."""

@@ -22,11 +22,6 @@ fewest characters, no stream gets more than the longest document ahead of anothe
 the text is known to every process before tokenising (token counts would make every
 process tokenise everything).
 
-Hub sources split across hosts are the exception: each host keeps its own rows
-(every n-th, data/sources.py), so with several processes and a hub source each process numbers its
-own documents and deals them, as above, to K / process_count streams of its own. Its
-batches then depend on the process count.
-
 Layout maps rows to streams and streams to processes, Dealer reads and deals the
 sequence and encodes this process's documents, Stream windows one stream. What they
 save and restore is in data/state.py.
@@ -43,8 +38,8 @@ from data import formats, packing, sources
 from data import reader as reader_lib
 from data.config import DataConfig
 
-# How documents are numbered: one sequence read by every process, or one per process
-# (next to a hub source split per host).
+# How documents are numbered, as data states record it: one sequence read by every
+# process. Before, a hub source was split per host, each numbering its own ('per_process').
 GLOBAL, PER_PROCESS = 'global', 'per_process'
 
 
@@ -52,23 +47,14 @@ GLOBAL, PER_PROCESS = 'global', 'per_process'
 class Layout:
   """Which packing stream feeds each row, and which streams this process owns."""
 
-  kind: str  # GLOBAL or PER_PROCESS.
   num_streams: int  # K packing streams, the documents dealt among them.
-  rows: int  # G: the rows of a batch in this numbering (all processes', or its own).
+  rows: int  # G: the rows of a batch, all processes'.
   first_row: int  # This process's first row among them.
   batch_size: int  # This process's rows.
 
   @classmethod
-  def make(cls, cfg: DataConfig, batch_size: int, process_index: int, process_count: int,
-           per_process: bool) -> 'Layout':
-    if per_process:
-      if cfg.streams % process_count:
-        raise ValueError(
-            f'data.streams={cfg.streams} must be a multiple of the {process_count} '
-            'processes: next to a hub source split per host, each process packs its own '
-            'documents into data.streams / process_count streams')
-      k = cfg.streams // process_count or batch_size
-      return cls(PER_PROCESS, k, batch_size, 0, batch_size)
+  def make(cls, cfg: DataConfig, batch_size: int, process_index: int,
+           process_count: int) -> 'Layout':
     rows = batch_size * process_count
     k = cfg.streams or rows
     # A stream must feed the rows of one process only: K a multiple of G puts stream j
@@ -78,7 +64,7 @@ class Layout:
           f'data.streams={cfg.streams} must be 0 or a multiple of the global batch rows '
           f'({batch_size} per process x {process_count} processes = {rows}) so that each '
           'packing stream feeds one process')
-    return cls(GLOBAL, k, rows, process_index * batch_size, batch_size)
+    return cls(k, rows, process_index * batch_size, batch_size)
 
   def owned(self) -> list[int]:
     """This process's streams, in order."""

@@ -7,12 +7,6 @@ tokenises only its own streams' documents (data/dealing.py says how and why).
 State. state_dict() says where every stream of this process is and where the reader
 reads on, so that restoring continues bit for bit; TrainBatches.merge_states joins
 every process's into one state that any process count restores (data/state.py).
-
-Hub sources split across hosts are the exception: each host streams its own rows
-(data/sources.py), so with several processes and a hub source each process numbers its
-own documents and deals them, as above, to streams of its own. Its
-batches then depend on the process count, and its state resumes only with the same
-process count.
 """
 
 import queue
@@ -62,10 +56,8 @@ class TrainBatches:
   ):
     packing.check_sizes(batch_size, seq_len, process_index, process_count)
     self._cfg = cfg
-    self._reader = reader_lib.MixtureReader(
-        cfg, seed=seed, process_index=process_index, process_count=process_count)
-    self._layout = dealing.Layout.make(cfg, batch_size, process_index, process_count,
-                                       self._reader.per_process)
+    self._reader = reader_lib.MixtureReader(cfg, seed=seed)
+    self._layout = dealing.Layout.make(cfg, batch_size, process_index, process_count)
     self._tokenizer = tokenizer
     self._batch_size = batch_size
     self._seq_len = seq_len
@@ -144,8 +136,7 @@ class TrainBatches:
     state_dict() that holds this process's streams (one saved by a single process, or
     by this process with the same process count).
     """
-    state = data_state.own_part(state, self._layout, self._reader, self._process_index,
-                                self._process_count)
+    state = data_state.checked(state, self._reader)
     self.close()  # The prefetch thread reads with self._reader until it stops.
     if data_state.same_streams(state, self._layout):
       new = data_state.continued(state, self._layout, self._process_index)

@@ -3,10 +3,9 @@
 A reader's state is where the next document to examine sits in each source, the
 mixture's document counter and the cleaning counters: a few integers per source.
 
-Normally every process reads the same sequence of training documents (data/dealing.py
-decides which of them each process tokenises), so all processes agree on every reader
-state and count. Only a hub source split across hosts (data/sources.py) gives each
-process its own sequence; then the other sources of the mixture are split by process too.
+Every process reads the same sequence of training documents (data/dealing.py decides
+which of them each process tokenises), so all processes agree on every reader state and
+count.
 """
 
 import logging
@@ -20,21 +19,13 @@ log = logging.getLogger(__name__)
 
 
 class SourceReader:
-  """One source's training documents for this process, cleaned, in a fixed order.
+  """One source's training documents, cleaned, in a fixed order. Held-out documents
+  and those cleaning drops are skipped and counted."""
 
-  With process_count > 1, a source that does not split itself per host (stdlib, files)
-  is read whole and this process keeps documents whose epoch index is process_index
-  modulo process_count (MixtureReader asks for that only next to a hub source split per
-  host). Held-out documents and those cleaning drops are skipped and counted.
-  """
-
-  def __init__(self, cfg: DataConfig, *, seed: int, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(self, cfg: DataConfig, *, seed: int):
     self.cfg = cfg
-    self.source = sources.open_source(cfg, process_index, process_count)
+    self.source = sources.open_source(cfg)
     self._seed = seed  # Shuffles the shard (file) order of each epoch.
-    self._process = (process_index, process_count)
-    self._share = (0, 1) if self.source.splits_by_host else self._process
     self.load_state_dict({'position': sources.Position().to_dict(),
                           'counts': cleaning.zero_counts()})
 
@@ -69,8 +60,6 @@ class SourceReader:
         self._epoch = doc.position.epoch
       self._pos = doc.position.next()
       reason = self._cleaner.verdict(doc.text, doc.position.epoch)
-      if doc.position.index % self._share[1] != self._share[0]:
-        continue  # Another process's document (still seen by the dedup set above).
       if reason is None and split.is_heldout(doc.key, self.cfg.eval_fraction):
         reason = 'heldout'
       if reason is not None:
@@ -85,18 +74,16 @@ class SourceReader:
     raise AssertionError('documents(repeat=True) never ends')
 
   def _end_epoch(self) -> None:
-    i, n = self._process
     if cleaning.mostly_binary(self._counts, done=True):
       raise sources.DataError(binary_message(self.label, self._counts))
     if self._kept_in_epoch == 0:
-      who = f'process {i} of {n} has' if self._share[1] > 1 else 'has'
       raise sources.DataError(
-          f'{self.label}: {who} no training documents in epoch '
+          f'{self.label}: has no training documents in epoch '
           f'{self._epoch} (so far: {cleaning.describe(self._counts)}); the source has too '
           'few, data.eval_fraction holds them all out, or cleaning (blank or binary '
           'documents, data.min_chars, data.dedup) drops them')
-    log.info('%s: epoch %d done on process %d of %d; documents so far: %s', self.label,
-             self._epoch, i, n, cleaning.describe(self._counts))
+    log.info('%s: epoch %d done; documents so far: %s', self.label, self._epoch,
+             cleaning.describe(self._counts))
     self._kept_in_epoch = 0
 
   def _replay_dedup(self) -> None:
@@ -115,20 +102,11 @@ class MixtureReader:
 
   Document n comes from the source `mixture.Chooser(weights, seed)(n)` picks, so the
   choice needs no saved RNG; each source keeps its own position and epochs.
-
-  Every process reads the same documents, unless `per_process`: with several processes
-  and a hub source (of which each host keeps its own rows), each process reads only its
-  share of every source, and n counts this process's documents.
   """
 
-  def __init__(self, cfg: DataConfig, *, seed: int, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(self, cfg: DataConfig, *, seed: int):
     parts = mixture.components(cfg)
-    self.per_process = process_count > 1 and any(c.source == 'hub' for _, c in parts)
-    if not self.per_process:
-      process_index, process_count = 0, 1
-    self.readers = [SourceReader(c, seed=seed, process_index=process_index,
-                                 process_count=process_count) for _, c in parts]
+    self.readers = [SourceReader(c, seed=seed) for _, c in parts]
     self._choose = mixture.Chooser([w for w, _ in parts], seed)
     self._counter = 0
 

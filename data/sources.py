@@ -45,7 +45,7 @@ class Position:
 
   epoch: int = 0
   shard: int = 0  # Index into this epoch's shard order.
-  row: int = 0  # Row within that shard (of this host's rows, for a hub source split per host).
+  row: int = 0  # Row within that shard.
   index: int = 0  # Documents before this one in the epoch (all hosts, held-out included).
 
   def next(self) -> 'Position':
@@ -73,9 +73,6 @@ class Source:
 
   shard_names: tuple[str, ...] = ()
   label: str = ''  # Names the source in error messages.
-  # True when the source itself gives each process its own rows (so Position.index
-  # counts this process's documents and the pipeline must not split them again).
-  splits_by_host: bool = False
 
   def rows(self, shard: int, start: int) -> Iterator[tuple[str, str]]:
     raise NotImplementedError
@@ -169,16 +166,19 @@ class FileSource(Source):
 
 
 class HubSource(Source):
-  """A dataset split streamed by `datasets.load_dataset(name, config, split=...)`."""
+  """A dataset split streamed by `datasets.load_dataset(name, config, split=...)`.
+
+  stride (i, n) streams rows i, i + n, ... only, each keyed by its row in the split, so
+  n readers (scripts/prepare_data.py's tasks) share one split under the trainer's keys.
+  """
 
   def __init__(self, name: str, config_name: str, split: str, text_key: str | None,
-               process_index: int = 0, process_count: int = 1):
+               stride: tuple[int, int] = (0, 1)):
     self._name, self._config_name = name, config_name or None
     self._split, self._text_key = split, text_key
-    self._host = (process_index, process_count)
+    self._stride = stride
     self.shard_names = (name,)
     self.label = f'data.name={name!r}'
-    self.splits_by_host = process_count > 1
 
   def rows(self, shard: int, start: int) -> Iterator[tuple[str, str]]:
     datasets = _datasets()
@@ -191,30 +191,22 @@ class HubSource(Source):
           f'split {self._split!r}): {type(e).__name__}: {e}') from e
     label = f'dataset {self._name!r}'
     try:
-      # On several hosts each streams the whole split and keeps every n-th row, keyed by
-      # its row in the split: a row's key, and so whether it is held out, is the same on
-      # any number of hosts (eval.py, one process, holds out what training did not read).
-      yield from _rows(ds, self._text_key, start, self._name, label, stride=self._host)
+      yield from _rows(ds, self._text_key, start, self._name, label, stride=self._stride)
     except Exception as e:  # As in FileSource.rows.
       if isinstance(e, DataError):
         raise
       raise DataError(f'data.name: cannot read {label}: {type(e).__name__}: {e}') from e
 
 
-def open_source(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> Source:
-  """The source of a single-source config (see data/mixture.py for several).
-
-  Only hub sources use the process arguments: they split the stream per host. Other
-  sources are read whole by every process (data/dealing.py decides which documents
-  each one packs).
-  """
+def open_source(cfg: DataConfig) -> Source:
+  """The source of a single-source config (see data/mixture.py for several). Every
+  process reads a source whole; data/dealing.py decides which documents each packs."""
   if cfg.source == 'stdlib':
     return StdlibSource()
   text_key = formats.of(cfg).text_key(cfg.text_key)
   if cfg.source == 'files':
     return FileSource(cfg.files, text_key)
-  return HubSource(cfg.name, cfg.config_name, cfg.split, text_key,
-                   process_index, process_count)
+  return HubSource(cfg.name, cfg.config_name, cfg.split, text_key)
 
 
 def shard_order(source: Source, epoch: int, seed: int | None) -> list[int]:

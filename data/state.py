@@ -7,9 +7,7 @@ position and counters, and the mixture's counter) at a document no later than an
 streams still need, with the characters dealt to each stream before that document.
 Restoring reads and deals on from there and skips what the streams had already taken,
 so batches continue bit for bit. A process's state holds its own streams; `merge` joins
-every process's into one global state, which any process count restores. Next to a hub
-source split per host (each process numbers its own documents) the merged state is the
-list of every process's, and resumes only with the same process count.
+every process's into one global state, which any process count restores.
 
 A state with another number of streams (data.streams or the global batch size changed)
 restores too, with fresh streams from the first document no stream had started.
@@ -29,13 +27,8 @@ from typing import Any
 from data import dealing, sources
 from data import reader as reader_lib
 
-VERSION = 5  # A hub source split per host keys each row by its row in the split.
-# Version 4 differs only there: its global-layout states read on unchanged.
-_SAME_GLOBAL = 4
+VERSION = 4  # Documents dealt by characters.
 log = logging.getLogger(__name__)
-
-_LAYOUT_WORDS = {dealing.GLOBAL: 'in one sequence for all processes',
-                 dealing.PER_PROCESS: 'per process (a hub source split per host)'}
 
 
 def fresh(layout: dealing.Layout, reader_state: dict[str, Any], batches: int) -> dict[str, Any]:
@@ -43,7 +36,7 @@ def fresh(layout: dealing.Layout, reader_state: dict[str, Any], batches: int) ->
   start = int(reader_state['counter'])
   return {
       'version': VERSION,
-      'layout': layout.kind,
+      'layout': dealing.GLOBAL,
       'num_streams': layout.num_streams,
       'batches': batches,
       'streams': {str(j): {'next': start, 'offset': 0} for j in layout.owned()},
@@ -84,8 +77,7 @@ def merge(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
   It holds every packing stream and the earliest reader state among them with the
   characters dealt before it, so any number of processes restores it (each keeps its
-  own streams). A per-process state (a hub source split per host) becomes the list of
-  all of them, which restores with the same process count only.
+  own streams).
   """
   states = [copy.deepcopy(dict(s)) for s in states]
   if not states:
@@ -95,9 +87,6 @@ def merge(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
   _check_mergeable(states)
   states.sort(key=lambda s: int(s['process_index']))
   n = len(states)
-  if states[0]['layout'] == dealing.PER_PROCESS:
-    return {'version': VERSION, 'layout': dealing.PER_PROCESS, 'process_count': n,
-            'processes': states}
   streams: dict[str, Any] = {}
   for s in states:
     for j, stream in s['streams'].items():
@@ -133,30 +122,24 @@ def _check_mergeable(states: list[dict[str, Any]]) -> None:
                        f'{[s.get(key) for s in states]}')
 
 
-def own_part(state: dict[str, Any], layout: dealing.Layout, reader: reader_lib.MixtureReader,
-             process_index: int, process_count: int) -> dict[str, Any]:
-  """This process's part of a merged or single state, checked against the run's data.
+def checked(state: dict[str, Any], reader: reader_lib.MixtureReader) -> dict[str, Any]:
+  """A merged or single state, checked against the run's data.
 
   Raises ValueError for a state this code did not write, another numbering of the
-  documents, other sources or shards, or another process's part of a per-process state.
+  documents, or other sources or shards.
   """
   version = state.get('version')
-  if version == _SAME_GLOBAL and state.get('layout') == dealing.PER_PROCESS:
+  if state.get('layout') == dealing.PER_PROCESS:
     raise ValueError(
-        'data state was saved by processes that each numbered their own rows of a hub '
-        'source (version 4), so its held-out rows differ from one process\'s; it cannot '
-        'resume here: start the run again, or resume with the code that saved it')
-  if version == _SAME_GLOBAL:
-    state = dict(state, version=VERSION)
-  elif version != VERSION:
+        'data state was saved by processes that each read their own rows of a hub source '
+        '(an earlier version), so its held-out rows differ from those of one process; it '
+        'cannot resume here: start the run again, or resume with the code that saved it')
+  if version != VERSION:
     raise ValueError(f'data state version {version!r} is not one this code reads '
                      f'({VERSION}); was it written by another version?')
-  state = _process_part(state, layout, process_index, process_count)
-  if state.get('layout') != layout.kind:
-    raise ValueError(
-        f'data state numbers documents {_LAYOUT_WORDS.get(state.get("layout"), "?")}, '
-        f'this run {_LAYOUT_WORDS[layout.kind]}: a hub source split per host '
-        '(several processes) resumes only with the process count it was saved with')
+  if state.get('layout') != dealing.GLOBAL:
+    raise ValueError(f'data state has layout {state.get("layout")!r}, not '
+                     f'{dealing.GLOBAL!r}; was it written by another version?')
   reader_state = state['reader']
   if len(reader_state['sources']) != len(reader.readers):
     raise ValueError(
@@ -169,27 +152,6 @@ def own_part(state: dict[str, Any], layout: dealing.Layout, reader: reader_lib.M
       raise ValueError(
           f'data state points into {name!r} but the data now has {expected!r} there; '
           'did data.files or the data change?')
-  return state
-
-
-def _process_part(state: dict[str, Any], layout: dealing.Layout, process_index: int,
-                  process_count: int) -> dict[str, Any]:
-  """This process's state out of a merged per-process one; checks a single one."""
-  if state.get('layout') != dealing.PER_PROCESS or layout.kind != dealing.PER_PROCESS:
-    return state
-  saved = int(state.get('process_count', process_count))
-  if saved != process_count:
-    raise ValueError(
-        f'data state was saved by {saved} processes that each read their own rows of a '
-        f'hub source (data/sources.py); it resumes only on {saved} processes, not '
-        f'{process_count}')
-  if 'processes' in state:
-    return state['processes'][process_index]
-  if int(state.get('process_index', process_index)) != process_index:
-    raise ValueError(
-        f'data state of process {state["process_index"]} given to process '
-        f'{process_index}; restore from TrainBatches.merge_states of every '
-        "process's state_dict()")
   return state
 
 

@@ -339,17 +339,16 @@ def test_binary_counts_in_saved_and_merged_states(tok, tmp_path):
   assert merged[-1]['reader']['sources'][0]['counts']['binary'] == 6
 
 
-def test_dedup_spans_hosts_and_splits(tmp_path):
+def test_dedup_spans_splits(tmp_path):
   texts = [h.doc_text(i % 10) for i in range(40)]
   h.write_jsonl(tmp_path / 'x.jsonl', texts)
   cfg = DataConfig(source='files', files=str(tmp_path / 'x.jsonl'), eval_fraction=0.3, dedup=True)
-  # Over one epoch every distinct text is kept exactly once: by one host, in one split.
+  # Over one epoch every distinct text is kept exactly once, in one split.
   heldout = [d.text for d in reader_lib.single_pass(cfg, heldout=True)]
   train = []
-  for host in range(2):
-    r = reader_lib.SourceReader(cfg, seed=0, process_index=host, process_count=2)
-    while (doc := r.next()).position.epoch == 0:
-      train.append(doc.text)
+  r = reader_lib.SourceReader(cfg, seed=0)
+  while (doc := r.next()).position.epoch == 0:
+    train.append(doc.text)
   assert heldout and train and sorted(heldout + train) == sorted(set(texts))
   assert sorted(train) == sorted(d.text for d in reader_lib.single_pass(cfg, heldout=False))
 
@@ -409,60 +408,6 @@ def test_mixture_proportions_follow_weights_and_seed(tmp_path):
   assert all(d.text[0] == 'ab'[i] for i, d in runs[0])
   share = sum(i for i, _ in runs[0]) / 200
   assert 0.65 < share < 0.85
-
-
-# Hub sources on several hosts.
-
-
-@pytest.mark.parametrize('num_files', [2, 3])  # Files a multiple of the hosts, or not.
-def test_hub_hosts_read_disjoint_rows(tok, tmp_path, num_files):
-  texts = [h.doc_text(i) for i in range(30)]
-  for f in range(num_files):
-    h.write_jsonl(tmp_path / f'part{f}.jsonl', texts[f::num_files])
-  cfg = DataConfig(source='hub', name=str(tmp_path), eval_fraction=0.0)
-  got = []
-  for host in range(2):
-    src = sources.open_source(cfg, host, 2)
-    assert src.splits_by_host
-    got.append([d.text for d in sources.documents(src, repeat=False)])
-  assert got[0] and got[1] and not set(got[0]) & set(got[1])
-  assert sorted(got[0] + got[1]) == sorted(texts)
-  # The pipeline trains each host on its own rows, and resumes exactly there, from the
-  # merged state of both hosts as from its own (but with no other process count).
-  kw = dict(batch_size=2, seq_len=32, prefetch=0, process_count=2)
-  full, states = h.batches(cfg, tok, 6, process_index=1, **kw)
-  assert set(h.stream_docs(tok, full)) <= set(got[1])
-  if num_files == 3:
-    _, other = h.batches(cfg, tok, 3, process_index=0, **kw)
-    merged = TrainBatches.merge_states([states[2], other[2]])
-    assert merged['layout'] == 'per_process' and len(merged['processes']) == 2
-    with pytest.raises(ValueError, match='only on 2 processes'):
-      TrainBatches(cfg, tok, 2, 32, process_count=4, prefetch=0).load_state_dict(merged)
-  else:
-    merged = states[2]
-  rest, _ = h.batches(cfg, tok, 3, state=merged, process_index=1, **kw)
-  for a, b in zip(full[3:], rest):
-    np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize('num_files', [2, 3])
-def test_hub_rows_keep_their_keys_on_any_host_count(tmp_path, num_files):
-  # The held-out split is by key: a key that changed with the host count would make
-  # eval.py (one process) score rows that training on several hosts read.
-  for f in range(num_files):
-    h.write_jsonl(tmp_path / f'part{f}.jsonl', [h.doc_text(i) for i in range(f, 30, num_files)])
-  cfg = DataConfig(source='hub', name=str(tmp_path), eval_fraction=0.0)
-  one = {d.key: d.text for d in sources.documents(sources.open_source(cfg), repeat=False)}
-  for count in (2, 3):
-    keyed = {}
-    for host in range(count):
-      src = sources.open_source(cfg, host, count)
-      docs = list(sources.documents(src, repeat=False))
-      keyed.update((d.key, d.text) for d in docs)
-      # Resuming inside a host's share gives the rest of that share, under the same keys.
-      again = list(sources.documents(src, docs[3].position, repeat=False))
-      assert [(d.key, d.text) for d in again] == [(d.key, d.text) for d in docs[3:]]
-    assert keyed == one
 
 
 # Bad input.

@@ -107,13 +107,19 @@ def _deal(lengths, k):
   return out
 
 
-@pytest.mark.parametrize('kind', ['stdlib', 'files', 'mixture', 'more_streams'])
-def test_global_batches_do_not_depend_on_process_count(tok, corpus, kind):
+@pytest.mark.parametrize('kind', ['stdlib', 'files', 'mixture', 'more_streams', 'hub',
+                                  'hub_mixture'])
+def test_global_batches_do_not_depend_on_process_count(tok, corpus, kind, tmp_path):
   files, _ = corpus
+  for f in range(3):  # A local dataset folder, streamed as data.source=hub streams one.
+    h.write_jsonl(tmp_path / f'part{f}.jsonl', [h.doc_text(i) for i in range(f, 45, 3)])
   cfg = {'stdlib': DataConfig(), 'files': files,
          'mixture': DataConfig(mixture=f'stdlib:1;files:{files.files}:3', dedup=True,
                                eval_fraction=0.2),
-         'more_streams': dataclasses.replace(files, streams=16)}[kind]
+         'more_streams': dataclasses.replace(files, streams=16),
+         'hub': DataConfig(source='hub', name=str(tmp_path), eval_fraction=0.2),
+         'hub_mixture': DataConfig(mixture=f'hub:{tmp_path}:2;files:{files.files}:1',
+                                   eval_fraction=0.2)}[kind]
   full, _ = h.global_batches(cfg, tok, 10, 1)
   for processes in (4, 2):
     got, states = h.global_batches(cfg, tok, 10, processes, prefetch=processes - 2)

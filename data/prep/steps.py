@@ -44,7 +44,7 @@ class InputReader(PipelineStep):
           world_size: int = 1) -> DocumentsPipeline:
     dataset = hub_dataset(self.spec)
     if dataset:
-      rows = sources.HubSource(*dataset, self.split, self.text_key, rank, world_size).rows(0, 0)
+      rows = sources.HubSource(*dataset, self.split, self.text_key, (rank, world_size)).rows(0, 0)
     else:
       source = sources.FileSource(self.spec, self.text_key)
       rows = (row for shard in range(rank, len(source.shard_names), world_size)
