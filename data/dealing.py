@@ -38,9 +38,8 @@ from data import formats, packing, sources
 from data import reader as reader_lib
 from data.config import DataConfig
 
-# How documents are numbered, as data states record it: one sequence read by every
-# process. Before, a hub source was split per host, each numbering its own ('per_process').
-GLOBAL, PER_PROCESS = 'global', 'per_process'
+# How documents are numbered, as data states record it: one sequence read by every process.
+GLOBAL = 'global'
 
 
 @dataclasses.dataclass(frozen=True)

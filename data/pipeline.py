@@ -28,7 +28,7 @@ class TrainBatches:
   """Endless batches (data/batch.py) of rows [batch_size, seq_len + 1]: this process's
   rows of each global batch, with segment ids under data.segment_ids. The global batch,
   every process's rows in process order, does not depend on the process count (see the
-  module docstring for the layout and the one exception, hub sources). No document is
+  module docstring for the layout). No document is
   tokenised into two processes' rows; held-out and cleaned-out documents are skipped.
   `state_dict()` describes the batches handed out so far, never prefetched ones. With
   prefetch > 0 a background thread reads, encodes and packs that many batches ahead;

@@ -50,7 +50,7 @@ class SourceReader:
     return sources.shard_name(self.source, pos or self._pos, self._seed)
 
   def next(self) -> sources.Document:
-    """The next training document of this process; raises if an epoch holds none."""
+    """The next training document; raises if an epoch holds none."""
     if self._docs is None:
       self._replay_dedup()
       self._docs = sources.documents(self.source, self._pos, repeat=True, seed=self._seed)

@@ -46,7 +46,7 @@ class Position:
   epoch: int = 0
   shard: int = 0  # Index into this epoch's shard order.
   row: int = 0  # Row within that shard.
-  index: int = 0  # Documents before this one in the epoch (all hosts, held-out included).
+  index: int = 0  # Documents before this one in the epoch (held-out included).
 
   def next(self) -> 'Position':
     """The row after this one; past a shard's end, reading moves on to the next shard."""

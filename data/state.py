@@ -29,6 +29,9 @@ from data import reader as reader_lib
 
 VERSION = 4  # Documents dealt by characters.
 log = logging.getLogger(__name__)
+# The layout of states from versions that split a hub source per host, each host
+# numbering its own documents (and keying its own rows).
+_PER_PROCESS = 'per_process'
 
 
 def fresh(layout: dealing.Layout, reader_state: dict[str, Any], batches: int) -> dict[str, Any]:
@@ -129,11 +132,12 @@ def checked(state: dict[str, Any], reader: reader_lib.MixtureReader) -> dict[str
   documents, or other sources or shards.
   """
   version = state.get('version')
-  if state.get('layout') == dealing.PER_PROCESS:
+  if state.get('layout') == _PER_PROCESS:
     raise ValueError(
-        'data state was saved by processes that each read their own rows of a hub source '
-        '(an earlier version), so its held-out rows differ from those of one process; it '
-        'cannot resume here: start the run again, or resume with the code that saved it')
+        'data state was saved by processes that each read and numbered their own rows of '
+        'a hub source (an earlier version), so its positions and held-out rows are not '
+        'those of one sequence; it cannot resume here: start the run again, or resume '
+        'with the code that saved it')
   if version != VERSION:
     raise ValueError(f'data state version {version!r} is not one this code reads '
                      f'({VERSION}); was it written by another version?')
@@ -196,6 +200,10 @@ def restreamed(state: dict[str, Any], layout: dealing.Layout,
   packing is not finished, and documents read for a stream that had not reached them
   are skipped.
   """
+  if len(state['streams']) != int(state['num_streams']):
+    raise ValueError(
+        f'data state holds {len(state["streams"])} of its {state["num_streams"]} packing '
+        "streams; restore from TrainBatches.merge_states of every process's state_dict()")
   reader_state = state['reader']
   start = max([int(s['next']) + (int(s['offset']) > 0) for s in state['streams'].values()]
               + [int(reader_state['counter'])])

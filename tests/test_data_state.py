@@ -54,6 +54,9 @@ def test_merge_states_checks_its_input(tok, corpus):
     its[1].load_state_dict(parts[0])
   with pytest.raises(ValueError, match='merge_states'):
     TrainBatches(cfg, tok, 4, 16, prefetch=0).load_state_dict(parts[0])
+  with pytest.raises(ValueError, match='holds 2 of its 4 packing streams'):  # Nor other streams.
+    TrainBatches(dataclasses.replace(cfg, streams=8), tok, 4, 16, prefetch=0).load_state_dict(
+        parts[0])
   its[0].load_state_dict(parts[0])  # Its own part restores it.
   merged = TrainBatches.merge_states(parts[::-1])
   assert merged == TrainBatches.merge_states(parts) and 'process_index' not in merged
@@ -152,7 +155,7 @@ def test_a_state_of_hosts_that_split_a_hub_source_is_refused(tok, tmp_path):
          'processes': [dict(states[-1], process_index=p) for p in range(2)]}
   it = TrainBatches(hub, tok, 4, 32, process_count=2, prefetch=0)
   it.load_state_dict(states[-1])
-  with pytest.raises(ValueError, match='each read their own rows of a hub source'):
+  with pytest.raises(ValueError, match='each read and numbered their own rows of a hub source'):
     it.load_state_dict(old)
   it.close()
 
