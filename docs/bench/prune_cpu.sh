@@ -1,9 +1,10 @@
 #!/bin/bash
 # One config trained STEPS steps, pruned every way, scored on T held-out tokens; recovery and
 # distillation for REC steps at the schedule's final rate; the structured shapes timed (train
-# step, 64-token greedy decode); last, those shapes trained from scratch for STEPS + REC steps.
+# step, 64-token greedy decode, newest checkpoint's state on disk); last, those shapes trained from
+# scratch for SCRATCH steps (STEPS + REC unless given).
 #   docs/bench/prune_cpu.sh DIR                      tiny, 3,000 steps (prune_tiny3k_131k_cpu.jsonl)
-#   CONFIG=small STEPS=2000 T=65536 DFF=768 LAYERS=4 \
+#   CONFIG=small STEPS=2000 T=65536 DFF=768 LAYERS=4 SCRATCH=100 \
 #     FINAL_LR='--config.optimizer.lr=2e-4' docs/bench/prune_cpu.sh DIR    (prune_small2k_cpu.jsonl)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -11,7 +12,7 @@ P=${1:-/tmp/pr}; OUT=$P/results.jsonl
 CONFIG=${CONFIG:-tiny}; STEPS=${STEPS:-3000}; T=${T:-131072}; REC=${REC:-100}
 DFF=${DFF:-384}; LAYERS=${LAYERS:-3}
 FINAL_LR=${FINAL_LR:---config.optimizer.lr=3e-4 --config.optimizer.muon_lr=0.002}
-SCRATCH=$((STEPS + REC)); mkdir -p $P
+SCRATCH=${SCRATCH:-$((STEPS + REC))}; mkdir -p $P
 R=${CONFIG}${STEPS}
 TR="python scripts/train.py --config=configs/$CONFIG.py"
 ev() {  # ev RUN STAGE [extra eval flags]: one scored line, tagged
@@ -36,7 +37,7 @@ ev ${R}_mlp_half structured; ev ${R}_depth structured
 log pruned
 for run in $R ${R}_mlp_half ${R}_depth; do  # size and 64-token greedy decode, tagged
   python scripts/generate.py --workdir=$P/$run --prompt='def ' --max_new_tokens=64 --temperature=0 \
-    --benchmark 2>>$P/err.log | tail -1 | python -c "import json,os,sys; r=json.loads(sys.stdin.read()); d='$P/$run/checkpoints'; r=dict(run='$run', stage='decode, 64 tokens', tokens_per_sec=r.get('tokens_per_sec'), checkpoint_bytes=sum(os.path.getsize(os.path.join(a, f)) for a, _, fs in os.walk(d) for f in fs)); print(json.dumps(r))" >> $OUT
+    --benchmark 2>>$P/err.log | tail -1 | python -c "import json,os,sys; r=json.loads(sys.stdin.read()); d='$P/$run/checkpoints'; d=os.path.join(d, max(os.listdir(d), key=int), 'state'); r=dict(run='$run', stage='decode, 64 tokens', tokens_per_sec=r.get('tokens_per_sec'), state_bytes=sum(os.path.getsize(os.path.join(a, f)) for a, _, fs in os.walk(d) for f in fs)); print(json.dumps(r))" >> $OUT
 done
 python scripts/bench.py --config=configs/$CONFIG.py --steps=10 --data_batches=0 --vary=model.d_ff=$DFF \
   --vary=model.num_layers=$LAYERS 2>>$P/err.log | grep '^{' | python -c "import json,sys; [print(json.dumps(dict(json.loads(l), stage='train step'))) for l in sys.stdin]" >> $OUT
