@@ -21,6 +21,7 @@ ev() {  # ev RUN STAGE [extra eval flags]: one scored line, tagged
     python -c "import json,sys; r=json.loads(sys.stdin.read()); r.update(run='$run', stage='$stage', system='2-core CPU, jax 0.10.2', config='$CONFIG, $STEPS steps'); print(json.dumps(r))" >> $OUT
 }
 log() { echo "$(date +%T) $*" >> $P/progress.log; }
+SHAPES="mlp_half:--config.model.d_ff=$DFF depth:--config.model.num_layers=$LAYERS"  # run:flag
 FINAL="$FINAL_LR --config.optimizer.schedule=constant --config.optimizer.warmup_steps=0 --config.steps=$REC"
 log start
 [ -d $P/$R/checkpoints/$STEPS ] || $TR --config.steps=$STEPS --config.eval_every=500 --config.checkpoint_every=500 --config.workdir=$P/$R > $P/$R.log 2>&1
@@ -42,8 +43,8 @@ done
 python scripts/bench.py --config=configs/$CONFIG.py --steps=10 --data_batches=0 --vary=model.d_ff=$DFF \
   --vary=model.num_layers=$LAYERS 2>>$P/err.log | grep '^{' | python -c "import json,sys; [print(json.dumps(dict(json.loads(l), stage='train step'))) for l in sys.stdin]" >> $OUT
 log timed
-for kd in mlp_half:--config.model.d_ff=$DFF depth:--config.model.num_layers=$LAYERS; do
-  run=${kd%%:*}; $TR --config.init_from=$P/${R}_$run ${kd#*:} --config.workdir=$P/kd_$run --config.distill.teacher=$P/$R --config.distill.ce_weight=0 $FINAL > $P/kd_$run.log 2>&1
+for s in $SHAPES; do
+  run=${s%%:*}; $TR --config.init_from=$P/${R}_$run ${s#*:} --config.workdir=$P/kd_$run --config.distill.teacher=$P/$R --config.distill.ce_weight=0 $FINAL > $P/kd_$run.log 2>&1
   ev kd_$run "after $REC steps of distillation at the final rate"
 done
 log distilled
@@ -54,7 +55,7 @@ for r in magnitude wanda sparsegpt magnitude_24 wanda_24 sparsegpt_24; do
   ev rec_$r "after $REC recovery steps at the final rate (hold_zeros)"
 done
 log recovered
-for s in mlp_half:--config.model.d_ff=$DFF depth:--config.model.num_layers=$LAYERS; do
+for s in $SHAPES; do
   run=${s%%:*}; $TR --config.steps=$SCRATCH --config.eval_every=0 --config.checkpoint_every=500 ${s#*:} --config.workdir=$P/scratch_$run > $P/scratch_$run.log 2>&1
   ev scratch_$run "scratch, $SCRATCH steps"; log scratch_$run
 done
